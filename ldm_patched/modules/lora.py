@@ -1,0 +1,322 @@
+"""LoRA files -> weight patches for the SDXL UNet and both text encoders.
+
+Where each tensor comes from:
+  file (safetensors) --LoraFileCache--> ParsedLora: {base name: LoraFactors}
+  base name --key map of the target model--> parameter name of our module
+  -> LoraPatch(file identity, base name, factors), a `WeightPatch` for model_patcher.
+
+Formats: kohya names (`lora_unet_<original or diffusers path>`, `lora_te1_`,
+`lora_te2_`, `lora_up`/`lora_down`/`lora_mid`/`alpha`, `diff`), diffusers/peft
+names (`unet.<path>.lora_A/lora_B`, `.lora.up/.lora.down`,
+`.lora_linear_layer.up/down`, `text_encoder.` / `text_encoder_2.` with or without
+`text_model.`). The published SDXL LCM, Lightning and Hyper-SD LoRAs use kohya
+names over diffusers or original block paths, both covered by the key map.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable
+
+import torch
+
+from ldm_patched.modules import telemetry
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class LoraFileId:
+    """A file version: the same path rewritten is a different LoRA."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @staticmethod
+    def of(path: str) -> "LoraFileId":
+        path = os.path.abspath(path)
+        try:
+            st = os.stat(path)
+        except OSError as error:
+            raise LoraError(f"LoRA file {path} cannot be read: {error.strerror or error}") from error
+        return LoraFileId(path, st.st_size, st.st_mtime_ns)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass(eq=False)
+class LoraFactors:
+    """One layer's low-rank change: delta = alpha/rank * up @ (mid) @ down; or a full diff."""
+
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    mid: torch.Tensor | None = None
+    alpha: float | None = None
+    diff: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        assert self.down is not None
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def delta_shape(self) -> tuple[int, ...]:
+        if self.diff is not None:
+            return tuple(self.diff.shape)
+        assert self.up is not None and self.down is not None
+        if self.mid is not None:
+            return (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.up, self.down, self.mid, self.diff) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _fits(factors: LoraFactors, shape: torch.Size) -> bool:
+    want = factors.delta_shape()
+    if tuple(want) == tuple(shape):
+        return True
+    # A linear LoRA on a 1x1 conv (or the reverse) differs only by trailing ones.
+    numel = lambda s: int(torch.Size(s).numel())  # noqa: E731
+    return numel(want) == numel(shape) and want[:2] == tuple(shape[:2])
+
+
+def compute_delta(factors: LoraFactors, shape: torch.Size, device: torch.device,
+                  tensors: tuple[torch.Tensor | None, ...] | None = None) -> torch.Tensor:
+    """float32 delta for a weight of `shape`, computed on `device`."""
+    up, down, mid, diff = tensors or (factors.up, factors.down, factors.mid, factors.diff)
+    f32 = lambda t: t.to(device, torch.float32, non_blocking=True)  # noqa: E731
+    if diff is not None:
+        return f32(diff).reshape(shape)
+    up, down = f32(up), f32(down)
+    if mid is not None:
+        # Tucker-decomposed conv (LoCon): up[p,i] * mid[i,j,k,l] * down[j,r] -> [p,r,k,l]
+        delta = torch.einsum("ijkl,jr,pi->prkl", f32(mid), down.flatten(1), up.flatten(1))
+    else:
+        delta = up.flatten(1) @ down.flatten(1)
+    return (delta * factors.scale).reshape(shape)
+
+
+@dataclass(eq=False)
+class LoraPatch:
+    """A `WeightPatch` (see model_patcher): one layer of one LoRA file version."""
+
+    file: LoraFileId
+    name: str
+    factors: LoraFactors
+    _on_device: dict[torch.device, tuple[torch.Tensor | None, ...]] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> Hashable:
+        return (self.file.path, self.file.size, self.file.mtime_ns, self.name)
+
+    def delta(self, weight: torch.Tensor, cache: bool = False) -> torch.Tensor:
+        device = weight.device
+        cached = self._on_device.get(device)
+        if cached is None and cache and device.type != "cpu":
+            f = self.factors
+            cached = tuple(None if t is None else t.to(device, non_blocking=True)
+                           for t in (f.up, f.down, f.mid, f.diff))
+            self._on_device[device] = cached
+        return compute_delta(self.factors, weight.shape, device, cached)
+
+    def cached_bytes(self, device: torch.device) -> int:
+        return sum(t.numel() * t.element_size() for t in self._on_device.get(device, ()) if t is not None)
+
+    def drop_cache(self) -> None:
+        self._on_device.clear()
+
+
+# -- parsing files ------------------------------------------------------------------
+
+# Suffix -> (factor field) for every naming scheme we read.
+_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_up.weight", "up"), (".lora_down.weight", "down"), (".lora_mid.weight", "mid"),
+    (".lora_B.weight", "up"), (".lora_A.weight", "down"),
+    (".lora.up.weight", "up"), (".lora.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
+    (".alpha", "alpha"), (".diff", "diff"),
+)
+
+
+@dataclass(eq=False)
+class ParsedLora:
+    file: LoraFileId
+    layers: dict[str, LoraFactors]
+    ignored: list[str]
+
+    def nbytes(self) -> int:
+        return sum(f.nbytes() for f in self.layers.values())
+
+
+def parse_lora_tensors(file: LoraFileId, tensors: dict[str, torch.Tensor]) -> ParsedLora:
+    layers: dict[str, LoraFactors] = {}
+    ignored = []
+    for key, tensor in tensors.items():
+        for suffix, role in _SUFFIXES:
+            if key.endswith(suffix):
+                factors = layers.setdefault(key[: -len(suffix)], LoraFactors())
+                if role == "alpha":
+                    factors.alpha = float(tensor.float().item())
+                else:
+                    setattr(factors, role, tensor)
+                break
+        else:
+            ignored.append(key)
+    for name, factors in list(layers.items()):
+        low_rank = factors.up is not None and factors.down is not None
+        if not low_rank and factors.diff is None:
+            del layers[name]
+            ignored.append(name)
+    return ParsedLora(file=file, layers=layers, ignored=ignored)
+
+
+def read_lora_file(path: str) -> ParsedLora:
+    file = LoraFileId.of(path)
+    if not path.endswith(".safetensors"):
+        raise LoraError(f"LoRA file {file.name}: only .safetensors LoRA files are read "
+                        f"(pickled files can run code)")
+    try:
+        from safetensors.torch import load_file
+        tensors = load_file(file.path, device="cpu")
+    except Exception as error:  # safetensors raises several types for bad headers
+        raise LoraError(f"LoRA file {file.name} is not a readable safetensors file: {error}") from error
+    telemetry.count(lora_files_read=1)
+    parsed = parse_lora_tensors(file, tensors)
+    if not parsed.layers:
+        raise LoraError(f"LoRA file {file.name} holds no LoRA layers (first keys: "
+                        f"{', '.join(list(tensors)[:3]) or 'none'})")
+    return parsed
+
+
+class LoraFileCache:
+    """Parsed LoRA files by version, least-recently-used out past `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 8 * 1024 ** 3) -> None:
+        self.max_bytes = max_bytes
+        self._files: "OrderedDict[LoraFileId, ParsedLora]" = OrderedDict()
+
+    def get(self, path: str) -> ParsedLora:
+        file = LoraFileId.of(path)
+        parsed = self._files.get(file)
+        if parsed is None:
+            parsed = read_lora_file(file.path)
+            self._files[file] = parsed
+            self._trim(keep=file)
+        self._files.move_to_end(file)
+        return parsed
+
+    def _trim(self, keep: LoraFileId) -> None:
+        while sum(p.nbytes() for p in self._files.values()) > self.max_bytes and len(self._files) > 1:
+            oldest = next(iter(self._files))
+            if oldest == keep:
+                break
+            del self._files[oldest]
+
+    def __contains__(self, path: str) -> bool:
+        return LoraFileId.of(path) in self._files
+
+
+# -- key maps -----------------------------------------------------------------------
+
+def _underscored(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def unet_lora_names(unet: torch.nn.Module) -> dict[str, str]:
+    """LoRA base names (every scheme) -> UNet parameter name (diffusers layout)."""
+    from ldm_patched.modules.sdxl_layout import unet_key_map
+
+    to_original = unet_key_map(dict(unet.config))
+    names: dict[str, str] = {}
+    for key, _ in unet.named_parameters():
+        module, _, kind = key.rpartition(".")
+        if kind != "weight":
+            continue
+        names[f"lora_unet_{_underscored(module)}"] = key
+        names[f"unet.{module}"] = key
+        original = to_original.get(key)
+        if original is not None:
+            original_module = original.rpartition(".")[0]
+            names[f"lora_unet_{_underscored(original_module)}"] = key
+            names[f"unet.{original_module}"] = key
+    return names
+
+
+def text_encoder_lora_names(encoders: torch.nn.Module) -> dict[str, str]:
+    """LoRA base names -> parameter names of the text-encoder pair module.
+
+    The pair module holds `text_encoder` (CLIP-L) and `text_encoder_2` (CLIP-G),
+    so its own parameter names are the diffusers/peft names.
+    """
+    prefixes = {"text_encoder": ("lora_te1_", "lora_te_"), "text_encoder_2": ("lora_te2_",)}
+    names: dict[str, str] = {}
+    for key, _ in encoders.named_parameters():
+        module, _, kind = key.rpartition(".")
+        if kind != "weight":
+            continue
+        encoder, _, inner = module.partition(".")
+        names[module] = key
+        if inner.startswith("text_model."):
+            names[f"{encoder}.{inner[len('text_model.'):]}"] = key
+        for prefix in prefixes.get(encoder, ()):
+            names[prefix + _underscored(inner)] = key
+    return names
+
+
+@dataclass
+class LoraMatch:
+    """The patches one LoRA file gives each target, and what matched nothing."""
+
+    file: LoraFileId
+    patches: dict[str, dict[str, LoraPatch]]   # target -> parameter name -> patch
+    unmatched: list[str]
+
+    @property
+    def matched_count(self) -> int:
+        return sum(len(p) for p in self.patches.values())
+
+
+def match_lora(parsed: ParsedLora, targets: dict[str, tuple[dict[str, str], torch.nn.Module]]) -> LoraMatch:
+    """Map every layer of a parsed LoRA onto the targets' parameters, checking shapes.
+
+    `targets`: name -> (LoRA base name -> parameter name, module).
+    """
+    patches: dict[str, dict[str, LoraPatch]] = {name: {} for name in targets}
+    unmatched = list(parsed.ignored)
+    for base, factors in parsed.layers.items():
+        for target, (names, module) in targets.items():
+            key = names.get(base)
+            if key is None:
+                continue
+            shape = module.get_parameter(key).shape
+            if not _fits(factors, shape):
+                raise LoraError(f"LoRA file {parsed.file.name}: layer {base} has shape "
+                                f"{tuple(factors.delta_shape())} but {target} weight {key} is {tuple(shape)} "
+                                f"(a LoRA for another model?)")
+            patches[target][key] = LoraPatch(parsed.file, base, factors)
+            break
+        else:
+            unmatched.append(base)
+    match = LoraMatch(file=parsed.file, patches=patches, unmatched=unmatched)
+    if match.matched_count == 0:
+        raise LoraError(f"LoRA file {parsed.file.name} matches no key of this SDXL model "
+                        f"(first keys: {', '.join(list(parsed.layers)[:3])}); is it a LoRA for another architecture?")
+    return match
+
+
+def iter_patches(match: LoraMatch, target: str) -> Iterable[tuple[str, LoraPatch]]:
+    return match.patches.get(target, {}).items()

@@ -1,0 +1,308 @@
+"""MECHANISM: one torch module, its weight patches and exact backups of originals.
+
+A `ModelPatcher` is a cheap description of a *wanted* state of a module: which
+parameters get which patches.  The module's *actual* state (which keys are
+merged with which patches, and the exact original tensors of those keys) lives
+in one `WeightState` per module, shared by every patcher of that module.  That
+is what lets any clone reach its wanted state by diff: only keys whose patch
+set differs are rewritten, always from the exact original, in place.
+
+No device policy here: callers (model_management) say where to move and where
+backups live; this module only knows how.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Protocol
+
+import torch
+
+from ldm_patched.modules import telemetry
+
+
+class WeightPatch(Protocol):
+    """Something that knows the change it makes to one weight (a LoRA pair, a diff)."""
+
+    @property
+    def identity(self) -> Hashable:
+        """Content identity: equal identities always produce equal deltas."""
+        ...
+
+    def delta(self, weight: torch.Tensor, cache: bool = False) -> torch.Tensor:
+        """The float32 change at strength 1, shaped like and on the device of `weight`.
+
+        With `cache`, factors copied to that device are kept there for next time."""
+        ...
+
+    def cached_bytes(self, device: torch.device) -> int:
+        """Bytes this patch keeps cached on `device` (its factors), for budget accounting."""
+        ...
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    patch: WeightPatch
+    strength_patch: float = 1.0
+    strength_model: float = 1.0
+
+    def signature(self) -> tuple[Hashable, float, float]:
+        return (self.patch.identity, float(self.strength_patch), float(self.strength_model))
+
+
+KeySignature = tuple[tuple[Hashable, float, float], ...]
+
+
+@dataclass(frozen=True)
+class PatchSignature:
+    """The content of a patch set: per key, which patches at which strengths."""
+
+    keys: dict[str, KeySignature]
+    digest: str
+
+    @staticmethod
+    def of(keys: dict[str, KeySignature]) -> "PatchSignature":
+        hasher = hashlib.sha1()
+        for key in sorted(keys):
+            hasher.update(repr((key, keys[key])).encode())
+        return PatchSignature(keys=keys, digest=hasher.hexdigest()[:16] if keys else "original")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PatchSignature) and self.digest == other.digest and self.keys == other.keys
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+
+ORIGINAL = PatchSignature.of({})
+# Set while keys are being rewritten: matches no wanted state, so an interrupted
+# patch is finished by the next diff, key by key, from `WeightState.applied`.
+IN_PROGRESS = PatchSignature(keys={}, digest="in-progress")
+
+
+@dataclass
+class WeightState:
+    """What is actually merged into one module right now, and the originals to undo it."""
+
+    backups: dict[str, torch.Tensor] = field(default_factory=dict)
+    applied: dict[str, KeySignature] = field(default_factory=dict)
+    signature: PatchSignature = ORIGINAL
+
+    def backup_bytes(self, device: torch.device | None = None) -> int:
+        return sum(t.numel() * t.element_size() for t in self.backups.values()
+                   if device is None or t.device == device)
+
+
+_WEIGHT_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, WeightState]" = weakref.WeakKeyDictionary()
+
+
+def weight_state(module: torch.nn.Module) -> WeightState:
+    state = _WEIGHT_STATES.get(module)
+    if state is None:
+        state = _WEIGHT_STATES[module] = WeightState()
+    return state
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    patched: int = 0
+    restored: int = 0
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(module))
+
+
+def _tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    # "cuda" and "cuda:0" name the same device when only one is in use.
+    return a.index is None or b.index is None or a.index == b.index
+
+
+class ModelPatcher:
+    """One module plus the patches wanted on it. Clones share the module."""
+
+    def __init__(self, model: torch.nn.Module, load_device: torch.device,
+                 offload_device: torch.device, name: str = "model") -> None:
+        self.model = model
+        self.load_device = torch.device(load_device)
+        self.offload_device = torch.device(offload_device)
+        self.name = name
+        self.patches: dict[str, tuple[PatchEntry, ...]] = {}
+        self._signature: PatchSignature | None = ORIGINAL
+        self._param_names: frozenset[str] | None = None
+
+    # -- describing the wanted state -------------------------------------------------
+
+    def clone(self) -> "ModelPatcher":
+        other = ModelPatcher(self.model, self.load_device, self.offload_device, self.name)
+        other.patches = dict(self.patches)
+        other._signature = self._signature
+        other._param_names = self._param_names
+        return other
+
+    def is_clone(self, other: "ModelPatcher") -> bool:
+        return other.model is self.model
+
+    def parameter_names(self) -> frozenset[str]:
+        if self._param_names is None:
+            self._param_names = frozenset(name for name, _ in self.model.named_parameters())
+        return self._param_names
+
+    def add_patches(self, patches: dict[str, WeightPatch], strength_patch: float = 1.0,
+                    strength_model: float = 1.0) -> list[str]:
+        """Add patches for the keys this model has; returns the keys that were taken."""
+        names = self.parameter_names()
+        taken = []
+        for key, patch in patches.items():
+            if key not in names:
+                continue
+            self.patches[key] = self.patches.get(key, ()) + (PatchEntry(patch, strength_patch, strength_model),)
+            taken.append(key)
+        if taken:
+            self._signature = None
+        return taken
+
+    def weight_signature(self) -> PatchSignature:
+        if self._signature is None:
+            self._signature = PatchSignature.of(
+                {key: tuple(entry.signature() for entry in entries) for key, entries in self.patches.items()})
+        return self._signature
+
+    # -- the actual state ---------------------------------------------------------------
+
+    def applied_signature(self) -> PatchSignature:
+        return weight_state(self.model).signature
+
+    def is_applied(self) -> bool:
+        """True when the module's weights are exactly this patcher's wanted state."""
+        return self.applied_signature() == self.weight_signature()
+
+    def current_device(self) -> torch.device:
+        for tensor in _tensors(self.model):
+            return tensor.device
+        return self.offload_device
+
+    def model_size(self) -> int:
+        return module_bytes(self.model)
+
+    def model_dtype(self) -> torch.dtype:
+        for tensor in self.model.parameters():
+            return tensor.dtype
+        return torch.float32
+
+    def backup_bytes(self, device: torch.device | None = None) -> int:
+        return weight_state(self.model).backup_bytes(device)
+
+    def cached_factor_bytes(self, device: torch.device) -> int:
+        seen: set[int] = set()
+        total = 0
+        for entries in self.patches.values():
+            for entry in entries:
+                if id(entry.patch) not in seen:
+                    seen.add(id(entry.patch))
+                    total += entry.patch.cached_bytes(device)
+        return total
+
+    def patched_key_bytes(self) -> int:
+        """Bytes the backups of this patcher's keys take (what patching costs in memory)."""
+        params = dict(self.model.named_parameters())
+        return sum(params[k].numel() * params[k].element_size() for k in self.patches)
+
+    # -- moving and patching ----------------------------------------------------------
+
+    def move_to(self, device: torch.device) -> int:
+        """Move the module to `device`; returns (and counts) the bytes that moved."""
+        device = torch.device(device)
+        moved = sum(t.numel() * t.element_size() for t in _tensors(self.model)
+                    if not _same_device(t.device, device))
+        if moved:
+            self.model.to(device)
+            direction = "bytes_to_device" if _same_device(device, self.load_device) else "bytes_to_offload"
+            telemetry.count(**{direction: moved})
+        return moved
+
+    def patch_model(self, device_to: torch.device | None = None,
+                    backup_device: torch.device | None = None,
+                    cache_factors: bool = False) -> PatchResult:
+        """Put the module into this patcher's wanted state (moving it first if asked).
+
+        Only keys whose patch set differs from what is merged now are written,
+        each from its exact original; new originals are kept on `backup_device`.
+        """
+        if device_to is not None:
+            self.move_to(device_to)
+        state = weight_state(self.model)
+        wanted = self.weight_signature()
+        if state.signature == wanted:
+            return PatchResult()
+        backup_device = torch.device(backup_device) if backup_device is not None else self.offload_device
+        patched = restored = 0
+        state.signature = IN_PROGRESS
+        for key in set(state.applied) | set(wanted.keys):
+            now, want = state.applied.get(key), wanted.keys.get(key)
+            if now == want:
+                continue
+            if want is None:
+                self._restore_key(state, key)
+                restored += 1
+                continue
+            if now is not None:
+                restored += 1
+            self._merge_key(state, key, backup_device, cache_factors)
+            patched += 1
+        state.signature = wanted
+        telemetry.count(weights_patched=patched, weights_restored=restored)
+        return PatchResult(patched=patched, restored=restored)
+
+    def unpatch_model(self, device_to: torch.device | None = None) -> PatchResult:
+        """Restore every merged key of the module to its exact original (then move if asked)."""
+        state = weight_state(self.model)
+        restored = 0
+        state.signature = IN_PROGRESS
+        for key in list(state.applied):
+            self._restore_key(state, key)
+            restored += 1
+        state.signature = ORIGINAL
+        telemetry.count(weights_restored=restored)
+        if device_to is not None:
+            self.move_to(device_to)
+        return PatchResult(restored=restored)
+
+    def _merge_key(self, state: WeightState, key: str, backup_device: torch.device,
+                   cache_factors: bool) -> None:
+        param = self.model.get_parameter(key)
+        original = state.backups.get(key)
+        if original is None:
+            original = _copy_for_backup(param, backup_device)
+        merged = original.to(param.device, torch.float32, non_blocking=True)
+        for entry in self.patches[key]:
+            if entry.strength_model != 1.0:
+                merged = merged * entry.strength_model
+            merged = merged + entry.strength_patch * entry.patch.delta(param, cache_factors)
+        # Record the key as dirty before writing: a failure can then never leave
+        # an unrecorded change, the next diff restores it from the backup.
+        state.backups[key] = original
+        state.applied[key] = (("<writing>", 0.0, 0.0),)
+        param.data.copy_(merged)
+        state.applied[key] = tuple(entry.signature() for entry in self.patches[key])
+
+    def _restore_key(self, state: WeightState, key: str) -> None:
+        param = self.model.get_parameter(key)
+        param.data.copy_(state.backups.pop(key))
+        del state.applied[key]
+
+
+def _copy_for_backup(param: torch.Tensor, device: torch.device) -> torch.Tensor:
+    backup = param.detach().to(device, copy=True)
+    if backup.device.type == "cpu" and param.device.type == "cuda":
+        backup = backup.pin_memory()  # fast, asynchronous restores from host memory
+    return backup

@@ -1,0 +1,152 @@
+"""ModelPatcher: exact patch/restore, patch by diff, state shared by clones."""
+
+import pytest
+import torch
+
+from ldm_patched.modules import telemetry
+from ldm_patched.modules.lora import LoraFactors, LoraFileId, LoraPatch
+from ldm_patched.modules.model_patcher import ModelPatcher, weight_state
+
+CPU = torch.device("cpu")
+
+
+def toy_module(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+
+
+def lora_for(module: torch.nn.Module, keys: list[str], tag: str, rank: int = 2, seed: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    patches = {}
+    for key in keys:
+        shape = module.get_parameter(key).shape
+        down = torch.randn(rank, *shape[1:], generator=gen)
+        up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=gen)
+        patches[key] = LoraPatch(LoraFileId(tag, 1, 1), key, LoraFactors(up=up, down=down, alpha=1.0))
+    return patches
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_unpatch_restores_every_weight_bit_exactly():
+    module = toy_module()
+    original = snapshot(module)
+    patcher = ModelPatcher(module, CPU, CPU)
+    patcher.add_patches(lora_for(module, ["0.weight", "2.weight"], "a.safetensors"), 0.7)
+    patcher.patch_model()
+    assert not torch.equal(module.get_parameter("0.weight"), original["0.weight"])
+    patcher.unpatch_model()
+    for key, value in snapshot(module).items():
+        assert torch.equal(value, original[key]), key
+
+
+def test_merge_equals_formula_and_keeps_addresses():
+    module = toy_module()
+    w0 = module.get_parameter("0.weight").detach().clone()
+    address = module.get_parameter("0.weight").data_ptr()
+    patches = lora_for(module, ["0.weight"], "a.safetensors")
+    factors = patches["0.weight"].factors
+    patcher = ModelPatcher(module, CPU, CPU)
+    patcher.add_patches(patches, strength_patch=0.5)
+    patcher.patch_model()
+    expected = w0 + 0.5 * (factors.alpha / factors.rank) * (factors.up @ factors.down)
+    assert torch.allclose(module.get_parameter("0.weight"), expected, atol=1e-6)
+    assert module.get_parameter("0.weight").data_ptr() == address
+
+
+def test_diff_between_clones_touches_only_changed_keys():
+    module = toy_module()
+    original = snapshot(module)
+    base = ModelPatcher(module, CPU, CPU)
+    a = lora_for(module, ["0.weight"], "a.safetensors", seed=1)
+    b = lora_for(module, ["2.weight"], "b.safetensors", seed=2)
+    with_a = base.clone()
+    with_a.add_patches(a)
+    with_ab = with_a.clone()
+    with_ab.add_patches(b)
+    with_b = base.clone()
+    with_b.add_patches(b)
+
+    assert with_a.patch_model().patched == 1
+    result = with_ab.patch_model()
+    assert (result.patched, result.restored) == (1, 0)
+    result = with_b.patch_model()
+    assert (result.patched, result.restored) == (0, 1)
+    assert torch.equal(module.get_parameter("0.weight"), original["0.weight"])
+    assert with_b.is_applied() and not with_ab.is_applied()
+    # Re-asking for the applied state writes nothing.
+    assert with_b.clone().patch_model().patched == 0
+
+
+def test_changed_strength_rewrites_from_original():
+    module = toy_module()
+    patches = lora_for(module, ["0.weight"], "a.safetensors")
+    strong, weak = ModelPatcher(module, CPU, CPU), ModelPatcher(module, CPU, CPU)
+    strong.add_patches(patches, 1.0)
+    weak.add_patches(patches, 0.25)
+    weak.patch_model()
+    expected = module.get_parameter("0.weight").detach().clone()
+    strong.patch_model()
+    result = weak.patch_model()
+    assert (result.patched, result.restored) == (1, 1)
+    assert torch.equal(module.get_parameter("0.weight"), expected)
+
+
+def test_signature_is_content_not_object():
+    module = toy_module()
+    one, two = ModelPatcher(module, CPU, CPU), ModelPatcher(module, CPU, CPU)
+    one.add_patches(lora_for(module, ["0.weight"], "a.safetensors", seed=1))
+    two.add_patches(lora_for(module, ["0.weight"], "a.safetensors", seed=1))
+    assert one.weight_signature() == two.weight_signature()
+    three = ModelPatcher(module, CPU, CPU)
+    three.add_patches(lora_for(module, ["0.weight"], "other.safetensors", seed=1))
+    assert three.weight_signature() != one.weight_signature()
+
+
+class ExplodingPatch:
+    identity = ("boom",)
+
+    def delta(self, weight, cache=False):
+        raise RuntimeError("patch failed")
+
+    def cached_bytes(self, device):
+        return 0
+
+
+def test_failure_mid_patch_leaves_a_state_the_next_patch_repairs():
+    module = toy_module()
+    reference = toy_module()
+    good = lora_for(module, ["0.weight", "2.weight"], "a.safetensors")
+    clean = ModelPatcher(reference, CPU, CPU)
+    clean.add_patches(lora_for(reference, ["0.weight", "2.weight"], "a.safetensors"))
+    clean.patch_model()
+
+    bad = ModelPatcher(module, CPU, CPU)
+    bad.add_patches(good)
+    bad.add_patches({"2.weight": ExplodingPatch()})
+    with pytest.raises(RuntimeError):
+        bad.patch_model()
+    assert not bad.is_applied()
+
+    fixed = ModelPatcher(module, CPU, CPU)
+    fixed.add_patches(good)
+    fixed.patch_model()
+    assert fixed.is_applied()
+    for key, value in snapshot(module).items():
+        assert torch.equal(value, snapshot(reference)[key]), key
+    fixed.unpatch_model()
+    assert weight_state(module).backups == {}
+
+
+def test_counters_count_writes_and_no_bytes_for_same_device_move():
+    module = toy_module()
+    patcher = ModelPatcher(module, CPU, CPU)
+    patcher.add_patches(lora_for(module, ["0.weight", "2.weight"], "a.safetensors"))
+    before = telemetry.snapshot()
+    patcher.patch_model(device_to=CPU)
+    patcher.unpatch_model(device_to=CPU)
+    moved = telemetry.snapshot().minus(before)
+    assert (moved.weights_patched, moved.weights_restored) == (2, 2)
+    assert moved.bytes_to_device == moved.bytes_to_offload == 0
