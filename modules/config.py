@@ -1,0 +1,324 @@
+"""Paths and defaults, read the Fooocus way.
+
+Sources, later ones winning:
+
+1. built-in defaults (below);
+2. ``config.txt``, a JSON object. Its path comes from the ``config_path``
+   environment variable; without it we use ``<repo root>/config.txt`` rather
+   than upstream's "current directory", so launching from another folder still
+   finds the same file. A missing file means "all defaults" (we never write it);
+3. ``presets/<NAME>.json`` under the repo root when ``--preset NAME`` is given;
+4. an environment variable with exactly the key's name (``path_checkpoints``,
+   ``default_model``...). Its value is JSON-decoded when it parses, otherwise
+   taken as the raw string; for text-valued keys the raw string is always used,
+   so ``default_prompt=123`` means the text "123".
+5. ``--output-path`` overrides ``path_outputs``.
+
+Relative paths, wherever they come from, are resolved against the repo root.
+Unknown keys are ignored, so an upstream config.txt loads as is. A value of the
+wrong type raises ``ConfigError`` naming the key and where it came from.
+
+The result is a frozen ``Config``; ``get_config()`` caches one for the process
+and ``reload_config()`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modules import flags
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_EXTENSIONS: tuple[str, ...] = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class ConfigError(ValueError):
+    """A config value that can't be used; the message names key and source."""
+
+
+@dataclass(frozen=True)
+class LoraSetting:
+    """One default LoRA slot."""
+
+    name: str
+    weight: float
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    config_path: Path
+    path_checkpoints: tuple[Path, ...]
+    path_loras: tuple[Path, ...]
+    path_embeddings: tuple[Path, ...]
+    path_vae: tuple[Path, ...]
+    # Outputs go to one folder; a list in config.txt uses its first entry.
+    path_outputs: Path
+    # Empty string: use the first checkpoint found in path_checkpoints.
+    default_model: str
+    default_refiner: str
+    default_refiner_switch: float
+    default_loras: tuple[LoraSetting, ...]
+    default_performance: flags.Performance
+    default_sampler: str
+    default_scheduler: str
+    default_cfg_scale: float
+    default_prompt: str
+    default_prompt_negative: str
+    default_image_number: int
+    default_aspect_ratio: str
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) of default_aspect_ratio."""
+        return flags.parse_aspect_ratio(self.default_aspect_ratio)
+
+    def ensure_folders(self) -> None:
+        """Create the model and output folders (on demand, e.g. at launch)."""
+        for folder in (*self.path_checkpoints, *self.path_loras, *self.path_embeddings,
+                       *self.path_vae, self.path_outputs):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+# --- value parsers: (raw value, key, source) -> typed value ------------------------
+
+def _fail(key: str, source: str, value: Any, want: str) -> ConfigError:
+    return ConfigError(f"config key {key!r} from {source}: expected {want}, got {value!r}")
+
+
+def _as_str(value: Any, key: str, source: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, source, value, "a string")
+    return value
+
+
+def _as_float(value: Any, key: str, source: str) -> float:
+    # bool is an int subclass; true/false is never a meaningful number here.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(key, source, value, "a number")
+    return float(value)
+
+
+def _as_positive_int(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(key, source, value, "an integer >= 1")
+    return value
+
+
+def _as_paths(value: Any, key: str, source: str) -> tuple[Path, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
+        raise _fail(key, source, value, "a folder path or a non-empty list of folder paths")
+    return tuple(_resolve(v) for v in items)
+
+
+def _as_first_path(value: Any, key: str, source: str) -> Path:
+    return _as_paths(value, key, source)[0]
+
+
+def _as_performance(value: Any, key: str, source: str) -> flags.Performance:
+    try:
+        return flags.parse_performance(_as_str(value, key, source))
+    except ValueError as e:
+        raise ConfigError(f"config key {key!r} from {source}: {e}") from None
+
+
+def _one_of(names: Sequence[str]) -> Callable[[Any, str, str], str]:
+    def parse(value: Any, key: str, source: str) -> str:
+        if value not in names:
+            raise _fail(key, source, value, "one of " + ", ".join(names))
+        return value
+    return parse
+
+
+def _as_aspect_ratio(value: Any, key: str, source: str) -> str:
+    try:
+        width, height = flags.parse_aspect_ratio(_as_str(value, key, source))
+    except ValueError as e:
+        raise ConfigError(f"config key {key!r} from {source}: {e}") from None
+    return f"{width}*{height}"  # normalised, so UI labels like "1152×896 ∣ 9:7" work too
+
+
+def _as_loras(value: Any, key: str, source: str) -> tuple[LoraSetting, ...]:
+    if not isinstance(value, list):
+        raise _fail(key, source, value, "a list of [name, weight] or [enabled, name, weight]")
+    out: list[LoraSetting] = []
+    for item in value:
+        if isinstance(item, list) and len(item) == 2:
+            enabled, (name, weight) = True, item
+        elif isinstance(item, list) and len(item) == 3:
+            enabled, name, weight = item
+        else:
+            raise _fail(key, source, item, "[name, weight] or [enabled, name, weight]")
+        if not isinstance(enabled, bool) or not isinstance(name, str):
+            raise _fail(key, source, item, "[name, weight] or [enabled, name, weight]")
+        weight = _as_float(weight, key, source)
+        # Upstream pads its UI slots with "None" entries; they carry no LoRA.
+        if name and name != flags.NONE_NAME:
+            out.append(LoraSetting(name=name, weight=weight, enabled=enabled))
+    return tuple(out)
+
+
+# key -> (default raw value, parser, takes text: env value used raw).
+_KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
+    "path_checkpoints": ("models/checkpoints", _as_paths, False),
+    "path_loras": ("models/loras", _as_paths, False),
+    "path_embeddings": ("models/embeddings", _as_paths, False),
+    "path_vae": ("models/vae", _as_paths, False),
+    "path_outputs": ("outputs", _as_first_path, False),
+    "default_model": ("", _as_str, True),
+    "default_refiner": (flags.NONE_NAME, _as_str, True),
+    "default_refiner_switch": (0.8, _as_float, False),
+    "default_loras": ([], _as_loras, False),
+    "default_performance": (flags.Performance.SPEED.value, _as_performance, True),
+    "default_sampler": (flags.DEFAULT_SAMPLER, _one_of(flags.SAMPLER_NAMES), True),
+    "default_scheduler": (flags.DEFAULT_SCHEDULER, _one_of(flags.SCHEDULER_NAMES), True),
+    # 4.0 is what upstream's UI shows (its default preset); its code default is 7.0.
+    "default_cfg_scale": (4.0, _as_float, False),
+    "default_prompt": ("", _as_str, True),
+    "default_prompt_negative": ("", _as_str, True),
+    "default_image_number": (2, _as_positive_int, False),
+    "default_aspect_ratio": (flags.DEFAULT_ASPECT_RATIO, _as_aspect_ratio, True),
+}
+CONFIG_KEYS: tuple[str, ...] = tuple(_KEYS)
+
+
+def _resolve(path: str | os.PathLike[str]) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _decode_env(raw: str, takes_text: bool) -> Any:
+    if takes_text:
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def load_config(env: Mapping[str, str] = os.environ, *, preset: str | None = None,
+                output_path: str | None = None) -> Config:
+    """Build a Config from defaults, config.txt, an optional preset and ``env``."""
+    # A relative config_path is taken relative to the current directory, as typed.
+    config_path = Path(env.get("config_path", REPO_ROOT / "config.txt")).expanduser().absolute()
+    # (raw value, where it came from) per key, later layers overwrite.
+    raw: dict[str, tuple[Any, str]] = {k: (d, "defaults") for k, (d, _, _) in _KEYS.items()}
+
+    if config_path.is_file():
+        for k, v in _read_json_object(config_path, "config file").items():
+            if k in _KEYS:
+                raw[k] = (v, str(config_path))
+    if preset:
+        preset_path = REPO_ROOT / "presets" / f"{preset}.json"
+        if not preset_path.is_file():
+            raise ConfigError(f"preset {preset!r} not found: no file {preset_path}")
+        for k, v in _read_json_object(preset_path, "preset").items():
+            if k in _KEYS:
+                raw[k] = (v, str(preset_path))
+    for k, (_, _, takes_text) in _KEYS.items():
+        if k in env:
+            raw[k] = (_decode_env(env[k], takes_text), f"environment variable {k}")
+    if output_path:
+        raw["path_outputs"] = (output_path, "--output-path")
+
+    values = {k: parse(raw[k][0], k, raw[k][1]) for k, (_, parse, _) in _KEYS.items()}
+    return Config(config_path=config_path, **values)
+
+
+# --- process-wide cached instance ------------------------------------------------
+
+_lock = threading.Lock()
+_cached: Config | None = None
+
+
+def _from_process() -> Config:
+    import args_manager  # late import: args_manager.init() may run after we are imported
+
+    a = args_manager.args
+    return load_config(os.environ, preset=a.preset, output_path=a.output_path)
+
+
+def get_config() -> Config:
+    """The process's Config (env + args_manager.args), built on first use."""
+    global _cached
+    with _lock:
+        if _cached is None:
+            _cached = _from_process()
+        return _cached
+
+
+def reload_config() -> Config:
+    """Re-read every source and replace the cached Config."""
+    global _cached
+    with _lock:
+        _cached = _from_process()
+        return _cached
+
+
+# --- model files -----------------------------------------------------------------
+
+def _as_folder_list(folders: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
+    if isinstance(folders, (str, os.PathLike)):
+        return [Path(folders)]
+    return [Path(f) for f in folders]
+
+
+def list_model_files(folders: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+                     extensions: Sequence[str] = MODEL_EXTENSIONS) -> list[str]:
+    """Model files under ``folders``, recursively, as sorted names relative to their folder.
+
+    Names use "/" separators. A name found in several folders is listed once
+    (the first folder wins in ``resolve_model_file``). Missing folders are skipped.
+    """
+    exts = tuple(e.lower() for e in extensions)
+    names: set[str] = set()
+    for folder in _as_folder_list(folders):
+        if not folder.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # skip .cache, .git...
+            for fn in filenames:
+                if fn.lower().endswith(exts) and not fn.startswith("."):
+                    rel = Path(dirpath, fn).relative_to(folder)
+                    names.add(rel.as_posix())
+    return sorted(names, key=lambda n: (n.casefold(), n))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    # Lexical check (abspath folds "..") so symlinked model files still count as inside.
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+
+
+def resolve_model_file(name: str, folders: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> str:
+    """Absolute path of model ``name`` in the first of ``folders`` that holds it.
+
+    ``name`` is a name as listed by ``list_model_files`` (subfolders allowed)
+    or an absolute path inside one of the folders. Names reaching outside the
+    folders ("../x", other absolute paths) are never resolved: names arrive
+    from API requests. Raises FileNotFoundError naming the file and every
+    folder searched.
+    """
+    searched = _as_folder_list(folders)
+    for folder in searched:
+        candidate = folder / name  # an absolute name replaces the folder
+        if candidate.is_file() and _inside(candidate, folder):
+            return os.path.abspath(candidate)
+    where = ", ".join(str(f) for f in searched) or "(no folders configured)"
+    raise FileNotFoundError(f"model file {name!r} not found; searched: {where}")

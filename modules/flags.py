@@ -1,0 +1,172 @@
+"""Names and constants shared by the UI, the API and the pipeline.
+
+Everything here is plain data: performance modes, sampler/scheduler names,
+aspect ratios. Which samplers and schedulers actually work is decided by the
+sampling code (modules/core.py); this module only fixes the vocabulary so that
+requests written for upstream Fooocus use the same strings here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+# The string Fooocus uses for "no model selected" (refiner, LoRA slots).
+NONE_NAME = "None"
+
+
+class Performance(str, Enum):
+    """The five performance modes, valued by the exact strings the API accepts."""
+
+    QUALITY = "Quality"
+    SPEED = "Speed"
+    EXTREME_SPEED = "Extreme Speed"
+    LIGHTNING = "Lightning"
+    HYPER_SD = "Hyper-SD"
+
+    def __str__(self) -> str:  # str(Performance.SPEED) == "Speed", as in the API
+        return self.value
+
+    @classmethod
+    def values(cls) -> list[str]:
+        return [m.value for m in cls]
+
+
+@dataclass(frozen=True)
+class PerformanceLora:
+    """A distillation LoRA that a fast mode adds on top of the user's LoRAs."""
+
+    file_name: str
+    weight: float
+    # Where upstream downloads it from; only used when downloads are allowed.
+    url: str
+
+
+@dataclass(frozen=True)
+class PerformanceSettings:
+    """What a performance mode fixes for one request.
+
+    ``None`` in sampler/scheduler/cfg_scale means "keep the request's (or the
+    config's) own value"; the distilled modes pin all three because their LoRAs
+    only produce sane images with those settings.
+    """
+
+    performance: Performance
+    steps: int
+    lora: PerformanceLora | None
+    sampler: str | None
+    scheduler: str | None
+    cfg_scale: float | None
+    refiner_enabled: bool
+    # Upstream also zeroes its "sharpness" filter in the distilled modes.
+    sharpness: float | None
+
+    @property
+    def is_distilled(self) -> bool:
+        return self.lora is not None
+
+
+# Download sources used by upstream Fooocus 2.5. From memory: the LCM LoRA is
+# hosted under lllyasviel/misc, the Lightning and Hyper-SD LoRAs under
+# mashb1t/misc (the 2.5 maintainer's mirror).
+_HF = "https://huggingface.co"
+LCM_LORA = PerformanceLora(
+    "sdxl_lcm_lora.safetensors", 1.0,
+    f"{_HF}/lllyasviel/misc/resolve/main/sdxl_lcm_lora.safetensors",
+)
+LIGHTNING_LORA = PerformanceLora(
+    "sdxl_lightning_4step_lora.safetensors", 1.0,
+    f"{_HF}/mashb1t/misc/resolve/main/sdxl_lightning_4step_lora.safetensors",
+)
+HYPER_SD_LORA = PerformanceLora(
+    "sdxl_hyper_sd_4step_lora.safetensors", 0.8,
+    f"{_HF}/mashb1t/misc/resolve/main/sdxl_hyper_sd_4step_lora.safetensors",
+)
+
+# Values follow upstream 2.5 (modules/flags.py steps, async_worker's
+# set_lcm/lightning/hyper_sd defaults). In all three distilled modes upstream
+# also forces cfg 1.0, adaptive cfg 1.0, refiner off and sharpness 0.
+_SETTINGS: dict[Performance, PerformanceSettings] = {
+    Performance.QUALITY: PerformanceSettings(
+        Performance.QUALITY, 60, None, None, None, None, True, None),
+    Performance.SPEED: PerformanceSettings(
+        Performance.SPEED, 30, None, None, None, None, True, None),
+    Performance.EXTREME_SPEED: PerformanceSettings(
+        Performance.EXTREME_SPEED, 8, LCM_LORA, "lcm", "lcm", 1.0, False, 0.0),
+    Performance.LIGHTNING: PerformanceSettings(
+        Performance.LIGHTNING, 4, LIGHTNING_LORA, "euler", "sgm_uniform", 1.0, False, 0.0),
+    Performance.HYPER_SD: PerformanceSettings(
+        Performance.HYPER_SD, 4, HYPER_SD_LORA, "dpmpp_sde_gpu", "karras", 1.0, False, 0.0),
+}
+
+PERFORMANCE_LORA_FILES: tuple[str, ...] = tuple(
+    s.lora.file_name for s in _SETTINGS.values() if s.lora is not None
+)
+
+
+def parse_performance(name: str | Performance) -> Performance:
+    """Map an API/config string to a Performance (case and spacing tolerant).
+
+    Raises ValueError naming the mode and the valid ones.
+    """
+    if isinstance(name, Performance):
+        return name
+    wanted = " ".join(str(name).split()).casefold()
+    for mode in Performance:
+        if mode.value.casefold() == wanted:
+            return mode
+    raise ValueError(
+        f"unknown performance mode {name!r}; valid modes: "
+        + ", ".join(repr(v) for v in Performance.values())
+    )
+
+
+def performance_settings(name: str | Performance) -> PerformanceSettings:
+    """Settings that the given performance mode imposes on a request."""
+    return _SETTINGS[parse_performance(name)]
+
+
+# Sampler names as Fooocus spells them (ComfyUI's k-diffusion set plus the
+# non-k-diffusion ones). These are identifiers only; support is up to core.py.
+KSAMPLER_NAMES: tuple[str, ...] = (
+    "euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
+    "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_sde",
+    "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "tcd", "restart",
+)
+SAMPLER_EXTRA_NAMES: tuple[str, ...] = ("ddim", "uni_pc", "uni_pc_bh2")
+SAMPLER_NAMES: tuple[str, ...] = KSAMPLER_NAMES + SAMPLER_EXTRA_NAMES
+
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform",
+    "lcm", "turbo", "align_your_steps", "tcd", "edm_playground_v2.5",
+)
+
+DEFAULT_SAMPLER = "dpmpp_2m_sde_gpu"
+DEFAULT_SCHEDULER = "karras"
+
+# SDXL training resolutions offered by Fooocus, "width*height".
+SDXL_ASPECT_RATIOS: tuple[str, ...] = (
+    "704*1408", "704*1344", "768*1344", "768*1280", "832*1216", "832*1152",
+    "896*1152", "896*1088", "960*1088", "960*1024", "1024*1024", "1024*960",
+    "1088*960", "1088*896", "1152*896", "1152*832", "1216*832", "1280*768",
+    "1344*768", "1344*704", "1408*704", "1472*704", "1536*640", "1600*640",
+    "1664*576", "1728*576",
+)
+DEFAULT_ASPECT_RATIO = "1152*896"
+
+# Accepts "1152*896", "1152x896", "1152×896" and the UI label form
+# "1152×896 ∣ 9:7" (anything after the two numbers is ignored).
+_ASPECT_RE = re.compile(r"^\s*(\d+)\s*[*x×]\s*(\d+)\b")
+
+
+def parse_aspect_ratio(text: str) -> tuple[int, int]:
+    """Parse an aspect-ratio string into (width, height) in pixels."""
+    m = _ASPECT_RE.match(text)
+    if m is None:
+        raise ValueError(f"bad aspect ratio {text!r}; expected 'WIDTH*HEIGHT' like {DEFAULT_ASPECT_RATIO!r}")
+    width, height = int(m.group(1)), int(m.group(2))
+    if width <= 0 or height <= 0:
+        raise ValueError(f"bad aspect ratio {text!r}: width and height must be positive")
+    return width, height
