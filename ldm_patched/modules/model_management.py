@@ -129,11 +129,16 @@ def _dtype_flag(args: object, component: str, choices: Iterable[str]) -> torch.d
 
 @dataclass(eq=False)
 class LoadedModel:
-    """A registry entry: a module on a device, and the patcher that last asked for it."""
+    """A registry entry: a module on a device, and the patcher that last asked for it.
+
+    Sizes are recorded when the entry is loaded or re-patched, so accounting on
+    the steady-state path never walks the module's parameters."""
 
     patcher: ModelPatcher
     device: torch.device
     last_used: int
+    model_bytes: int = 0
+    extra_bytes: int = 0   # backups of originals and cached LoRA factors on the device
 
     @property
     def module(self) -> torch.nn.Module:
@@ -144,8 +149,12 @@ class LoadedModel:
         return self.patcher.applied_signature()
 
     def resident_bytes(self) -> int:
-        return (self.patcher.model_size() + self.patcher.backup_bytes(self.device)
-                + self.patcher.cached_factor_bytes(self.device))
+        return self.model_bytes + self.extra_bytes
+
+    def measure(self) -> None:
+        self.model_bytes = self.patcher.model_size()
+        self.extra_bytes = (self.patcher.backup_bytes(self.device)
+                            + self.patcher.cached_factor_bytes(self.device))
 
 
 @dataclass
@@ -324,7 +333,9 @@ class ModelManager:
     def _refresh(self, entry: LoadedModel, patcher: ModelPatcher) -> None:
         entry.patcher = patcher
         entry.last_used = self.clock
-        patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident)
+        if not patcher.is_applied():
+            patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident)
+            entry.measure()
         self._move_to_front(entry)
 
     def _load(self, patcher: ModelPatcher) -> None:
@@ -332,13 +343,14 @@ class ModelManager:
         patcher.move_to(device)
         patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident)
         entry = LoadedModel(patcher=patcher, device=device, last_used=self.clock)
+        entry.measure()
         self.loaded.insert(0, entry)
         telemetry.count(models_loaded=1)
 
     def _evict(self, entry: LoadedModel) -> None:
         """Restore the original weights, then move the module to its offload device."""
-        if id(entry.module) in self._current_request_modules:
-            self._request_over_budget = True
+        if self.resident and id(entry.module) in self._current_request_modules:
+            self._request_over_budget = True  # the request's own set did not fit
         entry.patcher.unpatch_model(device_to=entry.patcher.offload_device)
         self.loaded.remove(entry)
         telemetry.count(models_unloaded=1)

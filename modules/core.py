@@ -1,0 +1,208 @@
+"""Prompt encoding, the sampling loop and VAE decoding, on patchers.
+
+Every stage first asks `model_management.load_models_gpu` for its model: that is
+the only place weights move or get patched. The networks are diffusers /
+transformers modules; the loop follows diffusers' SDXL pipeline step for step
+(same noise, same scheduler calls), so a request matches
+`StableDiffusionXLPipeline` on the same weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                       KDPM2DiscreteScheduler, LCMScheduler, TCDScheduler, UniPCMultistepScheduler)
+
+from ldm_patched.modules import model_management
+from ldm_patched.modules.model_patcher import ModelPatcher
+
+
+class SDXLTextEncoders(torch.nn.Module):
+    """CLIP-L and OpenCLIP-G as one module, so one patcher (and one LoRA key space:
+    `text_encoder.*`, `text_encoder_2.*`) covers both. The refiner has only G."""
+
+    def __init__(self, text_encoder: torch.nn.Module | None, text_encoder_2: torch.nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+
+
+@dataclass
+class Conditioning:
+    embeds: torch.Tensor   # [1, 77*k, context]
+    pooled: torch.Tensor   # [1, pooled]
+
+
+# -- schedulers -------------------------------------------------------------------------
+
+# SDXL's training noise schedule; every sampler starts from it.
+SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                     prediction_type="epsilon")
+
+SAMPLERS: dict[str, tuple[type, dict]] = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpm_2": (KDPM2DiscreteScheduler, {}),
+    "dpm_2_ancestral": (KDPM2AncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde_gpu": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_3m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "dpmpp_3m_sde_gpu": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    # First-order SDE DPM-Solver++ stands in for k-diffusion's dpmpp_sde (which
+    # needs torchsde and scipy); same family, one model call per step.
+    "dpmpp_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 1}),
+    "dpmpp_sde_gpu": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 1}),
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {"set_alpha_to_one": False}),
+    "uni_pc": (UniPCMultistepScheduler, {}),
+    "uni_pc_bh2": (UniPCMultistepScheduler, {"solver_type": "bh2"}),
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
+}
+
+SCHEDULERS: dict[str, dict] = {
+    "normal": {},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "sgm_uniform": {"timestep_spacing": "trailing"},
+    "simple": {"timestep_spacing": "trailing"},
+    "turbo": {"timestep_spacing": "trailing"},
+    "lcm": {},   # the LCM/TCD samplers' own spacing; "normal" for the others
+    "tcd": {},
+}
+
+
+def make_scheduler(sampler: str, scheduler: str):
+    """A fresh diffusers scheduler for a Fooocus sampler/scheduler pair."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; available: {', '.join(SCHEDULERS)}")
+    cls, sampler_options = SAMPLERS[sampler]
+    options = {**SDXL_SCHEDULE, **sampler_options, **SCHEDULERS[scheduler]}
+    accepted = inspect.signature(cls.__init__).parameters
+    missing = [k for k in SCHEDULERS[scheduler] if k not in accepted]
+    if missing:
+        raise ValueError(f"scheduler {scheduler!r} cannot be used with sampler {sampler!r}")
+    return cls(**{k: v for k, v in options.items() if k in accepted})
+
+
+# -- stages -------------------------------------------------------------------------
+
+def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str) -> Conditioning:
+    """SDXL conditioning: penultimate hidden states of both encoders side by side,
+    pooled (projected) output of the second."""
+    model_management.load_models_gpu([clip])
+    encoders: SDXLTextEncoders = clip.model  # type: ignore[assignment]
+    device = clip.load_device
+    hidden, pooled = [], None
+    pairs = [(tokenizers[0], encoders.text_encoder), (tokenizers[1], encoders.text_encoder_2)]
+    with torch.inference_mode():
+        for tokenizer, encoder in pairs:
+            if encoder is None:
+                continue
+            ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]
+    return Conditioning(embeds=torch.cat(hidden, dim=-1), pooled=pooled)
+
+
+def time_ids(width: int, height: int, refiner: bool, aesthetic: float, device, dtype) -> torch.Tensor:
+    """SDXL size/crop micro-conditioning (the refiner conditions on an aesthetic score)."""
+    values = [height, width, 0, 0] + ([aesthetic] if refiner else [height, width])
+    return torch.tensor([values], device=device, dtype=dtype)
+
+
+@dataclass
+class UNetStage:
+    """One model's share of the steps: base, or the refiner after the switch."""
+
+    unet: ModelPatcher
+    positive: Conditioning
+    negative: Conditioning | None
+    refiner: bool = False
+
+
+class SkipImage(Exception):
+    """Raised by a step callback to finish the current image early."""
+
+
+def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int, cfg: float,
+           width: int, height: int, seed: int, switch_step: int | None = None,
+           callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Denoise one image; returns latents. `switch_step` hands over to stages[1]."""
+    sched = make_scheduler(sampler, scheduler)
+    first = stages[0].unet
+    device = first.load_device
+    model_management.load_models_gpu([first], model_management.working_memory_bytes(
+        "unet", width, height, 1, first.model_dtype()))
+    sched.set_timesteps(steps, device=device)
+    # Noise is drawn on the CPU so a seed gives the same image on every device; the
+    # same generator then feeds the stochastic samplers, as in diffusers' pipeline.
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, 4, height // 8, width // 8), generator=generator, dtype=torch.float32)
+    latents = noise.to(device) * sched.init_noise_sigma
+    active = 0
+    denoised = latents
+    with torch.inference_mode():
+        for i, t in enumerate(sched.timesteps):
+            if switch_step is not None and i == switch_step and len(stages) > 1 and active == 0:
+                active = 1
+                model_management.load_models_gpu([stages[1].unet], model_management.working_memory_bytes(
+                    "unet", width, height, 1, stages[1].unet.model_dtype()))
+            stage = stages[active]
+            noise_pred = _predict(stage, sched, latents, t, cfg, width, height)
+            out = sched.step(noise_pred, t, latents, generator=generator, return_dict=True)
+            latents = out.prev_sample
+            denoised = getattr(out, "pred_original_sample", None)
+            if denoised is None:
+                denoised = getattr(out, "denoised", None)
+            try:
+                if callback is not None:
+                    callback(i + 1, steps)
+            except SkipImage:
+                return denoised if denoised is not None else latents
+    return latents
+
+
+def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, width: int, height: int) -> torch.Tensor:
+    unet = stage.unet.model
+    dtype = stage.unet.model_dtype()
+    guided = cfg > 1.0 and stage.negative is not None
+    conds = [stage.negative, stage.positive] if guided else [stage.positive]
+    embeds = torch.cat([c.embeds for c in conds]).to(dtype)
+    pooled = torch.cat([c.pooled for c in conds]).to(dtype)
+    aesthetic = [2.5, 6.0] if guided else [6.0]
+    ids = torch.cat([time_ids(width, height, stage.refiner, a, latents.device, dtype) for a in aesthetic])
+    model_input = torch.cat([latents] * len(conds))
+    model_input = sched.scale_model_input(model_input, t)
+    pred = unet(model_input.to(dtype), t, encoder_hidden_states=embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)[0].float()
+    if guided:
+        uncond, cond = pred.chunk(2)
+        pred = uncond + cfg * (cond - uncond)
+    return pred
+
+
+def decode(vae: ModelPatcher, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> HxWx3 uint8 image."""
+    height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+    model_management.load_models_gpu([vae], model_management.working_memory_bytes(
+        "vae", width, height, latents.shape[0], vae.model_dtype()))
+    model = vae.model
+    with torch.inference_mode():
+        scaled = latents.to(vae.load_device, vae.model_dtype()) / model.config.scaling_factor
+        image = model.decode(scaled, return_dict=False)[0].float()
+    image = (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+    return (image * 255).round().astype(np.uint8)

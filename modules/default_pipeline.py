@@ -1,0 +1,581 @@
+"""The pipeline state that persists between requests, and one request end to end.
+
+`refresh_everything` turns (checkpoint files, LoRA list) into patchers and
+reuses what it already has: a loaded checkpoint, parsed LoRA files, the
+patchers of an unchanged LoRA set, encoded prompts. Nothing here moves or
+patches weights: `core` asks `model_management.load_models_gpu` for that.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from ldm_patched.modules import model_management
+from ldm_patched.modules.checkpoint import CheckpointError, load_checkpoint
+from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraFileId, LoraMatch, match_lora,
+                                      text_encoder_lora_names, unet_lora_names)
+from ldm_patched.modules.model_patcher import ModelPatcher
+from modules import config as config_module
+from modules import core, flags
+
+if TYPE_CHECKING:
+    from modules.async_worker import TaskControl
+
+log = logging.getLogger("fooocus_resident.pipeline")
+
+FUSED_LORAS_METADATA_KEY = "fooocus_resident.fused_loras"
+DEMO_CHECKPOINT_NAME = "fooocus_resident_demo_random.safetensors"
+MAX_SIDE = 4096
+MAX_IMAGES = 32
+MAX_STEPS = 200
+MAX_SEED = 2 ** 63 - 1
+
+
+class RequestError(ValueError):
+    """A request that cannot run as asked; the message says which field and why."""
+
+
+class StopRequested(Exception):
+    pass
+
+
+@dataclass
+class ProgressEvent:
+    image_index: int
+    image_count: int
+    step: int
+    steps: int
+    message: str
+
+
+@dataclass
+class RequestResult:
+    images: list[str]
+    report: dict
+
+
+# -- the request ----------------------------------------------------------------------
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    performance: flags.Performance = flags.Performance.SPEED
+    width: int = 1152
+    height: int = 896
+    image_number: int = 1
+    seed: int = -1
+    base_model: str = ""
+    refiner_model: str = ""
+    refiner_switch: float = 0.8
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    guidance_scale: float = 4.0
+    sampler: str = flags.DEFAULT_SAMPLER
+    scheduler: str = flags.DEFAULT_SCHEDULER
+    steps: int | None = None
+
+    @staticmethod
+    def from_dict(data: dict, cfg: config_module.Config) -> "GenerationRequest":
+        if not isinstance(data, dict):
+            raise RequestError("the request must be one JSON object")
+        if not isinstance(data.get("prompt"), str):
+            raise RequestError("field 'prompt' (a string) is required")
+        width, height = cfg.default_size
+        if "aspect_ratio" in data:
+            width, height = flags.parse_aspect_ratio(str(data["aspect_ratio"]))
+        try:
+            performance = flags.parse_performance(data.get("performance", cfg.default_performance))
+        except ValueError as error:
+            raise RequestError(str(error)) from error
+        request = GenerationRequest(
+            prompt=data["prompt"],
+            negative_prompt=_text(data, "negative_prompt", cfg.default_prompt_negative),
+            performance=performance,
+            width=_int(data, "width", width, 64, MAX_SIDE),
+            height=_int(data, "height", height, 64, MAX_SIDE),
+            image_number=_int(data, "image_number", 1, 1, MAX_IMAGES),
+            seed=_int(data, "seed", -1, -1, MAX_SEED),
+            base_model=_text(data, "base_model", cfg.default_model),
+            refiner_model=_text(data, "refiner_model", cfg.default_refiner),
+            refiner_switch=_float(data, "refiner_switch", cfg.default_refiner_switch, 0.0, 1.0),
+            loras=_loras(data.get("loras", [[s.name, s.weight] for s in cfg.default_loras if s.enabled])),
+            guidance_scale=_float(data, "guidance_scale", cfg.default_cfg_scale, 0.0, 30.0),
+            sampler=_text(data, "sampler", cfg.default_sampler),
+            scheduler=_text(data, "scheduler", cfg.default_scheduler),
+            steps=None if data.get("steps") in (None, -1) else _int(data, "steps", 0, 1, MAX_STEPS),
+        )
+        for side in ("width", "height"):
+            if getattr(request, side) % 8:
+                raise RequestError(f"field '{side}' must be a multiple of 8, got {getattr(request, side)}")
+        return request
+
+
+def _text(data: dict, key: str, default: str) -> str:
+    value = data.get(key, default)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RequestError(f"field '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _int(data: dict, key: str, default: int, low: int, high: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise RequestError(f"field '{key}' must be an integer, got {value!r}")
+    if not low <= int(value) <= high:
+        raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+def _float(data: dict, key: str, default: float, low: float, high: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"field '{key}' must be a number, got {value!r}")
+    if not low <= float(value) <= high:
+        raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _loras(value: Any) -> list[tuple[str, float]]:
+    if not isinstance(value, list):
+        raise RequestError("field 'loras' must be a list of [file name, weight]")
+    loras = []
+    for item in value:
+        if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str)
+                or isinstance(item[1], bool) or not isinstance(item[1], (int, float))):
+            raise RequestError(f"each LoRA must be [file name, weight], got {item!r}")
+        if item[0] not in ("", flags.NONE_NAME) and item[1] != 0:
+            loras.append((item[0], float(item[1])))
+    return loras
+
+
+_LORA_TAG = re.compile(r"<lora:([^:>]+):(-?[0-9.]+)>")
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Fooocus prompt tags `<lora:name:weight>` -> (prompt without tags, loras)."""
+    loras = []
+    for name, weight in _LORA_TAG.findall(prompt):
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        loras.append((name, float(weight)))
+    return _LORA_TAG.sub("", prompt).strip(), loras
+
+
+# -- persistent state ---------------------------------------------------------------
+
+@dataclass(eq=False)
+class LoadedCheckpoint:
+    file: LoraFileId   # path + size + mtime: a rewritten file is another checkpoint
+    kind: str
+    unet: ModelPatcher
+    clip: ModelPatcher
+    vae: ModelPatcher | None
+    tokenizers: tuple
+    fused_loras: list[str]
+    lora_names: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def lora_targets(self) -> dict[str, tuple[dict[str, str], torch.nn.Module]]:
+        if not self.lora_names:
+            self.lora_names = {"unet": unet_lora_names(self.unet.model),
+                               "clip": text_encoder_lora_names(self.clip.model)}
+        return {"unet": (self.lora_names["unet"], self.unet.model),
+                "clip": (self.lora_names["clip"], self.clip.model)}
+
+
+@dataclass(eq=False)
+class PatchedModels:
+    """A checkpoint's patchers with one LoRA set added."""
+
+    checkpoint: LoadedCheckpoint
+    unet: ModelPatcher
+    clip: ModelPatcher
+    loras: list[dict]
+
+
+@dataclass
+class PipelineState:
+    checkpoints: "OrderedDict[LoraFileId, LoadedCheckpoint]" = field(default_factory=OrderedDict)
+    lora_files: LoraFileCache = field(default_factory=LoraFileCache)
+    lora_matches: dict[tuple[LoraFileId, int], LoraMatch] = field(default_factory=dict)
+    patched: "OrderedDict[tuple, PatchedModels]" = field(default_factory=OrderedDict)
+    conditions: "OrderedDict[tuple, core.Conditioning]" = field(default_factory=OrderedDict)
+
+
+STATE = PipelineState()
+MAX_PATCHED_SETS = 4
+MAX_CONDITIONS = 64
+
+
+def max_cached_checkpoints(manager: model_management.ModelManager) -> int:
+    """Upstream keeps a base and a refiner; resident mode keeps a few more in host
+    memory so alternating base models does not re-read files."""
+    return 4 if manager.resident else 2
+
+
+def get_checkpoint(path: str) -> LoadedCheckpoint:
+    manager = model_management.get_manager()
+    file = LoraFileId.of(path)
+    cached = STATE.checkpoints.get(file)
+    if cached is not None:
+        STATE.checkpoints.move_to_end(file)
+        return cached
+    started = time.perf_counter()
+    loaded = load_checkpoint(file.path, unet_dtype=manager.dtype_for("unet"),
+                             vae_dtype=manager.dtype_for("vae", manager.vae_device()),
+                             text_encoder_dtype=manager.dtype_for("text_encoder"))
+    device, offload = manager.settings.device, manager.offload_device()
+    name = os.path.basename(file.path)
+    encoders = core.SDXLTextEncoders(loaded.text_encoder, loaded.text_encoder_2)
+    checkpoint = LoadedCheckpoint(
+        file=file, kind=loaded.kind,
+        unet=ModelPatcher(loaded.unet, device, offload, name=f"{name}:unet"),
+        clip=ModelPatcher(encoders, device, offload, name=f"{name}:text_encoders"),
+        vae=None if loaded.vae is None else ModelPatcher(loaded.vae, manager.vae_device(), offload,
+                                                          name=f"{name}:vae"),
+        tokenizers=(loaded.tokenizer, loaded.tokenizer_2),
+        fused_loras=_fused_loras(loaded.metadata),
+    )
+    STATE.checkpoints[file] = checkpoint
+    while len(STATE.checkpoints) > max_cached_checkpoints(manager):
+        _drop_checkpoint(next(iter(STATE.checkpoints.values())))
+    log.info("[Fooocus-Resident] loaded %s (%s) in %.2f s", name, loaded.kind, time.perf_counter() - started)
+    return checkpoint
+
+
+def _fused_loras(metadata: dict[str, str]) -> list[str]:
+    try:
+        return [str(item[0]) for item in json.loads(metadata.get(FUSED_LORAS_METADATA_KEY, "[]"))]
+    except (ValueError, TypeError, IndexError):
+        return []
+
+
+def _drop_checkpoint(checkpoint: LoadedCheckpoint) -> None:
+    manager = model_management.get_manager()
+    for patcher in (checkpoint.unet, checkpoint.clip, checkpoint.vae):
+        if patcher is not None:
+            manager.forget(patcher.model)
+    del STATE.checkpoints[checkpoint.file]
+    STATE.patched = OrderedDict((k, v) for k, v in STATE.patched.items() if v.checkpoint is not checkpoint)
+    STATE.lora_matches = {k: v for k, v in STATE.lora_matches.items() if k[1] != id(checkpoint)}
+    STATE.conditions.clear()
+
+
+def patched_models(checkpoint: LoadedCheckpoint, loras: list[tuple[str, float]]) -> PatchedModels:
+    """Patchers for checkpoint + LoRAs; the same LoRA set returns the same patchers."""
+    files = [(LoraFileId.of(path), weight) for path, weight in loras]
+    key = (id(checkpoint), tuple(files))
+    cached = STATE.patched.get(key)
+    if cached is not None:
+        STATE.patched.move_to_end(key)
+        return cached
+    unet, clip = checkpoint.unet.clone(), checkpoint.clip.clone()
+    report = []
+    for (path, weight), (file, _) in zip(loras, files):
+        match = _lora_match(checkpoint, path, file)
+        taken = unet.add_patches(match.patches["unet"], weight) + clip.add_patches(match.patches["clip"], weight)
+        report.append({"file": file.name, "weight": weight, "matched_keys": len(taken),
+                       "unmatched_keys": len(match.unmatched)})
+        if match.unmatched:
+            log.warning("[Fooocus-Resident] LoRA %s: %d keys match no layer (e.g. %s)",
+                        file.name, len(match.unmatched), match.unmatched[0])
+    models = PatchedModels(checkpoint=checkpoint, unet=unet, clip=clip, loras=report)
+    STATE.patched[key] = models
+    while len(STATE.patched) > MAX_PATCHED_SETS:
+        STATE.patched.popitem(last=False)
+    return models
+
+
+def _lora_match(checkpoint: LoadedCheckpoint, path: str, file: LoraFileId) -> LoraMatch:
+    key = (file, id(checkpoint))
+    match = STATE.lora_matches.get(key)
+    if match is None:
+        match = match_lora(STATE.lora_files.get(path), checkpoint.lora_targets())
+        STATE.lora_matches[key] = match
+    return match
+
+
+def encode(clip: ModelPatcher, tokenizers: tuple, prompt: str, counts: dict) -> core.Conditioning:
+    """Encode a prompt; in resident mode the same prompt under the same text-encoder
+    weights is served from the cache."""
+    manager = model_management.get_manager()
+    key = (id(clip.model), clip.weight_signature().digest, prompt)
+    if manager.resident and key in STATE.conditions:
+        STATE.conditions.move_to_end(key)
+        return STATE.conditions[key]
+    cond = core.encode_prompt(clip, tokenizers, prompt)
+    counts["text_encodes"] += 1
+    if manager.resident:
+        STATE.conditions[key] = cond
+        while len(STATE.conditions) > MAX_CONDITIONS:
+            STATE.conditions.popitem(last=False)
+    return cond
+
+
+# -- model files ------------------------------------------------------------------------
+
+def resolve_checkpoint(name: str, cfg: config_module.Config) -> str:
+    if not name:
+        files = config_module.list_model_files(cfg.path_checkpoints)
+        real = [f for f in files if os.path.basename(f) != DEMO_CHECKPOINT_NAME]
+        if not files:
+            raise RequestError(f"no checkpoint in {', '.join(map(str, cfg.path_checkpoints))}: "
+                               f"put an SDXL .safetensors file there")
+        name = (real or files)[0]
+    try:
+        return config_module.resolve_model_file(name, cfg.path_checkpoints)
+    except FileNotFoundError as error:
+        raise RequestError(str(error)) from error
+
+
+def resolve_lora(name: str, cfg: config_module.Config) -> str:
+    try:
+        return config_module.resolve_model_file(name, cfg.path_loras)
+    except FileNotFoundError as error:
+        raise RequestError(str(error)) from error
+
+
+def performance_lora(settings: flags.PerformanceSettings, checkpoint: LoadedCheckpoint,
+                     cfg: config_module.Config) -> tuple[list[tuple[str, float]], str | None]:
+    """The performance mode's LoRA (path, weight), unless it is fused into the checkpoint."""
+    lora = settings.lora
+    if lora is None:
+        return [], None
+    if lora.file_name in checkpoint.fused_loras:
+        return [], f"{lora.file_name} is fused into the checkpoint; not added again"
+    try:
+        return [(config_module.resolve_model_file(lora.file_name, cfg.path_loras), lora.weight)], lora.file_name
+    except FileNotFoundError:
+        pass
+    if _downloads_allowed():
+        from modules import model_downloader
+        dest = os.path.join(str(cfg.path_loras[0]), lora.file_name)
+        if model_downloader.download_file(lora.url, dest):
+            return [(dest, lora.weight)], lora.file_name
+    raise RequestError(f"performance '{settings.performance}' needs the LoRA file {lora.file_name} in "
+                       f"{cfg.path_loras[0]} (download it from {lora.url})")
+
+
+def _downloads_allowed() -> bool:
+    import args_manager
+    return not getattr(args_manager.args, "disable_preset_download", False)
+
+
+# -- one request ------------------------------------------------------------------------
+
+def process_request(request: dict, control: "TaskControl | None" = None,
+                    progress: Callable[[ProgressEvent], None] | None = None) -> RequestResult:
+    """Run one request; bad input and failures come back as report["error"]."""
+    manager = model_management.get_manager()
+    started = time.perf_counter()
+    manager.begin_request()
+    report: dict[str, Any] = {"mode": manager.settings.policy.value}
+    stage_ms = {"text_encode": 0.0, "sampling": 0.0, "vae_decode": 0.0}
+    counts = {"text_encodes": 0}
+    images: list[str] = []
+    try:
+        images = _run(request, control, progress, report, stage_ms, counts)
+    except StopRequested:
+        report["stopped"] = True
+    except (RequestError, CheckpointError, LoraError, config_module.ConfigError) as error:
+        report["error"] = str(error)
+    except ValueError as error:  # unknown sampler/scheduler, bad aspect ratio...
+        report["error"] = str(error)
+    except torch.OutOfMemoryError:
+        report["error"] = (f"out of memory at {report.get('width')}x{report.get('height')} with "
+                           f"{report.get('image_number')} image(s): try a smaller size or fewer images")
+        torch.cuda.empty_cache()
+    except Exception as error:  # keep serving whatever went wrong
+        log.exception("request failed")
+        report["error"] = f"internal error: {type(error).__name__}: {error}"
+    summary = manager.end_request()
+    if "error" in report:
+        images = []
+    _finish_report(report, summary, started, stage_ms, counts, images)
+    return RequestResult(images=images, report=report)
+
+
+def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts: dict) -> list[str]:
+    cfg = config_module.get_config()
+    req = GenerationRequest.from_dict(request, cfg)
+    prompt, tag_loras = split_lora_tags(req.prompt)
+    settings = flags.performance_settings(req.performance)
+    sampler = settings.sampler or req.sampler
+    scheduler = settings.scheduler or req.scheduler
+    cfg_scale = settings.cfg_scale if settings.cfg_scale is not None else req.guidance_scale
+    steps = req.steps or settings.steps
+    core.make_scheduler(sampler, scheduler)  # fail on unknown names before loading anything
+    seed = req.seed if req.seed >= 0 else random.randint(0, MAX_SEED - MAX_IMAGES)
+    report.update(seed=seed, performance=str(req.performance), sampler=sampler, scheduler=scheduler,
+                  steps=steps, cfg=cfg_scale, width=req.width, height=req.height,
+                  image_number=req.image_number)
+
+    base = get_checkpoint(resolve_checkpoint(req.base_model, cfg))
+    if base.kind != "base":
+        raise RequestError(f"{os.path.basename(base.file.path)} is an SDXL refiner; choose it as refiner_model")
+    user_loras = [(resolve_lora(name, cfg), weight) for name, weight in req.loras + tag_loras]
+    perf_loras, perf_note = performance_lora(settings, base, cfg)
+    models = patched_models(base, user_loras + perf_loras)
+    report.update(base_model=os.path.basename(base.file.path), loras=models.loras)
+    if perf_note:
+        report["performance_lora"] = perf_note
+
+    refiner = None
+    if req.refiner_model and req.refiner_model != flags.NONE_NAME and settings.refiner_enabled \
+            and req.refiner_switch < 1.0:
+        refiner = get_checkpoint(resolve_checkpoint(req.refiner_model, cfg))
+        report["refiner_model"] = os.path.basename(refiner.file.path)
+
+    with _stage(stage_ms, "text_encode"):
+        stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, prompt, counts),
+                                 encode(models.clip, base.tokenizers, req.negative_prompt, counts))]
+        if refiner is not None:
+            stages.append(core.UNetStage(refiner.unet,
+                                         encode(refiner.clip, refiner.tokenizers, prompt, counts),
+                                         encode(refiner.clip, refiner.tokenizers, req.negative_prompt, counts),
+                                         refiner=refiner.kind == "refiner"))
+    switch = round(steps * req.refiner_switch) if refiner is not None else None
+    vae = base.vae or (refiner.vae if refiner is not None else None)
+    if vae is None:
+        raise RequestError(f"{os.path.basename(base.file.path)} has no VAE")
+
+    paths = []
+    for index in range(req.image_number):
+        _check_stop(control)
+        image_seed = seed + index
+
+        def on_step(step: int, total: int, index: int = index) -> None:
+            _check_stop(control)
+            if progress is not None:
+                progress(ProgressEvent(index, req.image_number, step, total,
+                                       f"image {index + 1}/{req.image_number}, step {step}/{total}"))
+            if control is not None and control.skip.is_set():
+                control.skip.clear()
+                raise core.SkipImage()
+
+        with _stage(stage_ms, "sampling"):
+            latents = core.sample(stages, sampler=sampler, scheduler=scheduler, steps=steps, cfg=cfg_scale,
+                                  width=req.width, height=req.height, seed=image_seed, switch_step=switch,
+                                  callback=on_step)
+        with _stage(stage_ms, "vae_decode"):
+            pixels = core.decode(vae, latents)
+        paths.append(save_image(pixels, {**_echo(req, prompt), "seed": image_seed, "sampler": sampler,
+                                         "scheduler": scheduler, "steps": steps, "cfg": cfg_scale,
+                                         "base_model": report["base_model"], "loras": models.loras}, cfg))
+    report["seeds"] = [seed + i for i in range(req.image_number)]
+    return paths
+
+
+def _echo(req: GenerationRequest, prompt: str) -> dict:
+    data = asdict(req)
+    data.update(prompt=prompt, performance=str(req.performance))
+    return data
+
+
+def _check_stop(control) -> None:
+    if control is not None and control.stop.is_set():
+        raise StopRequested()
+
+
+class _stage:
+    """Times a stage, minus the model-management time spent inside it."""
+
+    def __init__(self, stage_ms: dict, name: str) -> None:
+        self.stage_ms, self.name = stage_ms, name
+
+    def __enter__(self) -> None:
+        from ldm_patched.modules import telemetry
+        self.mm_before = telemetry.COUNTERS.management_seconds
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        from ldm_patched.modules import telemetry
+        _synchronize()
+        mm = telemetry.COUNTERS.management_seconds - self.mm_before
+        self.stage_ms[self.name] += (time.perf_counter() - self.start - mm) * 1000
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _finish_report(report: dict, summary: model_management.RequestSummary, started: float,
+                   stage_ms: dict, counts: dict, images: list[str]) -> None:
+    counters = summary.counters
+    report["timings_ms"] = {"total": round((time.perf_counter() - started) * 1000, 3),
+                            "model_management": round(counters.management_seconds * 1000, 3),
+                            **{k: round(v, 3) for k, v in stage_ms.items()}}
+    report["model_management"] = {**counters.as_report(), "text_encodes": counts["text_encodes"],
+                                  "over_budget": summary.over_budget}
+    report["vram"] = {"budget_bytes": summary.budget_bytes, "resident_bytes": summary.resident_bytes,
+                      "peak_allocated_bytes": summary.peak_allocated_bytes}
+    report["images"] = images
+    mm = report["model_management"]
+    print(f"[Fooocus-Resident] {report['mode']}: {len(images)} image(s) in {report['timings_ms']['total']:.0f} ms; "
+          f"model management {report['timings_ms']['model_management']:.1f} ms, "
+          f"{mm['bytes_to_device'] / 2**20:.1f} MiB to device, {mm['bytes_to_offload'] / 2**20:.1f} MiB offloaded, "
+          f"{mm['models_loaded']} loaded, {mm['weights_patched']} weights patched, "
+          f"{mm['weights_restored']} restored, {mm['lora_files_read']} LoRA files read"
+          + (f"; error: {report['error']}" if "error" in report else ""))
+
+
+# -- outputs ------------------------------------------------------------------------------
+
+def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config) -> str:
+    """PNG under outputs/<date>/ (or a temp folder with --disable-image-log),
+    with the generation parameters in its metadata unless --disable-metadata."""
+    import args_manager
+    args = args_manager.args
+    now = datetime.datetime.now()
+    if getattr(args, "disable_image_log", False):
+        folder = os.path.join(tempfile.gettempdir(), "fooocus_resident", now.strftime("%Y-%m-%d"))
+    else:
+        folder = os.path.join(str(cfg.path_outputs), now.strftime("%Y-%m-%d"))
+    os.makedirs(folder, exist_ok=True)
+    stem = f"{now.strftime('%Y-%m-%d_%H-%M-%S')}_{parameters['seed']}"
+    path = os.path.join(folder, stem + ".png")
+    suffix = 1
+    while os.path.exists(path):
+        path = os.path.join(folder, f"{stem}_{suffix}.png")
+        suffix += 1
+    info = None
+    if not getattr(args, "disable_metadata", False):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", json.dumps(parameters, default=str))
+        info.add_text("software", "Fooocus-Resident")
+    Image.fromarray(pixels).save(path, pnginfo=info)
+    return path
+
+
+def model_status() -> dict:
+    status = model_management.get_manager().status()
+    status["checkpoints"] = [os.path.basename(c.file.path) for c in STATE.checkpoints.values()]
+    status["lora_files_cached"] = len(STATE.lora_files._files)
+    return status
+
+
+def demo_model_in_use() -> str | None:
+    names = [os.path.basename(c.file.path) for c in STATE.checkpoints.values()]
+    cfg = config_module.get_config()
+    files = config_module.list_model_files(cfg.path_checkpoints)
+    real = [f for f in files if os.path.basename(f) != DEMO_CHECKPOINT_NAME]
+    if DEMO_CHECKPOINT_NAME in names or (files and not real):
+        return (f"The built-in demo checkpoint ({DEMO_CHECKPOINT_NAME}) has random weights and draws noise. "
+                f"Put a real SDXL checkpoint (.safetensors) into {cfg.path_checkpoints[0]}.")
+    return None
