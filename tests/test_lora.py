@@ -1,0 +1,228 @@
+"""LoRA files -> patches, checked against diffusers' own LoRA loader as the oracle."""
+
+import copy
+import os
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm_patched.modules import lora as lora_module
+from ldm_patched.modules import telemetry
+from ldm_patched.modules.lora import LoraError, LoraFileCache, match_lora, text_encoder_lora_names, unet_lora_names
+from ldm_patched.modules.model_patcher import ModelPatcher
+from ldm_patched.modules.sdxl_layout import unet_key_map
+from modules.core import SDXLTextEncoders
+
+CPU = torch.device("cpu")
+
+# Layers a typical SDXL LoRA touches: attention, feed-forward, projections, resnets, samplers.
+UNET_LAYERS = ("attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v", "ff.net.0.proj", "ff.net.2",
+               "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj", "downsamplers.0.conv")
+TE_LAYERS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1")
+
+
+def _factors(shape: torch.Size, rank: int, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random factors that depend only on the layer, so two formats can carry the same LoRA."""
+    gen = torch.Generator().manual_seed(zlib.crc32(layer.encode()))
+    down = torch.randn(rank, *shape[1:], generator=gen) * 0.1
+    up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=gen) * 0.1
+    return up, down
+
+
+def _unet_weights(unet) -> list[str]:
+    return [k for k, p in unet.named_parameters()
+            if k.endswith(".weight") and p.ndim >= 2 and any(f".{layer}.weight" in k for layer in UNET_LAYERS)]
+
+
+def _te_weights(encoder) -> list[str]:
+    return [k for k, p in encoder.named_parameters()
+            if k.endswith(".weight") and any(f".{layer}.weight" in k for layer in TE_LAYERS)]
+
+
+def kohya_lora(components, path, rank: int = 4, alpha: float = 2.0) -> str:
+    """kohya layout over the ORIGINAL block names (lora_unet_input_blocks_...), with alphas."""
+    to_original = unet_key_map(dict(components["unet"].config))
+    tensors = {}
+
+    def add(name: str, shape):
+        up, down = _factors(shape, rank, name)
+        tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"] = up, down
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+
+    for key in _unet_weights(components["unet"]):
+        original = to_original[key][: -len(".weight")]
+        add("lora_unet_" + original.replace(".", "_"), components["unet"].get_parameter(key).shape)
+    for prefix, encoder in (("lora_te1_", components["text_encoder"]), ("lora_te2_", components["text_encoder_2"])):
+        for key in _te_weights(encoder):
+            add(prefix + key[: -len(".weight")].replace(".", "_"), encoder.get_parameter(key).shape)
+    save_file(tensors, str(path))
+    return str(path)
+
+
+def peft_lora(components, path, rank: int = 4) -> str:
+    """diffusers/peft layout (unet.<path>.lora_A/lora_B, text_encoder.text_model...)."""
+    tensors = {}
+    for prefix, module, keys in (("unet.", components["unet"], _unet_weights(components["unet"])),
+                                 ("text_encoder.", components["text_encoder"], _te_weights(components["text_encoder"])),
+                                 ("text_encoder_2.", components["text_encoder_2"],
+                                  _te_weights(components["text_encoder_2"]))):
+        for key in keys:
+            shape = module.get_parameter(key).shape
+            if len(shape) > 2:
+                continue  # peft-format files of SDXL LoRAs carry linear layers
+            kohya_prefix = {"unet.": None, "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}[prefix]
+            layer = key[: -len(".weight")]
+            up, down = _factors(shape, rank, f"{kohya_prefix}{layer.replace('.', '_')}" if kohya_prefix else layer)
+            name = prefix + layer
+            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = down, up
+    save_file(tensors, str(path))
+    return str(path)
+
+
+def our_patchers(components):
+    unet = ModelPatcher(components["unet"], CPU, CPU, "unet")
+    clip = ModelPatcher(SDXLTextEncoders(components["text_encoder"], components["text_encoder_2"]), CPU, CPU, "clip")
+    return unet, clip
+
+
+def apply_ours(components, path: str, strength: float):
+    unet, clip = our_patchers(components)
+    parsed = lora_module.read_lora_file(path)
+    match = match_lora(parsed, {"unet": (unet_lora_names(unet.model), unet.model),
+                                "clip": (text_encoder_lora_names(clip.model), clip.model)})
+    unet.add_patches(match.patches["unet"], strength)
+    clip.add_patches(match.patches["clip"], strength)
+    unet.patch_model()
+    clip.patch_model()
+    return unet, clip, match
+
+
+def diffusers_fused(components, path: str, strength: float):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from ldm_patched.modules.checkpoint import load_tokenizers
+
+    tok, tok2 = load_tokenizers()
+    parts = copy.deepcopy(components)
+    pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                     text_encoder_2=parts["text_encoder_2"], tokenizer=tok, tokenizer_2=tok2,
+                                     unet=parts["unet"], scheduler=EulerDiscreteScheduler())
+    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
+    pipe.fuse_lora(lora_scale=strength)
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def assert_same_weights(ours: torch.nn.Module, theirs: torch.nn.Module, changed_at_least: int, original):
+    theirs_state = theirs.state_dict()
+    changed = 0
+    for key, value in ours.state_dict().items():
+        assert torch.allclose(value, theirs_state[key], atol=1e-5, rtol=0), key
+        changed += not torch.equal(value, original[key])
+    assert changed >= changed_at_least
+
+
+def test_peft_format_merges_like_diffusers_fuse_lora(tiny_components, tmp_path):
+    components = copy.deepcopy(tiny_components)
+    originals = {name: copy.deepcopy(m.state_dict()) for name, m in components.items()}
+    path = peft_lora(components, tmp_path / "lora.safetensors")
+    unet, clip, match = apply_ours(components, path, 0.7)
+    pipe = diffusers_fused(tiny_components, path, 0.7)
+    assert match.unmatched == []
+    assert_same_weights(unet.model, pipe.unet, len(match.patches["unet"]), originals["unet"])
+    assert_same_weights(clip.model.text_encoder, pipe.text_encoder, 1, originals["text_encoder"])
+    assert_same_weights(clip.model.text_encoder_2, pipe.text_encoder_2, 1, originals["text_encoder_2"])
+
+
+def test_kohya_format_unet_merges_like_diffusers_fuse_lora(tiny_components, tmp_path):
+    """Original block names, conv (LoCon) layers and alpha != rank. diffusers 0.42 on
+    transformers 5 drops kohya text-encoder keys (it renames them to `to_q_lora`),
+    so the text encoders are checked against the peft format in the next test."""
+    components = copy.deepcopy(tiny_components)
+    original = copy.deepcopy(components["unet"].state_dict())
+    path = kohya_lora(components, tmp_path / "lora.safetensors", rank=4, alpha=2.0)
+    unet, _, match = apply_ours(components, path, 0.7)
+    pipe = diffusers_fused(tiny_components, path, 0.7)
+    assert match.unmatched == []
+    assert any(p.ndim == 4 for p in (unet.model.get_parameter(k) for k in match.patches["unet"]))
+    assert_same_weights(unet.model, pipe.unet, len(match.patches["unet"]), original)
+
+
+def test_kohya_text_encoder_names_merge_like_the_peft_format(tiny_components, tmp_path):
+    kohya_parts, peft_parts = copy.deepcopy(tiny_components), copy.deepcopy(tiny_components)
+    rank = 4
+    _, kohya_clip, kohya_match = apply_ours(
+        kohya_parts, kohya_lora(kohya_parts, tmp_path / "k.safetensors", rank=rank, alpha=rank), 0.7)
+    _, peft_clip, _ = apply_ours(peft_parts, peft_lora(peft_parts, tmp_path / "p.safetensors", rank=rank), 0.7)
+    assert len(kohya_match.patches["clip"]) == len(_te_weights(kohya_parts["text_encoder"])) + len(
+        _te_weights(kohya_parts["text_encoder_2"]))
+    peft_state = peft_clip.model.state_dict()
+    for key, value in kohya_clip.model.state_dict().items():
+        assert torch.equal(value, peft_state[key]), key
+
+
+def test_removing_every_lora_restores_every_weight_bit_exactly(tiny_components, tmp_path):
+    components = copy.deepcopy(tiny_components)
+    originals = {name: copy.deepcopy(m.state_dict()) for name, m in components.items()}
+    unet, clip, _ = apply_ours(components, kohya_lora(components, tmp_path / "a.safetensors"), 1.3)
+    unet.unpatch_model()
+    clip.unpatch_model()
+    for name, module in components.items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, originals[name][key]), f"{name}.{key}"
+
+
+def test_diffusers_block_names_in_kohya_layout_match_the_same_weights(tiny_components, tmp_path):
+    """`lora_unet_down_blocks_...` (LCM/Lightning/Hyper-SD style) and the original names
+    address the same parameters."""
+    unet = tiny_components["unet"]
+    key = _unet_weights(unet)[0]
+    shape = unet.get_parameter(key).shape
+    names = unet_lora_names(unet)
+    diffusers_name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+    original_name = "lora_unet_" + unet_key_map(dict(unet.config))[key][: -len(".weight")].replace(".", "_")
+    assert diffusers_name != original_name
+    assert names[diffusers_name] == names[original_name] == key
+
+
+def test_file_cache_reads_each_version_once(tiny_components, tmp_path):
+    path = kohya_lora(tiny_components, tmp_path / "a.safetensors")
+    cache = LoraFileCache()
+    before = telemetry.snapshot()
+    first = cache.get(path)
+    assert cache.get(path) is first
+    assert telemetry.snapshot().minus(before).lora_files_read == 1
+    os.utime(path, ns=(1, 1))   # a new version of the file
+    assert cache.get(path) is not first
+    assert telemetry.snapshot().minus(before).lora_files_read == 2
+
+
+def test_bad_files_fail_with_the_file_name(tiny_components, tmp_path):
+    unet, clip = our_patchers(tiny_components)
+    targets = {"unet": (unet_lora_names(unet.model), unet.model),
+               "clip": (text_encoder_lora_names(clip.model), clip.model)}
+    pickled = tmp_path / "old.ckpt"
+    torch.save({"x": torch.zeros(1)}, pickled)
+    with pytest.raises(LoraError, match="old.ckpt"):
+        lora_module.read_lora_file(str(pickled))
+    other = tmp_path / "sd15_lora.safetensors"
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 4),
+               "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320),
+               "lora_foo_bar.lora_up.weight": torch.zeros(2, 2), "lora_foo_bar.lora_down.weight": torch.zeros(2, 2)},
+              str(other))
+    with pytest.raises(LoraError, match="sd15_lora.safetensors"):
+        match_lora(lora_module.read_lora_file(str(other)), targets)
+    key = _unet_weights(unet.model)[0]
+    shape = unet.model.get_parameter(key).shape
+    wrong = tmp_path / "wrong.safetensors"
+    name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+    save_file({f"{name}.lora_up.weight": torch.zeros(shape[0] + 1, 2),
+               f"{name}.lora_down.weight": torch.zeros(2, *shape[1:])}, str(wrong))
+    with pytest.raises(LoraError, match="wrong.safetensors.*" + name):
+        match_lora(lora_module.read_lora_file(str(wrong)), targets)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(os.urandom(256))
+    with pytest.raises(LoraError, match="corrupt.safetensors"):
+        lora_module.read_lora_file(str(corrupt))
