@@ -138,10 +138,16 @@ class SkipImage(Exception):
     """Raised by a step callback to finish the current image early."""
 
 
+def latent_shape(unet: ModelPatcher, vae: ModelPatcher, width: int, height: int) -> tuple[int, int, int, int]:
+    """(1, C, h, w) of the latents for an image: the VAE's downscale is 2^(levels-1), 8 for SDXL."""
+    scale = 2 ** (len(vae.model.config.block_out_channels) - 1)
+    return (1, unet.model.config.in_channels, height // scale, width // scale)
+
+
 def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int, cfg: float,
-           width: int, height: int, seed: int, switch_step: int | None = None,
-           callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Denoise one image; returns latents. `switch_step` hands over to stages[1]."""
+           width: int, height: int, seed: int, shape: tuple[int, int, int, int],
+           switch_step: int | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Denoise one image of latent `shape`; returns latents. `switch_step` hands over to stages[1]."""
     sched = make_scheduler(sampler, scheduler)
     first = stages[0].unet
     device = first.load_device
@@ -151,7 +157,7 @@ def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int,
     # Noise is drawn on the CPU so a seed gives the same image on every device; the
     # same generator then feeds the stochastic samplers, as in diffusers' pipeline.
     generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn((1, 4, height // 8, width // 8), generator=generator, dtype=torch.float32)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     latents = noise.to(device) * sched.init_noise_sigma
     active = 0
     denoised = latents
@@ -195,9 +201,8 @@ def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, widt
     return pred
 
 
-def decode(vae: ModelPatcher, latents: torch.Tensor) -> np.ndarray:
+def decode(vae: ModelPatcher, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
     """Latents -> HxWx3 uint8 image."""
-    height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
     model_management.load_models_gpu([vae], model_management.working_memory_bytes(
         "vae", width, height, latents.shape[0], vae.model_dtype()))
     model = vae.model

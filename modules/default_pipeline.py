@@ -470,10 +470,11 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
 
         with _stage(stage_ms, "sampling"):
             latents = core.sample(stages, sampler=sampler, scheduler=scheduler, steps=steps, cfg=cfg_scale,
-                                  width=req.width, height=req.height, seed=image_seed, switch_step=switch,
-                                  callback=on_step)
+                                  width=req.width, height=req.height, seed=image_seed,
+                                  shape=core.latent_shape(models.unet, vae, req.width, req.height),
+                                  switch_step=switch, callback=on_step)
         with _stage(stage_ms, "vae_decode"):
-            pixels = core.decode(vae, latents)
+            pixels = core.decode(vae, latents, req.width, req.height)
         paths.append(save_image(pixels, {**_echo(req, prompt), "seed": image_seed, "sampler": sampler,
                                          "scheduler": scheduler, "steps": steps, "cfg": cfg_scale,
                                          "base_model": report["base_model"], "loras": models.loras}, cfg))

@@ -51,3 +51,39 @@ def diffusers_config_dir(tiny_components, tmp_path_factory) -> str:
     from ldm_patched.modules.demo_model import write_diffusers_config_dir
 
     return write_diffusers_config_dir(tmp_path_factory.mktemp("diffusers_config"), tiny_components)
+
+
+@pytest.fixture
+def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
+    """Factory: a fresh pipeline state over a tmp model folder holding the tiny base checkpoint.
+
+    `pipeline(policy, budget=...)` installs a model manager with that policy on the CPU
+    and returns the folders {checkpoints, loras, outputs}; call it again to switch policy
+    (the registry and pipeline caches start empty each time).
+    """
+    import json
+    import shutil
+
+    from ldm_patched.modules import model_management as mm
+    from modules import config, default_pipeline
+
+    folders = {name: tmp_path / name for name in ("checkpoints", "loras", "outputs")}
+    for folder in folders.values():
+        folder.mkdir()
+    shutil.copy(tiny_checkpoint, folders["checkpoints"] / "tiny_sdxl_base.safetensors")
+    config_file = tmp_path / "config.txt"
+    config_file.write_text(json.dumps({"path_checkpoints": str(folders["checkpoints"]),
+                                       "path_loras": str(folders["loras"]),
+                                       "path_outputs": str(folders["outputs"])}))
+    monkeypatch.setenv("config_path", str(config_file))
+    config.reload_config()
+
+    def install(policy, budget: int = 10 * 1024 ** 3):
+        mm.configure(mm.MemorySettings(policy=policy, budget_bytes=budget, total_bytes=budget))
+        monkeypatch.setattr(default_pipeline, "STATE", default_pipeline.PipelineState())
+        return folders
+
+    yield install
+    mm.get_manager().unload_all()
+    monkeypatch.undo()
+    config.reload_config()

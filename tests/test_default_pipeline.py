@@ -1,0 +1,246 @@
+"""Requests end to end on tiny models: parity with diffusers, both policies, errors, Stop."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldm_patched.modules import model_management as mm
+from ldm_patched.modules.checkpoint import load_checkpoint
+from ldm_patched.modules.lora import read_lora_file, match_lora, text_encoder_lora_names, unet_lora_names
+from ldm_patched.modules.model_patcher import ModelPatcher
+from modules import core, default_pipeline
+from modules.async_worker import TaskControl
+from tests.test_lora import kohya_lora
+
+BASE = "tiny_sdxl_base.safetensors"
+SMALL = {"base_model": BASE, "prompt": "a cat", "negative_prompt": "blurry", "width": 64, "height": 64, "steps": 3, "seed": 7,
+         "sampler": "euler", "scheduler": "normal", "guidance_scale": 5.0}
+
+
+def pixels(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def layer_lora(components, path, layers: tuple[str, ...], rank: int = 2) -> str:
+    """A kohya LoRA over the UNet layers whose names contain one of `layers`."""
+    import tests.test_lora as t
+    saved = t.UNET_LAYERS, t.TE_LAYERS
+    t.UNET_LAYERS, t.TE_LAYERS = layers, ()
+    try:
+        return kohya_lora(components, path, rank=rank, alpha=float(rank))
+    finally:
+        t.UNET_LAYERS, t.TE_LAYERS = saved
+
+
+def test_same_image_as_diffusers_pipeline(pipeline, tiny_checkpoint, diffusers_config_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline(mm.Policy.CONSERVATIVE)
+    ours = default_pipeline.process_request(dict(SMALL))
+    assert "error" not in ours.report, ours.report
+    pipe = StableDiffusionXLPipeline.from_single_file(tiny_checkpoint, config=diffusers_config_dir,
+                                                      local_files_only=True)
+    theirs = pipe(prompt=SMALL["prompt"], negative_prompt=SMALL["negative_prompt"], width=64, height=64,
+                  num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(SMALL["seed"])).images[0]
+    difference = np.abs(pixels(ours.images[0]) - np.round(theirs * 255)).max()
+    assert difference <= 2
+    assert pixels(ours.images[0]).std() > 1  # a real picture, not a constant
+
+
+def test_repeated_request_moves_and_patches_nothing_when_resident(pipeline, tiny_components):
+    folders = pipeline(mm.Policy.RESIDENT)
+    kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
+    request = {**SMALL, "loras": [["style.safetensors", 0.8]]}
+    reports = [default_pipeline.process_request(dict(request)).report for _ in range(4)]
+    assert "error" not in reports[0] and reports[0]["model_management"]["weights_patched"] > 0
+    for report in reports[1:]:
+        moved = report["model_management"]
+        assert (moved["models_loaded"], moved["weights_patched"], moved["bytes_to_device"],
+                moved["lora_files_read"], moved["text_encodes"]) == (0, 0, 0, 0, 0)
+
+
+def test_conservative_loads_and_patches_every_request(pipeline, tiny_components):
+    folders = pipeline(mm.Policy.CONSERVATIVE)
+    kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
+    request = {**SMALL, "loras": [["style.safetensors", 0.8]]}
+    for _ in range(3):
+        moved = default_pipeline.process_request(dict(request)).report["model_management"]
+        assert moved["models_loaded"] > 0 and moved["weights_patched"] > 0
+
+
+def test_same_pixels_in_both_policies_and_after_lora_round_trip(pipeline, tiny_components):
+    folders = pipeline(mm.Policy.CONSERVATIVE)
+    kohya_lora(tiny_components, folders["loras"] / "a.safetensors")
+    layer_lora(tiny_components, folders["loras"] / "b.safetensors", ("ff.net.2", "conv2"))
+    with_a = {**SMALL, "loras": [["a.safetensors", 1.0]]}
+    with_b = {**SMALL, "loras": [["b.safetensors", 1.0]]}
+    conservative = pixels(default_pipeline.process_request(dict(with_a)).images[0])
+    pipeline(mm.Policy.RESIDENT)
+    first = pixels(default_pipeline.process_request(dict(with_a)).images[0])
+    other = pixels(default_pipeline.process_request(dict(with_b)).images[0])
+    again = pixels(default_pipeline.process_request(dict(with_a)).images[0])
+    assert np.array_equal(conservative, first) and np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_lora_switch_patches_only_the_changed_keys(pipeline, tiny_components):
+    folders = pipeline(mm.Policy.RESIDENT)
+    layer_lora(tiny_components, folders["loras"] / "a.safetensors", ("attn1.to_q", "attn2.to_k"))
+    layer_lora(tiny_components, folders["loras"] / "b.safetensors", ("ff.net.0.proj", "conv1"))
+    a_keys = len(read_lora_file(str(folders["loras"] / "a.safetensors")).layers)
+    b_keys = len(read_lora_file(str(folders["loras"] / "b.safetensors")).layers)
+    run = lambda loras: default_pipeline.process_request({**SMALL, "loras": loras}).report["model_management"]  # noqa
+    run([["a.safetensors", 1.0]])
+    add_b = run([["a.safetensors", 1.0], ["b.safetensors", 0.5]])
+    assert (add_b["weights_patched"], add_b["weights_restored"], add_b["models_loaded"]) == (b_keys, 0, 0)
+    drop_a = run([["b.safetensors", 0.5]])
+    assert (drop_a["weights_patched"], drop_a["weights_restored"], drop_a["models_loaded"]) == (0, a_keys, 0)
+
+
+def test_small_budget_evicts_least_recently_used_and_stays_within_it(pipeline, monkeypatch):
+    pipeline(mm.Policy.RESIDENT)
+    monkeypatch.setattr(mm, "working_memory_bytes", lambda *a, **k: 0)
+    checkpoint = default_pipeline.get_checkpoint(default_pipeline.resolve_checkpoint(BASE, _config()))
+    sizes = {name: p.model_size() for name, p in
+             (("clip", checkpoint.clip), ("unet", checkpoint.unet), ("vae", checkpoint.vae))}
+    budget = sizes["clip"] + sizes["unet"]        # two of three fit; the VAE makes it tight
+    assert budget < sum(sizes.values()) and budget >= max(sizes.values()) + min(sizes.values())
+    pipeline(mm.Policy.RESIDENT, budget=budget)
+    manager = mm.get_manager()
+    evicted = []
+    original_evict = manager._evict
+    monkeypatch.setattr(manager, "_evict", lambda entry: (evicted.append(entry.patcher.name.split(":")[1]),
+                                                          original_evict(entry)))
+    for prompt in ("a cat", "a dog"):
+        report = default_pipeline.process_request({**SMALL, "prompt": prompt})
+        assert "error" not in report.report
+        assert report.report["vram"]["resident_bytes"] <= budget
+    # Request 1: encoders, UNet, then the VAE needs room: the encoders (least recent) go.
+    # Request 2: the encoders need room: of UNet and VAE the UNet is older; then the UNet
+    # needs room and the VAE is now the older of the two outside that load.
+    assert evicted[:3] == ["text_encoders", "unet", "vae"]
+
+
+def test_budget_too_small_for_one_request_still_succeeds(pipeline):
+    pipeline(mm.Policy.RESIDENT, budget=1024)
+    report = default_pipeline.process_request(dict(SMALL)).report
+    assert "error" not in report and report["model_management"]["over_budget"]
+    assert report["vram"]["resident_bytes"] <= 1024
+    assert default_pipeline.process_request(dict(SMALL)).images
+
+
+def checksums(module: torch.nn.Module) -> dict[str, float]:
+    return {k: float(v.double().sum()) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("policy", list(mm.Policy))
+def test_stop_mid_sampling_leaves_consistent_weights(policy, pipeline, tiny_components, tiny_checkpoint):
+    folders = pipeline(policy)
+    kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
+    request = {**SMALL, "loras": [["style.safetensors", 0.6]], "steps": 4}
+    uninterrupted = pixels(default_pipeline.process_request(dict(request)).images[0])
+    control = TaskControl()
+
+    def stop_at_step_two(event):
+        if event.step == 2:
+            control.stop.set()
+    stopped = default_pipeline.process_request(dict(request), control, stop_at_step_two)
+    assert stopped.report.get("stopped") and stopped.images == []
+    assert np.array_equal(pixels(default_pipeline.process_request(dict(request)).images[0]), uninterrupted)
+
+    fresh = load_checkpoint(tiny_checkpoint)
+    original_unet = checksums(fresh.unet)
+    unet = ModelPatcher(fresh.unet, torch.device("cpu"), torch.device("cpu"))
+    clip = ModelPatcher(core.SDXLTextEncoders(fresh.text_encoder, fresh.text_encoder_2), torch.device("cpu"),
+                        torch.device("cpu"))
+    match = match_lora(read_lora_file(str(folders["loras"] / "style.safetensors")),
+                       {"unet": (unet_lora_names(unet.model), unet.model),
+                        "clip": (text_encoder_lora_names(clip.model), clip.model)})
+    unet.add_patches(match.patches["unet"], 0.6)
+    clip.add_patches(match.patches["clip"], 0.6)
+    unet.patch_model()
+    clip.patch_model()
+    resident = next(iter(default_pipeline.STATE.checkpoints.values()))
+    if policy is mm.Policy.RESIDENT:  # the patched state stays, with the request's signature
+        assert checksums(resident.unet.model) == checksums(unet.model)
+        assert checksums(resident.clip.model) == checksums(clip.model)
+    else:  # the VAE load evicted the UNet, restoring its originals
+        assert checksums(resident.unet.model) == original_unet
+
+
+def test_skip_finishes_the_current_image_early_and_goes_on(pipeline):
+    pipeline(mm.Policy.RESIDENT)
+    control = TaskControl()
+    steps_seen = []
+
+    def skip_first_image(event):
+        steps_seen.append((event.image_index, event.step))
+        if event.image_index == 0 and event.step == 1:
+            control.skip.set()
+    result = default_pipeline.process_request({**SMALL, "image_number": 2, "steps": 3}, control, skip_first_image)
+    assert len(result.images) == 2
+    assert [s for i, s in steps_seen if i == 0] == [1]
+    assert [s for i, s in steps_seen if i == 1] == [1, 2, 3]
+
+
+def _config():
+    from modules import config
+    return config.get_config()
+
+
+def test_bad_checkpoints_and_loras_fail_clearly_and_the_next_request_works(pipeline, tiny_components):
+    folders = pipeline(mm.Policy.RESIDENT)
+    checkpoints, loras = folders["checkpoints"], folders["loras"]
+    (checkpoints / "corrupt.safetensors").write_bytes(os.urandom(1000))
+    save_file({"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 4),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
+              str(checkpoints / "sd15.safetensors"))
+    torch.save({"x": torch.zeros(1)}, loras / "pickled.ckpt")
+    save_file({"lora_unet_foo_bar.lora_up.weight": torch.zeros(2, 2),
+               "lora_unet_foo_bar.lora_down.weight": torch.zeros(2, 2)}, str(loras / "other_arch.safetensors"))
+    layer_lora(tiny_components, loras / "good.safetensors", ("attn1.to_q",))
+    parsed = read_lora_file(str(loras / "good.safetensors"))
+    name = next(iter(parsed.layers))
+    save_file({f"{name}.lora_up.weight": torch.zeros(999, 2),
+               f"{name}.lora_down.weight": parsed.layers[name].down.contiguous()}, str(loras / "wrong_shape.safetensors"))
+    good = default_pipeline.process_request(dict(SMALL))
+    cases = [({"base_model": "corrupt.safetensors"}, "corrupt.safetensors"),
+             ({"base_model": "sd15.safetensors"}, "sd15.safetensors"),
+             ({"base_model": "missing.safetensors"}, "missing.safetensors"),
+             ({"loras": [["pickled.ckpt", 1.0]]}, "pickled.ckpt"),
+             ({"loras": [["other_arch.safetensors", 1.0]]}, "other_arch.safetensors"),
+             ({"loras": [["wrong_shape.safetensors", 1.0]]}, "wrong_shape.safetensors"),
+             ({"sampler": "no_such_sampler"}, "no_such_sampler"),
+             ({"width": 100000}, "width")]
+    for change, named in cases:
+        result = default_pipeline.process_request({**SMALL, **change})
+        assert result.images == [] and named in result.report["error"], (change, result.report.get("error"))
+        after = default_pipeline.process_request(dict(SMALL))
+        assert "error" not in after.report
+        assert np.array_equal(pixels(after.images[0]), pixels(good.images[0]))
+
+
+def test_sd15_error_says_what_was_found(pipeline):
+    folders = pipeline(mm.Policy.CONSERVATIVE)
+    save_file({"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 4),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
+              str(folders["checkpoints"] / "sd15.safetensors"))
+    error = default_pipeline.process_request({**SMALL, "base_model": "sd15.safetensors"}).report["error"]
+    assert "1.x" in error or "1.5" in error
+
+
+def test_image_files_carry_parameters_and_seeds_count_up(pipeline):
+    pipeline(mm.Policy.RESIDENT)
+    result = default_pipeline.process_request({**SMALL, "image_number": 2, "seed": 41})
+    assert result.report["seeds"] == [41, 42]
+    parameters = [json.loads(Image.open(p).text["parameters"]) for p in result.images]
+    assert [p["seed"] for p in parameters] == [41, 42]
+    assert parameters[0]["prompt"] == "a cat"
+    assert not np.array_equal(pixels(result.images[0]), pixels(result.images[1]))
