@@ -215,6 +215,7 @@ class PipelineState:
     lora_matches: dict[tuple[LoraFileId, int], LoraMatch] = field(default_factory=dict)
     patched: "OrderedDict[tuple, PatchedModels]" = field(default_factory=OrderedDict)
     conditions: "OrderedDict[tuple, core.Conditioning]" = field(default_factory=OrderedDict)
+    max_checkpoints: int | None = None   # None: the policy's default (max_cached_checkpoints)
 
 
 STATE = PipelineState()
@@ -239,22 +240,36 @@ def get_checkpoint(path: str) -> LoadedCheckpoint:
     loaded = load_checkpoint(file.path, unet_dtype=manager.dtype_for("unet"),
                              vae_dtype=manager.dtype_for("vae", manager.vae_device()),
                              text_encoder_dtype=manager.dtype_for("text_encoder"))
+    checkpoint = adopt_checkpoint(file, loaded.kind, {"unet": loaded.unet, "vae": loaded.vae,
+                                                      "text_encoder": loaded.text_encoder,
+                                                      "text_encoder_2": loaded.text_encoder_2},
+                                  (loaded.tokenizer, loaded.tokenizer_2), _fused_loras(loaded.metadata))
+    log.info("[Fooocus-Resident] loaded %s (%s) in %.2f s", os.path.basename(file.path), loaded.kind,
+             time.perf_counter() - started)
+    return checkpoint
+
+
+def adopt_checkpoint(file: LoraFileId, kind: str, components: dict[str, torch.nn.Module | None],
+                     tokenizers: tuple, fused_loras: list[str] | None = None) -> LoadedCheckpoint:
+    """Wrap loaded modules in patchers and cache them under `file`.
+
+    Benchmarks use this directly with modules built on the device (no file to read)."""
+    manager = model_management.get_manager()
     device, offload = manager.settings.device, manager.offload_device()
     name = os.path.basename(file.path)
-    encoders = core.SDXLTextEncoders(loaded.text_encoder, loaded.text_encoder_2)
+    encoders = core.SDXLTextEncoders(components.get("text_encoder"), components["text_encoder_2"])
+    vae = components.get("vae")
     checkpoint = LoadedCheckpoint(
-        file=file, kind=loaded.kind,
-        unet=ModelPatcher(loaded.unet, device, offload, name=f"{name}:unet"),
+        file=file, kind=kind,
+        unet=ModelPatcher(components["unet"], device, offload, name=f"{name}:unet"),
         clip=ModelPatcher(encoders, device, offload, name=f"{name}:text_encoders"),
-        vae=None if loaded.vae is None else ModelPatcher(loaded.vae, manager.vae_device(), offload,
-                                                          name=f"{name}:vae"),
-        tokenizers=(loaded.tokenizer, loaded.tokenizer_2),
-        fused_loras=_fused_loras(loaded.metadata),
+        vae=None if vae is None else ModelPatcher(vae, manager.vae_device(), offload, name=f"{name}:vae"),
+        tokenizers=tokenizers,
+        fused_loras=fused_loras or [],
     )
     STATE.checkpoints[file] = checkpoint
-    while len(STATE.checkpoints) > max_cached_checkpoints(manager):
+    while len(STATE.checkpoints) > (STATE.max_checkpoints or max_cached_checkpoints(manager)):
         _drop_checkpoint(next(iter(STATE.checkpoints.values())))
-    log.info("[Fooocus-Resident] loaded %s (%s) in %.2f s", name, loaded.kind, time.perf_counter() - started)
     return checkpoint
 
 
