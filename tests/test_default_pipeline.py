@@ -244,3 +244,28 @@ def test_image_files_carry_parameters_and_seeds_count_up(pipeline):
     assert [p["seed"] for p in parameters] == [41, 42]
     assert parameters[0]["prompt"] == "a cat"
     assert not np.array_equal(pixels(result.images[0]), pixels(result.images[1]))
+
+
+def test_refiner_takes_over_at_the_switch_step(pipeline, tiny_refiner_checkpoint):
+    folders = pipeline(mm.Policy.RESIDENT)
+    shutil.copy(tiny_refiner_checkpoint, folders["checkpoints"] / "refiner.safetensors")
+    request = {**SMALL, "steps": 4}
+    alone = default_pipeline.process_request(dict(request))
+    switched = default_pipeline.process_request({**request, "refiner_model": "refiner.safetensors",
+                                                 "refiner_switch": 0.5})
+    never = default_pipeline.process_request({**request, "refiner_model": "refiner.safetensors",
+                                              "refiner_switch": 1.0})
+    assert switched.report["refiner_model"] == "refiner.safetensors"
+    assert not np.array_equal(pixels(switched.images[0]), pixels(alone.images[0]))
+    assert np.array_equal(pixels(never.images[0]), pixels(alone.images[0]))
+    as_base = default_pipeline.process_request({**request, "base_model": "refiner.safetensors"})
+    assert "refiner" in as_base.report["error"]
+
+
+def test_lora_prompt_tags(pipeline, tiny_components):
+    folders = pipeline(mm.Policy.RESIDENT)
+    kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
+    tagged = default_pipeline.process_request({**SMALL, "prompt": "a cat <lora:style:0.8>"})
+    listed = default_pipeline.process_request({**SMALL, "loras": [["style.safetensors", 0.8]]})
+    assert tagged.report["loras"] == listed.report["loras"] and tagged.report["loras"][0]["weight"] == 0.8
+    assert np.array_equal(pixels(tagged.images[0]), pixels(listed.images[0]))

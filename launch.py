@@ -1,0 +1,121 @@
+"""Entry point: flags -> paths and a checkpoint ready -> model management -> web UI.
+
+    python launch.py [--listen [IP]] [--port N] [--keep-models-resident] [--vram-budget GB] [Fooocus flags]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Gradio phones home for analytics and version checks unless told not to.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import args_manager  # noqa: E402  (sys.path first)
+
+if TYPE_CHECKING:
+    from modules.config import Config
+
+log = logging.getLogger("fooocus_resident.launch")
+
+@dataclass(frozen=True)
+class CheckpointSetup:
+    """What ``ensure_checkpoint`` found or made."""
+
+    path: str | None  # the file it downloaded or created; None when checkpoints were already there
+    demo: bool        # True when the random demo checkpoint is what will be used
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout, force=True)
+    for noisy in ("httpx", "httpcore", "urllib3", "gradio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def warn_demo(path: str, checkpoint_folder: Path) -> None:
+    bar = "!" * 78
+    lines = [
+        bar,
+        "NO SDXL CHECKPOINT FOUND: using the built-in DEMO checkpoint",
+        f"  {path}",
+        "It has RANDOM weights: every image it makes is NOISE.",
+        "Put a real SDXL checkpoint (.safetensors), e.g. juggernautXL_v8Rundiffusion.safetensors,",
+        f"into {checkpoint_folder.resolve()}",
+        "and choose it in the UI (or as \"base_model\" in API requests).",
+        bar,
+    ]
+    for line in lines:
+        log.warning(line)
+
+
+def ensure_checkpoint(cfg: Config, allow_download: bool) -> CheckpointSetup:
+    """Make sure at least one checkpoint exists: the preset's model, else the demo one."""
+    from modules import config, model_downloader
+    from modules.default_pipeline import DEMO_CHECKPOINT_NAME
+
+    folder = cfg.path_checkpoints[0]
+    files = config.list_model_files(cfg.path_checkpoints)
+    real = [f for f in files if os.path.basename(f) != DEMO_CHECKPOINT_NAME]
+    if real:
+        return CheckpointSetup(path=None, demo=False)
+    if allow_download:
+        source = model_downloader.DEFAULT_CHECKPOINT
+        dest = folder / source.file_name
+        log.info("no checkpoint in %s: downloading %s", folder.resolve(), source.file_name)
+        if model_downloader.download_file(source.url, dest):
+            return CheckpointSetup(path=str(dest), demo=False)
+        log.warning("could not download %s", source.url)
+    demo = folder / DEMO_CHECKPOINT_NAME
+    if not demo.is_file():
+        from ldm_patched.modules.demo_model import write_demo_checkpoint
+
+        write_demo_checkpoint(str(demo))
+    warn_demo(str(demo.resolve()), folder)
+    return CheckpointSetup(path=str(demo), demo=True)
+
+
+def main(argv: list[str]) -> int:
+    args = args_manager.init(argv)
+    setup_logging()
+
+    import torch
+
+    if args.always_cpu is not None and args.always_cpu > 0:
+        torch.set_num_threads(args.always_cpu)
+        log.info("CPU threads: %d", args.always_cpu)
+
+    from modules import config
+
+    cfg = config.reload_config()  # reads args_manager.args (preset, --output-path)
+    cfg.ensure_folders()
+
+    from ldm_patched.modules import model_management as mm
+
+    mm.configure(mm.settings_from_args(args))
+
+    # --disable-preset-download means "no downloads at all".
+    ensure_checkpoint(cfg, allow_download=not args.disable_preset_download)
+
+    from modules import webui
+
+    app = webui.build_app()
+    host = args.listen
+    url_host = "127.0.0.1" if host == args_manager.LISTEN_ALL_HOST else host
+    log.info("starting the web UI at http://%s:%d/ (bound to %s)", url_host, args.port, host)
+    app.launch(server_name=host, server_port=args.port,
+               inbrowser=args.in_browser and host != args_manager.LISTEN_ALL_HOST,
+               allowed_paths=webui.allowed_paths(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,320 @@
+"""The task queue: one worker thread runs generation requests one at a time, in order.
+
+The UI and the API both call ``get_worker().submit(request)`` and get an
+``AsyncTask`` back. The task carries the request, a ``TaskControl`` (the Stop
+and Skip events the pipeline polls), the latest progress, timestamps and a
+``concurrent.futures.Future`` that resolves to the pipeline's ``RequestResult``.
+
+One thread, one FIFO queue: requests never run concurrently, so the model
+registry is only ever touched from that thread. A handler that raises does not
+kill the thread; its exception becomes a result whose report holds ``"error"``.
+
+The handler is injectable (tests pass fakes); by default it is
+``modules.default_pipeline.process_request``, imported on first use so that
+importing this module stays cheap (the pipeline imports ``TaskControl`` from here).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+STOPPED_BEFORE_START = "stopped before start"
+
+
+@dataclass
+class TaskControl:
+    """What the pipeline polls between steps."""
+
+    stop: threading.Event = field(default_factory=threading.Event)  # abort the task
+    skip: threading.Event = field(default_factory=threading.Event)  # finish the current image early, go on
+
+
+class ResultLike(Protocol):
+    """What a handler returns (``default_pipeline.RequestResult`` has this shape)."""
+
+    images: list[str]
+    report: dict
+
+
+class ProgressLike(Protocol):
+    """What a handler reports (``default_pipeline.ProgressEvent`` has this shape)."""
+
+    image_index: int
+    image_count: int
+    step: int
+    steps: int
+    message: str
+
+
+Handler = Callable[[dict, TaskControl, Callable[[Any], None] | None], ResultLike]
+ErrorResultFactory = Callable[[str], ResultLike]
+
+
+@dataclass
+class FailedResult:
+    """Error result used when the handler is not the default pipeline."""
+
+    images: list[str] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+
+class TaskState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    """A snapshot of a task's progress; replaced whole, never mutated."""
+
+    percent: float = 0.0
+    text: str = "Waiting in queue"
+    image_index: int = 0
+    image_count: int = 0
+    step: int = 0
+    steps: int = 0
+    version: int = 0  # bumps on every update; lets waiters see "something changed"
+
+
+def progress_percent(event: ProgressLike) -> float:
+    """Overall percentage of a request from one per-step event.
+
+    ``image_index`` is 0-based; ``step`` counts completed steps of that image.
+    """
+    count = max(int(event.image_count), 1)
+    steps = max(int(event.steps), 1)
+    index = min(max(int(event.image_index), 0), count - 1)
+    step = min(max(int(event.step), 0), steps)
+    return min(100.0, max(0.0, 100.0 * (index + step / steps) / count))
+
+
+_task_ids = itertools.count(1)
+
+
+@dataclass
+class AsyncTask:
+    """One request on its way through the worker."""
+
+    request: dict
+    control: TaskControl = field(default_factory=TaskControl)
+    id: int = field(default_factory=lambda: next(_task_ids))
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    state: TaskState = TaskState.QUEUED
+    _progress: TaskProgress = field(default_factory=TaskProgress)
+    _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    # -- progress ---------------------------------------------------------------
+
+    @property
+    def progress(self) -> TaskProgress:
+        return self._progress
+
+    def set_progress(self, percent: float, text: str, **details: int) -> None:
+        with self._changed:
+            self._progress = TaskProgress(percent=percent, text=text,
+                                          version=self._progress.version + 1, **details)
+            self._changed.notify_all()
+
+    def report_progress(self, event: ProgressLike) -> None:
+        """The callback handed to the handler: record one pipeline event."""
+        self.set_progress(progress_percent(event), str(event.message),
+                          image_index=int(event.image_index), image_count=int(event.image_count),
+                          step=int(event.step), steps=int(event.steps))
+
+    def wait_for_update(self, seen_version: int, timeout: float) -> TaskProgress:
+        """Block until progress moves past ``seen_version``, the task ends, or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._progress.version <= seen_version and not self.future.done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+            return self._progress
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self, timeout: float | None = None) -> ResultLike:
+        """The RequestResult; blocks until the task has finished (or been cancelled)."""
+        return self.future.result(timeout)
+
+    def _finish(self, result: ResultLike) -> bool:
+        """Resolve the future once; returns False if it was already resolved."""
+        with self._changed:
+            if self.future.done():
+                return False
+            self.state = TaskState.FINISHED
+            self.finished_at = time.time()
+            self.future.set_result(result)
+            self._changed.notify_all()
+            return True
+
+
+def _pipeline() -> tuple[Handler, ErrorResultFactory]:
+    from modules import default_pipeline  # late: heavy imports, and it imports us
+
+    def error_result(message: str) -> ResultLike:
+        return default_pipeline.RequestResult(images=[], report={"error": message})
+
+    return default_pipeline.process_request, error_result
+
+
+def _failed(message: str) -> ResultLike:
+    return FailedResult(images=[], report={"error": message})
+
+
+class Worker:
+    """One daemon thread taking AsyncTasks from a FIFO queue."""
+
+    def __init__(self, handler: Handler | None = None, error_result: ErrorResultFactory | None = None,
+                 name: str = "fooocus-worker") -> None:
+        self._handler = handler
+        self._error_result = error_result
+        self._name = name
+        self._queue: queue.Queue[AsyncTask | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._current: AsyncTask | None = None
+        self._closed = False
+
+    # -- public API -----------------------------------------------------------------
+
+    def submit(self, request: dict) -> AsyncTask:
+        """Queue a request; returns at once."""
+        task = AsyncTask(request=request)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("worker is shut down")
+            self._ensure_thread()
+            self._queue.put(task)
+        log.debug("task %d queued (%d waiting)", task.id, self._queue.qsize())
+        return task
+
+    @property
+    def current(self) -> AsyncTask | None:
+        return self._current
+
+    def pending(self) -> int:
+        """Tasks queued and not started."""
+        return self._queue.qsize()
+
+    def stop(self, task: AsyncTask) -> None:
+        """Abort ``task``: a running one sees control.stop; a queued one ends now."""
+        with self._lock:
+            task.control.stop.set()
+            if task.state is TaskState.QUEUED:
+                task._finish(self._make_error(STOPPED_BEFORE_START))
+
+    def skip(self, task: AsyncTask) -> None:
+        task.control.skip.set()
+
+    def stop_current(self) -> AsyncTask | None:
+        """Abort the running task (if any); returns it."""
+        task = self._current
+        if task is not None:
+            self.stop(task)
+        return task
+
+    def skip_current(self) -> AsyncTask | None:
+        """Ask the running task to finish its current image early; returns it."""
+        task = self._current
+        if task is not None:
+            self.skip(task)
+        return task
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Finish the queued tasks, then end the thread (used by tests)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            thread.join(timeout)
+
+    # -- internals ----------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+
+    def _resolve_handler(self) -> Handler:
+        if self._handler is None:
+            handler, error_result = _pipeline()
+            self._handler = handler
+            if self._error_result is None:
+                self._error_result = error_result
+        return self._handler
+
+    def _make_error(self, message: str) -> ResultLike:
+        factory = self._error_result or _failed
+        try:
+            return factory(message)
+        except Exception:  # a broken factory must not lose the error
+            log.exception("error-result factory failed")
+            return _failed(message)
+
+    def _run(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            with self._lock:
+                if task.done():  # stopped while queued
+                    continue
+                task.state = TaskState.RUNNING
+                task.started_at = time.time()
+                self._current = task
+            try:
+                self._execute(task)
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _execute(self, task: AsyncTask) -> None:
+        task.set_progress(0.0, "Starting")
+        try:
+            handler = self._resolve_handler()
+            result = handler(task.request, task.control, task.report_progress)
+            if not hasattr(result, "images") or not hasattr(result, "report"):
+                raise TypeError(f"handler returned {type(result).__name__}, not a RequestResult")
+        except Exception as e:  # the thread must survive anything a request does
+            log.exception("task %d failed", task.id)
+            result = self._make_error(f"{type(e).__name__}: {e}")
+        error = result.report.get("error") if isinstance(result.report, dict) else None
+        task.set_progress(100.0, f"Error: {error}" if error else "Finished",
+                          image_index=task.progress.image_index, image_count=task.progress.image_count,
+                          step=task.progress.step, steps=task.progress.steps)
+        task._finish(result)
+
+
+_worker_lock = threading.Lock()
+_worker: Worker | None = None
+
+
+def get_worker() -> Worker:
+    """The process's worker (created on first use; its thread starts on first submit)."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = Worker()
+        return _worker

@@ -1,0 +1,223 @@
+"""The task queue: FIFO order, Stop/Skip reach the handler, errors never kill the thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from modules.async_worker import (STOPPED_BEFORE_START, AsyncTask, TaskControl, TaskState, Worker,
+                                  get_worker, progress_percent)
+
+TIMEOUT = 10.0  # generous upper bound for events that should happen in milliseconds
+
+
+@dataclass
+class FakeResult:
+    images: list[str]
+    report: dict
+
+
+@dataclass
+class FakeEvent:
+    image_index: int
+    image_count: int
+    step: int
+    steps: int
+    message: str
+
+
+@dataclass
+class Recorder:
+    """A fake pipeline: records request order; 'block' requests wait for a gate."""
+
+    order: list[str] = field(default_factory=list)
+    started: dict[str, threading.Event] = field(default_factory=dict)
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+    seen: dict[str, dict[str, bool]] = field(default_factory=dict)
+
+    def gate(self, name: str) -> threading.Event:
+        self.started.setdefault(name, threading.Event())
+        return self.gates.setdefault(name, threading.Event())
+
+    def __call__(self, request: dict, control: TaskControl,
+                 progress: Callable[[FakeEvent], None] | None) -> FakeResult:
+        name = request["prompt"]
+        self.order.append(name)
+        if request.get("raise"):
+            raise RuntimeError(f"boom in {name}")
+        if progress is not None:
+            progress(FakeEvent(0, 2, 1, 4, f"{name}: step 1"))
+        if name in self.gates:
+            self.started[name].set()
+            # Wait until the test releases us or sets stop/skip; bounded by TIMEOUT.
+            released = self.gates[name]
+            for _ in range(int(TIMEOUT / 0.01)):
+                if released.is_set() or control.stop.is_set() or control.skip.is_set():
+                    break
+                released.wait(0.01)
+        self.seen[name] = {"stop": control.stop.is_set(), "skip": control.skip.is_set()}
+        if control.stop.is_set():
+            return FakeResult([], {"error": "stopped"})
+        return FakeResult([f"{name}.png"], {"prompt": name, "skipped": control.skip.is_set()})
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def worker(recorder: Recorder) -> Iterator[Worker]:
+    w = Worker(handler=recorder)
+    yield w
+    for gate in recorder.gates.values():
+        gate.set()
+    w.shutdown(TIMEOUT)
+
+
+def test_tasks_run_in_submission_order(worker: Worker, recorder: Recorder) -> None:
+    first_gate = recorder.gate("a")  # hold "a" so the others queue up behind it
+    tasks = [worker.submit({"prompt": p}) for p in ("a", "b", "c", "d")]
+    assert recorder.started["a"].wait(TIMEOUT)
+    assert worker.pending() == 3
+    assert [t.state for t in tasks] == [TaskState.RUNNING, TaskState.QUEUED, TaskState.QUEUED, TaskState.QUEUED]
+    first_gate.set()
+    results = [t.result(TIMEOUT) for t in tasks]
+    assert recorder.order == ["a", "b", "c", "d"]
+    assert [r.images for r in results] == [["a.png"], ["b.png"], ["c.png"], ["d.png"]]
+    assert all(t.state is TaskState.FINISHED for t in tasks)
+    assert all(t.created_at <= t.started_at <= t.finished_at for t in tasks)  # type: ignore[operator]
+    # Tasks never overlap: each starts after the previous one finished.
+    for prev, nxt in zip(tasks, tasks[1:]):
+        assert prev.finished_at <= nxt.started_at  # type: ignore[operator]
+
+
+def test_stop_current_reaches_running_handler(worker: Worker, recorder: Recorder) -> None:
+    recorder.gate("long")
+    task = worker.submit({"prompt": "long"})
+    assert recorder.started["long"].wait(TIMEOUT)
+    assert worker.current is task
+    assert worker.stop_current() is task
+    result = task.result(TIMEOUT)
+    assert recorder.seen["long"] == {"stop": True, "skip": False}
+    assert result.report == {"error": "stopped"}
+    assert worker.current is None
+
+
+def test_skip_current_reaches_running_handler(worker: Worker, recorder: Recorder) -> None:
+    recorder.gate("long")
+    task = worker.submit({"prompt": "long"})
+    assert recorder.started["long"].wait(TIMEOUT)
+    assert worker.skip_current() is task
+    result = task.result(TIMEOUT)
+    assert recorder.seen["long"] == {"stop": False, "skip": True}
+    assert result.images == ["long.png"] and result.report["skipped"] is True
+
+
+def test_stop_and_skip_without_running_task_are_noops(worker: Worker) -> None:
+    assert worker.stop_current() is None
+    assert worker.skip_current() is None
+
+
+def test_stopping_a_queued_task_cancels_it_before_start(worker: Worker, recorder: Recorder) -> None:
+    gate = recorder.gate("running")
+    running = worker.submit({"prompt": "running"})
+    queued = worker.submit({"prompt": "queued"})
+    after = worker.submit({"prompt": "after"})
+    assert recorder.started["running"].wait(TIMEOUT)
+    worker.stop(queued)
+    # Resolved at once, while the first task is still running.
+    assert queued.done() and not running.done()
+    assert queued.result(0).images == []
+    assert queued.result(0).report == {"error": STOPPED_BEFORE_START}
+    gate.set()
+    assert after.result(TIMEOUT).images == ["after.png"]
+    assert running.result(TIMEOUT).images == ["running.png"]
+    assert recorder.order == ["running", "after"]  # the handler never saw "queued"
+    assert queued.started_at is None
+
+
+def test_handler_exception_becomes_error_result_and_worker_survives(worker: Worker, recorder: Recorder) -> None:
+    bad = worker.submit({"prompt": "bad", "raise": True})
+    good = worker.submit({"prompt": "good"})
+    bad_result = bad.result(TIMEOUT)
+    assert bad_result.images == []
+    assert "RuntimeError" in bad_result.report["error"] and "boom in bad" in bad_result.report["error"]
+    assert bad.progress.text.startswith("Error:")
+    assert good.result(TIMEOUT).images == ["good.png"]
+
+
+def test_handler_returning_garbage_is_an_error() -> None:
+    w = Worker(handler=lambda request, control, progress: None)  # type: ignore[arg-type, return-value]
+    try:
+        result = w.submit({"prompt": "x"}).result(TIMEOUT)
+        assert result.images == [] and "NoneType" in result.report["error"]
+    finally:
+        w.shutdown(TIMEOUT)
+
+
+def test_custom_error_result_factory_is_used() -> None:
+    made: list[str] = []
+
+    def factory(message: str) -> FakeResult:
+        made.append(message)
+        return FakeResult([], {"error": message, "mode": "test"})
+
+    def raising(request: dict, control: TaskControl, progress: object) -> FakeResult:
+        raise ValueError("bad field")
+
+    w = Worker(handler=raising, error_result=factory)
+    try:
+        result = w.submit({"prompt": "x"}).result(TIMEOUT)
+        assert result.report == {"error": "ValueError: bad field", "mode": "test"}
+        assert made == ["ValueError: bad field"]
+    finally:
+        w.shutdown(TIMEOUT)
+
+
+def test_progress_events_update_task_and_wake_waiters(worker: Worker, recorder: Recorder) -> None:
+    gate = recorder.gate("p")
+    task = worker.submit({"prompt": "p"})
+    assert recorder.started["p"].wait(TIMEOUT)
+    # The fake reported image 0 of 2, step 1 of 4 before blocking ("Starting" may come first).
+    snap = task.wait_for_update(0, TIMEOUT)
+    while snap.text != "p: step 1" and not task.done():
+        snap = task.wait_for_update(snap.version, TIMEOUT)
+    assert snap.percent == pytest.approx(12.5)
+    assert (snap.image_index, snap.image_count, snap.step, snap.steps) == (0, 2, 1, 4)
+    gate.set()
+    task.result(TIMEOUT)
+    final = task.wait_for_update(snap.version, TIMEOUT)
+    assert final.percent == 100.0 and final.text == "Finished"
+
+
+def test_wait_for_update_times_out_without_change() -> None:
+    task = AsyncTask(request={"prompt": "idle"})
+    snap = task.wait_for_update(task.progress.version, 0.05)
+    assert snap.version == 0 and snap.text == "Waiting in queue"
+
+
+@pytest.mark.parametrize(("event", "want"), [
+    (FakeEvent(0, 1, 0, 10, ""), 0.0),
+    (FakeEvent(0, 1, 5, 10, ""), 50.0),
+    (FakeEvent(1, 2, 5, 10, ""), 75.0),
+    (FakeEvent(1, 2, 10, 10, ""), 100.0),
+    (FakeEvent(5, 2, 99, 10, ""), 100.0),   # out-of-range values are clamped
+    (FakeEvent(0, 0, 0, 0, ""), 0.0),       # degenerate counts don't divide by zero
+])
+def test_progress_percent(event: FakeEvent, want: float) -> None:
+    assert progress_percent(event) == pytest.approx(want)
+
+
+def test_submit_after_shutdown_is_refused(recorder: Recorder) -> None:
+    w = Worker(handler=recorder)
+    w.shutdown(TIMEOUT)
+    with pytest.raises(RuntimeError):
+        w.submit({"prompt": "late"})
+
+
+def test_get_worker_is_a_singleton() -> None:
+    assert get_worker() is get_worker()
