@@ -67,8 +67,10 @@ TINY_REFINER_UNET = {
 }
 TINY_VAE = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 32,
+    # Four levels like SDXL's VAE, so latents are 1/8 of the image as the pipeline
+    # expects of real checkpoints (a default-size request on the demo stays cheap).
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 32,
     "sample_size": 1024, "scaling_factor": SDXL_VAE_SCALING_FACTOR, "force_upcast": True,
     "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
 }
