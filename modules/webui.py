@@ -271,7 +271,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                         with gr.Row():
                             slots.append(LoraSlot(
                                 enabled=gr.Checkbox(value=d.enabled if d else True, label=f"LoRA {i + 1}",
-                                                    scale=1, min_width=80),
+                                                    scale=1, min_width=110),
                                 name=gr.Dropdown(lora_files, value=d.name if d else flags.NONE_NAME,
                                                  label="File", scale=3, allow_custom_value=True),
                                 weight=gr.Slider(*LORA_WEIGHT_RANGE, value=d.weight if d else 1.0, step=0.01,
