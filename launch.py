@@ -57,15 +57,19 @@ def warn_demo(path: str, checkpoint_folder: Path) -> None:
         log.warning(line)
 
 
-def ensure_checkpoint(cfg: Config, allow_download: bool) -> CheckpointSetup:
-    """Make sure at least one checkpoint exists: the preset's model, else the demo one."""
+def ensure_checkpoint(cfg: Config, allow_download: bool, always_download: bool = False) -> CheckpointSetup:
+    """Make sure at least one checkpoint exists: the preset's model, else the demo one.
+
+    `always_download` (--always-download-new-model) fetches the preset's model even
+    when other checkpoints are there, as upstream does."""
     from modules import config, model_downloader
     from modules.default_pipeline import DEMO_CHECKPOINT_NAME
 
     folder = cfg.path_checkpoints[0]
     files = config.list_model_files(cfg.path_checkpoints)
     real = [f for f in files if os.path.basename(f) != DEMO_CHECKPOINT_NAME]
-    if real:
+    wanted = model_downloader.DEFAULT_CHECKPOINT.file_name
+    if real and not (always_download and allow_download and wanted not in map(os.path.basename, real)):
         return CheckpointSetup(path=None, demo=False)
     if allow_download:
         source = model_downloader.DEFAULT_CHECKPOINT
@@ -74,6 +78,8 @@ def ensure_checkpoint(cfg: Config, allow_download: bool) -> CheckpointSetup:
         if model_downloader.download_file(source.url, dest):
             return CheckpointSetup(path=str(dest), demo=False)
         log.warning("could not download %s", source.url)
+    if real:
+        return CheckpointSetup(path=None, demo=False)
     demo = folder / DEMO_CHECKPOINT_NAME
     if not demo.is_file():
         from ldm_patched.modules.demo_model import write_demo_checkpoint
@@ -103,7 +109,8 @@ def main(argv: list[str]) -> int:
     mm.configure(mm.settings_from_args(args))
 
     # --disable-preset-download means "no downloads at all".
-    ensure_checkpoint(cfg, allow_download=not args.disable_preset_download)
+    ensure_checkpoint(cfg, allow_download=not args.disable_preset_download,
+                      always_download=args.always_download_new_model)
 
     from modules import webui
 

@@ -560,7 +560,8 @@ def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config) 
     args = args_manager.args
     now = datetime.datetime.now()
     if getattr(args, "disable_image_log", False):
-        folder = os.path.join(tempfile.gettempdir(), "fooocus_resident", now.strftime("%Y-%m-%d"))
+        temp_root = getattr(args, "temp_path", None) or os.path.join(tempfile.gettempdir(), "fooocus_resident")
+        folder = os.path.join(temp_root, now.strftime("%Y-%m-%d"))
     else:
         folder = os.path.join(str(cfg.path_outputs), now.strftime("%Y-%m-%d"))
     os.makedirs(folder, exist_ok=True)

@@ -108,17 +108,21 @@ def settings_from_args(args: object) -> MemorySettings:
         budget_bytes=budget,
         unet_dtype=_dtype_flag(args, "unet", ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")),
         vae_dtype=_dtype_flag(args, "vae", ("fp16", "fp32", "bf16")),
-        text_encoder_dtype=_dtype_flag(args, "clip", ("fp16", "fp32", "bf16")),
+        text_encoder_dtype=_dtype_flag(args, "clip", ("fp16", "fp32", "bf16", "fp8_e4m3fn", "fp8_e5m2")),
     )
 
 
-_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16,
-           "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _dtype_flag(args: object, component: str, choices: Iterable[str]) -> torch.dtype | None:
     for choice in choices:
         if getattr(args, f"{component}_in_{choice}", False):
+            if choice.startswith("fp8"):
+                # Upstream stores fp8 and casts per layer; diffusers layers cannot run fp8 weights.
+                log.warning("[Fooocus-Resident] --%s-in-%s: fp8 weight storage is not implemented, "
+                            "using fp16", component, choice.replace("_", "-"))
+                return torch.float16
             return _DTYPES[choice]
     if getattr(args, "all_in_fp16", False):
         return torch.float16
