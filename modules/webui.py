@@ -38,6 +38,17 @@ MAX_IMAGE_NUMBER = 32
 PROGRESS_POLL_S = 0.5  # the page refreshes at least this often while a task runs
 
 
+def supported_samplers() -> list[str]:
+    """Fooocus's sampler names that the sampling code implements, in Fooocus's order."""
+    from modules.core import SAMPLERS
+    return [name for name in flags.SAMPLER_NAMES if name in SAMPLERS]
+
+
+def supported_schedulers() -> list[str]:
+    from modules.core import SCHEDULERS
+    return [name for name in flags.SCHEDULER_NAMES if name in SCHEDULERS]
+
+
 # -- plain values (no Gradio): what the page's controls hold ------------------------------
 
 @dataclass(frozen=True)
@@ -279,8 +290,8 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                             ))
                 refresh_btn = gr.Button("Refresh model files", size="sm")
                 with gr.Accordion("Advanced", open=False):
-                    sampler = gr.Dropdown(list(flags.SAMPLER_NAMES), value=cfg.default_sampler, label="Sampler")
-                    scheduler = gr.Dropdown(list(flags.SCHEDULER_NAMES), value=cfg.default_scheduler,
+                    sampler = gr.Dropdown(supported_samplers(), value=cfg.default_sampler, label="Sampler")
+                    scheduler = gr.Dropdown(supported_schedulers(), value=cfg.default_scheduler,
                                             label="Scheduler")
                     guidance = gr.Slider(1.0, 30.0, value=cfg.default_cfg_scale, step=0.01,
                                          label="Guidance scale")
