@@ -321,6 +321,8 @@ def _lora_match(checkpoint: LoadedCheckpoint, path: str, file: LoraFileId) -> Lo
     match = STATE.lora_matches.get(key)
     if match is None:
         match = match_lora(STATE.lora_files.get(path), checkpoint.lora_targets())
+        # Matches hold the parsed tensors: keep only those of files the bounded cache keeps.
+        STATE.lora_matches = {k: v for k, v in STATE.lora_matches.items() if k[0] in STATE.lora_files}
         STATE.lora_matches[key] = match
     return match
 
@@ -583,7 +585,7 @@ def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config) 
 def model_status() -> dict:
     status = model_management.get_manager().status()
     status["checkpoints"] = [os.path.basename(c.file.path) for c in STATE.checkpoints.values()]
-    status["lora_files_cached"] = len(STATE.lora_files._files)
+    status["lora_files_cached"] = len(STATE.lora_files)
     return status
 
 

@@ -150,3 +150,18 @@ def test_counters_count_writes_and_no_bytes_for_same_device_move():
     moved = telemetry.snapshot().minus(before)
     assert (moved.weights_patched, moved.weights_restored) == (2, 2)
     assert moved.bytes_to_device == moved.bytes_to_offload == 0
+
+
+def test_drop_factor_caches_spares_the_patches_still_wanted():
+    module = toy_module()
+    shared = lora_for(module, ["0.weight"], "a.safetensors")
+    only_old = lora_for(module, ["2.weight"], "b.safetensors")
+    dropped = []
+    for patch in (*shared.values(), *only_old.values()):
+        patch.drop_cache = (lambda p=patch: dropped.append(p.file.path))
+    old = ModelPatcher(module, CPU, CPU)
+    old.add_patches({**shared, **only_old})
+    new = ModelPatcher(module, CPU, CPU)
+    new.add_patches(shared)
+    old.drop_factor_caches(keep=new)
+    assert dropped == ["b.safetensors"]

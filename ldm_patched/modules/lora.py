@@ -226,8 +226,11 @@ class LoraFileCache:
                 break
             del self._files[oldest]
 
-    def __contains__(self, path: str) -> bool:
-        return LoraFileId.of(path) in self._files
+    def __contains__(self, file: LoraFileId) -> bool:
+        return file in self._files
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 # -- key maps -----------------------------------------------------------------------

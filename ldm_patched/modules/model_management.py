@@ -335,10 +335,11 @@ class ModelManager:
         return torch.device("cpu")
 
     def _refresh(self, entry: LoadedModel, patcher: ModelPatcher) -> None:
-        entry.patcher = patcher
+        previous, entry.patcher = entry.patcher, patcher
         entry.last_used = self.clock
         if not patcher.is_applied():
             patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident)
+            previous.drop_factor_caches(keep=patcher)   # uncounted device memory otherwise
             entry.measure()
         self._move_to_front(entry)
 
@@ -356,6 +357,7 @@ class ModelManager:
         if self.resident and id(entry.module) in self._current_request_modules:
             self._request_over_budget = True  # the request's own set did not fit
         entry.patcher.unpatch_model(device_to=entry.patcher.offload_device)
+        entry.patcher.drop_factor_caches()
         self.loaded.remove(entry)
         telemetry.count(models_unloaded=1)
 
@@ -427,7 +429,7 @@ class ModelManager:
                 {"name": e.patcher.name, "device": str(e.device), "bytes": e.resident_bytes(),
                  "signature": e.signature.digest, "patched_keys": len(e.signature.keys),
                  "last_used": e.last_used}
-                for e in self.loaded
+                for e in list(self.loaded)   # read from the web thread while the worker runs
             ],
         }
 

@@ -41,6 +41,10 @@ class WeightPatch(Protocol):
         """Bytes this patch keeps cached on `device` (its factors), for budget accounting."""
         ...
 
+    def drop_cache(self) -> None:
+        """Free whatever `delta(..., cache=True)` kept on devices."""
+        ...
+
 
 @dataclass(frozen=True)
 class PatchEntry:
@@ -212,6 +216,14 @@ class ModelPatcher:
                     seen.add(id(entry.patch))
                     total += entry.patch.cached_bytes(device)
         return total
+
+    def drop_factor_caches(self, keep: "ModelPatcher | None" = None) -> None:
+        """Free cached device factors of this patcher's patches that `keep` does not use."""
+        kept = set() if keep is None else {id(e.patch) for entries in keep.patches.values() for e in entries}
+        for entries in self.patches.values():
+            for entry in entries:
+                if id(entry.patch) not in kept:
+                    entry.patch.drop_cache()
 
     def patched_key_bytes(self) -> int:
         """Bytes the backups of this patcher's keys take (what patching costs in memory)."""
