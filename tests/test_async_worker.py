@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from modules.default_pipeline import ProgressEvent
 from modules.async_worker import (STOPPED_BEFORE_START, AsyncTask, TaskControl, TaskState, Worker,
                                   get_worker, progress_percent)
 
@@ -18,15 +19,6 @@ TIMEOUT = 10.0  # generous upper bound for events that should happen in millisec
 class FakeResult:
     images: list[str]
     report: dict
-
-
-@dataclass
-class FakeEvent:
-    image_index: int
-    image_count: int
-    step: int
-    steps: int
-    message: str
 
 
 @dataclass
@@ -43,13 +35,13 @@ class Recorder:
         return self.gates.setdefault(name, threading.Event())
 
     def __call__(self, request: dict, control: TaskControl,
-                 progress: Callable[[FakeEvent], None] | None) -> FakeResult:
+                 progress: Callable[[ProgressEvent], None] | None) -> FakeResult:
         name = request["prompt"]
         self.order.append(name)
         if request.get("raise"):
             raise RuntimeError(f"boom in {name}")
         if progress is not None:
-            progress(FakeEvent(0, 2, 1, 4, f"{name}: step 1"))
+            progress(ProgressEvent(0, 2, 1, 4, f"{name}: step 1"))
         if name in self.gates:
             self.started[name].set()
             # Wait until the test releases us or sets stop/skip; bounded by TIMEOUT.
@@ -201,14 +193,14 @@ def test_wait_for_update_times_out_without_change() -> None:
 
 
 @pytest.mark.parametrize(("event", "want"), [
-    (FakeEvent(0, 1, 0, 10, ""), 0.0),
-    (FakeEvent(0, 1, 5, 10, ""), 50.0),
-    (FakeEvent(1, 2, 5, 10, ""), 75.0),
-    (FakeEvent(1, 2, 10, 10, ""), 100.0),
-    (FakeEvent(5, 2, 99, 10, ""), 100.0),   # out-of-range values are clamped
-    (FakeEvent(0, 0, 0, 0, ""), 0.0),       # degenerate counts don't divide by zero
+    (ProgressEvent(0, 1, 0, 10, ""), 0.0),
+    (ProgressEvent(0, 1, 5, 10, ""), 50.0),
+    (ProgressEvent(1, 2, 5, 10, ""), 75.0),
+    (ProgressEvent(1, 2, 10, 10, ""), 100.0),
+    (ProgressEvent(5, 2, 99, 10, ""), 100.0),   # out-of-range values are clamped
+    (ProgressEvent(0, 0, 0, 0, ""), 0.0),       # degenerate counts don't divide by zero
 ])
-def test_progress_percent(event: FakeEvent, want: float) -> None:
+def test_progress_percent(event: ProgressEvent, want: float) -> None:
     assert progress_percent(event) == pytest.approx(want)
 
 
