@@ -304,7 +304,7 @@ class ModelManager:
                 self._refresh(entry, self._patcher_for(entry, patchers))
             for patcher in plan.to_load:
                 self._load(patcher)
-            if plan.over_budget:
+            if plan.over_budget and self.resident:
                 self._request_over_budget = True
                 log.warning("[Fooocus-Resident] request needs more than the budget of %.2f GB; "
                             "running it the conservative way", self.settings.budget_bytes / GIB)
