@@ -87,3 +87,17 @@ def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
     mm.get_manager().unload_all()
     monkeypatch.undo()
     config.reload_config()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `cuda`-marked tests, with the reason, where no CUDA device is present."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")
+    for item in cuda_items:
+        item.add_marker(skip)

@@ -1,0 +1,454 @@
+"""Side-by-side benchmark of the model-management configurations (DESIGN.md §5).
+
+One entry point, `run_benchmark(BenchOptions)`, serves the CPU proxy, the CUDA
+run and the dry run in the default test suite. Per run:
+
+1. build random-weight SDXL-layout models ONCE on the target device (`models.py`):
+   two bases (`bench_base`, `bench_base2`) and a refiner, plus an LCM-shaped LoRA
+   written as `sdxl_lcm_lora.safetensors` (the Extreme Speed file);
+2. for each configuration in turn: real flag path (`args_manager.parse_args` ->
+   `settings_from_args` -> `model_management.configure`), every module put on that
+   configuration's offload device (as after loading a file), a fresh
+   `PipelineState(max_checkpoints=8)` and `adopt_checkpoint` of the three in-memory
+   checkpoints under the file ids of empty placeholder files, so requests resolve
+   them by name and no disk reload is ever part of a measurement;
+3. each scenario: an uncounted warm-up (one pass over the scenario's distinct requests:
+   1, or 2 for the switch scenarios), then N counted requests through
+   `default_pipeline.process_request`; every number comes from the request's report.
+
+Run from the repo root: `python -m tests.benchmarks.harness --size mid --device cpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+import args_manager
+from ldm_patched.modules import model_management
+from ldm_patched.modules.checkpoint import load_tokenizers
+from ldm_patched.modules.lora import LoraFileId
+from modules import config as config_module
+from modules import default_pipeline, flags
+from tests.benchmarks import models
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LORA_FILE = flags.LCM_LORA.file_name
+CHECKPOINTS = {"bench_base.safetensors": ("base", 0), "bench_base2.safetensors": ("base", 1),
+               "bench_refiner.safetensors": ("refiner", 0)}
+
+# Configuration -> Fooocus flags (upstream default, upstream's best flag, ours).
+CONFIGURATIONS: dict[str, list[str]] = {
+    "conservative": [],
+    "conservative --always-gpu": ["--always-gpu"],
+    "resident": ["--keep-models-resident"],
+}
+BASELINE = "conservative"
+SCENARIOS = ("steady", "lora_switch", "base_switch", "refiner")
+TIMINGS = ("total", "model_management", "text_encode", "sampling", "vae_decode", "other")
+COUNTS = ("bytes_to_device", "bytes_to_offload", "weights_patched", "weights_restored", "models_loaded",
+          "models_unloaded", "lora_files_read", "text_encodes")
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
+NEGATIVE = "blurry, low quality"
+
+
+@dataclass
+class BenchOptions:
+    size: str = "mid"
+    device: str = "cpu"
+    repeats: int = 10                       # counted requests per scenario (after one warm-up)
+    out_dir: Path | None = None             # default: $BENCH_OUT or <repo>/bench_out
+    seed: int = 1234
+    scenarios: tuple[str, ...] = SCENARIOS
+    configurations: tuple[str, ...] = tuple(CONFIGURATIONS)
+    lora_rank: int | None = None            # default: the size's
+    side: int | None = None                 # default: the size's
+    speed_steps: int | None = None          # default: the size's
+
+    def spec(self) -> models.SizeSpec:
+        return models.SIZES[self.size]
+
+    def output_dir(self) -> Path:
+        return Path(self.out_dir or os.environ.get("BENCH_OUT") or REPO_ROOT / "bench_out")
+
+
+# -- flags -> settings --------------------------------------------------------------------
+
+def configuration_flags(name: str, device: str) -> list[str]:
+    """The command-line flags of a configuration on `device`.
+
+    On a CPU run `--always-cpu` picks the CPU even where CUDA exists; `--always-gpu`
+    is dropped there (the two exclude each other, and without a GPU it changes
+    nothing: settings_from_args gives VRAMState.DISABLED, offload device = CPU)."""
+    wanted = list(CONFIGURATIONS[name])
+    if device == "cpu":
+        return ["--always-cpu"] + [f for f in wanted if f != "--always-gpu"]
+    return wanted
+
+
+def settings_for(name: str, device: str) -> model_management.MemorySettings:
+    settings = model_management.settings_from_args(args_manager.parse_args(configuration_flags(name, device)))
+    if settings.device.type != torch.device(device).type:
+        raise RuntimeError(f"configuration {name!r} resolved to {settings.device}, not {device}")
+    return settings
+
+
+# -- set-up --------------------------------------------------------------------------------
+
+@dataclass
+class BuiltModels:
+    """Models built once per run; re-adopted by each configuration."""
+
+    checkpoints: dict[str, tuple[str, dict[str, torch.nn.Module | None]]]
+    tokenizers: tuple
+    lora_keys: int
+    lora_bytes: int
+    parameters: dict[str, int]
+    dtypes: models.Dtypes
+
+    def modules(self) -> Iterator[torch.nn.Module]:
+        for _, parts in self.checkpoints.values():
+            yield from (m for m in parts.values() if m is not None)
+
+
+def build_models(options: BenchOptions, folders: dict[str, Path]) -> BuiltModels:
+    spec, device = options.spec(), torch.device(options.device)
+    manager = model_management.configure(settings_for(BASELINE, options.device))
+    dtypes = models.Dtypes(unet=manager.dtype_for("unet"), text_encoder=manager.dtype_for("text_encoder"),
+                           vae=manager.dtype_for("vae", manager.vae_device()))
+    checkpoints = {}
+    for name, (kind, seed) in CHECKPOINTS.items():
+        parts = models.build_checkpoint(spec, device, dtypes, options.seed + seed, refiner=kind == "refiner")
+        checkpoints[name] = (kind, parts)
+        (folders["checkpoints"] / name).touch()   # placeholder: only its file id is used
+    lora_path = folders["loras"] / LORA_FILE
+    factor_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    keys = models.write_lcm_shaped_lora(checkpoints["bench_base.safetensors"][1]["unet"], lora_path,
+                                        options.lora_rank or spec.lora_rank, factor_dtype)
+    return BuiltModels(checkpoints=checkpoints, tokenizers=load_tokenizers(), lora_keys=keys,
+                       lora_bytes=lora_path.stat().st_size, dtypes=dtypes,
+                       parameters={n: models.parameter_count(p) for n, (_, p) in checkpoints.items()})
+
+
+@contextmanager
+def bench_folders(root: Path) -> Iterator[dict[str, Path]]:
+    """checkpoints/loras/outputs under `root`, made the process's config for the run."""
+    folders = {name: root / name for name in ("checkpoints", "loras", "outputs")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    config_file = root / "config.txt"
+    config_file.write_text(json.dumps({f"path_{n}": str(p) for n, p in folders.items()}))
+    previous_env, previous_state = os.environ.get("config_path"), default_pipeline.STATE
+    os.environ["config_path"] = str(config_file)
+    config_module.reload_config()
+    try:
+        yield folders
+    finally:
+        if previous_env is None:
+            os.environ.pop("config_path", None)
+        else:
+            os.environ["config_path"] = previous_env
+        config_module.reload_config()
+        default_pipeline.STATE = previous_state
+
+
+def install_configuration(name: str, options: BenchOptions, built: BuiltModels,
+                          folders: dict[str, Path]) -> model_management.ModelManager:
+    """configure() (it unloads everything), then every module on the new offload device
+    and the three checkpoints adopted afresh: each configuration starts the same way."""
+    manager = model_management.configure(settings_for(name, options.device))
+    offload = manager.offload_device()
+    for module in built.modules():
+        module.to(offload)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    default_pipeline.STATE = default_pipeline.PipelineState(max_checkpoints=8)
+    for file_name, (kind, parts) in built.checkpoints.items():
+        default_pipeline.adopt_checkpoint(LoraFileId.of(str(folders["checkpoints"] / file_name)), kind,
+                                          parts, built.tokenizers)
+    return manager
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+def base_request(options: BenchOptions, performance: flags.Performance,
+                 base: str = "bench_base.safetensors") -> dict[str, Any]:
+    spec = options.spec()
+    request = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "performance": performance.value,
+               "width": options.side or spec.side, "height": options.side or spec.side, "seed": options.seed,
+               "image_number": 1, "base_model": base, "loras": [], "refiner_model": flags.NONE_NAME,
+               "sampler": flags.DEFAULT_SAMPLER, "scheduler": flags.DEFAULT_SCHEDULER, "guidance_scale": 4.0}
+    if performance is flags.Performance.SPEED:
+        request["steps"] = options.speed_steps or spec.speed_steps
+    return request
+
+
+def scenario_cycle(scenario: str, options: BenchOptions) -> list[dict[str, Any]]:
+    """The distinct requests a scenario repeats, in order."""
+    xs, speed = flags.Performance.EXTREME_SPEED, flags.Performance.SPEED
+    if scenario == "steady":
+        return [base_request(options, xs)]
+    if scenario == "lora_switch":   # the LCM LoRA goes on and off every request
+        return [base_request(options, xs), base_request(options, speed)]
+    if scenario == "base_switch":
+        return [base_request(options, xs, "bench_base.safetensors"),
+                base_request(options, xs, "bench_base2.safetensors")]
+    if scenario == "refiner":
+        return [{**base_request(options, speed), "refiner_model": "bench_refiner.safetensors",
+                 "refiner_switch": 0.5}]
+    raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+
+
+def scenario_requests(scenario: str, options: BenchOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(uncounted warm-up, `repeats` counted requests).
+
+    The warm-up is one pass over the cycle (one request; two for the switch scenarios),
+    so every model of the scenario has been through its states once and the first
+    counted request is already a switch, whatever ran before."""
+    cycle = scenario_cycle(scenario, options)
+    return [dict(r) for r in cycle], [dict(cycle[i % len(cycle)]) for i in range(options.repeats)]
+
+
+def run_request(request: dict[str, Any]) -> dict[str, Any]:
+    """One request through the pipeline; the benchmark fails on any request error."""
+    report = default_pipeline.process_request(dict(request)).report
+    if "error" in report:
+        raise RuntimeError(f"benchmark request failed: {report['error']}")
+    timings = dict(report["timings_ms"])
+    # Whatever the stages do not cover: request parsing, PNG encoding and saving, end-of-request trim.
+    timings["other"] = timings["total"] - sum(timings[k] for k in TIMINGS[1:-1])
+    return {"performance": report["performance"], "base_model": report["base_model"],
+            "refiner_model": report.get("refiner_model"), "lora_on": bool(report["loras"]),
+            "timings_ms": timings,
+            "model_management": {k: int(report["model_management"][k]) for k in COUNTS},
+            "peak_allocated_bytes": int(report["vram"]["peak_allocated_bytes"]),
+            "resident_bytes": int(report["vram"]["resident_bytes"])}
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    timings = {k: {"median": statistics.median(r["timings_ms"][k] for r in requests),
+                   "p90": percentile([r["timings_ms"][k] for r in requests], 90)} for k in TIMINGS}
+    counts = {k: {"sum": sum(r["model_management"][k] for r in requests),
+                  "median": statistics.median(r["model_management"][k] for r in requests)} for k in COUNTS}
+    return {"timings_ms": timings, "counts": counts,
+            "peak_allocated_bytes": max(r["peak_allocated_bytes"] for r in requests),
+            "requests": requests}
+
+
+def add_ratios(results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Median total and median model-management time against the conservative default."""
+    for per_config in results.values():
+        baseline = per_config.get(BASELINE)
+        for summary in per_config.values():
+            for metric in ("total", "model_management"):
+                ours = summary["timings_ms"][metric]["median"]
+                theirs = baseline["timings_ms"][metric]["median"] if baseline else 0.0
+                summary[f"ratio_{metric}"] = ours / theirs if theirs > 0 else None
+
+
+def add_lora_switch_cost(results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Switch-on requests' median total minus the steady state's (same request, LoRA already on).
+
+    The report's model-management time does not wait for queued GPU kernels, so on CUDA
+    part of a switch can show up in the next stage; the end-to-end difference cannot hide it."""
+    for name, summary in results.get("lora_switch", {}).items():
+        steady = results.get("steady", {}).get(name)
+        switch_on = [r["timings_ms"]["total"] for r in summary["requests"] if r["lora_on"]]
+        if steady and switch_on:
+            summary["switch_on_extra_ms"] = statistics.median(switch_on) - steady["timings_ms"]["total"]["median"]
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def run_benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build, run every configuration x scenario, write results.json/results.md; returns the results."""
+    out = options.output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {"machine": machine_info(options.device), "options": _options_json(options),
+                                "results": {}}
+    with tempfile.TemporaryDirectory(prefix="fooocus_bench_") as tmp, bench_folders(Path(tmp)) as folders:
+        built = build_models(options, folders)
+        document["models"] = {"parameters": built.parameters, "dtypes": {k: str(v) for k, v in
+                                                                          asdict(built.dtypes).items()},
+                              "lora": {"file": LORA_FILE, "keys": built.lora_keys, "bytes": built.lora_bytes,
+                                       "rank": options.lora_rank or options.spec().lora_rank}}
+        log(f"[bench] built {options.size} models on {options.device}: {built.parameters}; "
+            f"LoRA {built.lora_keys} keys, {built.lora_bytes / 2**20:.0f} MiB")
+        try:
+            for name in options.configurations:
+                _run_configuration(name, options, built, folders, document, log)
+                write_outputs(document, out)   # partial results survive a run cut short
+        finally:
+            model_management.get_manager().unload_all()
+    add_ratios(document["results"])
+    add_lora_switch_cost(document["results"])
+    write_outputs(document, out)
+    log(markdown_table(document))
+    return document
+
+
+def _run_configuration(name: str, options: BenchOptions, built: BuiltModels, folders: dict[str, Path],
+                       document: dict[str, Any], log: Callable[[str], None]) -> None:
+    manager = install_configuration(name, options, built, folders)
+    log(f"[bench] configuration {name!r}: flags {configuration_flags(name, options.device)}, "
+        f"policy={manager.settings.policy.value}, vram_state={manager.settings.vram_state.name}, "
+        f"budget={manager.settings.budget_bytes / 2**30:.1f} GiB")
+    for scenario in options.scenarios:
+        warmup, counted = scenario_requests(scenario, options)
+        warmed = [run_request(r) for r in warmup]
+        summary = summarize([run_request(r) for r in counted])
+        summary["warmup"] = warmed
+        document["results"].setdefault(scenario, {})[name] = summary
+        log(f"[bench]   {scenario}: median total {summary['timings_ms']['total']['median']:.1f} ms, "
+            f"model management {summary['timings_ms']['model_management']['median']:.2f} ms")
+
+
+def _options_json(options: BenchOptions) -> dict[str, Any]:
+    spec = options.spec()
+    return {"size": options.size, "device": options.device, "repeats": options.repeats, "seed": options.seed,
+            "scenarios": list(options.scenarios), "configurations": list(options.configurations),
+            "flags": {n: configuration_flags(n, options.device) for n in options.configurations},
+            "side": options.side or spec.side, "speed_steps": options.speed_steps or spec.speed_steps,
+            "extreme_speed_steps": flags.performance_settings(flags.Performance.EXTREME_SPEED).steps}
+
+
+# -- machine ----------------------------------------------------------------------------------
+
+def machine_info(device: str) -> dict[str, Any]:
+    info = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": _git_commit(), "device": device}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str:
+    """Short HEAD, with '+dirty' for uncommitted changes; $BENCH_GIT_COMMIT where there is no .git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BENCH_GIT_COMMIT", "unknown")
+
+
+# -- output -----------------------------------------------------------------------------------
+
+TABLE_HEADER = ("| scenario | configuration | total ms (med / p90) | model mgmt ms (med / p90) | text enc ms "
+                "| sampling ms | VAE ms | other ms | MiB to device (med / sum) | MiB offloaded (med / sum) "
+                "| patched (med / sum) | restored (med / sum) | loaded (med) | peak MiB | total vs cons. "
+                "| mgmt vs cons. |")
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.0f}" if value >= 2**20 or value == 0 else f"{value / 2**20:.2f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def table_row(scenario: str, name: str, s: dict[str, Any]) -> str:
+    t, c = s["timings_ms"], s["counts"]
+    cells = [scenario, name,
+             f"{t['total']['median']:.1f} / {t['total']['p90']:.1f}",
+             f"{t['model_management']['median']:.2f} / {t['model_management']['p90']:.2f}",
+             f"{t['text_encode']['median']:.1f}", f"{t['sampling']['median']:.1f}",
+             f"{t['vae_decode']['median']:.1f}", f"{t['other']['median']:.1f}",
+             f"{_mib(c['bytes_to_device']['median'])} / {_mib(c['bytes_to_device']['sum'])}",
+             f"{_mib(c['bytes_to_offload']['median'])} / {_mib(c['bytes_to_offload']['sum'])}",
+             f"{c['weights_patched']['median']:g} / {c['weights_patched']['sum']}",
+             f"{c['weights_restored']['median']:g} / {c['weights_restored']['sum']}",
+             f"{c['models_loaded']['median']:g}", _mib(s["peak_allocated_bytes"]),
+             _ratio(s.get("ratio_total")), _ratio(s.get("ratio_model_management"))]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(document: dict[str, Any]) -> str:
+    lines = [TABLE_HEADER, "|" + " --- |" * TABLE_HEADER.count(" | ") + " --- |"]
+    for scenario, per_config in document["results"].items():
+        for name, summary in per_config.items():
+            lines.append(table_row(scenario, name, summary))
+    return "\n".join(lines)
+
+
+def markdown_report(document: dict[str, Any]) -> str:
+    m, o, lora = document["machine"], document["options"], document["models"]["lora"]
+    where = m.get("gpu") or m["cpu"]
+    lines = [f"# Benchmark: {o['size']} models on {o['device']} ({where})", "",
+             f"- date {m['date']}, git {m['git_commit']}, torch {m['torch']}, CPU {m['cpu']} x{m['cpu_cores']}",
+             f"- requests {o['side']}x{o['side']}, Extreme Speed {o['extreme_speed_steps']} steps (lcm), "
+             f"Speed {o['speed_steps']} steps; {o['repeats']} counted requests per scenario after an uncounted warm-up pass",
+             f"- parameters per checkpoint {document['models']['parameters']}, dtypes {document['models']['dtypes']}",
+             f"- LoRA {lora['file']}: rank {lora['rank']}, {lora['keys']} UNet keys, {lora['bytes'] / 2**20:.0f} MiB",
+             "", markdown_table(document), ""]
+    switch = {n: s.get("switch_on_extra_ms") for n, s in document["results"].get("lora_switch", {}).items()}
+    if any(v is not None for v in switch.values()):
+        lines.append("LoRA switch-on, median total minus steady-state median total (ms): "
+                     + ", ".join(f"{n} {v:.1f}" for n, v in switch.items() if v is not None))
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(document: dict[str, Any], out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(document, indent=1, default=str))
+    if document["results"]:
+        (out / "results.md").write_text(markdown_report(document))
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(models.SIZES), default="mid")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    args = parser.parse_args(argv)
+    run_benchmark(BenchOptions(size=args.size, device=args.device, repeats=args.repeats, out_dir=args.out,
+                               scenarios=tuple(args.scenarios)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
