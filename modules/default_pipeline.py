@@ -402,7 +402,7 @@ def process_request(request: dict, control: "TaskControl | None" = None,
     started = time.perf_counter()
     manager.begin_request()
     report: dict[str, Any] = {"mode": manager.settings.policy.value}
-    stage_ms = {"text_encode": 0.0, "sampling": 0.0, "vae_decode": 0.0}
+    stage_ms = {"text_encode": 0.0, "sampling": 0.0, "vae_decode": 0.0, "save_images": 0.0}
     counts = {"text_encodes": 0}
     images: list[str] = []
     try:
@@ -492,9 +492,10 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                                   switch_step=switch, callback=on_step)
         with _stage(stage_ms, "vae_decode"):
             pixels = core.decode(vae, latents, req.width, req.height)
-        paths.append(save_image(pixels, {**_echo(req, prompt), "seed": image_seed, "sampler": sampler,
-                                         "scheduler": scheduler, "steps": steps, "cfg": cfg_scale,
-                                         "base_model": report["base_model"], "loras": models.loras}, cfg))
+        with _stage(stage_ms, "save_images"):
+            paths.append(save_image(pixels, {**_echo(req, prompt), "seed": image_seed, "sampler": sampler,
+                                             "scheduler": scheduler, "steps": steps, "cfg": cfg_scale,
+                                             "base_model": report["base_model"], "loras": models.loras}, cfg))
     report["seeds"] = [seed + i for i in range(req.image_number)]
     return paths
 
@@ -578,7 +579,8 @@ def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config) 
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", json.dumps(parameters, default=str))
         info.add_text("software", "Fooocus-Resident")
-    Image.fromarray(pixels).save(path, pnginfo=info)
+    # zlib level 1: a 1024x1024 PNG in tens of ms instead of hundreds, files ~10-20 % larger.
+    Image.fromarray(pixels).save(path, pnginfo=info, compress_level=1)
     return path
 
 

@@ -108,11 +108,14 @@ def test_signature_is_content_not_object():
 class ExplodingPatch:
     identity = ("boom",)
 
-    def delta(self, weight, cache=False):
+    def add_to(self, merged, alpha, cache=False):
         raise RuntimeError("patch failed")
 
     def cached_bytes(self, device):
         return 0
+
+    def drop_cache(self):
+        pass
 
 
 def test_failure_mid_patch_leaves_a_state_the_next_patch_repairs():
@@ -152,16 +155,38 @@ def test_counters_count_writes_and_no_bytes_for_same_device_move():
     assert moved.bytes_to_device == moved.bytes_to_offload == 0
 
 
-def test_drop_factor_caches_spares_the_patches_still_wanted():
+def test_factor_caches_outlive_a_switch_and_can_be_dropped_except_the_wanted():
     module = toy_module()
-    shared = lora_for(module, ["0.weight"], "a.safetensors")
-    only_old = lora_for(module, ["2.weight"], "b.safetensors")
+    a = lora_for(module, ["0.weight"], "a.safetensors")
+    b = lora_for(module, ["2.weight"], "b.safetensors")
     dropped = []
-    for patch in (*shared.values(), *only_old.values()):
+    for patch in (*a.values(), *b.values()):
         patch.drop_cache = (lambda p=patch: dropped.append(p.file.path))
-    old = ModelPatcher(module, CPU, CPU)
-    old.add_patches({**shared, **only_old})
-    new = ModelPatcher(module, CPU, CPU)
-    new.add_patches(shared)
-    old.drop_factor_caches(keep=new)
-    assert dropped == ["b.safetensors"]
+    with_a, with_b = ModelPatcher(module, CPU, CPU), ModelPatcher(module, CPU, CPU)
+    with_a.add_patches(a)
+    with_b.add_patches(b)
+    with_a.patch_model(cache_factors=True, keep_backups=True)
+    with_b.patch_model(cache_factors=True, keep_backups=True)
+    assert dropped == []                         # switching keeps A's factors for A's return
+    with_b.drop_factor_caches(keep=with_b)       # what the policy does when the budget is short
+    assert dropped == ["a.safetensors"]
+    with_b.drop_factor_caches()                  # eviction
+    assert dropped == ["a.safetensors", "b.safetensors"]
+
+
+def test_kept_backups_make_a_switch_back_exact_and_eviction_frees_them():
+    module = toy_module()
+    original = snapshot(module)
+    with_a = ModelPatcher(module, CPU, CPU)
+    with_a.add_patches(lora_for(module, ["0.weight", "2.weight"], "a.safetensors"))
+    plain = ModelPatcher(module, CPU, CPU)
+    with_a.patch_model(keep_backups=True)
+    patched = snapshot(module)
+    plain.patch_model(keep_backups=True)
+    assert len(weight_state(module).backups) == 2          # originals kept for the next switch
+    assert all(torch.equal(v, original[k]) for k, v in snapshot(module).items())
+    with_a.patch_model(keep_backups=True)
+    assert all(torch.equal(v, patched[k]) for k, v in snapshot(module).items())
+    with_a.unpatch_model()
+    assert weight_state(module).backups == {}
+    assert all(torch.equal(v, original[k]) for k, v in snapshot(module).items())

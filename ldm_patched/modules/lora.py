@@ -94,20 +94,29 @@ def _fits(factors: LoraFactors, shape: torch.Size) -> bool:
     return numel(want) == numel(shape) and want[:2] == tuple(shape[:2])
 
 
-def compute_delta(factors: LoraFactors, shape: torch.Size, device: torch.device,
-                  tensors: tuple[torch.Tensor | None, ...] | None = None) -> torch.Tensor:
-    """float32 delta for a weight of `shape`, computed on `device`."""
-    up, down, mid, diff = tensors or (factors.up, factors.down, factors.mid, factors.diff)
-    f32 = lambda t: t.to(device, torch.float32, non_blocking=True)  # noqa: E731
+def _prepared(factors: LoraFactors, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+    """(up, down, mid, diff) as float32 on `device`, up/down flattened to 2-D matrices."""
+    f32 = lambda t: None if t is None else t.to(device, torch.float32, non_blocking=True)  # noqa: E731
+    up, down = f32(factors.up), f32(factors.down)
+    return (None if up is None else up.flatten(1), None if down is None else down.flatten(1),
+            f32(factors.mid), f32(factors.diff))
+
+
+def add_delta(merged: torch.Tensor, factors: LoraFactors, alpha: float,
+              prepared: tuple[torch.Tensor | None, ...]) -> None:
+    """merged += alpha * delta, in place, with as few kernels as the layout allows."""
+    up, down, mid, diff = prepared
     if diff is not None:
-        return f32(diff).reshape(shape)
-    up, down = f32(up), f32(down)
+        merged.add_(diff.reshape(merged.shape), alpha=alpha)
+        return
+    alpha *= factors.scale
     if mid is not None:
         # Tucker-decomposed conv (LoCon): up[p,i] * mid[i,j,k,l] * down[j,r] -> [p,r,k,l]
-        delta = torch.einsum("ijkl,jr,pi->prkl", f32(mid), down.flatten(1), up.flatten(1))
-    else:
-        delta = up.flatten(1) @ down.flatten(1)
-    return (delta * factors.scale).reshape(shape)
+        delta = torch.einsum("ijkl,jr,pi->prkl", mid, down, up)
+        merged.add_(delta.reshape(merged.shape), alpha=alpha)
+        return
+    # Linear and conv LoRAs alike are one matrix product on the weight's 2-D view.
+    merged.view(merged.shape[0], -1).addmm_(up, down, alpha=alpha)
 
 
 @dataclass(eq=False)
@@ -123,15 +132,15 @@ class LoraPatch:
     def identity(self) -> Hashable:
         return (self.file.path, self.file.size, self.file.mtime_ns, self.name)
 
-    def delta(self, weight: torch.Tensor, cache: bool = False) -> torch.Tensor:
-        device = weight.device
-        cached = self._on_device.get(device)
-        if cached is None and cache and device.type != "cpu":
-            f = self.factors
-            cached = tuple(None if t is None else t.to(device, non_blocking=True)
-                           for t in (f.up, f.down, f.mid, f.diff))
-            self._on_device[device] = cached
-        return compute_delta(self.factors, weight.shape, device, cached)
+    def add_to(self, merged: torch.Tensor, alpha: float, cache: bool = False) -> None:
+        device = merged.device
+        prepared = self._on_device.get(device)
+        if prepared is None:
+            prepared = _prepared(self.factors, device)
+            if cache and device.type != "cpu":
+                # float32 and flattened once: a later switch launches only the matmul.
+                self._on_device[device] = prepared
+        add_delta(merged, self.factors, alpha, prepared)
 
     def cached_bytes(self, device: torch.device) -> int:
         return sum(t.numel() * t.element_size() for t in self._on_device.get(device, ()) if t is not None)
@@ -194,6 +203,9 @@ def read_lora_file(path: str) -> ParsedLora:
         tensors = load_file(file.path, device="cpu")
     except Exception as error:  # safetensors raises several types for bad headers
         raise LoraError(f"LoRA file {file.name} is not a readable safetensors file: {error}") from error
+    if torch.cuda.is_available():
+        # Pinned pages let the copies to the GPU run asynchronously and at full speed.
+        tensors = {k: v.pin_memory() for k, v in tensors.items()}
     telemetry.count(lora_files_read=1)
     parsed = parse_lora_tensors(file, tensors)
     if not parsed.layers:
@@ -319,7 +331,3 @@ def match_lora(parsed: ParsedLora, targets: dict[str, tuple[dict[str, str], torc
         raise LoraError(f"LoRA file {parsed.file.name} matches no key of this SDXL model "
                         f"(first keys: {', '.join(list(parsed.layers)[:3])}); is it a LoRA for another architecture?")
     return match
-
-
-def iter_patches(match: LoraMatch, target: str) -> Iterable[tuple[str, LoraPatch]]:
-    return match.patches.get(target, {}).items()

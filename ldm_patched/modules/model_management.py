@@ -310,7 +310,11 @@ class ModelManager:
                             "running it the conservative way", self.settings.budget_bytes / GIB)
             self._current_request_modules.update(id(p.model) for p in patchers)
             self._request_peak = max(self._request_peak, self.resident_bytes() + memory_required)
-        moved = telemetry.snapshot().minus(moved_before)
+            moved = telemetry.snapshot().minus(moved_before)
+            if self.settings.device.type == "cuda" and (moved.bytes_to_device or moved.bytes_to_offload
+                                                        or moved.weights_patched or moved.weights_restored):
+                # Count the queued copies and merges here, not in the stage that follows.
+                torch.cuda.synchronize(self.settings.device)
         elapsed = time.perf_counter() - start
         if elapsed > 0.1 and (moved.bytes_to_device or moved.bytes_to_offload or moved.weights_patched):
             print(f"[Fooocus Model Management] Moving model(s) has taken {elapsed:.2f} seconds")
@@ -335,18 +339,23 @@ class ModelManager:
         return torch.device("cpu")
 
     def _refresh(self, entry: LoadedModel, patcher: ModelPatcher) -> None:
-        previous, entry.patcher = entry.patcher, patcher
+        entry.patcher = patcher
         entry.last_used = self.clock
         if not patcher.is_applied():
-            patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident)
-            previous.drop_factor_caches(keep=patcher)   # uncounted device memory otherwise
+            patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident,
+                                keep_backups=self.resident)
             entry.measure()
+            if self.resident and self.free_bytes() < 0:
+                # Factors of LoRA sets used before go first, before any model is evicted.
+                patcher.drop_factor_caches(keep=patcher)
+                entry.measure()
         self._move_to_front(entry)
 
     def _load(self, patcher: ModelPatcher) -> None:
         device = patcher.load_device
         patcher.move_to(device)
-        patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident)
+        patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident,
+                            keep_backups=self.resident)
         entry = LoadedModel(patcher=patcher, device=device, last_used=self.clock)
         entry.measure()
         self.loaded.insert(0, entry)

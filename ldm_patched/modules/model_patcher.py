@@ -28,13 +28,12 @@ class WeightPatch(Protocol):
 
     @property
     def identity(self) -> Hashable:
-        """Content identity: equal identities always produce equal deltas."""
+        """Content identity: equal identities always produce equal changes."""
         ...
 
-    def delta(self, weight: torch.Tensor, cache: bool = False) -> torch.Tensor:
-        """The float32 change at strength 1, shaped like and on the device of `weight`.
-
-        With `cache`, factors copied to that device are kept there for next time."""
+    def add_to(self, merged: torch.Tensor, alpha: float, cache: bool = False) -> None:
+        """Add `alpha` times this change, in float32, into `merged` (float32, the weight's
+        shape and device). With `cache`, factors copied to that device stay there."""
         ...
 
     def cached_bytes(self, device: torch.device) -> int:
@@ -42,7 +41,7 @@ class WeightPatch(Protocol):
         ...
 
     def drop_cache(self) -> None:
-        """Free whatever `delta(..., cache=True)` kept on devices."""
+        """Free whatever `add_to(..., cache=True)` kept on devices."""
         ...
 
 
@@ -91,9 +90,16 @@ IN_PROGRESS = PatchSignature(keys={}, digest="in-progress")
 class WeightState:
     """What is actually merged into one module right now, and the originals to undo it."""
 
-    backups: dict[str, torch.Tensor] = field(default_factory=dict)
+    backups: dict[str, torch.Tensor] = field(default_factory=dict)   # exact originals (may outlive a patch)
     applied: dict[str, KeySignature] = field(default_factory=dict)
     signature: PatchSignature = ORIGINAL
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # name lookups off the hot path
+    cached_patches: dict[int, "WeightPatch"] = field(default_factory=dict)  # patches holding device factors
+
+    def param(self, module: torch.nn.Module, key: str) -> torch.nn.Parameter:
+        if not self.params:
+            self.params = dict(module.named_parameters())
+        return self.params[key]
 
     def backup_bytes(self, device: torch.device | None = None) -> int:
         return sum(t.numel() * t.element_size() for t in self.backups.values()
@@ -208,27 +214,22 @@ class ModelPatcher:
         return weight_state(self.model).backup_bytes(device)
 
     def cached_factor_bytes(self, device: torch.device) -> int:
-        seen: set[int] = set()
-        total = 0
-        for entries in self.patches.values():
-            for entry in entries:
-                if id(entry.patch) not in seen:
-                    seen.add(id(entry.patch))
-                    total += entry.patch.cached_bytes(device)
-        return total
+        """Device bytes of LoRA factors cached for this module (any patch set it had)."""
+        return sum(p.cached_bytes(device) for p in weight_state(self.model).cached_patches.values())
 
     def drop_factor_caches(self, keep: "ModelPatcher | None" = None) -> None:
-        """Free cached device factors of this patcher's patches that `keep` does not use."""
+        """Free the module's cached device factors, except those `keep` uses."""
+        state = weight_state(self.model)
         kept = set() if keep is None else {id(e.patch) for entries in keep.patches.values() for e in entries}
-        for entries in self.patches.values():
-            for entry in entries:
-                if id(entry.patch) not in kept:
-                    entry.patch.drop_cache()
+        for ident, patch in list(state.cached_patches.items()):
+            if ident not in kept:
+                patch.drop_cache()
+                del state.cached_patches[ident]
 
     def patched_key_bytes(self) -> int:
         """Bytes the backups of this patcher's keys take (what patching costs in memory)."""
-        params = dict(self.model.named_parameters())
-        return sum(params[k].numel() * params[k].element_size() for k in self.patches)
+        state = weight_state(self.model)
+        return sum(p.numel() * p.element_size() for p in (state.param(self.model, k) for k in self.patches))
 
     # -- moving and patching ----------------------------------------------------------
 
@@ -245,11 +246,12 @@ class ModelPatcher:
 
     def patch_model(self, device_to: torch.device | None = None,
                     backup_device: torch.device | None = None,
-                    cache_factors: bool = False) -> PatchResult:
+                    cache_factors: bool = False, keep_backups: bool = False) -> PatchResult:
         """Put the module into this patcher's wanted state (moving it first if asked).
 
         Only keys whose patch set differs from what is merged now are written,
         each from its exact original; new originals are kept on `backup_device`.
+        `keep_backups` keeps a restored key's original for its next patch.
         """
         if device_to is not None:
             self.move_to(device_to)
@@ -265,52 +267,54 @@ class ModelPatcher:
             if now == want:
                 continue
             if want is None:
-                self._restore_key(state, key)
+                self._restore_key(state, key, keep_backups)
                 restored += 1
                 continue
             if now is not None:
                 restored += 1
-            self._merge_key(state, key, backup_device, cache_factors)
+            self._merge_key(state, key, want, backup_device, cache_factors)
             patched += 1
         state.signature = wanted
         telemetry.count(weights_patched=patched, weights_restored=restored)
         return PatchResult(patched=patched, restored=restored)
 
     def unpatch_model(self, device_to: torch.device | None = None) -> PatchResult:
-        """Restore every merged key of the module to its exact original (then move if asked)."""
+        """Restore every merged key to its exact original, drop all backups (then move if asked)."""
         state = weight_state(self.model)
         restored = 0
         state.signature = IN_PROGRESS
         for key in list(state.applied):
-            self._restore_key(state, key)
+            self._restore_key(state, key, keep_backup=False)
             restored += 1
+        state.backups.clear()
         state.signature = ORIGINAL
         telemetry.count(weights_restored=restored)
         if device_to is not None:
             self.move_to(device_to)
         return PatchResult(restored=restored)
 
-    def _merge_key(self, state: WeightState, key: str, backup_device: torch.device,
+    def _merge_key(self, state: WeightState, key: str, want: KeySignature, backup_device: torch.device,
                    cache_factors: bool) -> None:
-        param = self.model.get_parameter(key)
+        param = state.param(self.model, key)
         original = state.backups.get(key)
         if original is None:
-            original = _copy_for_backup(param, backup_device)
-        merged = original.to(param.device, torch.float32, non_blocking=True)
-        for entry in self.patches[key]:
-            if entry.strength_model != 1.0:
-                merged = merged * entry.strength_model
-            merged = merged + entry.strength_patch * entry.patch.delta(param, cache_factors)
+            original = state.backups[key] = _copy_for_backup(param, backup_device)
         # Record the key as dirty before writing: a failure can then never leave
         # an unrecorded change, the next diff restores it from the backup.
-        state.backups[key] = original
         state.applied[key] = (("<writing>", 0.0, 0.0),)
+        merged = original.to(param.device, torch.float32, non_blocking=True, copy=True)
+        for entry in self.patches[key]:
+            if entry.strength_model != 1.0:
+                merged.mul_(entry.strength_model)
+            entry.patch.add_to(merged, entry.strength_patch, cache_factors)
+            if cache_factors:
+                state.cached_patches[id(entry.patch)] = entry.patch
         param.data.copy_(merged)
-        state.applied[key] = tuple(entry.signature() for entry in self.patches[key])
+        state.applied[key] = want
 
-    def _restore_key(self, state: WeightState, key: str) -> None:
-        param = self.model.get_parameter(key)
-        param.data.copy_(state.backups.pop(key))
+    def _restore_key(self, state: WeightState, key: str, keep_backup: bool) -> None:
+        original = state.backups[key] if keep_backup else state.backups.pop(key)
+        state.param(self.model, key).data.copy_(original, non_blocking=True)
         del state.applied[key]
 
 
