@@ -155,8 +155,10 @@ class LoadedModel:
     def resident_bytes(self) -> int:
         return self.model_bytes + self.extra_bytes
 
-    def measure(self) -> None:
-        self.model_bytes = self.patcher.model_size()
+    def measure(self, weights: bool = True) -> None:
+        """Record sizes; a re-patch changes only backups and factors, not the weights."""
+        if weights:
+            self.model_bytes = self.patcher.model_size()
         self.extra_bytes = (self.patcher.backup_bytes(self.device)
                             + self.patcher.cached_factor_bytes(self.device))
 
@@ -344,11 +346,11 @@ class ModelManager:
         if not patcher.is_applied():
             patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident,
                                 keep_backups=self.resident)
-            entry.measure()
+            entry.measure(weights=False)
             if self.resident and self.free_bytes() < 0:
                 # Factors of LoRA sets used before go first, before any model is evicted.
                 patcher.drop_factor_caches(keep=patcher)
-                entry.measure()
+                entry.measure(weights=False)
         self._move_to_front(entry)
 
     def _load(self, patcher: ModelPatcher) -> None:
