@@ -10,6 +10,7 @@ transformers modules; the loop follows diffusers' SDXL pipeline step for step
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -98,9 +99,23 @@ def make_scheduler(sampler: str, scheduler: str):
 
 # -- stages -------------------------------------------------------------------------
 
+def token_windows(tokenizer, prompt: str) -> torch.Tensor:
+    """[k, 77] token ids: the prompt in windows of 75 tokens, each framed by start/end
+    tokens and padded, so prompts longer than CLIP's 77 positions are not cut (as in
+    Fooocus). A prompt that fits gives exactly the usual single padded row."""
+    width = tokenizer.model_max_length
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+    body = width - 2
+    rows = []
+    for start in range(0, max(len(ids), 1), body):
+        row = [tokenizer.bos_token_id, *ids[start:start + body], tokenizer.eos_token_id]
+        rows.append(row + [tokenizer.pad_token_id] * (width - len(row)))
+    return torch.tensor(rows)
+
+
 def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str) -> Conditioning:
     """SDXL conditioning: penultimate hidden states of both encoders side by side,
-    pooled (projected) output of the second."""
+    pooled (projected) output of the second (from the first window)."""
     model_management.load_models_gpu([clip])
     encoders: SDXLTextEncoders = clip.model  # type: ignore[assignment]
     device = clip.load_device
@@ -110,12 +125,19 @@ def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str) -> Conditi
         for tokenizer, encoder in pairs:
             if encoder is None:
                 continue
-            ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]
+            out = encoder(token_windows(tokenizer, prompt).to(device), output_hidden_states=True)
+            states = out.hidden_states[-2]
+            hidden.append(states.reshape(1, -1, states.shape[-1]))   # windows side by side in sequence
+            pooled = out[0][:1]
     return Conditioning(embeds=torch.cat(hidden, dim=-1), pooled=pooled)
+
+
+def _same_length(embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Repeat conditionings of different window counts up to a common length, so
+    positive and negative can share one batch."""
+    lengths = [e.shape[1] for e in embeds]
+    common = math.lcm(*lengths)
+    return [e.repeat(1, common // e.shape[1], 1) for e in embeds]
 
 
 def time_ids(width: int, height: int, refiner: bool, aesthetic: float, device, dtype) -> torch.Tensor:
@@ -187,7 +209,7 @@ def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, widt
     dtype = stage.unet.model_dtype()
     guided = cfg > 1.0 and stage.negative is not None
     conds = [stage.negative, stage.positive] if guided else [stage.positive]
-    embeds = torch.cat([c.embeds for c in conds]).to(dtype)
+    embeds = torch.cat(_same_length([c.embeds for c in conds])).to(dtype)
     pooled = torch.cat([c.pooled for c in conds]).to(dtype)
     aesthetic = [2.5, 6.0] if guided else [6.0]
     ids = torch.cat([time_ids(width, height, stage.refiner, a, latents.device, dtype) for a in aesthetic])

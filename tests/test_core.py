@@ -46,3 +46,25 @@ def test_time_ids_follow_sdxl_base_and_refiner_conditioning():
     refiner = core.time_ids(1152, 896, refiner=True, aesthetic=2.5, device="cpu", dtype=torch.float32)
     assert base.tolist() == [[896, 1152, 0, 0, 896, 1152]]
     assert refiner.tolist() == [[896, 1152, 0, 0, 2.5]]
+
+
+def test_long_prompts_are_encoded_in_windows_not_cut():
+    from ldm_patched.modules.checkpoint import load_tokenizers
+
+    tokenizer, tokenizer_2 = load_tokenizers()
+    short = "a photo of a cat"
+    assert core.token_windows(tokenizer, short).tolist() == [tokenizer(
+        short, padding="max_length", max_length=77, truncation=True).input_ids]
+    assert core.token_windows(tokenizer_2, short)[0].tolist() == tokenizer_2(
+        short, padding="max_length", max_length=77, truncation=True).input_ids
+    long = " ".join(["cat"] * 100)
+    windows = core.token_windows(tokenizer, long)
+    assert windows.shape == (2, 77)
+    assert int((windows == tokenizer.convert_tokens_to_ids("cat</w>")).sum()) == 100
+    assert windows[:, 0].tolist() == [tokenizer.bos_token_id] * 2
+
+
+def test_conditionings_of_different_lengths_share_a_batch():
+    a, b = torch.zeros(1, 77, 4), torch.ones(1, 154, 4)
+    same = core._same_length([a, b])
+    assert [t.shape[1] for t in same] == [154, 154] and torch.equal(same[1], b)

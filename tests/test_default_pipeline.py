@@ -269,3 +269,13 @@ def test_lora_prompt_tags(pipeline, tiny_components):
     listed = default_pipeline.process_request({**SMALL, "loras": [["style.safetensors", 0.8]]})
     assert tagged.report["loras"] == listed.report["loras"] and tagged.report["loras"][0]["weight"] == 0.8
     assert np.array_equal(pixels(tagged.images[0]), pixels(listed.images[0]))
+
+
+def test_a_long_prompt_is_not_cut_at_77_tokens(pipeline):
+    pipeline(mm.Policy.RESIDENT)
+    words = " ".join(f"word{i}" for i in range(40))            # > 75 tokens
+    cut = default_pipeline.process_request({**SMALL, "prompt": words})
+    longer = default_pipeline.process_request({**SMALL, "prompt": words + " and a red hat on top"})
+    assert "error" not in longer.report
+    # Words past the first window change the image: they were encoded, not dropped.
+    assert not np.array_equal(pixels(cut.images[0]), pixels(longer.images[0]))
