@@ -278,14 +278,16 @@ class ModelManager:
             entry = self.find(patcher)
             if entry is not None and entry.device == patcher.load_device:
                 plan.already_loaded.append(entry)
-            else:
-                plan.to_load.append(patcher)
+                continue
+            if entry is not None:
+                plan.to_evict.append(entry)   # registered on another device: reload it whole
+            plan.to_load.append(patcher)
         required = memory_required + sum(p.model_size() for p in plan.to_load)
-        free = self.free_bytes()
+        free = self.free_bytes() + sum(e.resident_bytes() for e in plan.to_evict)
         for entry in reversed(self.loaded):  # least recently used first
             if free >= required:
                 break
-            if id(entry.module) in wanted_modules:
+            if id(entry.module) in wanted_modules or entry in plan.to_evict:
                 continue
             plan.to_evict.append(entry)
             free += entry.resident_bytes()
