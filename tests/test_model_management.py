@@ -160,3 +160,14 @@ def test_status_lists_models_with_signature(policy):
     assert status["models"][0]["name"] == "unet"
     assert status["models"][0]["signature"] == unet.weight_signature().digest
     assert status["resident_bytes"] == status["models"][0]["bytes"] > 0
+
+
+def test_resident_backups_are_float32_on_the_device_only_when_the_budget_allows():
+    half = ModelPatcher(torch.nn.Linear(64, 64).to(torch.float16), CPU, CPU, name="unet")
+    half.add_patches(lora_for(torch.nn.Linear(64, 64), ["weight"], "a.safetensors"))
+    weight_bytes = 64 * 64 * 2
+    roomy = manager(mm.Policy.RESIDENT, budget=10 ** 9)
+    assert roomy._backup_place(half) == (CPU, torch.float32)
+    tight = manager(mm.Policy.RESIDENT, budget=weight_bytes * 3 // 2)   # room for fp16 copies only
+    assert tight._backup_place(half) == (CPU, None)
+    assert manager(mm.Policy.CONSERVATIVE)._backup_place(half) == (half.offload_device, None)

@@ -108,7 +108,7 @@ def test_signature_is_content_not_object():
 class ExplodingPatch:
     identity = ("boom",)
 
-    def add_to(self, merged, alpha, cache=False):
+    def added(self, base, alpha, cache=False):
         raise RuntimeError("patch failed")
 
     def cached_bytes(self, device):
@@ -190,3 +190,18 @@ def test_kept_backups_make_a_switch_back_exact_and_eviction_frees_them():
     with_a.unpatch_model()
     assert weight_state(module).backups == {}
     assert all(torch.equal(v, original[k]) for k, v in snapshot(module).items())
+
+
+def test_float32_backups_of_half_weights_merge_and_restore_identically():
+    merged = {}
+    for dtype in (None, torch.float32):
+        module = toy_module().to(torch.bfloat16)
+        original = snapshot(module)
+        patcher = ModelPatcher(module, CPU, CPU)
+        patcher.add_patches(lora_for(toy_module(), ["0.weight", "2.weight"], "a.safetensors"), 0.8)
+        patcher.patch_model(backup_dtype=dtype)
+        assert weight_state(module).backups["0.weight"].dtype == (dtype or torch.bfloat16)
+        merged[dtype] = snapshot(module)
+        patcher.unpatch_model()
+        assert all(torch.equal(v, original[k]) for k, v in snapshot(module).items())
+    assert all(torch.equal(merged[None][k], merged[torch.float32][k]) for k in merged[None])

@@ -102,21 +102,19 @@ def _prepared(factors: LoraFactors, device: torch.device) -> tuple[torch.Tensor 
             f32(factors.mid), f32(factors.diff))
 
 
-def add_delta(merged: torch.Tensor, factors: LoraFactors, alpha: float,
-              prepared: tuple[torch.Tensor | None, ...]) -> None:
-    """merged += alpha * delta, in place, with as few kernels as the layout allows."""
+def added_delta(base: torch.Tensor, factors: LoraFactors, alpha: float,
+                prepared: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+    """base + alpha * delta as a new tensor, in one kernel where the layout allows."""
     up, down, mid, diff = prepared
     if diff is not None:
-        merged.add_(diff.reshape(merged.shape), alpha=alpha)
-        return
+        return base.add(diff.reshape(base.shape), alpha=alpha)
     alpha *= factors.scale
     if mid is not None:
         # Tucker-decomposed conv (LoCon): up[p,i] * mid[i,j,k,l] * down[j,r] -> [p,r,k,l]
         delta = torch.einsum("ijkl,jr,pi->prkl", mid, down, up)
-        merged.add_(delta.reshape(merged.shape), alpha=alpha)
-        return
+        return base.add(delta.reshape(base.shape), alpha=alpha)
     # Linear and conv LoRAs alike are one matrix product on the weight's 2-D view.
-    merged.view(merged.shape[0], -1).addmm_(up, down, alpha=alpha)
+    return torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=alpha).view(base.shape)
 
 
 @dataclass(eq=False)
@@ -132,15 +130,15 @@ class LoraPatch:
     def identity(self) -> Hashable:
         return (self.file.path, self.file.size, self.file.mtime_ns, self.name)
 
-    def add_to(self, merged: torch.Tensor, alpha: float, cache: bool = False) -> None:
-        device = merged.device
+    def added(self, base: torch.Tensor, alpha: float, cache: bool = False) -> torch.Tensor:
+        device = base.device
         prepared = self._on_device.get(device)
         if prepared is None:
             prepared = _prepared(self.factors, device)
             if cache and device.type != "cpu":
                 # float32 and flattened once: a later switch launches only the matmul.
                 self._on_device[device] = prepared
-        add_delta(merged, self.factors, alpha, prepared)
+        return added_delta(base, self.factors, alpha, prepared)
 
     def cached_bytes(self, device: torch.device) -> int:
         return sum(t.numel() * t.element_size() for t in self._on_device.get(device, ()) if t is not None)

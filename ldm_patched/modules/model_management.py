@@ -334,20 +334,33 @@ class ModelManager:
                 return patcher
         return entry.patcher
 
-    def _backup_device(self, patcher: ModelPatcher) -> torch.device:
+    def _backup_place(self, patcher: ModelPatcher) -> tuple[torch.device, torch.dtype | None]:
+        """Where originals of patched weights are kept, and in which dtype.
+
+        Conservative: the offload device, as upstream. Resident: on the device when the
+        budget allows (restores are then device copies), in float32 when it allows that
+        too (each merge then skips an upcast), else in pinned host memory."""
         if not self.resident:
-            return patcher.offload_device
-        # Originals on the device when the budget allows: restores are then device copies.
-        if self.free_bytes() >= patcher.patched_key_bytes():
-            return self.settings.device
-        return torch.device("cpu")
+            return patcher.offload_device, None
+        need = patcher.patched_key_bytes()
+        element = torch.tensor([], dtype=patcher.model_dtype()).element_size()
+        free = self.free_bytes()
+        if element < 4 and free >= need * 4 // element:
+            return self.settings.device, torch.float32
+        if free >= need:
+            return self.settings.device, None
+        return torch.device("cpu"), None
+
+    def _patch(self, patcher: ModelPatcher) -> None:
+        device, dtype = self._backup_place(patcher)
+        patcher.patch_model(backup_device=device, backup_dtype=dtype, cache_factors=self.resident,
+                            keep_backups=self.resident)
 
     def _refresh(self, entry: LoadedModel, patcher: ModelPatcher) -> None:
         entry.patcher = patcher
         entry.last_used = self.clock
         if not patcher.is_applied():
-            patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident,
-                                keep_backups=self.resident)
+            self._patch(patcher)
             entry.measure(weights=False)
             if self.resident and self.free_bytes() < 0:
                 # Factors of LoRA sets used before go first, before any model is evicted.
@@ -358,8 +371,7 @@ class ModelManager:
     def _load(self, patcher: ModelPatcher) -> None:
         device = patcher.load_device
         patcher.move_to(device)
-        patcher.patch_model(backup_device=self._backup_device(patcher), cache_factors=self.resident,
-                            keep_backups=self.resident)
+        self._patch(patcher)
         entry = LoadedModel(patcher=patcher, device=device, last_used=self.clock)
         entry.measure()
         self.loaded.insert(0, entry)

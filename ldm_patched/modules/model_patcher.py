@@ -31,9 +31,10 @@ class WeightPatch(Protocol):
         """Content identity: equal identities always produce equal changes."""
         ...
 
-    def add_to(self, merged: torch.Tensor, alpha: float, cache: bool = False) -> None:
-        """Add `alpha` times this change, in float32, into `merged` (float32, the weight's
-        shape and device). With `cache`, factors copied to that device stay there."""
+    def added(self, base: torch.Tensor, alpha: float, cache: bool = False) -> torch.Tensor:
+        """A new float32 tensor: `base` (float32, the weight's shape and device) plus `alpha`
+        times this change. `base` is not modified. With `cache`, factors copied to that
+        device stay there."""
         ...
 
     def cached_bytes(self, device: torch.device) -> int:
@@ -41,7 +42,7 @@ class WeightPatch(Protocol):
         ...
 
     def drop_cache(self) -> None:
-        """Free whatever `add_to(..., cache=True)` kept on devices."""
+        """Free whatever `added(..., cache=True)` kept on devices."""
         ...
 
 
@@ -246,12 +247,15 @@ class ModelPatcher:
 
     def patch_model(self, device_to: torch.device | None = None,
                     backup_device: torch.device | None = None,
-                    cache_factors: bool = False, keep_backups: bool = False) -> PatchResult:
+                    cache_factors: bool = False, keep_backups: bool = False,
+                    backup_dtype: torch.dtype | None = None) -> PatchResult:
         """Put the module into this patcher's wanted state (moving it first if asked).
 
         Only keys whose patch set differs from what is merged now are written,
-        each from its exact original; new originals are kept on `backup_device`.
-        `keep_backups` keeps a restored key's original for its next patch.
+        each from its exact original; new originals are kept on `backup_device`, in
+        `backup_dtype` if given (float32 copies of half-precision weights are exact and
+        save the upcast on every merge). `keep_backups` keeps a restored key's original
+        for its next patch.
         """
         if device_to is not None:
             self.move_to(device_to)
@@ -272,7 +276,7 @@ class ModelPatcher:
                 continue
             if now is not None:
                 restored += 1
-            self._merge_key(state, key, want, backup_device, cache_factors)
+            self._merge_key(state, key, want, backup_device, backup_dtype, cache_factors)
             patched += 1
         state.signature = wanted
         telemetry.count(weights_patched=patched, weights_restored=restored)
@@ -294,19 +298,19 @@ class ModelPatcher:
         return PatchResult(restored=restored)
 
     def _merge_key(self, state: WeightState, key: str, want: KeySignature, backup_device: torch.device,
-                   cache_factors: bool) -> None:
+                   backup_dtype: torch.dtype | None, cache_factors: bool) -> None:
         param = state.param(self.model, key)
         original = state.backups.get(key)
         if original is None:
-            original = state.backups[key] = _copy_for_backup(param, backup_device)
+            original = state.backups[key] = _copy_for_backup(param, backup_device, backup_dtype)
         # Record the key as dirty before writing: a failure can then never leave
         # an unrecorded change, the next diff restores it from the backup.
         state.applied[key] = (("<writing>", 0.0, 0.0),)
-        merged = original.to(param.device, torch.float32, non_blocking=True, copy=True)
+        merged = original.to(param.device, torch.float32, non_blocking=True)   # no copy if already so
         for entry in self.patches[key]:
             if entry.strength_model != 1.0:
-                merged.mul_(entry.strength_model)
-            entry.patch.add_to(merged, entry.strength_patch, cache_factors)
+                merged = merged * entry.strength_model
+            merged = entry.patch.added(merged, entry.strength_patch, cache_factors)
             if cache_factors:
                 state.cached_patches[id(entry.patch)] = entry.patch
         param.data.copy_(merged)
@@ -318,8 +322,8 @@ class ModelPatcher:
         del state.applied[key]
 
 
-def _copy_for_backup(param: torch.Tensor, device: torch.device) -> torch.Tensor:
-    backup = param.detach().to(device, copy=True)
+def _copy_for_backup(param: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    backup = param.detach().to(device, dtype or param.dtype, copy=True)
     if backup.device.type == "cpu" and param.device.type == "cuda":
         backup = backup.pin_memory()  # fast, asynchronous restores from host memory
     return backup
