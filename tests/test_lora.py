@@ -226,3 +226,23 @@ def test_bad_files_fail_with_the_file_name(tiny_components, tmp_path):
     corrupt.write_bytes(os.urandom(256))
     with pytest.raises(LoraError, match="corrupt.safetensors"):
         lora_module.read_lora_file(str(corrupt))
+
+
+def test_peft_alpha_from_the_file_metadata_scales_like_diffusers(tiny_components, tmp_path):
+    """diffusers writes lora_alpha into `lora_adapter_metadata`; the scale is alpha / r."""
+    import json
+
+    from safetensors import safe_open
+
+    components = copy.deepcopy(tiny_components)
+    original = copy.deepcopy(components["unet"].state_dict())
+    plain = peft_lora(components, tmp_path / "plain.safetensors", rank=4)
+    with safe_open(plain, framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith("unet.")}
+    path = tmp_path / "alpha.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(
+        {"unet.r": 4, "unet.lora_alpha": 8, "unet.target_modules": ["to_q"]})})
+    unet, _, match = apply_ours(components, str(path), 0.5)
+    assert {f.alpha for f in lora_module.read_lora_file(str(path)).layers.values()} == {8.0}
+    pipe = diffusers_fused(tiny_components, str(path), 0.5)
+    assert_same_weights(unet.model, pipe.unet, len(match.patches["unet"]), original)

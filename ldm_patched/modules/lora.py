@@ -169,7 +169,38 @@ class ParsedLora:
         return sum(f.nbytes() for f in self.layers.values())
 
 
-def parse_lora_tensors(file: LoraFileId, tensors: dict[str, torch.Tensor]) -> ParsedLora:
+def peft_alphas(metadata: dict[str, str] | None) -> dict[str, tuple[float, dict[str, float]]]:
+    """diffusers/peft files carry no `.alpha` tensors; their alpha is in the file's
+    `lora_adapter_metadata` JSON, per target prefix: {"unet.lora_alpha": 8, "unet.r": 4,
+    "unet.alpha_pattern": {...}}. Returns prefix -> (alpha, per-module overrides)."""
+    import json
+
+    try:
+        config = json.loads((metadata or {}).get("lora_adapter_metadata", "") or "{}")
+    except ValueError:
+        return {}
+    alphas = {}
+    for key, value in config.items():
+        prefix, _, field = key.rpartition(".")
+        if field == "lora_alpha" and isinstance(value, (int, float)):
+            patterns = config.get(f"{prefix}.alpha_pattern") or {}
+            alphas[prefix] = (float(value), {k: float(v) for k, v in patterns.items()})
+    return alphas
+
+
+def _peft_alpha(name: str, alphas: dict[str, tuple[float, dict[str, float]]]) -> float | None:
+    prefix, _, module = name.partition(".")
+    if prefix not in alphas:
+        return None
+    alpha, patterns = alphas[prefix]
+    for pattern, value in patterns.items():
+        if module == pattern or module.endswith("." + pattern):
+            return value
+    return alpha
+
+
+def parse_lora_tensors(file: LoraFileId, tensors: dict[str, torch.Tensor],
+                       metadata: dict[str, str] | None = None) -> ParsedLora:
     layers: dict[str, LoraFactors] = {}
     ignored = []
     for key, tensor in tensors.items():
@@ -183,11 +214,14 @@ def parse_lora_tensors(file: LoraFileId, tensors: dict[str, torch.Tensor]) -> Pa
                 break
         else:
             ignored.append(key)
+    alphas = peft_alphas(metadata)
     for name, factors in list(layers.items()):
         low_rank = factors.up is not None and factors.down is not None
         if not low_rank and factors.diff is None:
             del layers[name]
             ignored.append(name)
+        elif factors.alpha is None:
+            factors.alpha = _peft_alpha(name, alphas)
     return ParsedLora(file=file, layers=layers, ignored=ignored)
 
 
@@ -197,15 +231,18 @@ def read_lora_file(path: str) -> ParsedLora:
         raise LoraError(f"LoRA file {file.name}: only .safetensors LoRA files are read "
                         f"(pickled files can run code)")
     try:
+        from safetensors import safe_open
         from safetensors.torch import load_file
         tensors = load_file(file.path, device="cpu")
+        with safe_open(file.path, framework="pt") as handle:
+            metadata = handle.metadata()
     except Exception as error:  # safetensors raises several types for bad headers
         raise LoraError(f"LoRA file {file.name} is not a readable safetensors file: {error}") from error
     if torch.cuda.is_available():
         # Pinned pages let the copies to the GPU run asynchronously and at full speed.
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     telemetry.count(lora_files_read=1)
-    parsed = parse_lora_tensors(file, tensors)
+    parsed = parse_lora_tensors(file, tensors, metadata)
     if not parsed.layers:
         raise LoraError(f"LoRA file {file.name} holds no LoRA layers (first keys: "
                         f"{', '.join(list(tensors)[:3]) or 'none'})")
