@@ -64,6 +64,7 @@ class Config:
     default_model: str
     default_refiner: str
     default_refiner_switch: float
+    default_vae: str
     default_loras: tuple[LoraSetting, ...]
     default_performance: flags.Performance
     default_sampler: str
@@ -175,6 +176,7 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "default_model": ("", _as_str, True),
     "default_refiner": (flags.NONE_NAME, _as_str, True),
     "default_refiner_switch": (0.8, _as_float, False),
+    "default_vae": (flags.DEFAULT_VAE, _as_str, True),
     "default_loras": ([], _as_loras, False),
     "default_performance": (flags.Performance.SPEED.value, _as_performance, True),
     "default_sampler": (flags.DEFAULT_SAMPLER, _one_of(flags.SAMPLER_NAMES), True),

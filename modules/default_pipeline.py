@@ -25,7 +25,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ldm_patched.modules import model_management
-from ldm_patched.modules.checkpoint import CheckpointError, load_checkpoint
+from ldm_patched.modules.checkpoint import CheckpointError, load_checkpoint, load_vae
 from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraFileId, LoraMatch, match_lora,
                                       text_encoder_lora_names, unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
@@ -82,6 +82,7 @@ class GenerationRequest:
     base_model: str = ""
     refiner_model: str = ""
     refiner_switch: float = 0.8
+    vae: str = flags.DEFAULT_VAE
     loras: list[tuple[str, float]] = field(default_factory=list)
     guidance_scale: float = 4.0
     sampler: str = flags.DEFAULT_SAMPLER
@@ -112,6 +113,7 @@ class GenerationRequest:
             base_model=_text(data, "base_model", cfg.default_model),
             refiner_model=_text(data, "refiner_model", cfg.default_refiner),
             refiner_switch=_float(data, "refiner_switch", cfg.default_refiner_switch, 0.0, 1.0),
+            vae=_text(data, "vae", cfg.default_vae),
             loras=_loras(data.get("loras", [[s.name, s.weight] for s in cfg.default_loras if s.enabled])),
             guidance_scale=_float(data, "guidance_scale", cfg.default_cfg_scale, 0.0, 30.0),
             sampler=_text(data, "sampler", cfg.default_sampler),
@@ -215,6 +217,7 @@ class PipelineState:
     lora_matches: dict[tuple[LoraFileId, int], LoraMatch] = field(default_factory=dict)
     patched: "OrderedDict[tuple, PatchedModels]" = field(default_factory=OrderedDict)
     conditions: "OrderedDict[tuple, core.Conditioning]" = field(default_factory=OrderedDict)
+    vaes: "OrderedDict[LoraFileId, ModelPatcher]" = field(default_factory=OrderedDict)   # models/vae files
     max_checkpoints: int | None = None   # None: the policy's default (max_cached_checkpoints)
 
 
@@ -271,6 +274,27 @@ def adopt_checkpoint(file: LoraFileId, kind: str, components: dict[str, torch.nn
     while len(STATE.checkpoints) > (STATE.max_checkpoints or max_cached_checkpoints(manager)):
         _drop_checkpoint(next(iter(STATE.checkpoints.values())))
     return checkpoint
+
+
+def get_vae(name: str, cfg: config_module.Config) -> ModelPatcher:
+    """A standalone VAE from the VAE folders, loaded once per file version."""
+    try:
+        path = config_module.resolve_model_file(name, cfg.path_vae)
+    except FileNotFoundError as error:
+        raise RequestError(str(error)) from error
+    file = LoraFileId.of(path)
+    cached = STATE.vaes.get(file)
+    if cached is not None:
+        STATE.vaes.move_to_end(file)
+        return cached
+    manager = model_management.get_manager()
+    vae = load_vae(file.path, dtype=manager.dtype_for("vae", manager.vae_device()))
+    patcher = ModelPatcher(vae, manager.vae_device(), manager.offload_device(), name=f"{file.name}:vae")
+    STATE.vaes[file] = patcher
+    while len(STATE.vaes) > (2 if manager.resident else 1):
+        _, dropped = STATE.vaes.popitem(last=False)
+        manager.forget(dropped.model)
+    return patcher
 
 
 def _fused_loras(metadata: dict[str, str]) -> list[str]:
@@ -458,6 +482,14 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
         refiner = get_checkpoint(resolve_checkpoint(req.refiner_model, cfg))
         report["refiner_model"] = os.path.basename(refiner.file.path)
 
+    if req.vae not in ("", flags.DEFAULT_VAE, flags.NONE_NAME):
+        vae = get_vae(req.vae, cfg)
+        report["vae"] = req.vae
+    else:
+        vae = base.vae or (refiner.vae if refiner is not None else None)
+    if vae is None:
+        raise RequestError(f"{os.path.basename(base.file.path)} has no VAE: choose one from "
+                           f"{cfg.path_vae[0]} (request field 'vae')")
     with _stage(stage_ms, "text_encode"):
         stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, prompt, counts),
                                  encode(models.clip, base.tokenizers, req.negative_prompt, counts))]
@@ -467,9 +499,6 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                                          encode(refiner.clip, refiner.tokenizers, req.negative_prompt, counts),
                                          refiner=refiner.kind == "refiner"))
     switch = round(steps * req.refiner_switch) if refiner is not None else None
-    vae = base.vae or (refiner.vae if refiner is not None else None)
-    if vae is None:
-        raise RequestError(f"{os.path.basename(base.file.path)} has no VAE")
 
     paths = []
     for index in range(req.image_number):

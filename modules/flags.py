@@ -14,6 +14,7 @@ from enum import Enum
 
 # The string Fooocus uses for "no model selected" (refiner, LoRA slots).
 NONE_NAME = "None"
+DEFAULT_VAE = "Default (model)"   # upstream's name for "the checkpoint's own VAE"
 
 
 class Performance(str, Enum):

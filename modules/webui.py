@@ -75,6 +75,7 @@ class UIValues:
     sampler: str
     scheduler: str
     guidance_scale: float
+    vae: str = flags.DEFAULT_VAE
 
     def to_request(self) -> dict:
         width, height = flags.parse_aspect_ratio(self.aspect_ratio)
@@ -94,6 +95,7 @@ class UIValues:
             "sampler": self.sampler,
             "scheduler": self.scheduler,
             "guidance_scale": float(self.guidance_scale),
+            "vae": self.vae or flags.DEFAULT_VAE,
         }
         if self.base_model:
             request["base_model"] = self.base_model
@@ -177,6 +179,7 @@ class Controls:
     sampler: gr.Dropdown | None = None
     scheduler: gr.Dropdown | None = None
     guidance_scale: gr.Slider | None = None
+    vae: gr.Dropdown | None = None
 
     def components(self) -> set[gr.components.Component]:
         out: set[gr.components.Component] = {
@@ -185,7 +188,7 @@ class Controls:
         }
         for slot in self.loras:
             out |= {slot.enabled, slot.name, slot.weight}
-        for extra in (self.sampler, self.scheduler, self.guidance_scale):
+        for extra in (self.sampler, self.scheduler, self.guidance_scale, self.vae):
             assert extra is not None
             out.add(extra)
         return out
@@ -209,6 +212,7 @@ class Controls:
             sampler=data[self.sampler],
             scheduler=data[self.scheduler],
             guidance_scale=float(data[self.guidance_scale]),
+            vae=data[self.vae] if self.vae is not None else flags.DEFAULT_VAE,
         )
 
 
@@ -218,6 +222,10 @@ def _checkpoint_choices(cfg: config_module.Config) -> list[str]:
 
 def _lora_choices(cfg: config_module.Config) -> list[str]:
     return [flags.NONE_NAME] + config_module.list_model_files(cfg.path_loras)
+
+
+def _vae_choices(cfg: config_module.Config) -> list[str]:
+    return [flags.DEFAULT_VAE] + config_module.list_model_files(cfg.path_vae)
 
 
 def _default_base_model(cfg: config_module.Config, choices: list[str]) -> str | None:
@@ -295,11 +303,14 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                                             label="Scheduler")
                     guidance = gr.Slider(1.0, 30.0, value=cfg.default_cfg_scale, step=0.01,
                                          label="Guidance scale")
+                    vae = gr.Dropdown(_vae_choices(cfg), value=cfg.default_vae, label="VAE",
+                                      allow_custom_value=True)
 
         controls = Controls(prompt=prompt, negative_prompt=negative, performance=performance,
                             aspect_ratio=aspect_ratio, image_number=image_number, seed=seed,
                             base_model=base_model, refiner_model=refiner_model, refiner_switch=refiner_switch,
-                            loras=slots, sampler=sampler, scheduler=scheduler, guidance_scale=guidance)
+                            loras=slots, sampler=sampler, scheduler=scheduler, guidance_scale=guidance,
+                            vae=vae)
 
         # -- page events (private) ----------------------------------------------------------
 
@@ -328,9 +339,10 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
             fresh = config_module.list_model_files(cfg.path_checkpoints)
             loras = _lora_choices(cfg)
             return (gr.update(choices=fresh), gr.update(choices=[flags.NONE_NAME] + fresh),
-                    *[gr.update(choices=loras) for _ in slots])
+                    gr.update(choices=_vae_choices(cfg)), *[gr.update(choices=loras) for _ in slots])
 
-        refresh_btn.click(on_refresh, inputs=None, outputs=[base_model, refiner_model, *[s.name for s in slots]],
+        refresh_btn.click(on_refresh, inputs=None,
+                          outputs=[base_model, refiner_model, vae, *[s.name for s in slots]],
                           api_visibility="private", queue=False)
 
         # -- API ------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
     """Factory: a fresh pipeline state over a tmp model folder holding the tiny base checkpoint.
 
     `pipeline(policy, budget=...)` installs a model manager with that policy on the CPU
-    and returns the folders {checkpoints, loras, outputs}; call it again to switch policy
+    and returns the folders {checkpoints, loras, outputs, vae}; call it again to switch policy
     (the registry and pipeline caches start empty each time).
     """
     import json
@@ -67,14 +67,15 @@ def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
     from ldm_patched.modules import model_management as mm
     from modules import config, default_pipeline
 
-    folders = {name: tmp_path / name for name in ("checkpoints", "loras", "outputs")}
+    folders = {name: tmp_path / name for name in ("checkpoints", "loras", "outputs", "vae")}
     for folder in folders.values():
         folder.mkdir()
     shutil.copy(tiny_checkpoint, folders["checkpoints"] / "tiny_sdxl_base.safetensors")
     config_file = tmp_path / "config.txt"
     config_file.write_text(json.dumps({"path_checkpoints": str(folders["checkpoints"]),
                                        "path_loras": str(folders["loras"]),
-                                       "path_outputs": str(folders["outputs"])}))
+                                       "path_outputs": str(folders["outputs"]),
+                                       "path_vae": str(folders["vae"])}))
     monkeypatch.setenv("config_path", str(config_file))
     config.reload_config()
 

@@ -279,3 +279,25 @@ def test_a_long_prompt_is_not_cut_at_77_tokens(pipeline):
     assert "error" not in longer.report
     # Words past the first window change the image: they were encoded, not dropped.
     assert not np.array_equal(pixels(cut.images[0]), pixels(longer.images[0]))
+
+
+def test_standalone_vae_from_the_vae_folder(pipeline, tiny_components, tmp_path):
+    from ldm_patched.modules.checkpoint import original_state_dict, save_checkpoint
+    from ldm_patched.modules.demo_model import build_tiny_sdxl
+    from modules import config
+
+    vae_folder = pipeline(mm.Policy.RESIDENT)["vae"]
+    assert config.get_config().path_vae[0] == vae_folder
+    strip = lambda state: {k[len("first_stage_model."):]: v for k, v in state.items()}  # noqa: E731
+    save_checkpoint(vae_folder / "same.safetensors", strip(original_state_dict(vae=tiny_components["vae"])))
+    save_checkpoint(vae_folder / "other.safetensors", strip(original_state_dict(vae=build_tiny_sdxl(seed=5)["vae"])))
+    save_checkpoint(vae_folder / "not_a_vae.safetensors", {"foo.weight": torch.zeros(2)})
+    default = default_pipeline.process_request(dict(SMALL))
+    same = default_pipeline.process_request({**SMALL, "vae": "same.safetensors"})
+    other = default_pipeline.process_request({**SMALL, "vae": "other.safetensors"})
+    assert same.report["vae"] == "same.safetensors"
+    assert np.array_equal(pixels(same.images[0]), pixels(default.images[0]))
+    assert not np.array_equal(pixels(other.images[0]), pixels(default.images[0]))
+    bad = default_pipeline.process_request({**SMALL, "vae": "not_a_vae.safetensors"})
+    assert bad.images == [] and "not_a_vae.safetensors" in bad.report["error"]
+    assert "error" not in default_pipeline.process_request(dict(SMALL)).report

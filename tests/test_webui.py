@@ -90,7 +90,7 @@ def test_ui_values_become_the_api_request() -> None:
         "width": 896, "height": 1152, "image_number": 3, "seed": 42,
         "base_model": "sdxl/base.safetensors", "refiner_model": "None", "refiner_switch": 0.8,
         "loras": [["a.safetensors", 0.5], ["c.safetensors", -1.25]],
-        "sampler": "euler", "scheduler": "karras", "guidance_scale": 4.0,
+        "sampler": "euler", "scheduler": "karras", "guidance_scale": 4.0, "vae": "Default (model)",
     }
     json.dumps(request)  # must be JSON-able, it is the API payload
 
@@ -224,6 +224,7 @@ def test_page_generate_event_submits_the_request_built_from_the_controls(fake_ap
         "prompt": "from the page", "negative_prompt": "", "performance": "Speed", "width": 896, "height": 1152,
         "image_number": 2, "seed": 11, "refiner_model": "None", "refiner_switch": 0.8, "loras": [],
         "sampler": flags.DEFAULT_SAMPLER, "scheduler": flags.DEFAULT_SCHEDULER, "guidance_scale": 4.0,
+        "vae": flags.DEFAULT_VAE,
     }]
     progress_html, gallery, report = final["output"]["data"][:3]
     assert "Finished" in progress_html

@@ -389,13 +389,30 @@ def _build_unet(source: _Source, pooled_dim: int, refiner: bool, dtype: torch.dt
     return _assign(unet, _map_tensors(source, layout.UNET_PREFIX, key_map, dtype))
 
 
-def _build_vae(source: _Source, dtype: torch.dtype) -> AutoencoderKL:
-    config = infer_vae_config(source.under(layout.VAE_PREFIX))
+def _build_vae(source: _Source, dtype: torch.dtype, prefix: str = layout.VAE_PREFIX) -> AutoencoderKL:
+    config = infer_vae_config(source.under(prefix))
     with init_empty_weights():
         vae = AutoencoderKL.from_config(config)
     key_map = layout.vae_key_map(vae.config, keys=vae.state_dict().keys())
-    state = _map_tensors(source, layout.VAE_PREFIX, key_map, dtype, layout.vae_tensor_from_original)
+    state = _map_tensors(source, prefix, key_map, dtype, layout.vae_tensor_from_original)
     return _assign(vae, state)
+
+
+_VAE_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
+
+
+def load_vae(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A standalone SDXL VAE file (models/vae) in the original layout, with or
+    without the checkpoint's `first_stage_model.` prefix."""
+    path = os.fspath(path)
+    with _open_source(path) as source:
+        prefix = layout.VAE_PREFIX if source.under(layout.VAE_PREFIX) else ""
+        parts = {k: s for k, s in source.under(prefix).items() if k.split(".", 1)[0] in _VAE_PARTS}
+        if "encoder.conv_in.weight" not in parts or "decoder.conv_out.weight" not in parts:
+            raise CheckpointError(path, "not a VAE in the original layout (no encoder.conv_in / decoder.conv_out; "
+                                        f"found {', '.join(_top_prefixes(list(source.shapes))[:6]) or 'no tensors'})")
+        vae_only = _Source({prefix + k: s for k, s in parts.items()}, source.get, source.metadata)
+        return _component(path, "VAE", lambda: _build_vae(vae_only, dtype, prefix))
 
 
 def _component(path: str, name: str, build: Callable[[], Any]) -> Any:
