@@ -376,3 +376,17 @@ def test_open_clip_fusion_order_round_trips():
     assert torch.equal(original["p.text_projection"], hf["text_projection.weight"].t())
     back, _ = layout.open_clip_from_original(original, prefix="p.")
     assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_a_text_encoder_with_a_small_vocabulary_is_refused_by_name(tiny_components, tmp_path):
+    import copy
+
+    from ldm_patched.modules.checkpoint import CheckpointError, load_checkpoint, original_state_dict, save_checkpoint
+
+    parts = copy.deepcopy(tiny_components)
+    state = original_state_dict(**parts)
+    key = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+    state[key] = state[key][:1000].clone()
+    path = save_checkpoint(tmp_path / "small_vocab.safetensors", state)
+    with pytest.raises(CheckpointError, match="small_vocab.safetensors.*1000 tokens"):
+        load_checkpoint(path)

@@ -34,6 +34,9 @@ NORM_GROUPS = 32
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
+CLIP_VOCAB_SIZE = 49408   # the bundled tokenizer's ids run up to 49407
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and why."""
 
@@ -454,6 +457,10 @@ def load_checkpoint(
         text_encoder = None
         if not refiner:
             text_encoder = _component(path, "CLIP-L text encoder", lambda: _build_clip_l(source, text_encoder_dtype))
+        for encoder in (text_encoder, text_encoder_2):
+            if encoder is not None and encoder.config.vocab_size < CLIP_VOCAB_SIZE:
+                raise CheckpointError(path, f"its text encoder has a vocabulary of {encoder.config.vocab_size} "
+                                            f"tokens; SDXL's CLIP tokenizer needs {CLIP_VOCAB_SIZE}")
         pooled_dim = text_encoder_2.config.projection_dim
         unet = _component(path, "UNet", lambda: _build_unet(source, pooled_dim, refiner, unet_dtype))
         vae = None
