@@ -171,3 +171,19 @@ def test_resident_backups_are_float32_on_the_device_only_when_the_budget_allows(
     tight = manager(mm.Policy.RESIDENT, budget=weight_bytes * 3 // 2)   # room for fp16 copies only
     assert tight._backup_place(half) == (CPU, None)
     assert manager(mm.Policy.CONSERVATIVE)._backup_place(half) == (half.offload_device, None)
+
+
+def test_fooocus_module_level_api_reaches_the_configured_manager():
+    settings = mm.MemorySettings(policy=mm.Policy.CONSERVATIVE, budget_bytes=10 ** 9, total_bytes=10 ** 9)
+    installed = mm.configure(settings)
+    try:
+        unet = patcher(16, "unet")
+        mm.load_model_gpu(unet)
+        assert mm.get_manager() is installed and names(installed) == ["unet"]
+        assert mm.get_torch_device() == CPU and mm.unet_offload_device() == CPU
+        assert mm.get_free_memory() == 10 ** 9 - unet.model_size()
+        assert unet.is_clone(unet.clone())
+        mm.unload_all_models()
+        assert installed.loaded == []
+    finally:
+        mm.configure(settings)

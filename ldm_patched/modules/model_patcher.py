@@ -198,11 +198,6 @@ class ModelPatcher:
         """True when the module's weights are exactly this patcher's wanted state."""
         return self.applied_signature() == self.weight_signature()
 
-    def current_device(self) -> torch.device:
-        for tensor in _tensors(self.model):
-            return tensor.device
-        return self.offload_device
-
     def model_size(self) -> int:
         return module_bytes(self.model)
 
