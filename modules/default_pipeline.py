@@ -425,7 +425,7 @@ def process_request(request: dict, control: "TaskControl | None" = None,
     manager = model_management.get_manager()
     started = time.perf_counter()
     manager.begin_request()
-    report: dict[str, Any] = {"mode": manager.settings.policy.value}
+    report: dict[str, Any] = {"mode": manager.settings.policy.value, "seed": -1}   # seed: set once known
     stage_ms = {"text_encode": 0.0, "sampling": 0.0, "vae_decode": 0.0, "save_images": 0.0}
     counts = {"text_encodes": 0}
     images: list[str] = []
