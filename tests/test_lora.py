@@ -246,3 +246,23 @@ def test_peft_alpha_from_the_file_metadata_scales_like_diffusers(tiny_components
     assert {f.alpha for f in lora_module.read_lora_file(str(path)).layers.values()} == {8.0}
     pipe = diffusers_fused(tiny_components, str(path), 0.5)
     assert_same_weights(unet.model, pipe.unet, len(match.patches["unet"]), original)
+
+
+def test_locon_mid_and_full_diff_layers():
+    """Tucker LoCon (lora_mid) and `diff` layers, against the delta written out another way."""
+    gen = torch.Generator().manual_seed(3)
+    out_ch, in_ch, rank = 6, 5, 3
+    up = torch.randn(out_ch, rank, 1, 1, generator=gen)
+    down = torch.randn(rank, in_ch, 1, 1, generator=gen)
+    mid = torch.randn(rank, rank, 3, 3, generator=gen)
+    base = torch.randn(out_ch, in_ch, 3, 3, generator=gen)
+    factors = lora_module.LoraFactors(up=up, down=down, mid=mid, alpha=1.5)
+    assert lora_module._fits(factors, base.shape)
+    patch = lora_module.LoraPatch(lora_module.LoraFileId("x", 1, 1), "layer", factors)
+    # up . mid . down per kernel position: [kh, kw, out, in] -> [out, in, kh, kw]
+    expected = (up.flatten(1) @ mid.permute(2, 3, 0, 1) @ down.flatten(1)).permute(2, 3, 0, 1)
+    got = patch.added(base, 0.5)
+    assert torch.allclose(got, base + 0.5 * (1.5 / rank) * expected, atol=1e-5)
+    diff = torch.randn(out_ch, in_ch, 3, 3, generator=gen)
+    full = lora_module.LoraPatch(lora_module.LoraFileId("x", 1, 1), "layer", lora_module.LoraFactors(diff=diff))
+    assert torch.allclose(full.added(base, 2.0), base + 2.0 * diff)
