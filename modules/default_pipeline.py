@@ -8,6 +8,7 @@ patches weights: `core` asks `model_management.load_models_gpu` for that.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import json
 import logging
@@ -222,6 +223,7 @@ class PipelineState:
 
 
 STATE = PipelineState()
+PNG_WRITER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer")
 MAX_PATCHED_SETS = 4
 MAX_CONDITIONS = 64
 
@@ -500,7 +502,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                                          refiner=refiner.kind == "refiner"))
     switch = round(steps * req.refiner_switch) if refiner is not None else None
 
-    paths = []
+    writes: list[concurrent.futures.Future[str]] = []
     for index in range(req.image_number):
         _check_stop(control)
         image_seed = seed + index
@@ -521,10 +523,12 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                                   switch_step=switch, callback=on_step)
         with _stage(stage_ms, "vae_decode"):
             pixels = core.decode(vae, latents, req.width, req.height)
-        with _stage(stage_ms, "save_images"):
-            paths.append(save_image(pixels, {**_echo(req, prompt), "seed": image_seed, "sampler": sampler,
-                                             "scheduler": scheduler, "steps": steps, "cfg": cfg_scale,
-                                             "base_model": report["base_model"], "loras": models.loras}, cfg))
+        # PNG encoding runs on the writer thread while the next image samples.
+        writes.append(PNG_WRITER.submit(save_image, pixels, {
+            **_echo(req, prompt), "seed": image_seed, "sampler": sampler, "scheduler": scheduler, "steps": steps,
+            "cfg": cfg_scale, "base_model": report["base_model"], "loras": models.loras}, cfg))
+    with _stage(stage_ms, "save_images"):   # only the part that did not overlap
+        paths = [write.result() for write in writes]
     report["seeds"] = [seed + i for i in range(req.image_number)]
     return paths
 

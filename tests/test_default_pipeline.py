@@ -301,3 +301,24 @@ def test_standalone_vae_from_the_vae_folder(pipeline, tiny_components, tmp_path)
     bad = default_pipeline.process_request({**SMALL, "vae": "not_a_vae.safetensors"})
     assert bad.images == [] and "not_a_vae.safetensors" in bad.report["error"]
     assert "error" not in default_pipeline.process_request(dict(SMALL)).report
+
+
+def test_png_writing_overlaps_sampling_of_the_next_image(pipeline, monkeypatch):
+    import threading
+
+    pipeline(mm.Policy.RESIDENT)
+    second_image_sampling = threading.Event()
+    seen = []
+    real_save = default_pipeline.save_image
+
+    def save_after_next_image_started(pixels_, parameters, cfg):
+        if parameters["seed"] == SMALL["seed"]:   # the first image: wait for the second to start sampling
+            seen.append(second_image_sampling.wait(timeout=30))
+        return real_save(pixels_, parameters, cfg)
+
+    def on_progress(event):
+        if event.image_index == 1:
+            second_image_sampling.set()
+    monkeypatch.setattr(default_pipeline, "save_image", save_after_next_image_started)
+    result = default_pipeline.process_request({**SMALL, "image_number": 2}, None, on_progress)
+    assert seen == [True] and len(result.images) == 2 and all(os.path.exists(p) for p in result.images)
