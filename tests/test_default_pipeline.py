@@ -28,14 +28,8 @@ def pixels(path: str) -> np.ndarray:
 
 
 def layer_lora(components, path, layers: tuple[str, ...], rank: int = 2) -> str:
-    """A kohya LoRA over the UNet layers whose names contain one of `layers`."""
-    import tests.test_lora as t
-    saved = t.UNET_LAYERS, t.TE_LAYERS
-    t.UNET_LAYERS, t.TE_LAYERS = layers, ()
-    try:
-        return kohya_lora(components, path, rank=rank, alpha=float(rank))
-    finally:
-        t.UNET_LAYERS, t.TE_LAYERS = saved
+    """A kohya LoRA over the UNet layers whose names contain one of `layers` (no text encoder)."""
+    return kohya_lora(components, path, rank=rank, alpha=float(rank), unet_layers=layers, te_layers=())
 
 
 def test_same_image_as_diffusers_pipeline(pipeline, tiny_checkpoint, diffusers_config_dir):

@@ -31,17 +31,18 @@ def _factors(shape: torch.Size, rank: int, layer: str) -> tuple[torch.Tensor, to
     return up, down
 
 
-def _unet_weights(unet) -> list[str]:
+def _unet_weights(unet, layers: tuple[str, ...] = UNET_LAYERS) -> list[str]:
     return [k for k, p in unet.named_parameters()
-            if k.endswith(".weight") and p.ndim >= 2 and any(f".{layer}.weight" in k for layer in UNET_LAYERS)]
+            if k.endswith(".weight") and p.ndim >= 2 and any(f".{layer}.weight" in k for layer in layers)]
 
 
-def _te_weights(encoder) -> list[str]:
+def _te_weights(encoder, layers: tuple[str, ...] = TE_LAYERS) -> list[str]:
     return [k for k, p in encoder.named_parameters()
-            if k.endswith(".weight") and any(f".{layer}.weight" in k for layer in TE_LAYERS)]
+            if k.endswith(".weight") and any(f".{layer}.weight" in k for layer in layers)]
 
 
-def kohya_lora(components, path, rank: int = 4, alpha: float = 2.0) -> str:
+def kohya_lora(components, path, rank: int = 4, alpha: float = 2.0,
+               unet_layers: tuple[str, ...] = UNET_LAYERS, te_layers: tuple[str, ...] = TE_LAYERS) -> str:
     """kohya layout over the ORIGINAL block names (lora_unet_input_blocks_...), with alphas."""
     to_original = unet_key_map(dict(components["unet"].config))
     tensors = {}
@@ -51,11 +52,11 @@ def kohya_lora(components, path, rank: int = 4, alpha: float = 2.0) -> str:
         tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"] = up, down
         tensors[f"{name}.alpha"] = torch.tensor(alpha)
 
-    for key in _unet_weights(components["unet"]):
+    for key in _unet_weights(components["unet"], unet_layers):
         original = to_original[key][: -len(".weight")]
         add("lora_unet_" + original.replace(".", "_"), components["unet"].get_parameter(key).shape)
     for prefix, encoder in (("lora_te1_", components["text_encoder"]), ("lora_te2_", components["text_encoder_2"])):
-        for key in _te_weights(encoder):
+        for key in _te_weights(encoder, te_layers):
             add(prefix + key[: -len(".weight")].replace(".", "_"), encoder.get_parameter(key).shape)
     save_file(tensors, str(path))
     return str(path)
