@@ -336,6 +336,9 @@ def patched_models(checkpoint: LoadedCheckpoint, loras: list[tuple[str, float]])
             log.warning("[Fooocus-Resident] LoRA %s: %d keys match no layer (e.g. %s)",
                         file.name, len(match.unmatched), match.unmatched[0])
     models = PatchedModels(checkpoint=checkpoint, unet=unet, clip=clip, loras=report)
+    # Parsed LoRA files are host memory (pinned with a GPU): on the host ledger, freed with the file cache.
+    model_management.get_manager().register_cache("lora_files", model_management.HOST,
+                                                  lambda: STATE.lora_files.nbytes())
     STATE.patched[key] = models
     while len(STATE.patched) > MAX_PATCHED_SETS:
         STATE.patched.popitem(last=False)
@@ -367,7 +370,15 @@ def encode(clip: ModelPatcher, tokenizers: tuple, prompt: str, counts: dict) -> 
         STATE.conditions[key] = cond
         while len(STATE.conditions) > MAX_CONDITIONS:
             STATE.conditions.popitem(last=False)
+        # Kept conditionings live on the encoders' device: charged there, freed in the first tier.
+        manager.register_cache("conditionings", clip.load_device, lambda: _conditions_bytes(STATE),
+                               lambda: STATE.conditions.clear())
     return cond
+
+
+def _conditions_bytes(state: PipelineState) -> int:
+    return sum(t.numel() * t.element_size() for c in list(state.conditions.values())
+               for t in (c.embeds, c.pooled) if t is not None)
 
 
 # -- model files ------------------------------------------------------------------------
@@ -421,31 +432,61 @@ def _downloads_allowed() -> bool:
 
 # -- one request ------------------------------------------------------------------------
 
+@dataclass
+class RequestProgress:
+    """What a request has finished so far: a retry after an out-of-memory goes on from here
+    instead of making (and saving) the finished images again."""
+
+    writes: list = field(default_factory=list)       # futures of committed image files
+    next_image: int = 0
+    patchers: list[ModelPatcher] = field(default_factory=list)   # what the request needs resident
+
+
 def process_request(request: dict, control: "TaskControl | None" = None,
                     progress: Callable[[ProgressEvent], None] | None = None) -> RequestResult:
-    """Run one request; bad input and failures come back as report["error"]."""
+    """Run one request; bad input and failures come back as report["error"].
+
+    An out-of-memory frees what the request does not need and retries once; a second one
+    fails the request alone, saying what it needed and what the budget is."""
     manager = model_management.get_manager()
     started = time.perf_counter()
     manager.begin_request()
     report: dict[str, Any] = {"mode": manager.settings.policy.value, "seed": -1}   # seed: set once known
     stage_ms = {"text_encode": 0.0, "sampling": 0.0, "vae_decode": 0.0, "save_images": 0.0}
-    counts = {"text_encodes": 0}
+    counts = {"text_encodes": 0, "oom_retries": 0}
+    done = RequestProgress()
     images: list[str] = []
-    try:
-        images = _run(request, control, progress, report, stage_ms, counts)
-    except StopRequested:
-        report["stopped"] = True
-    except (RequestError, CheckpointError, LoraError, config_module.ConfigError) as error:
-        report["error"] = str(error)
-    except ValueError as error:  # unknown sampler/scheduler, bad aspect ratio...
-        report["error"] = str(error)
-    except torch.OutOfMemoryError:
-        report["error"] = (f"out of memory at {report.get('width')}x{report.get('height')} with "
-                           f"{report.get('image_number')} image(s): try a smaller size or fewer images")
-        torch.cuda.empty_cache()
-    except Exception as error:  # keep serving whatever went wrong
-        log.exception("request failed")
-        report["error"] = f"internal error: {type(error).__name__}: {error}"
+    for attempt in (1, 2):
+        oom = None
+        try:
+            images = _run(request, control, progress, report, stage_ms, counts, done)
+        except torch.OutOfMemoryError as error:
+            oom = str(error).splitlines()[0] if str(error) else "out of memory"
+        except StopRequested:
+            report["stopped"] = True
+        except (RequestError, CheckpointError, LoraError, config_module.ConfigError) as error:
+            report["error"] = str(error)
+        except ValueError as error:  # unknown sampler/scheduler, bad aspect ratio...
+            report["error"] = str(error)
+        except Exception as error:  # keep serving whatever went wrong
+            log.exception("request failed")
+            report["error"] = f"internal error: {type(error).__name__}: {error}"
+        if oom is None:
+            break
+        # Here, outside the `except`, the traceback and the activations it held are gone.
+        needed = manager.request_peak_bytes()
+        budget = manager.effective_budget
+        manager.recover_from_oom(keep_loaded=done.patchers)
+        report["out_of_memory"] = {"message": oom, "needed_bytes": needed, "budget_bytes": budget,
+                                   "effective_budget_bytes": manager.effective_budget}
+        if attempt == 1:
+            counts["oom_retries"] += 1
+            continue
+        report["error"] = (f"out of memory on {manager.device} twice: the request needed about "
+                           f"{needed / model_management.GIB:.2f} GB (models, patches and working memory) "
+                           f"with a budget of {budget / model_management.GIB:.2f} GB; the effective budget is "
+                           f"now {manager.effective_budget / model_management.GIB:.2f} GB. Try a smaller size "
+                           f"or fewer images")
     summary = manager.end_request()
     if "error" in report:
         images = []
@@ -453,7 +494,8 @@ def process_request(request: dict, control: "TaskControl | None" = None,
     return RequestResult(images=images, report=report)
 
 
-def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts: dict) -> list[str]:
+def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts: dict,
+         done: RequestProgress) -> list[str]:
     cfg = config_module.get_config()
     req = GenerationRequest.from_dict(request, cfg)
     prompt, tag_loras = split_lora_tags(req.prompt)
@@ -474,6 +516,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     user_loras = [(resolve_lora(name, cfg), weight) for name, weight in req.loras + tag_loras]
     perf_loras, perf_note = performance_lora(settings, base, cfg)
     models = patched_models(base, user_loras + perf_loras)
+    done.patchers = [models.unet, models.clip]
     report.update(base_model=os.path.basename(base.file.path), loras=models.loras)
     if perf_note:
         report["performance_lora"] = perf_note
@@ -482,7 +525,13 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     if req.refiner_model and req.refiner_model != flags.NONE_NAME and settings.refiner_enabled \
             and req.refiner_switch < 1.0:
         refiner = get_checkpoint(resolve_checkpoint(req.refiner_model, cfg))
-        report["refiner_model"] = os.path.basename(refiner.file.path)
+        if refiner is base:
+            # As upstream: the base as its own refiner would only swap LoRA patches mid-sampling.
+            report["refiner_model"] = "disabled: the refiner is the base model"
+            refiner = None
+        else:
+            report["refiner_model"] = os.path.basename(refiner.file.path)
+            done.patchers += [refiner.unet, refiner.clip]
 
     if req.vae not in ("", flags.DEFAULT_VAE, flags.NONE_NAME):
         vae = get_vae(req.vae, cfg)
@@ -492,6 +541,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     if vae is None:
         raise RequestError(f"{os.path.basename(base.file.path)} has no VAE: choose one from "
                            f"{cfg.path_vae[0]} (request field 'vae')")
+    done.patchers.append(vae)
     with _stage(stage_ms, "text_encode"):
         stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, prompt, counts),
                                  encode(models.clip, base.tokenizers, req.negative_prompt, counts))]
@@ -502,8 +552,8 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                                          refiner=refiner.kind == "refiner"))
     switch = round(steps * req.refiner_switch) if refiner is not None else None
 
-    writes: list[concurrent.futures.Future[str]] = []
-    for index in range(req.image_number):
+    writes = done.writes
+    for index in range(done.next_image, req.image_number):
         _check_stop(control)
         image_seed = seed + index
 
@@ -527,6 +577,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
         writes.append(PNG_WRITER.submit(save_image, pixels, {
             **_echo(req, prompt), "seed": image_seed, "sampler": sampler, "scheduler": scheduler, "steps": steps,
             "cfg": cfg_scale, "base_model": report["base_model"], "loras": models.loras}, cfg))
+        done.next_image = index + 1
     with _stage(stage_ms, "save_images"):   # only the part that did not overlap
         paths = [write.result() for write in writes]
     report["seeds"] = [seed + i for i in range(req.image_number)]
@@ -563,8 +614,9 @@ class _stage:
 
 
 def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    device = model_management.get_manager().device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _finish_report(report: dict, summary: model_management.RequestSummary, started: float,
@@ -574,9 +626,11 @@ def _finish_report(report: dict, summary: model_management.RequestSummary, start
                             "model_management": round(counters.management_seconds * 1000, 3),
                             **{k: round(v, 3) for k, v in stage_ms.items()}}
     report["model_management"] = {**counters.as_report(), "text_encodes": counts["text_encodes"],
-                                  "over_budget": summary.over_budget}
+                                  "over_budget": summary.over_budget, "oom_retries": counts["oom_retries"]}
     report["vram"] = {"budget_bytes": summary.budget_bytes, "resident_bytes": summary.resident_bytes,
-                      "peak_allocated_bytes": summary.peak_allocated_bytes}
+                      "peak_allocated_bytes": summary.peak_allocated_bytes,
+                      "effective_budget_bytes": summary.effective_budget_bytes,
+                      "host_resident_bytes": summary.host_resident_bytes}
     report["images"] = images
     mm = report["model_management"]
     print(f"[Fooocus-Resident] {report['mode']}: {len(images)} image(s) in {report['timings_ms']['total']:.0f} ms; "

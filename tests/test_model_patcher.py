@@ -6,6 +6,7 @@ import torch
 from ldm_patched.modules import telemetry
 from ldm_patched.modules.lora import LoraFactors, LoraFileId, LoraPatch
 from ldm_patched.modules.model_patcher import ModelPatcher, weight_state
+from tests.helpers import lora_for, snapshot
 
 CPU = torch.device("cpu")
 
@@ -13,21 +14,6 @@ CPU = torch.device("cpu")
 def toy_module(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
-
-
-def lora_for(module: torch.nn.Module, keys: list[str], tag: str, rank: int = 2, seed: int = 1) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    patches = {}
-    for key in keys:
-        shape = module.get_parameter(key).shape
-        down = torch.randn(rank, *shape[1:], generator=gen)
-        up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=gen)
-        patches[key] = LoraPatch(LoraFileId(tag, 1, 1), key, LoraFactors(up=up, down=down, alpha=1.0))
-    return patches
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def test_unpatch_restores_every_weight_bit_exactly():
@@ -168,7 +154,7 @@ def test_factor_caches_outlive_a_switch_and_can_be_dropped_except_the_wanted():
     with_a.patch_model(cache_factors=True, keep_backups=True)
     with_b.patch_model(cache_factors=True, keep_backups=True)
     assert dropped == []                         # switching keeps A's factors for A's return
-    with_b.drop_factor_caches(keep=with_b)       # what the policy does when the budget is short
+    with_b.drop_factor_caches(keep=[with_b])       # what the policy does when the budget is short
     assert dropped == ["a.safetensors"]
     with_b.drop_factor_caches()                  # eviction
     assert dropped == ["a.safetensors", "b.safetensors"]

@@ -143,6 +143,13 @@ class LoraPatch:
     def cached_bytes(self, device: torch.device) -> int:
         return sum(t.numel() * t.element_size() for t in self._on_device.get(device, ()) if t is not None)
 
+    def cache_devices(self) -> list[torch.device]:
+        return list(self._on_device)
+
+    def factor_bytes(self) -> int:
+        """float32 copies of the factors, as `added(..., cache=True)` keeps them."""
+        return sum(t.numel() * 4 for t in self.factors.tensors())
+
     def drop_cache(self) -> None:
         self._on_device.clear()
 
@@ -275,6 +282,9 @@ class LoraFileCache:
 
     def __contains__(self, file: LoraFileId) -> bool:
         return file in self._files
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self._files.values())
 
     def __len__(self) -> int:
         return len(self._files)

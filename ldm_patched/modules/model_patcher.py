@@ -41,6 +41,14 @@ class WeightPatch(Protocol):
         """Bytes this patch keeps cached on `device` (its factors), for budget accounting."""
         ...
 
+    def cache_devices(self) -> Iterable[torch.device]:
+        """The devices this patch holds cached factors on."""
+        ...
+
+    def factor_bytes(self) -> int:
+        """Bytes `added(..., cache=True)` would keep on a device: planned before it happens."""
+        ...
+
     def drop_cache(self) -> None:
         """Free whatever `added(..., cache=True)` kept on devices."""
         ...
@@ -103,8 +111,17 @@ class WeightState:
         return self.params[key]
 
     def backup_bytes(self, device: torch.device | None = None) -> int:
-        return sum(t.numel() * t.element_size() for t in self.backups.values()
-                   if device is None or t.device == device)
+        return sum(_nbytes(t) for t in self.backups.values() if device is None or t.device == device)
+
+    def bytes_by_device(self) -> dict[torch.device, int]:
+        """Backups and cached factors, per device they live on."""
+        result: dict[torch.device, int] = {}
+        for tensor in self.backups.values():
+            result[tensor.device] = result.get(tensor.device, 0) + _nbytes(tensor)
+        for patch in self.cached_patches.values():
+            for device in patch.cache_devices():
+                result[device] = result.get(device, 0) + patch.cached_bytes(device)
+        return result
 
 
 _WEIGHT_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, WeightState]" = weakref.WeakKeyDictionary()
@@ -124,7 +141,13 @@ class PatchResult:
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(module))
+    return sum(_nbytes(t) for t in _tensors(module))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 
 
 def _tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
@@ -206,36 +229,127 @@ class ModelPatcher:
             return tensor.dtype
         return torch.float32
 
+    def weight_bytes_by_device(self) -> dict[torch.device, int]:
+        """The module's parameters and buffers, per device (one walk: call on load only)."""
+        result: dict[torch.device, int] = {}
+        for tensor in _tensors(self.model):
+            result[tensor.device] = result.get(tensor.device, 0) + _nbytes(tensor)
+        return result
+
+    def extra_bytes_by_device(self) -> dict[torch.device, int]:
+        """Backups of originals and cached factors of the module, per device."""
+        return weight_state(self.model).bytes_by_device()
+
     def backup_bytes(self, device: torch.device | None = None) -> int:
         return weight_state(self.model).backup_bytes(device)
 
-    def cached_factor_bytes(self, device: torch.device) -> int:
-        """Device bytes of LoRA factors cached for this module (any patch set it had)."""
-        return sum(p.cached_bytes(device) for p in weight_state(self.model).cached_patches.values())
-
-    def drop_factor_caches(self, keep: "ModelPatcher | None" = None) -> None:
-        """Free the module's cached device factors, except those `keep` uses."""
+    def _pending_keys(self) -> list[str]:
+        """Keys that reaching the wanted state writes and that have no backup yet."""
         state = weight_state(self.model)
-        kept = set() if keep is None else {id(e.patch) for entries in keep.patches.values() for e in entries}
+        wanted = self.weight_signature()
+        return [key for key, want in wanted.keys.items()
+                if state.applied.get(key) != want and key not in state.backups]
+
+    def pending_backup_bytes(self, element_size: int | None = None) -> int:
+        """Bytes the new backups of reaching the wanted state take (in the weights' dtype,
+        or with `element_size` bytes per element)."""
+        state = weight_state(self.model)
+        total = 0
+        for key in self._pending_keys():
+            param = state.param(self.model, key)
+            total += param.numel() * (element_size or param.element_size())
+        return total
+
+    def pending_factor_bytes(self) -> int:
+        """Bytes of factors that caching the wanted patches would add (not cached yet)."""
+        state = weight_state(self.model)
+        seen: set[int] = set()
+        total = 0
+        for entries in self.patches.values():
+            for entry in entries:
+                if id(entry.patch) not in seen and id(entry.patch) not in state.cached_patches:
+                    seen.add(id(entry.patch))
+                    total += entry.patch.factor_bytes()
+        return total
+
+    def patch_ids(self) -> set[int]:
+        return {id(entry.patch) for entries in self.patches.values() for entry in entries}
+
+    # -- freeing what patching keeps ----------------------------------------------------
+
+    def drop_factor_caches(self, keep: Iterable["ModelPatcher"] = (), device: torch.device | None = None,
+                           dry_run: bool = False) -> int:
+        """Free the module's cached factors (on `device`, or everywhere), except those the
+        patchers in `keep` use; returns the bytes freed (or that would be, when `dry_run`)."""
+        state = weight_state(self.model)
+        kept = set().union(*(p.patch_ids() for p in keep))
+        freed = 0
         for ident, patch in list(state.cached_patches.items()):
-            if ident not in kept:
+            if ident in kept:
+                continue
+            devices = [d for d in patch.cache_devices() if device is None or d == device]
+            if device is not None and not devices:
+                continue
+            freed += sum(patch.cached_bytes(d) for d in devices)
+            if not dry_run:
                 patch.drop_cache()
                 del state.cached_patches[ident]
+        return freed
 
-    def patched_key_bytes(self) -> int:
-        """Bytes the backups of this patcher's keys take (what patching costs in memory)."""
+    def drop_kept_backups(self, keep: Iterable["ModelPatcher"] = (), device: torch.device | None = None,
+                          dry_run: bool = False) -> int:
+        """Free backups of keys that are not merged now (kept for a later patch), except
+        keys the patchers in `keep` want; returns the bytes freed (or that would be)."""
         state = weight_state(self.model)
-        return sum(p.numel() * p.element_size() for p in (state.param(self.model, k) for k in self.patches))
+        wanted = set().union(*(p.patches.keys() for p in keep))
+        freed = 0
+        for key in [k for k in state.backups if k not in state.applied and k not in wanted]:
+            if device is None or state.backups[key].device == device:
+                freed += _nbytes(state.backups[key])
+                if not dry_run:
+                    del state.backups[key]
+        return freed
+
+    def downgrade_backups(self, device: torch.device | None = None, dry_run: bool = False) -> int:
+        """Store float32 backups of half-precision weights in the weights' dtype (exact: the
+        originals were in that dtype); returns the bytes freed (or that would be)."""
+        state = weight_state(self.model)
+        freed = 0
+        for key, backup in list(state.backups.items()):
+            dtype = state.param(self.model, key).dtype
+            if backup.dtype == dtype or (device is not None and backup.device != device):
+                continue
+            freed += _nbytes(backup) - backup.numel() * torch.empty((), dtype=dtype).element_size()
+            if not dry_run:
+                state.backups[key] = _transfer(backup, backup.device, dtype)
+        return freed
+
+    def move_backups(self, device: torch.device) -> int:
+        """Move every backup to `device` (pinned when that is host memory for a GPU);
+        returns the bytes that left their device."""
+        state = weight_state(self.model)
+        moved = 0
+        for key, backup in list(state.backups.items()):
+            if backup.device != device:
+                moved += _nbytes(backup)
+                state.backups[key] = _transfer(backup, device, backup.dtype)
+        return moved
 
     # -- moving and patching ----------------------------------------------------------
 
     def move_to(self, device: torch.device) -> int:
         """Move the module to `device`; returns (and counts) the bytes that moved."""
         device = torch.device(device)
-        moved = sum(t.numel() * t.element_size() for t in _tensors(self.model)
-                    if not _same_device(t.device, device))
+        moved = sum(_nbytes(t) for t in _tensors(self.model) if not _same_device(t.device, device))
         if moved:
-            self.model.to(device)
+            if any(t.is_meta for t in _tensors(self.model)):
+                # Meta tensors hold no data (tests' stand-in accelerator, shape-only planning):
+                # leaving the meta device allocates uninitialised storage of the same shapes.
+                self.model.to_empty(device=device)
+            else:
+                self.model.to(device)
+            # A move may install new Parameter objects (it does between storage kinds, e.g. meta).
+            weight_state(self.model).params = {}
             direction = "bytes_to_device" if _same_device(device, self.load_device) else "bytes_to_offload"
             telemetry.count(**{direction: moved})
         return moved
@@ -318,7 +432,16 @@ class ModelPatcher:
 
 
 def _copy_for_backup(param: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    backup = param.detach().to(device, dtype or param.dtype, copy=True)
-    if backup.device.type == "cpu" and param.device.type == "cuda":
-        backup = backup.pin_memory()  # fast, asynchronous restores from host memory
-    return backup
+    return _transfer(param.detach(), device, dtype or param.dtype, copy=True)
+
+
+def _transfer(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:
+    """`tensor` on `device` in `dtype`. Host copies of GPU tensors are pinned (restores from
+    them are asynchronous and run at full bus speed); a meta tensor (no data) becomes
+    uninitialised storage of its shape."""
+    if tensor.is_meta and torch.device(device).type != "meta":
+        return torch.empty(tensor.shape, dtype=dtype, device=device)
+    result = tensor.to(device, dtype, copy=copy)
+    if result.device.type == "cpu" and tensor.device.type == "cuda":
+        result = result.pin_memory()
+    return result

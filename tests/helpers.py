@@ -1,0 +1,32 @@
+"""Builders shared by tests: LoRA patches over a module's own keys, weight snapshots,
+and a stand-in accelerator for tests about devices.
+
+The stand-in is the `meta` device: tensors there have shapes and dtypes but no data,
+so load and offload devices differ (bytes moved are not trivially 0) while nothing
+is allocated. Leaving it allocates uninitialised storage (see model_patcher._transfer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ldm_patched.modules.lora import LoraFactors, LoraFileId, LoraPatch
+
+META = torch.device("meta")
+CPU = torch.device("cpu")
+
+
+def lora_for(module: torch.nn.Module, keys: list[str], tag: str, rank: int = 2, seed: int = 1) -> dict:
+    """Random rank-`rank` LoRA patches for `keys` of `module` (a file version named `tag`)."""
+    gen = torch.Generator().manual_seed(seed)
+    patches = {}
+    for key in keys:
+        shape = module.get_parameter(key).shape
+        down = torch.randn(rank, *shape[1:], generator=gen)
+        up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=gen)
+        patches[key] = LoraPatch(LoraFileId(tag, 1, 1), key, LoraFactors(up=up, down=down, alpha=1.0))
+    return patches
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
