@@ -147,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "between requests; evict least-recently-used models only when the VRAM "
                         "budget needs room")
     p.add_argument("--vram-budget", type=_gigabytes, default=None, metavar="GB",
-                   help="[ours] device memory models may fill, in GB (default: total minus a "
-                        "reserve of 1.5 GB + 5%%); counted, not re-measured, by both policies")
+                   help="[ours] device memory models may fill, in GB (default: free at start plus "
+                        "what this process holds, minus a reserve of 1.5 GB + 5%%); counted, not "
+                        "re-measured, by both policies; more than the device has is an error")
+    p.add_argument("--check-memory-accounting", action="store_true",
+                   help="[ours] debug: after each request, log the device ledger against the bytes "
+                        "of the tensors really on the device")
 
     # --- precision -------------------------------------------------------------
     fp = p.add_mutually_exclusive_group()

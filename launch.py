@@ -106,7 +106,11 @@ def main(argv: list[str]) -> int:
 
     from ldm_patched.modules import model_management as mm
 
-    mm.configure(mm.settings_from_args(args))
+    try:
+        mm.configure(mm.settings_from_args(args))
+    except mm.BudgetError as error:
+        log.error("%s", error)
+        return 2
 
     # --disable-preset-download means "no downloads at all".
     ensure_checkpoint(cfg, allow_download=not args.disable_preset_download,

@@ -67,6 +67,7 @@ class MemorySettings:
     total_bytes: int = 0
     budget_bytes: int = 0
     host_budget_bytes: int = 0              # 0: no separate host limit (the device is the host)
+    check_accounting: bool = False          # --check-memory-accounting: ledger vs tensors after each request
     unet_dtype: torch.dtype | None = None   # None: chosen by device
     vae_dtype: torch.dtype | None = None
     text_encoder_dtype: torch.dtype | None = None
@@ -154,6 +155,7 @@ def settings_from_args(args: object) -> MemorySettings:
         total_bytes=total,
         budget_bytes=budget,
         host_budget_bytes=host_budget,
+        check_accounting=bool(flag("check_memory_accounting")),
         unet_dtype=_dtype_flag(args, "unet", ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")),
         vae_dtype=_dtype_flag(args, "vae", ("fp16", "fp32", "bf16")),
         text_encoder_dtype=_dtype_flag(args, "clip", ("fp16", "fp32", "bf16", "fp8_e4m3fn", "fp8_e5m2")),
@@ -744,6 +746,8 @@ class ModelManager:
         else:
             peak = self._request_peak
         self._current_request_modules = set()
+        if self.settings.check_accounting:
+            self._log_accounting()
         return RequestSummary(
             counters=telemetry.snapshot().minus(self._request_start),
             policy=self.settings.policy,
@@ -756,6 +760,12 @@ class ModelManager:
         )
 
     # -- reports -----------------------------------------------------------------
+
+    def _log_accounting(self) -> None:
+        """The debug check: the device ledger against the tensors really there (on the CPU,
+        every tensor of the process is there, so the difference is only informative)."""
+        log.info("[Fooocus-Resident] accounting on %s: ledger %d bytes, %+d against the tensors there",
+                 self.device, self.used_bytes(self.device), self.accounting_error(self.device))
 
     def ledger(self, device: torch.device) -> dict:
         device = self.normalize(device)
