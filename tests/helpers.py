@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ldm_patched.modules import model_management as mm
 from ldm_patched.modules.lora import LoraFactors, LoraFileId, LoraPatch
 
 META = torch.device("meta")
@@ -30,3 +31,26 @@ def lora_for(module: torch.nn.Module, keys: list[str], tag: str, rank: int = 2, 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class CheckedManager(mm.ModelManager):
+    """A manager whose every load is followed by the accounting check (ledger == bytes of the
+    tensors on its device, beyond `baseline`) and that records the highest use it saw."""
+
+    def __init__(self, settings: mm.MemorySettings, baseline: int = 0) -> None:
+        super().__init__(settings)
+        self.baseline = baseline
+        self.peak_used = 0
+
+    def load_models(self, patchers, memory_required=0):
+        plan = super().load_models(patchers, memory_required)
+        assert self.accounting_error(self.device, self.baseline) == 0, self.status()
+        self.peak_used = max(self.peak_used, self.used_bytes(self.device))
+        return plan
+
+
+def meta_settings(budget: int, policy: mm.Policy = mm.Policy.RESIDENT, **overrides) -> mm.MemorySettings:
+    """Settings of a manager whose device is the meta stand-in accelerator."""
+    return mm.MemorySettings(**{"policy": policy, "vram_state": mm.VRAMState.NORMAL_VRAM, "device": META,
+                                "budget_bytes": budget, "total_bytes": budget, "host_budget_bytes": 1 << 40,
+                                **overrides})

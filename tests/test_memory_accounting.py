@@ -13,22 +13,7 @@ import torch
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules import telemetry
 from ldm_patched.modules.model_patcher import ModelPatcher, weight_state
-from tests.helpers import CPU, META, lora_for, snapshot
-
-
-class CheckedManager(mm.ModelManager):
-    """A manager whose every load is followed by the accounting check and the budget check."""
-
-    def __init__(self, settings: mm.MemorySettings, baseline: int) -> None:
-        super().__init__(settings)
-        self.baseline = baseline
-        self.peak_used = 0
-
-    def load_models(self, patchers, memory_required=0):
-        plan = super().load_models(patchers, memory_required)
-        assert self.accounting_error(META, self.baseline) == 0, self.status()
-        self.peak_used = max(self.peak_used, self.used_bytes(META))
-        return plan
+from tests.helpers import CPU, META, CheckedManager, lora_for, meta_settings, snapshot
 
 
 @pytest.fixture
@@ -38,10 +23,8 @@ def meta_manager():
 
     def make(budget: int, policy: mm.Policy = mm.Policy.RESIDENT, host_budget: int = 1 << 40,
              vae_in_cpu: bool = False) -> CheckedManager:
-        settings = mm.MemorySettings(policy=policy, vram_state=mm.VRAMState.NORMAL_VRAM, device=META,
-                                     budget_bytes=budget, total_bytes=budget, host_budget_bytes=host_budget,
-                                     vae_in_cpu=vae_in_cpu)
-        return CheckedManager(settings, baseline)
+        return CheckedManager(meta_settings(budget, policy, host_budget_bytes=host_budget,
+                                            vae_in_cpu=vae_in_cpu), baseline)
 
     return make
 

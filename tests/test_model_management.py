@@ -8,19 +8,23 @@ import torch
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules import telemetry
 from ldm_patched.modules.model_patcher import ModelPatcher
-from tests.helpers import lora_for, snapshot
+from tests.helpers import META, CheckedManager, lora_for, meta_settings, snapshot
 
 CPU = torch.device("cpu")
 
 
-def patcher(features: int, name: str, seed: int = 0) -> ModelPatcher:
+def patcher(features: int, name: str, seed: int = 0, device: torch.device = META) -> ModelPatcher:
+    """A model that loads on the meta stand-in accelerator (or `device`) and offloads to the CPU."""
     torch.manual_seed(seed)
-    return ModelPatcher(torch.nn.Linear(features, features), CPU, CPU, name=name)
+    return ModelPatcher(torch.nn.Linear(features, features), device, CPU, name=name)
 
 
-def manager(policy: mm.Policy, budget: int = 10 ** 9, always_offload: bool = True) -> mm.ModelManager:
-    return mm.ModelManager(mm.MemorySettings(policy=policy, budget_bytes=budget, total_bytes=budget,
-                                             always_offload_from_vram=always_offload))
+def manager(policy: mm.Policy, budget: int = 10 ** 9, always_offload: bool = True,
+            device: torch.device = META) -> mm.ModelManager:
+    """A manager on `device` whose every load is checked against the tensors really there."""
+    settings = meta_settings(budget, policy, always_offload_from_vram=always_offload, device=device)
+    return CheckedManager(settings, baseline=mm.device_tensor_bytes(device) if device == META else 0) \
+        if device == META else mm.ModelManager(settings)
 
 
 def names(m: mm.ModelManager) -> list[str]:
@@ -59,8 +63,8 @@ def test_conservative_reloads_and_repatches_a_fresh_clone():
 
 
 def test_conservative_always_offload_evicts_everything_not_named():
-    m = manager(mm.Policy.CONSERVATIVE)
-    clip, unet = patcher(8, "clip"), patcher(16, "unet")
+    m = manager(mm.Policy.CONSERVATIVE, device=CPU)   # compares values: no stand-in (it holds no data)
+    clip, unet = patcher(8, "clip", device=CPU), patcher(16, "unet", device=CPU)
     clip.add_patches(lora_for(clip.model, ["weight"], "a.safetensors"))
     original = snapshot(clip.model)
     m.load_models([clip])
@@ -75,6 +79,7 @@ def test_disable_offload_from_vram_keeps_models_while_memory_allows():
     m.load_models([clip])
     m.load_models([unet])
     assert names(m) == ["unet", "clip"]
+    clip, unet = patcher(8, "clip"), patcher(16, "unet")
     tight = manager(mm.Policy.CONSERVATIVE, budget=unet.model_size() + clip.model_size(), always_offload=False)
     tight.load_models([clip])
     tight.load_models([unet])
@@ -113,8 +118,8 @@ def test_budget_too_small_for_the_request_still_runs_and_ends_within_budget():
 
 
 def test_resident_lora_switch_by_diff_on_the_resident_module():
-    m = manager(mm.Policy.RESIDENT)
-    base = patcher(16, "unet")
+    m = manager(mm.Policy.RESIDENT, device=CPU)   # addresses: meta tensors have none
+    base = patcher(16, "unet", device=CPU)
     a = base.clone()
     a.add_patches(lora_for(base.model, ["weight"], "a.safetensors", seed=1))
     m.load_models([a])
@@ -171,7 +176,7 @@ def test_fooocus_module_level_api_reaches_the_configured_manager():
     settings = mm.MemorySettings(policy=mm.Policy.CONSERVATIVE, budget_bytes=10 ** 9, total_bytes=10 ** 9)
     installed = mm.configure(settings)
     try:
-        unet = patcher(16, "unet")
+        unet = patcher(16, "unet", device=CPU)
         mm.load_model_gpu(unet)
         assert mm.get_manager() is installed and names(installed) == ["unet"]
         assert mm.get_torch_device() == CPU and mm.unet_offload_device() == CPU
