@@ -619,6 +619,18 @@ def _synchronize() -> None:
         torch.cuda.synchronize(device)
 
 
+def _switch_served(counters) -> str:
+    """How the request reached its patch sets: nothing to do, kept variants, merges, or both."""
+    merged = counters.weights_patched - counters.weights_from_variants
+    if counters.weights_from_variants and merged:
+        return "variants+merge"
+    if counters.weights_from_variants:
+        return "variants"
+    if merged:
+        return "merge"
+    return "restore" if counters.weights_restored else "none"
+
+
 def _finish_report(report: dict, summary: model_management.RequestSummary, started: float,
                    stage_ms: dict, counts: dict, images: list[str]) -> None:
     counters = summary.counters
@@ -626,7 +638,8 @@ def _finish_report(report: dict, summary: model_management.RequestSummary, start
                             "model_management": round(counters.management_seconds * 1000, 3),
                             **{k: round(v, 3) for k, v in stage_ms.items()}}
     report["model_management"] = {**counters.as_report(), "text_encodes": counts["text_encodes"],
-                                  "over_budget": summary.over_budget, "oom_retries": counts["oom_retries"]}
+                                  "over_budget": summary.over_budget, "oom_retries": counts["oom_retries"],
+                                  "switch": _switch_served(counters)}
     report["vram"] = {"budget_bytes": summary.budget_bytes, "resident_bytes": summary.resident_bytes,
                       "peak_allocated_bytes": summary.peak_allocated_bytes,
                       "effective_budget_bytes": summary.effective_budget_bytes,

@@ -68,7 +68,7 @@ def test_float32_backups_are_planned_with_the_model_counted(meta_manager):
     manager = meta_manager(budget=int(2.5 * size))
     lora = with_lora(unet, "a.safetensors")
     plan = manager.plan_load([lora])
-    assert plan.placement == mm.Placement(META, None, False) or plan.placement.backup_dtype is None
+    assert (plan.placement.backup_device, plan.placement.backup_dtype) == (META, None)
     first = request(manager, [lora])
     assert first.models_loaded == 1 and first.models_unloaded == 0
     assert manager.used_bytes(META) <= int(2.5 * size)
@@ -291,3 +291,18 @@ def test_cuda_calls_name_the_configured_device(monkeypatch):
     cuda1 = torch.device("cuda", 1)
     assert ("device", cuda1) in calls and ("info", cuda1) in calls and ("alloc", cuda1) in calls
     assert calls.index(("device", cuda1)) < next(i for i, c in enumerate(calls) if c[0] == "empty")
+
+
+def test_a_return_to_a_recent_set_copies_kept_variants(meta_manager):
+    """Merged values of the set switched away from are kept (counted, first tier) and
+    copied back on return: no merge."""
+    unet = model(64, "unet")
+    manager = meta_manager(budget=100 * unet.model_size())
+    request(manager, [with_lora(unet, "a.safetensors")])
+    to_b = request(manager, [with_lora(unet, "b.safetensors", seed=2)])
+    assert to_b.weights_from_variants == 0 and len(weight_state(unet.model).variants) == 1
+    back = request(manager, [with_lora(unet, "a.safetensors")])
+    assert (back.weights_patched, back.weights_from_variants) == (1, 1)
+    manager.effective_budget = manager.used_bytes(META) - 1
+    request(manager, [with_lora(unet, "a.safetensors")])
+    assert len(weight_state(unet.model).variants) == 1   # B's variant is gone, A (applied) kept none

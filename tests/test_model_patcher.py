@@ -191,3 +191,21 @@ def test_float32_backups_of_half_weights_merge_and_restore_identically():
         patcher.unpatch_model()
         assert all(torch.equal(v, original[k]) for k, v in snapshot(module).items())
     assert all(torch.equal(merged[None][k], merged[torch.float32][k]) for k in merged[None])
+
+
+def test_kept_variants_return_to_a_set_bit_identically_without_a_merge():
+    module = toy_module()
+    a_patches = lora_for(module, ["0.weight", "2.weight"], "a.safetensors")
+    b_patches = lora_for(module, ["0.weight"], "b.safetensors", seed=5)
+    with_a, with_b = ModelPatcher(module, CPU, CPU), ModelPatcher(module, CPU, CPU)
+    with_a.add_patches(a_patches, 0.7)
+    with_b.add_patches(b_patches)
+    with_a.patch_model(keep_backups=True, keep_variants=True)
+    merged_a = snapshot(module)
+    with_b.patch_model(keep_backups=True, keep_variants=True)
+    for key in a_patches:
+        a_patches[key].added = None   # a merge of A's patches now would fail
+    result = with_a.patch_model(keep_backups=True, keep_variants=True)
+    assert (result.patched, result.from_variants, result.restored) == (2, 2, 1)   # B had only 0.weight
+    for key, value in snapshot(module).items():
+        assert torch.equal(value, merged_a[key]), key

@@ -242,6 +242,7 @@ class Placement:
     backup_device: torch.device
     backup_dtype: torch.dtype | None
     cache_factors: bool
+    keep_variants: bool = False
 
 
 @dataclass
@@ -280,6 +281,8 @@ class CacheStats:
     out_of_memory: int = 0
 
 
+# Cheapest to rebuild first. The first tier also holds merged variants of sets not in use
+# and the caches other parts register (conditionings).
 TIERS = ("unused_factor_caches", "unpatched_backups", "float32_backups", "models")
 
 
@@ -427,10 +430,12 @@ class ModelManager:
         growth = [self._growth(p) for p in wanted if self.normalize(p.load_device) == device]
         evicted = sum(e.bytes_on(device) for e in plan.to_evict)
         cheap = self.free_bytes(device) + evicted + self._reclaimable(device, wanted, TIERS[:2])
-        # Preferred first: float32 backups and cached factors on the device (fastest switches),
-        # then backups in the weights' dtype, then no factor cache, then backups on the host.
+        # Preferred first: float32 backups, cached factors and kept merged variants on the device
+        # (fastest switches), then backups in the weights' dtype, then no variants, then no
+        # factor cache, then backups on the host.
         options = [
-            (Placement(device, torch.float32, True), sum(g[1] + g[2] for g in growth)),
+            (Placement(device, torch.float32, True, True), sum(g[1] + g[2] + g[3] for g in growth)),
+            (Placement(device, None, True, True), sum(g[0] + g[2] + g[3] for g in growth)),
             (Placement(device, None, True), sum(g[0] + g[2] for g in growth)),
             (Placement(device, None, False), sum(g[0] for g in growth)),
             (Placement(HOST, None, False), 0),
@@ -459,13 +464,13 @@ class ModelManager:
         return plan
 
     @staticmethod
-    def _growth(patcher: ModelPatcher) -> tuple[int, int, int]:
-        """(new backups in the weights' dtype, the same in float32, new factor caches) that
-        reaching `patcher`'s wanted state adds."""
+    def _growth(patcher: ModelPatcher) -> tuple[int, int, int, int]:
+        """(new backups in the weights' dtype, the same in float32, new factor caches, merged
+        variants kept of the set switched away from) that reaching `patcher`'s state adds."""
         native = patcher.pending_backup_bytes()
         wide = patcher.pending_backup_bytes(element_size=4)
         factors = patcher.pending_factor_bytes() if patcher.patches else 0
-        return native, max(native, wide), factors
+        return native, max(native, wide), factors, patcher.pending_variant_bytes()
 
     # -- freeing in tiers --------------------------------------------------------------
 
@@ -525,7 +530,8 @@ class ModelManager:
     def _tier_bytes(self, tier: str, patcher: ModelPatcher, keepers: list[ModelPatcher],
                     device: torch.device) -> int:
         if tier == "unused_factor_caches":
-            return patcher.drop_factor_caches(keepers, device=device, dry_run=True)
+            return (patcher.drop_factor_caches(keepers, device=device, dry_run=True)
+                    + patcher.drop_variants(keepers, device=device, dry_run=True))
         if tier == "unpatched_backups":
             return patcher.drop_kept_backups(keepers, device=device, dry_run=True)
         downgraded = patcher.downgrade_backups(device=device, dry_run=True)
@@ -538,6 +544,7 @@ class ModelManager:
                     device: torch.device, need: int | None) -> None:
         if tier == "unused_factor_caches":
             patcher.drop_factor_caches(keepers, device=device)
+            patcher.drop_variants(keepers, device=device)
         elif tier == "unpatched_backups":
             patcher.drop_kept_backups(keepers, device=device)
         else:
@@ -609,7 +616,8 @@ class ModelManager:
             patcher.patch_model(backup_device=patcher.offload_device)
             return
         patcher.patch_model(backup_device=placement.backup_device, backup_dtype=placement.backup_dtype,
-                            cache_factors=placement.cache_factors, keep_backups=True)
+                            cache_factors=placement.cache_factors, keep_backups=True,
+                            keep_variants=placement.keep_variants)
 
     def _refresh(self, entry: LoadedModel, patcher: ModelPatcher, placement: Placement | None) -> None:
         entry.patcher = patcher

@@ -93,6 +93,8 @@ ORIGINAL = PatchSignature.of({})
 # Set while keys are being rewritten: matches no wanted state, so an interrupted
 # patch is finished by the next diff, key by key, from `WeightState.applied`.
 IN_PROGRESS = PatchSignature(keys={}, digest="in-progress")
+# A key's signature while it is being written: never a wanted state, so it is redone.
+WRITING: KeySignature = (("<writing>", 0.0, 0.0),)
 
 
 @dataclass
@@ -104,6 +106,9 @@ class WeightState:
     signature: PatchSignature = ORIGINAL
     params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # name lookups off the hot path
     cached_patches: dict[int, "WeightPatch"] = field(default_factory=dict)  # patches holding device factors
+    # Merged weights of patch sets switched away from, by (key, that key's signature): a
+    # return to a recent set is a device copy per key instead of a merge (bit-identical).
+    variants: dict[tuple[str, KeySignature], torch.Tensor] = field(default_factory=dict)
 
     def param(self, module: torch.nn.Module, key: str) -> torch.nn.Parameter:
         if not self.params:
@@ -121,6 +126,8 @@ class WeightState:
         for patch in self.cached_patches.values():
             for device in patch.cache_devices():
                 result[device] = result.get(device, 0) + patch.cached_bytes(device)
+        for tensor in self.variants.values():
+            result[tensor.device] = result.get(tensor.device, 0) + _nbytes(tensor)
         return result
 
 
@@ -138,6 +145,7 @@ def weight_state(module: torch.nn.Module) -> WeightState:
 class PatchResult:
     patched: int = 0
     restored: int = 0
+    from_variants: int = 0
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -272,6 +280,30 @@ class ModelPatcher:
                     total += entry.patch.factor_bytes()
         return total
 
+    def pending_variant_bytes(self) -> int:
+        """Bytes that keeping the merged values of the keys this switch changes would add."""
+        state = weight_state(self.model)
+        wanted = self.weight_signature()
+        total = 0
+        for key, now in state.applied.items():
+            if wanted.keys.get(key) != now and now != WRITING and (key, now) not in state.variants:
+                total += _nbytes(state.param(self.model, key))
+        return total
+
+    def drop_variants(self, keep: Iterable["ModelPatcher"] = (), device: torch.device | None = None,
+                      dry_run: bool = False) -> int:
+        """Free kept merged values, except those of the patch sets in `keep`; returns the bytes
+        freed (or that would be)."""
+        state = weight_state(self.model)
+        kept = {(key, sig) for p in keep for key, sig in p.weight_signature().keys.items()}
+        freed = 0
+        for ident in [i for i, t in state.variants.items()
+                      if i not in kept and (device is None or t.device == device)]:
+            freed += _nbytes(state.variants[ident])
+            if not dry_run:
+                del state.variants[ident]
+        return freed
+
     def patch_ids(self) -> set[int]:
         return {id(entry.patch) for entries in self.patches.values() for entry in entries}
 
@@ -357,14 +389,15 @@ class ModelPatcher:
     def patch_model(self, device_to: torch.device | None = None,
                     backup_device: torch.device | None = None,
                     cache_factors: bool = False, keep_backups: bool = False,
-                    backup_dtype: torch.dtype | None = None) -> PatchResult:
+                    backup_dtype: torch.dtype | None = None, keep_variants: bool = False) -> PatchResult:
         """Put the module into this patcher's wanted state (moving it first if asked).
 
         Only keys whose patch set differs from what is merged now are written,
         each from its exact original; new originals are kept on `backup_device`, in
         `backup_dtype` if given (float32 copies of half-precision weights are exact and
         save the upcast on every merge). `keep_backups` keeps a restored key's original
-        for its next patch.
+        for its next patch; `keep_variants` keeps the merged value a key is switched away
+        from, so returning to that patch set copies it back instead of merging again.
         """
         if device_to is not None:
             self.move_to(device_to)
@@ -373,23 +406,38 @@ class ModelPatcher:
         if state.signature == wanted:
             return PatchResult()
         backup_device = torch.device(backup_device) if backup_device is not None else self.offload_device
-        patched = restored = 0
+        patched = restored = copied = 0
         state.signature = IN_PROGRESS
         for key in set(state.applied) | set(wanted.keys):
             now, want = state.applied.get(key), wanted.keys.get(key)
             if now == want:
                 continue
+            if keep_variants and now is not None and now != WRITING:
+                state.variants[(key, now)] = state.param(self.model, key).detach().clone()
             if want is None:
                 self._restore_key(state, key, keep_backups)
                 restored += 1
                 continue
             if now is not None:
                 restored += 1
-            self._merge_key(state, key, want, backup_device, backup_dtype, cache_factors)
+            if self._copy_variant(state, key, want):
+                copied += 1
+            else:
+                self._merge_key(state, key, want, backup_device, backup_dtype, cache_factors)
             patched += 1
         state.signature = wanted
-        telemetry.count(weights_patched=patched, weights_restored=restored)
-        return PatchResult(patched=patched, restored=restored)
+        telemetry.count(weights_patched=patched, weights_restored=restored, weights_from_variants=copied)
+        return PatchResult(patched=patched, restored=restored, from_variants=copied)
+
+    def _copy_variant(self, state: WeightState, key: str, want: KeySignature) -> bool:
+        """Write a kept merged value of `key` for `want`, if there is one (a device copy)."""
+        variant = state.variants.get((key, want))
+        if variant is None or key not in state.backups:
+            return False
+        state.applied[key] = WRITING
+        state.param(self.model, key).data.copy_(variant, non_blocking=True)
+        state.applied[key] = want
+        return True
 
     def unpatch_model(self, device_to: torch.device | None = None) -> PatchResult:
         """Restore every merged key to its exact original, drop all backups (then move if asked)."""
@@ -400,6 +448,7 @@ class ModelPatcher:
             self._restore_key(state, key, keep_backup=False)
             restored += 1
         state.backups.clear()
+        state.variants.clear()
         state.signature = ORIGINAL
         telemetry.count(weights_restored=restored)
         if device_to is not None:
@@ -414,7 +463,7 @@ class ModelPatcher:
             original = state.backups[key] = _copy_for_backup(param, backup_device, backup_dtype)
         # Record the key as dirty before writing: a failure can then never leave
         # an unrecorded change, the next diff restores it from the backup.
-        state.applied[key] = (("<writing>", 0.0, 0.0),)
+        state.applied[key] = WRITING
         merged = original.to(param.device, torch.float32, non_blocking=True)   # no copy if already so
         for entry in self.patches[key]:
             if entry.strength_model != 1.0:

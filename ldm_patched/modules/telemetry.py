@@ -23,6 +23,7 @@ class MoveCounters:
     models_unloaded: int = 0
     weights_patched: int = 0
     weights_restored: int = 0
+    weights_from_variants: int = 0   # of weights_patched: copied from a kept merged variant, no merge
     lora_files_read: int = 0
     management_seconds: float = 0.0
 
