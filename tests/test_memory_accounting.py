@@ -13,7 +13,7 @@ import torch
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules import telemetry
 from ldm_patched.modules.model_patcher import ModelPatcher, weight_state
-from tests.helpers import CPU, META, CheckedManager, lora_for, meta_settings, snapshot
+from tests.helpers.patching import CPU, META, CheckedManager, lora_for, meta_settings, snapshot
 
 
 @pytest.fixture
