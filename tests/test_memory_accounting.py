@@ -1,6 +1,6 @@
 """The budget counts everything resident mode adds, frees in tiers, and survives failures.
 
-Tests about devices run on a stand-in accelerator (the `meta` device, tests/helpers.py):
+Tests about devices run on a stand-in accelerator (the `meta` device, tests/helpers/patching.py):
 load and offload devices differ, so bytes moved are real counts, and after every load
 the registry's ledger must equal the bytes of the tensors actually on that device.
 """
