@@ -266,7 +266,8 @@ def parse_lora_tensors(file: LoraFileId, tensors: dict[str, torch.Tensor],
     return ParsedLora(file=file, layers=layers, ignored=ignored, biases=biases)
 
 
-def read_lora_file(path: str) -> ParsedLora:
+def read_lora_file(path: "str | os.PathLike[str]") -> ParsedLora:
+    path = os.fspath(path)
     file = LoraFileId.of(path)
     if not path.endswith(".safetensors"):
         raise LoraError(f"LoRA file {file.name}: only .safetensors LoRA files are read "

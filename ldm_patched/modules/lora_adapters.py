@@ -220,7 +220,8 @@ class LokrFactors:
             w2 = _tucker(t2, w2a, w2b) if t2 is not None else w2a @ w2b
         if w2.ndim > w1.ndim:
             w1 = w1.reshape(*w1.shape, *([1] * (w2.ndim - w1.ndim)))
-        return _add(base, torch.kron(w1, w2), alpha * self.scale)
+        # kron needs contiguous inputs (an einsum result may be a strided view).
+        return _add(base, torch.kron(w1.contiguous(), w2.contiguous()), alpha * self.scale)
 
 
 # -- GLoRA ------------------------------------------------------------------------------
