@@ -128,8 +128,8 @@ class PromptTokens:
 
 
 # Any ordinary token id serves where a vector goes: the embedding hook overwrites its
-# row, and it is neither the end token (which CLIP pools at) nor padding.
-PLACEHOLDER_ID = 0
+# row. Id 1 ('"') is neither the end token (which CLIP pools at) nor either padding.
+PLACEHOLDER_ID = 1
 
 
 def embedding_tokens(tokenizer, prompt: str, embeddings: dict, encoder: str, width: int) -> PromptTokens:

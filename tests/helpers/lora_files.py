@@ -136,3 +136,47 @@ def peft_lora(components, path, rank: int = 4, alpha_tensors: float | None = Non
             tensors.update(lora_tensors(TE_SCHEMES["peft"](encoder, inner), shape, rank, alpha_tensors, "peft",
                                         seed_name=f"{encoder}.{inner}"))
     return write(tensors, path, metadata)
+
+
+# -- LyCORIS-family files (kohya names) --------------------------------------------------
+
+def adapter_tensors(kind: str, name: str, shape: torch.Size, rank: int = 2, alpha: float = 2.0,
+                    has_bias: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors LyCORIS / kohya write for one layer of `shape` under base name `name`."""
+    out, width = shape[0], int(shape[1:].numel())
+    r = lambda role, *s: rand(f"{name}.{role}", *s)  # noqa: E731
+    if kind == "lora":
+        return lora_tensors(name, shape, rank, alpha)
+    if kind == "loha":
+        return {f"{name}.hada_w1_a": r("w1a", out, rank), f"{name}.hada_w1_b": r("w1b", rank, width),
+                f"{name}.hada_w2_a": r("w2a", out, rank), f"{name}.hada_w2_b": r("w2b", rank, width),
+                f"{name}.alpha": torch.tensor(alpha)}
+    if kind == "lokr":
+        a, b = (4 if out % 4 == 0 else 1), (2 if shape[1] % 2 == 0 else 1)
+        return {f"{name}.lokr_w1": r("w1", a, b), f"{name}.lokr_w2_a": r("w2a", out // a, rank),
+                f"{name}.lokr_w2_b": r("w2b", rank, width // b), f"{name}.alpha": torch.tensor(alpha)}
+    if kind == "dora":
+        tensors = lora_tensors(name, shape, rank, alpha)
+        tensors[f"{name}.dora_scale"] = 1.0 + r("m", 1, shape[1], *([1] * (len(shape) - 2))).abs()
+        return tensors
+    if kind == "diff":
+        tensors = {f"{name}.diff": r("diff", *shape) * 0.3}
+        if has_bias:
+            tensors[f"{name}.diff_b"] = r("diff_b", out) * 0.3
+        return tensors
+    raise ValueError(kind)
+
+
+def lycoris_file(components, path, kind: str, unet_layers: tuple[str, ...] = UNET_LAYERS,
+                 te_layers: tuple[str, ...] = TE_LAYERS, rank: int = 2) -> str:
+    """A file of one adapter kind over UNet (kohya original names) and both text encoders."""
+    unet = components["unet"]
+    tensors = {}
+    for diffusers, original, shape in find_unet_layers(unet, unet_layers):
+        has_bias = getattr(unet.get_submodule(diffusers), "bias", None) is not None
+        tensors.update(adapter_tensors(kind, "lora_unet_" + original.replace(".", "_"), shape, rank,
+                                       has_bias=has_bias))
+    for encoder in ENCODERS:
+        for inner, _, shape in find_text_layers(components[encoder], te_layers):
+            tensors.update(adapter_tensors(kind, TE_SCHEMES["kohya"](encoder, inner), shape, rank, has_bias=True))
+    return write(tensors, path)
