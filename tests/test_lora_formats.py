@@ -385,3 +385,24 @@ def test_a_loha_of_the_wrong_shape_is_an_error_naming_file_and_layer(tiny_compon
            f"{name}.hada_w2_a": rand("c", shape[0] + 1, 2), f"{name}.hada_w2_b": rand("d", 2, shape[1])}
     with pytest.raises(LoraError, match="bad_loha.safetensors.*" + name):
         merge(tiny_components, write(bad, tmp_path / "bad_loha.safetensors"), 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "dora", "diff"])
+def test_cached_device_factors_give_the_cpu_result(tiny_components, tmp_path, kind):
+    """The resident path (factors cached on the GPU) merges what the CPU path merges."""
+    from tests.helpers.lora_files import lycoris_file
+
+    path = lycoris_file(tiny_components, tmp_path / f"{kind}.safetensors", kind)
+    match = match_lora(read_lora_file(path), {"unet": (unet_lora_names(tiny_components["unet"]),
+                                                       tiny_components["unet"])}, strict=False)
+    cuda = torch.device("cuda")
+    for key, patch in match.patches["unet"].items():
+        base = tiny_components["unet"].get_parameter(key).detach().float()
+        on_cpu = patch.added(base, 0.7)
+        on_gpu = patch.added(base.to(cuda), 0.7, cache=True)
+        assert patch.cached_bytes(cuda) > 0
+        assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-5), key
+        assert torch.allclose(patch.added(base.to(cuda), 0.7, cache=True).cpu(), on_cpu, atol=1e-5), key
+        patch.drop_cache()
+        assert patch.cached_bytes(cuda) == 0
