@@ -352,21 +352,22 @@ class Worker:
             return _failed(message)
 
     def _run_calls(self) -> None:
-        ran = False
+        """Run the pending calls; each one's caller sees the snapshot published after it."""
         while True:
             try:
                 fn, future = self._calls.get_nowait()
             except queue.Empty:
-                break
-            ran = True
+                return
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(fn())
+                result = fn()
             except BaseException as e:  # handed to the caller
+                self._publish_status()
                 future.set_exception(e)
-        if ran:
-            self._publish_status()
+            else:
+                self._publish_status()
+                future.set_result(result)
 
     def _publish_status(self) -> None:
         """Snapshot the registry on this thread; readers get a copy, never the live dicts."""

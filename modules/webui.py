@@ -385,6 +385,13 @@ PAGE_CSS = """
 .fr-mem-table { width: 100%; font-size: var(--text-sm); display: block; overflow-x: auto; }
 .fr-mem-warning { color: #d33; font-weight: 600; }
 #fr-generate-col { min-width: 110px !important; }
+/* Dropdown values stop before the arrow instead of running under it. */
+input[role="combobox"] { padding-right: calc(2 * var(--size-5) + 4px) !important; text-overflow: ellipsis; }
+@media (max-width: 480px) {
+  input[role="combobox"] { font-size: 11px; }
+  .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
+  #fr-memory .block, #fr-memory .form { padding: 2px !important; border: none !important; }
+}
 """
 
 # Ctrl+Enter generates (as upstream); --theme picks light or dark.
@@ -503,6 +510,13 @@ def _aspect_choices(cfg: config_module.Config) -> list[tuple[str, str]]:
     return [(aspect_ratio_label(v), v) for v in values]
 
 
+def _short_model_label(name: str) -> str:
+    """'sdxl/base.safetensors:unet' -> 'unet · base' (fits a phone-width dropdown)."""
+    checkpoint, _, part = name.rpartition(":")
+    stem = Path(checkpoint).stem if checkpoint else name
+    return f"{part} · {stem}" if checkpoint else name
+
+
 def _lock_updates(performance: str, user_defaults: dict[str, Any]) -> tuple[Any, ...]:
     """(sampler, scheduler, guidance, refiner, refiner switch, note) for a performance mode:
     what the mode overrides is shown locked with the value it uses."""
@@ -574,10 +588,8 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                     with gr.Row():
                         free_btn = gr.Button("Free memory", size="sm", elem_id="fr-free-memory")
                         memory_refresh_btn = gr.Button("Refresh", size="sm", elem_id="fr-memory-refresh")
-                    with gr.Row():
-                        unload_choice = gr.Dropdown([], label="Resident model", scale=3, min_width=160,
-                                                    elem_id="fr-unload-choice")
-                        unload_btn = gr.Button("Unload", size="sm", scale=1, min_width=80, elem_id="fr-unload")
+                    unload_choice = gr.Dropdown([], label="Resident model", elem_id="fr-unload-choice")
+                    unload_btn = gr.Button("Unload this model", size="sm", elem_id="fr-unload")
                 with gr.Accordion("Report", open=False):
                     report = gr.JSON(label="Report")
             with gr.Column(scale=1, visible=False, min_width=300, elem_id="fr-advanced-column") as advanced_column:
@@ -706,7 +718,8 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
             panel = resident_memory.panel_html(snapshot, the_worker().last_report)
             if note:
                 panel = f'<p class="fr-mem-note">{html.escape(note)}</p>' + panel
-            return panel, gr.update(choices=names, value=names[0] if names else None)
+            return panel, gr.update(choices=[(_short_model_label(n), n) for n in names],
+                                    value=names[0] if names else None)
 
         async def on_free() -> tuple[str, Any]:
             freed = await asyncio.wrap_future(the_worker().call(free_memory))
