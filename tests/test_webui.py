@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import numpy as np
 from PIL import Image
 
 from modules import config as config_module
@@ -733,3 +734,27 @@ def test_base_and_refiner_through_the_api(server: Server, tmp_path: Path) -> Non
     assert report["refiner_model"] == "demo_refiner.safetensors" and len(gallery) == 1
     # The refiner's UNet and encoders were loaded in addition to the base's.
     assert report["model_management"]["models_loaded"] > alone["model_management"]["models_loaded"]
+
+
+def test_free_memory_and_model_status_through_the_client_during_a_request(server: Server, tmp_path: Path) -> None:
+    """Freeing while a request runs waits for it and never corrupts it: the request's
+    pixels equal those of the same request run alone, and the registry ends up empty."""
+    client = make_client(server.url, tmp_path / "dl")
+    request = {"prompt": "a tree", "steps": 3, "width": 64, "height": 64, "seed": 21, "image_number": 2}
+    _, first = client.predict(request, api_name="/generate")
+    assert "error" not in first, first
+    alone = [np.asarray(Image.open(p).convert("RGB")) for p in first["images"]]
+
+    job = client.submit(request, api_name="/generate")
+    other = make_client(server.url, tmp_path / "dl2")
+    status = other.predict(api_name="/model_status")
+    assert isinstance(status.get("models"), list) and "weights patched" in status["last_request"]
+    freed = other.predict(api_name="/free_memory")
+    gallery, report = job.result(timeout=SERVER_START_TIMEOUT_S)
+    assert "error" not in report, report
+    assert len(report["images"]) == 2
+    for path, expected in zip(report["images"], alone):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected)
+    assert isinstance(freed["freed_bytes"], int) and isinstance(freed["unloaded"], list)
+    assert other.predict(api_name="/free_memory")["status"]["models"] == []
+    assert other.predict(api_name="/model_status")["models"] == []
