@@ -185,8 +185,9 @@ class Worker:
     """One daemon thread taking AsyncTasks from a FIFO queue."""
 
     def __init__(self, handler: Handler | None = None, error_result: ErrorResultFactory | None = None,
-                 name: str = "fooocus-worker") -> None:
+                 name: str = "fooocus-worker", max_pending: int | None = None) -> None:
         self._handler = handler
+        self.max_pending = max_pending   # None: unbounded
         self._error_result = error_result
         self._name = name
         self._queue: queue.Queue[AsyncTask | None] = queue.Queue()
@@ -198,11 +199,16 @@ class Worker:
     # -- public API -----------------------------------------------------------------
 
     def submit(self, request: dict) -> AsyncTask:
-        """Queue a request; returns at once."""
+        """Queue a request; returns at once. A full queue gives a task already finished
+        with a "queue full" error (the caller reports it like any other error)."""
         task = AsyncTask(request=request)
         with self._lock:
             if self._closed:
                 raise RuntimeError("worker is shut down")
+            if self.max_pending is not None and self._queue.qsize() >= self.max_pending:
+                task._finish(self._make_error(f"queue full: {self._queue.qsize()} requests are waiting "
+                                              f"(config key max_queue_length={self.max_pending}); try again later"))
+                return task
             self._ensure_thread()
             self._queue.put(task)
         log.debug("task %d queued (%d waiting)", task.id, self._queue.qsize())
@@ -240,11 +246,23 @@ class Worker:
             self.skip(task)
         return task
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Finish the queued tasks, then end the thread (used by tests)."""
+    def shutdown(self, timeout: float | None = None, stop_tasks: bool = False) -> None:
+        """End the thread after the queued tasks; with `stop_tasks` (SIGTERM), queued
+        tasks end unrun and the running one is stopped at its next step instead."""
         with self._lock:
             self._closed = True
             thread = self._thread
+            if stop_tasks:
+                if self._current is not None:
+                    self._current.control.stop.set()
+                while True:
+                    try:
+                        queued = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if queued is not None:
+                        queued.control.stop.set()
+                        queued._finish(self._make_error(STOPPED_BEFORE_START))
             if thread is not None:
                 self._queue.put(None)
         if thread is not None:
@@ -316,5 +334,6 @@ def get_worker() -> Worker:
     global _worker
     with _worker_lock:
         if _worker is None:
-            _worker = Worker()
+            from modules import config  # torch-free
+            _worker = Worker(max_pending=config.get_config().max_queue_length)
         return _worker

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ldm_patched.modules import telemetry
-from ldm_patched.modules.lora import LoraFactors, LoraFileId, LoraPatch
+from ldm_patched.modules.file_version import FileVersion
+from ldm_patched.modules.lora import LoraFactors, LoraPatch
 from ldm_patched.modules.model_patcher import ModelPatcher, weight_state
 
 CPU = torch.device("cpu")
@@ -22,7 +23,7 @@ def lora_for(module: torch.nn.Module, keys: list[str], tag: str, rank: int = 2, 
         shape = module.get_parameter(key).shape
         down = torch.randn(rank, *shape[1:], generator=gen)
         up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=gen)
-        patches[key] = LoraPatch(LoraFileId(tag, 1, 1), key, LoraFactors(up=up, down=down, alpha=1.0))
+        patches[key] = LoraPatch(FileVersion(tag, 1, 1), key, LoraFactors(up=up, down=down, alpha=1.0))
     return patches
 
 

@@ -23,32 +23,22 @@ from typing import Hashable, Iterable
 import torch
 
 from ldm_patched.modules import telemetry
+from ldm_patched.modules.file_version import FileReadError, FileVersion, read_safetensors
 
 
 class LoraError(ValueError):
     """A LoRA file that cannot be used; the message names the file and the reason."""
 
 
-@dataclass(frozen=True)
-class LoraFileId:
-    """A file version: the same path rewritten is a different LoRA."""
+# The old name, kept for code written before the rename (every model file uses it now).
+LoraFileId = FileVersion
 
-    path: str
-    size: int
-    mtime_ns: int
 
-    @staticmethod
-    def of(path: str) -> "LoraFileId":
-        path = os.path.abspath(path)
-        try:
-            st = os.stat(path)
-        except OSError as error:
-            raise LoraError(f"LoRA file {path} cannot be read: {error.strerror or error}") from error
-        return LoraFileId(path, st.st_size, st.st_mtime_ns)
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.path)
+def _version(path: str) -> FileVersion:
+    try:
+        return FileVersion.of(path)
+    except FileReadError as error:
+        raise LoraError(f"LoRA file {error}") from error
 
 
 @dataclass(eq=False)
@@ -121,14 +111,14 @@ def added_delta(base: torch.Tensor, factors: LoraFactors, alpha: float,
 class LoraPatch:
     """A `WeightPatch` (see model_patcher): one layer of one LoRA file version."""
 
-    file: LoraFileId
+    file: FileVersion
     name: str
     factors: LoraFactors
     _on_device: dict[torch.device, tuple[torch.Tensor | None, ...]] = field(default_factory=dict)
 
     @property
     def identity(self) -> Hashable:
-        return (self.file.path, self.file.size, self.file.mtime_ns, self.name)
+        return (self.file, self.name)
 
     def added(self, base: torch.Tensor, alpha: float, cache: bool = False) -> torch.Tensor:
         device = base.device
@@ -161,7 +151,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
 
 @dataclass(eq=False)
 class ParsedLora:
-    file: LoraFileId
+    file: FileVersion
     layers: dict[str, LoraFactors]
     ignored: list[str]
 
@@ -199,7 +189,7 @@ def _peft_alpha(name: str, alphas: dict[str, tuple[float, dict[str, float]]]) ->
     return alpha
 
 
-def parse_lora_tensors(file: LoraFileId, tensors: dict[str, torch.Tensor],
+def parse_lora_tensors(file: FileVersion, tensors: dict[str, torch.Tensor],
                        metadata: dict[str, str] | None = None) -> ParsedLora:
     layers: dict[str, LoraFactors] = {}
     ignored = []
@@ -226,18 +216,18 @@ def parse_lora_tensors(file: LoraFileId, tensors: dict[str, torch.Tensor],
 
 
 def read_lora_file(path: str) -> ParsedLora:
-    file = LoraFileId.of(path)
+    """Parse a LoRA file; its tensors are read into private memory (never a map of the
+    file), so rewriting or truncating the file later cannot change a loaded LoRA."""
+    name = os.path.basename(path)
     if not path.endswith(".safetensors"):
-        raise LoraError(f"LoRA file {file.name}: only .safetensors LoRA files are read "
+        raise LoraError(f"LoRA file {name}: only .safetensors LoRA files are read "
                         f"(pickled files can run code)")
     try:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        tensors = load_file(file.path, device="cpu")
-        with safe_open(file.path, framework="pt") as handle:
-            metadata = handle.metadata()
-    except Exception as error:  # safetensors raises several types for bad headers
-        raise LoraError(f"LoRA file {file.name} is not a readable safetensors file: {error}") from error
+        file, tensors, metadata = read_safetensors(path)
+    except FileReadError as error:
+        raise LoraError(f"LoRA file {name} is not a readable safetensors file: {error.reason}") from error
+    except OSError as error:
+        raise LoraError(f"LoRA file {name} cannot be read: {error.strerror or error}") from error
     if torch.cuda.is_available():
         # Pinned pages let the copies to the GPU run asynchronously and at full speed.
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
@@ -254,26 +244,33 @@ class LoraFileCache:
 
     def __init__(self, max_bytes: int = 8 * 1024 ** 3) -> None:
         self.max_bytes = max_bytes
-        self._files: "OrderedDict[LoraFileId, ParsedLora]" = OrderedDict()
+        self._files: "OrderedDict[FileVersion, ParsedLora]" = OrderedDict()
 
     def get(self, path: str) -> ParsedLora:
-        file = LoraFileId.of(path)
+        file = _version(path)
         parsed = self._files.get(file)
         if parsed is None:
             parsed = read_lora_file(file.path)
+            file = parsed.file   # the version actually read
+            self.forget_path(file.path, keep=file)   # a new version replaces the old one at once
             self._files[file] = parsed
             self._trim(keep=file)
         self._files.move_to_end(file)
         return parsed
 
-    def _trim(self, keep: LoraFileId) -> None:
+    def forget_path(self, path: str, keep: FileVersion | None = None) -> None:
+        """Drop every cached version of `path` other than `keep`."""
+        for old in [f for f in self._files if f.path == path and f != keep]:
+            del self._files[old]
+
+    def _trim(self, keep: FileVersion) -> None:
         while sum(p.nbytes() for p in self._files.values()) > self.max_bytes and len(self._files) > 1:
             oldest = next(iter(self._files))
             if oldest == keep:
                 break
             del self._files[oldest]
 
-    def __contains__(self, file: LoraFileId) -> bool:
+    def __contains__(self, file: FileVersion) -> bool:
         return file in self._files
 
     def __len__(self) -> int:
@@ -331,7 +328,7 @@ def text_encoder_lora_names(encoders: torch.nn.Module) -> dict[str, str]:
 class LoraMatch:
     """The patches one LoRA file gives each target, and what matched nothing."""
 
-    file: LoraFileId
+    file: FileVersion
     patches: dict[str, dict[str, LoraPatch]]   # target -> parameter name -> patch
     unmatched: list[str]
 
