@@ -29,10 +29,18 @@ def write_unet_lora(unet: torch.nn.Module, path: str | os.PathLike[str], seed: i
 
 def rewrite_in_place(path: str | os.PathLike[str], data: bytes, keep_mtime: bool = True) -> None:
     """Overwrite a file's bytes in place (same inode), as `cp -p new path` does, and
-    set its mtime back like `cp -p`/`rsync -t`/unzip (only ctime then tells)."""
+    set its mtime back like `cp -p`/`rsync -t`/unzip (only ctime then tells).
+
+    The kernel stamps ctime from a coarse clock (a few ms): a rewrite within the same
+    tick as the file's creation is repeated until the clock has moved, as any real
+    rewrite later than the file's last change would be."""
     before = os.stat(path)
-    with open(path, "r+b") as handle:
-        handle.write(data)
-        handle.truncate(len(data))
-    if keep_mtime:
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    for _ in range(100_000):
+        with open(path, "r+b") as handle:
+            handle.write(data)
+            handle.truncate(len(data))
+        if keep_mtime:
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if os.stat(path).st_ctime_ns != before.st_ctime_ns:
+            return
+    raise AssertionError(f"ctime of {path} never moved")
