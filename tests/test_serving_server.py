@@ -73,19 +73,24 @@ def server(tmp_path_factory) -> Iterator[Server]:
              for key in ("path_checkpoints", "path_loras", "path_outputs", "path_embeddings", "path_vae")}
     paths["path_checkpoints"].mkdir()
     write_demo_checkpoint(str(paths["path_checkpoints"] / CHECKPOINT), seed=0)
-    temp = root / "somewhere" / "else"   # outside outputs and outside the system temp folder
+    temp = root / "somewhere" / "else"   # outside outputs and outside the server's working folder
+    # Gradio serves files under its working folder and the system temp folder anyway: the
+    # server gets its own of both, so --temp-path lies outside them (like /var/tmp/x).
+    cwd, system_temp = root / "cwd", root / "system_temp"
+    cwd.mkdir()
+    system_temp.mkdir()
     config_file = root / "config.json"
     config_file.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("path_", "default_"))}
     env.update(config_path=str(config_file), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", TMPDIR=str(system_temp))
     log_path = root / "server.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, str(REPO_ROOT / "launch.py"), "--listen", "127.0.0.1", "--port", str(port),
              "--disable-preset-download", "--disable-in-browser", "--disable-image-log", "--temp-path", str(temp)],
-            cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     srv = Server(f"http://127.0.0.1:{port}/", process, log_path, paths["path_checkpoints"], temp)
     try:
         try:
