@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from modules.config import Config
 
 log = logging.getLogger("fooocus_resident.launch")
+SHUTDOWN_TIMEOUT_S = 60.0   # a running task stops at its next step; this bounds a stuck one
 
 @dataclass(frozen=True)
 class CheckpointSetup:
@@ -132,8 +135,12 @@ def main(argv: list[str]) -> int:
 
     from modules import config
 
-    cfg = config.reload_config()  # reads args_manager.args (preset, --output-path)
-    cfg.ensure_folders()
+    try:
+        cfg = config.reload_config()  # reads args_manager.args (preset, --output-path)
+        cfg.ensure_folders()
+    except config.ConfigError as error:   # names the key and the file; no traceback
+        log.error("%s", error)
+        return 2
 
     from ldm_patched.modules import model_management as mm
 
@@ -161,11 +168,40 @@ def main(argv: list[str]) -> int:
     url_host = "127.0.0.1" if host == args_manager.LISTEN_ALL_HOST else host
     log.info("starting the web UI at http://%s:%d/ (bound to %s%s)", url_host, args.port, host,
              ", login required" if auth else "")
+    stop = install_signal_handlers()
     app.launch(server_name=host, server_port=args.port,
                inbrowser=args.in_browser and host != args_manager.LISTEN_ALL_HOST,
                allowed_paths=webui.allowed_paths(cfg), auth=auth or None,
-               max_file_size=args.max_upload_size * 1024 ** 2, **webui.launch_options(args.theme))
+               max_file_size=args.max_upload_size * 1024 ** 2, prevent_thread_lock=True,
+               **webui.launch_options(args.theme))
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping: the running task stops, its finished images are written")
+    shut_down(app)
     return 0
+
+
+def install_signal_handlers() -> threading.Event:
+    """SIGTERM and SIGINT set the returned event; the main thread then shuts down in order."""
+    stop = threading.Event()
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()   # nothing else here: the handler may interrupt code holding locks
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+    return stop
+
+
+def shut_down(app: object) -> None:
+    """Stop the running task (its finished images are still written), drop the queued
+    ones, wait for every image file to be committed, then close the server."""
+    from modules import async_worker, default_pipeline
+
+    async_worker.get_worker().shutdown(timeout=SHUTDOWN_TIMEOUT_S, stop_tasks=True)
+    default_pipeline.flush_writer()
+    app.close()   # type: ignore[attr-defined]
+    log.info("shut down cleanly")
 
 
 if __name__ == "__main__":

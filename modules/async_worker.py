@@ -217,8 +217,10 @@ class Worker:
     """One daemon thread taking AsyncTasks from a FIFO queue."""
 
     def __init__(self, handler: Handler | None = None, error_result: ErrorResultFactory | None = None,
-                 name: str = "fooocus-worker", status: StatusHook | None = None) -> None:
+                 name: str = "fooocus-worker", status: StatusHook | None = None,
+                 max_pending: int | None = None) -> None:
         self._handler = handler
+        self.max_pending = max_pending   # None: unbounded
         self._error_result = error_result
         self._status_hook = status
         self._name = name
@@ -235,11 +237,16 @@ class Worker:
     # -- public API -----------------------------------------------------------------
 
     def submit(self, request: dict, owner: str | None = None) -> AsyncTask:
-        """Queue a request for ``owner``; returns at once."""
+        """Queue a request for ``owner``; returns at once. A full queue gives a task already
+        finished with a "queue full" error (the caller reports it like any other error)."""
         task = AsyncTask(request=request, owner=owner)
         with self._lock:
             if self._closed:
                 raise RuntimeError("worker is shut down")
+            if self.max_pending is not None and self.pending() >= self.max_pending:
+                task._finish(self._make_error(f"queue full: {self.pending()} requests are waiting "
+                                              f"(config key max_queue_length={self.max_pending}); try again later"))
+                return task
             self._ensure_thread()
             self._unfinished[task.id] = task
             self._queue.put(task)
@@ -312,11 +319,23 @@ class Worker:
             snapshot = self._status
         return dict(snapshot or {})
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Finish the queued tasks, then end the thread (used by tests)."""
+    def shutdown(self, timeout: float | None = None, stop_tasks: bool = False) -> None:
+        """End the thread after the queued tasks; with `stop_tasks` (SIGTERM), queued
+        tasks end unrun and the running one is stopped at its next step instead."""
         with self._lock:
             self._closed = True
             thread = self._thread
+            if stop_tasks:
+                if self._current is not None:
+                    self._current.control.stop.set()
+                while True:
+                    try:
+                        queued = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if queued is not None and queued is not _WAKE:
+                        queued.control.stop.set()
+                        queued._finish(self._make_error(STOPPED_BEFORE_START))
             if thread is not None:
                 self._queue.put(None)
         if thread is not None:
@@ -444,5 +463,6 @@ def get_worker() -> Worker:
     global _worker
     with _worker_lock:
         if _worker is None:
-            _worker = Worker()
+            from modules import config  # torch-free
+            _worker = Worker(max_pending=config.get_config().max_queue_length)
         return _worker

@@ -25,7 +25,9 @@ and ``reload_config()`` rebuilds it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +76,25 @@ class Config:
     default_prompt_negative: str
     default_image_number: int
     default_aspect_ratio: str
+    default_output_format: str = "png"
+    # Limits on what one request may ask (issue 9): each error names the field and the key.
+    max_prompt_tokens: int = 3000
+    max_loras_per_request: int = 32
+    max_lora_weight: float = 10.0
+    max_queue_length: int = 64
+    max_conditioning_cache_mb: float = 512.0
+    # From the command line, not config keys: what the pipeline is handed instead of
+    # reading args_manager (--disable-image-log, --temp-path, --disable-metadata,
+    # --disable-preset-download).
+    image_log: bool = True
+    temp_path: Path | None = None
+    metadata: bool = True
+    downloads: bool = True
+
+    @property
+    def temp_root(self) -> Path:
+        """Where images go without the image log, or when the output folder cannot be written."""
+        return self.temp_path or Path(tempfile.gettempdir()) / "fooocus_resident"
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -81,10 +102,16 @@ class Config:
         return flags.parse_aspect_ratio(self.default_aspect_ratio)
 
     def ensure_folders(self) -> None:
-        """Create the model and output folders (on demand, e.g. at launch)."""
-        for folder in (*self.path_checkpoints, *self.path_loras, *self.path_embeddings,
-                       *self.path_vae, self.path_outputs):
-            folder.mkdir(parents=True, exist_ok=True)
+        """Create the model and output folders (on demand, e.g. at launch); a path that
+        is a file, or cannot be created, is a ConfigError naming its key."""
+        folders = [(f, k) for k in ("path_checkpoints", "path_loras", "path_embeddings", "path_vae")
+                   for f in getattr(self, k)] + [(self.path_outputs, "path_outputs")]
+        for folder, key in folders:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                what = "is a file, not a folder" if folder.exists() else f"cannot be created ({e.strerror or e})"
+                raise ConfigError(f"config key {key!r} ({self.config_path}): {folder} {what}") from None
 
 
 # --- value parsers: (raw value, key, source) -> typed value ------------------------
@@ -103,7 +130,27 @@ def _as_float(value: Any, key: str, source: str) -> float:
     # bool is an int subclass; true/false is never a meaningful number here.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(key, source, value, "a number")
+    if not math.isfinite(value):   # NaN, Infinity, 1e999 parse as JSON but mean nothing here
+        raise _fail(key, source, value, "a finite number")
     return float(value)
+
+
+def _in_range(low: float, high: float) -> Callable[[Any, str, str], float]:
+    """A finite number in [low, high]: the range the request field it defaults takes, so a
+    bad default fails at start naming its key, not every request naming the field."""
+    def parse(value: Any, key: str, source: str) -> float:
+        number = _as_float(value, key, source)
+        if not low <= number <= high:
+            raise _fail(key, source, value, f"a number between {low:g} and {high:g}")
+        return number
+    return parse
+
+
+def _as_positive_float(value: Any, key: str, source: str) -> float:
+    number = _as_float(value, key, source)
+    if number <= 0:
+        raise _fail(key, source, value, "a number > 0")
+    return number
 
 
 def _as_positive_int(value: Any, key: str, source: str) -> int:
@@ -175,18 +222,24 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "path_outputs": ("outputs", _as_first_path, False),
     "default_model": ("", _as_str, True),
     "default_refiner": (flags.NONE_NAME, _as_str, True),
-    "default_refiner_switch": (0.8, _as_float, False),
+    "default_refiner_switch": (0.8, _in_range(0.0, 1.0), False),
     "default_vae": (flags.DEFAULT_VAE, _as_str, True),
     "default_loras": ([], _as_loras, False),
     "default_performance": (flags.Performance.SPEED.value, _as_performance, True),
     "default_sampler": (flags.DEFAULT_SAMPLER, _one_of(flags.SAMPLER_NAMES), True),
     "default_scheduler": (flags.DEFAULT_SCHEDULER, _one_of(flags.SCHEDULER_NAMES), True),
     # 4.0 is what upstream's UI shows (its default preset); its code default is 7.0.
-    "default_cfg_scale": (4.0, _as_float, False),
+    "default_cfg_scale": (4.0, _in_range(0.0, 30.0), False),
     "default_prompt": ("", _as_str, True),
     "default_prompt_negative": ("", _as_str, True),
     "default_image_number": (2, _as_positive_int, False),
     "default_aspect_ratio": (flags.DEFAULT_ASPECT_RATIO, _as_aspect_ratio, True),
+    "default_output_format": ("png", _one_of(flags.OUTPUT_FORMATS), True),
+    "max_prompt_tokens": (3000, _as_positive_int, False),
+    "max_loras_per_request": (32, _as_positive_int, False),
+    "max_lora_weight": (10.0, _as_positive_float, False),
+    "max_queue_length": (64, _as_positive_int, False),
+    "max_conditioning_cache_mb": (512.0, _as_positive_float, False),
 }
 CONFIG_KEYS: tuple[str, ...] = tuple(_KEYS)
 
@@ -196,10 +249,21 @@ def _resolve(path: str | os.PathLike[str]) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a usable value")
+
+
 def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    try:
+        # NaN/Infinity are not JSON; Python's parser takes them unless told not to.
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
         raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
@@ -211,18 +275,20 @@ def _decode_env(raw: str, takes_text: bool) -> Any:
         return raw
     try:
         return json.loads(raw)
-    except json.JSONDecodeError:
+    except ValueError:
         return raw
 
 
 def load_config(env: Mapping[str, str] = os.environ, *, preset: str | None = None,
-                output_path: str | None = None) -> Config:
+                output_path: str | None = None, cli: Mapping[str, Any] | None = None) -> Config:
     """Build a Config from defaults, config.txt, an optional preset and ``env``."""
     # A relative config_path is taken relative to the current directory, as typed.
     config_path = Path(env.get("config_path", REPO_ROOT / "config.txt")).expanduser().absolute()
     # (raw value, where it came from) per key, later layers overwrite.
     raw: dict[str, tuple[Any, str]] = {k: (d, "defaults") for k, (d, _, _) in _KEYS.items()}
 
+    if config_path.exists() and not config_path.is_file():
+        raise ConfigError(f"config file {config_path} (from config_path) is not a file")
     if config_path.is_file():
         for k, v in _read_json_object(config_path, "config file").items():
             if k in _KEYS:
@@ -241,7 +307,7 @@ def load_config(env: Mapping[str, str] = os.environ, *, preset: str | None = Non
         raw["path_outputs"] = (output_path, "--output-path")
 
     values = {k: parse(raw[k][0], k, raw[k][1]) for k, (_, parse, _) in _KEYS.items()}
-    return Config(config_path=config_path, **values)
+    return Config(config_path=config_path, **values, **(cli or {}))
 
 
 # --- process-wide cached instance ------------------------------------------------
@@ -254,7 +320,12 @@ def _from_process() -> Config:
     import args_manager  # late import: args_manager.init() may run after we are imported
 
     a = args_manager.args
-    return load_config(os.environ, preset=a.preset, output_path=a.output_path)
+    temp = getattr(a, "temp_path", None)
+    cli = {"image_log": not getattr(a, "disable_image_log", False),
+           "temp_path": Path(temp).expanduser().absolute() if temp else None,
+           "metadata": not getattr(a, "disable_metadata", False),
+           "downloads": not getattr(a, "disable_preset_download", False)}
+    return load_config(os.environ, preset=a.preset, output_path=a.output_path, cli=cli)
 
 
 def get_config() -> Config:

@@ -12,26 +12,27 @@ import concurrent.futures
 import datetime
 import json
 import logging
+import math
 import os
 import random
 import re
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
 
 from ldm_patched.modules import model_management
 from ldm_patched.modules.checkpoint import CheckpointError, load_checkpoint, load_vae
-from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraFileId, LoraMatch, match_lora,
-                                      text_encoder_lora_names, unet_lora_names)
+from ldm_patched.modules.file_version import FileVersion
+from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraMatch, match_lora, text_encoder_lora_names,
+                                      unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import core, flags
+from modules import core, flags, image_output
 from modules.embeddings import EmbeddingCache, EmbeddingError
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ class GenerationRequest:
     sampler: str = flags.DEFAULT_SAMPLER
     scheduler: str = flags.DEFAULT_SCHEDULER
     steps: int | None = None
+    output_format: str = "png"
 
     @staticmethod
     def from_dict(data: dict, cfg: config_module.Config) -> "GenerationRequest":
@@ -116,14 +118,17 @@ class GenerationRequest:
             raise RequestError("field 'prompt' (a string) is required")
         width, height = cfg.default_size
         if "aspect_ratio" in data:
-            width, height = flags.parse_aspect_ratio(str(data["aspect_ratio"]))
+            try:
+                width, height = flags.parse_aspect_ratio(_text(data, "aspect_ratio", ""))
+            except ValueError as error:
+                raise RequestError(f"field 'aspect_ratio': {error}") from None
         try:
             performance = flags.parse_performance(data.get("performance", cfg.default_performance))
         except ValueError as error:
             raise RequestError(str(error)) from error
         request = GenerationRequest(
-            prompt=data["prompt"],
-            negative_prompt=_text(data, "negative_prompt", cfg.default_prompt_negative),
+            prompt=_prompt_text(data, "prompt", "", cfg),
+            negative_prompt=_prompt_text(data, "negative_prompt", cfg.default_prompt_negative, cfg),
             performance=performance,
             width=_int(data, "width", width, 64, MAX_SIDE),
             height=_int(data, "height", height, 64, MAX_SIDE),
@@ -133,11 +138,12 @@ class GenerationRequest:
             refiner_model=_text(data, "refiner_model", cfg.default_refiner),
             refiner_switch=_float(data, "refiner_switch", cfg.default_refiner_switch, 0.0, 1.0),
             vae=_text(data, "vae", cfg.default_vae),
-            loras=_loras(data.get("loras", [[s.name, s.weight] for s in cfg.default_loras if s.enabled])),
+            loras=_loras(data.get("loras", [[s.name, s.weight] for s in cfg.default_loras if s.enabled]), cfg),
             guidance_scale=_float(data, "guidance_scale", cfg.default_cfg_scale, 0.0, 30.0),
             sampler=_text(data, "sampler", cfg.default_sampler),
             scheduler=_text(data, "scheduler", cfg.default_scheduler),
             steps=None if data.get("steps") in (None, -1) else _int(data, "steps", 0, 1, MAX_STEPS),
+            output_format=_one_of(data, "output_format", cfg.default_output_format, flags.OUTPUT_FORMATS),
         )
         for side in ("width", "height"):
             if getattr(request, side) % 8:
@@ -151,12 +157,44 @@ def _text(data: dict, key: str, default: str) -> str:
         return ""
     if not isinstance(value, str):
         raise RequestError(f"field '{key}' must be a string, got {value!r}")
+    return _valid_text(key, value)
+
+
+def _valid_text(key: str, value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:   # a lone surrogate ("\ud800") from a JSON escape
+        raise RequestError(f"field '{key}' is not valid text: {error.reason} at character {error.start}") from None
     return value
+
+
+# A CLIP token is rarely over a dozen characters: a text this many times longer than the
+# token limit is refused before spending time on tokenizing it.
+CHARS_PER_TOKEN_BOUND = 32
+
+
+def _prompt_text(data: dict, key: str, default: str, cfg: config_module.Config) -> str:
+    value = _text(data, key, default)
+    if len(value) > cfg.max_prompt_tokens * CHARS_PER_TOKEN_BOUND:
+        raise RequestError(f"field '{key}' is too long ({len(value)} characters; at most "
+                           f"{cfg.max_prompt_tokens} tokens, config key max_prompt_tokens)")
+    return value
+
+
+def check_prompt_tokens(key: str, text: str, tokenizers: tuple, cfg: config_module.Config) -> None:
+    """Token limit (max_prompt_tokens): each 75 tokens is one more window the text
+    encoders and every UNet step attend over."""
+    tokenizer = next(t for t in tokenizers if t is not None)
+    count = len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+    if count > cfg.max_prompt_tokens:
+        raise RequestError(f"field '{key}' has {count} tokens; at most {cfg.max_prompt_tokens} "
+                           f"(config key max_prompt_tokens)")
 
 
 def _int(data: dict, key: str, default: int, low: int, high: int) -> int:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value):
         raise RequestError(f"field '{key}' must be an integer, got {value!r}")
     if not low <= int(value) <= high:
         raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
@@ -165,27 +203,49 @@ def _int(data: dict, key: str, default: int, low: int, high: int) -> int:
 
 def _float(data: dict, key: str, default: float, low: float, high: float) -> float:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"field '{key}' must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"field '{key}' must be a finite number, got {value!r}")
     if not low <= float(value) <= high:
         raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
     return float(value)
 
 
-def _loras(value: Any) -> list[tuple[str, float]]:
+def _one_of(data: dict, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = _text(data, key, default)
+    if value not in allowed:
+        raise RequestError(f"field '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def check_lora_weight(weight: float, where: str, cfg: config_module.Config) -> float:
+    """LoRA weights are finite and within +-max_lora_weight (NaN, inf or 1e308 give
+    black or noise images, or overflow in the merge)."""
+    limit = cfg.max_lora_weight
+    if not math.isfinite(weight) or abs(weight) > limit:
+        raise RequestError(f"{where}: weight must be a finite number between {-limit:g} and {limit:g} "
+                           f"(config key max_lora_weight), got {weight!r}")
+    return weight
+
+
+def _loras(value: Any, cfg: config_module.Config) -> list[tuple[str, float]]:
     if not isinstance(value, list):
         raise RequestError("field 'loras' must be a list of [file name, weight]")
+    if len(value) > cfg.max_loras_per_request:
+        raise RequestError(f"field 'loras' has {len(value)} entries; at most {cfg.max_loras_per_request} "
+                           f"(config key max_loras_per_request)")
     loras = []
-    for item in value:
+    for index, item in enumerate(value):
         if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str)
                 or isinstance(item[1], bool) or not isinstance(item[1], (int, float))):
-            raise RequestError(f"each LoRA must be [file name, weight], got {item!r}")
+            raise RequestError(f"field 'loras': each LoRA must be [file name, weight], got {item!r}")
+        _valid_text("loras", item[0])
+        check_lora_weight(float(item[1]), f"field 'loras' item {index} ({item[0]})", cfg)
         if item[0] not in ("", flags.NONE_NAME) and item[1] != 0:
             loras.append((item[0], float(item[1])))
     return loras
 
 
-_LORA_TAG = re.compile(r"<lora:([^:>]+):(-?[0-9.]+)>")
+_LORA_TAG = re.compile(r"<lora:([^:>]+):([^>]*)>")
 
 
 def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
@@ -194,7 +254,11 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     for name, weight in _LORA_TAG.findall(prompt):
         if not name.endswith(".safetensors"):
             name += ".safetensors"
-        loras.append((name, float(weight)))
+        try:
+            value = float(weight)
+        except ValueError:
+            raise RequestError(f"field 'prompt': tag <lora:{name}:{weight}> has no number as weight") from None
+        loras.append((name, value))
     return _LORA_TAG.sub("", prompt).strip(), loras
 
 
@@ -202,7 +266,7 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 @dataclass(eq=False)
 class LoadedCheckpoint:
-    file: LoraFileId   # path + size + mtime: a rewritten file is another checkpoint
+    file: FileVersion   # a rewritten file is another checkpoint, which replaces this one
     kind: str
     unet: ModelPatcher
     clip: ModelPatcher
@@ -238,18 +302,19 @@ class PatchedModels:
 
 @dataclass
 class PipelineState:
-    checkpoints: "OrderedDict[LoraFileId, LoadedCheckpoint]" = field(default_factory=OrderedDict)
+    checkpoints: "OrderedDict[FileVersion, LoadedCheckpoint]" = field(default_factory=OrderedDict)
     lora_files: LoraFileCache = field(default_factory=LoraFileCache)
-    lora_matches: dict[tuple[LoraFileId, int, bool], LoraMatch] = field(default_factory=dict)
+    lora_matches: dict[tuple[FileVersion, int, bool], LoraMatch] = field(default_factory=dict)
     embeddings: EmbeddingCache = field(default_factory=EmbeddingCache)
     patched: "OrderedDict[tuple, PatchedModels]" = field(default_factory=OrderedDict)
     conditions: "OrderedDict[tuple, core.Conditioning]" = field(default_factory=OrderedDict)
-    vaes: "OrderedDict[LoraFileId, ModelPatcher]" = field(default_factory=OrderedDict)   # models/vae files
+    vaes: "OrderedDict[FileVersion, ModelPatcher]" = field(default_factory=OrderedDict)   # models/vae files
     max_checkpoints: int | None = None   # None: the policy's default (max_cached_checkpoints)
 
 
 STATE = PipelineState()
-PNG_WRITER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer")
+# Encoding and writing image files runs here while the next image samples.
+IMAGE_WRITER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-writer")
 MAX_PATCHED_SETS = 4
 MAX_CONDITIONS = 64
 
@@ -262,15 +327,17 @@ def max_cached_checkpoints(manager: model_management.ModelManager) -> int:
 
 def get_checkpoint(path: str) -> LoadedCheckpoint:
     manager = model_management.get_manager()
-    file = LoraFileId.of(path)
+    file = FileVersion.of(path)
     cached = STATE.checkpoints.get(file)
     if cached is not None:
         STATE.checkpoints.move_to_end(file)
         return cached
+    _drop_other_versions(file)   # before loading: the old version's memory is freed first
     started = time.perf_counter()
     loaded = load_checkpoint(file.path, unet_dtype=manager.dtype_for("unet"),
                              vae_dtype=manager.dtype_for("vae", manager.vae_device()),
                              text_encoder_dtype=manager.dtype_for("text_encoder"))
+    file = loaded.version or file   # the version actually read
     checkpoint = adopt_checkpoint(file, loaded.kind, {"unet": loaded.unet, "vae": loaded.vae,
                                                       "text_encoder": loaded.text_encoder,
                                                       "text_encoder_2": loaded.text_encoder_2},
@@ -280,7 +347,7 @@ def get_checkpoint(path: str) -> LoadedCheckpoint:
     return checkpoint
 
 
-def adopt_checkpoint(file: LoraFileId, kind: str, components: dict[str, torch.nn.Module | None],
+def adopt_checkpoint(file: FileVersion, kind: str, components: dict[str, torch.nn.Module | None],
                      tokenizers: tuple, fused_loras: list[str] | None = None) -> LoadedCheckpoint:
     """Wrap loaded modules in patchers and cache them under `file`.
 
@@ -306,16 +373,14 @@ def adopt_checkpoint(file: LoraFileId, kind: str, components: dict[str, torch.nn
 
 def get_vae(name: str, cfg: config_module.Config) -> ModelPatcher:
     """A standalone VAE from the VAE folders, loaded once per file version."""
-    try:
-        path = config_module.resolve_model_file(name, cfg.path_vae)
-    except FileNotFoundError as error:
-        raise RequestError(str(error)) from error
-    file = LoraFileId.of(path)
+    file = FileVersion.of(_resolve(name, cfg.path_vae, "vae", "VAE", "path_vae"))
     cached = STATE.vaes.get(file)
     if cached is not None:
         STATE.vaes.move_to_end(file)
         return cached
     manager = model_management.get_manager()
+    for old in [f for f in STATE.vaes if f.path == file.path]:   # a new version replaces the old one
+        manager.forget(STATE.vaes.pop(old).model)
     vae = load_vae(file.path, dtype=manager.dtype_for("vae", manager.vae_device()))
     patcher = ModelPatcher(vae, manager.vae_device(), manager.offload_device(), name=f"{file.name}:vae")
     STATE.vaes[file] = patcher
@@ -330,6 +395,14 @@ def _fused_loras(metadata: dict[str, str]) -> list[str]:
         return [str(item[0]) for item in json.loads(metadata.get(FUSED_LORAS_METADATA_KEY, "[]"))]
     except (ValueError, TypeError, IndexError):
         return []
+
+
+def _drop_other_versions(file: FileVersion) -> None:
+    """A new version of a checkpoint's path replaces the old one at once: its
+    modules leave the registry and every cache that refers to them."""
+    for old in [c for f, c in STATE.checkpoints.items() if f.path == file.path and f != file]:
+        log.info("[Fooocus-Resident] %s changed on disk: dropping the loaded version", file.name)
+        _drop_checkpoint(old)
 
 
 def _drop_checkpoint(checkpoint: LoadedCheckpoint) -> None:
@@ -350,7 +423,8 @@ def patched_models(checkpoint: LoadedCheckpoint, loras: list[tuple[str, float]],
 
     With a `refiner`, the same list goes to it as upstream does, each LoRA only where
     it fits (see `_refiner_takes`); the report says which ones it took."""
-    files = [(LoraFileId.of(path), weight) for path, weight in loras]
+    files = [(FileVersion.of(path), weight) for path, weight in loras]
+    _drop_stale_lora_sets([file for file, _ in files])
     key = (id(checkpoint), tuple(files), None if refiner is None else id(refiner))
     cached = STATE.patched.get(key)
     if cached is not None:
@@ -400,7 +474,21 @@ def _refiner_takes(match: LoraMatch) -> bool:
     return match.matched_count > 0 and not match.misfit
 
 
-def _lora_match(checkpoint: LoadedCheckpoint, path: str, file: LoraFileId, strict: bool = True) -> LoraMatch:
+def _drop_stale_lora_sets(files: list[FileVersion]) -> None:
+    """Patched sets and matches made from an older version of one of `files` are dropped
+    at once (their patchers hold the old factors), and so is the old parsed file."""
+    current = {f.path: f for f in files}
+
+    def stale(file: FileVersion) -> bool:
+        return file.path in current and file != current[file.path]
+
+    STATE.patched = OrderedDict((k, v) for k, v in STATE.patched.items() if not any(stale(f) for f, _ in k[1]))
+    STATE.lora_matches = {k: v for k, v in STATE.lora_matches.items() if not stale(k[0])}
+    for file in files:
+        STATE.lora_files.forget_path(file.path, keep=file)
+
+
+def _lora_match(checkpoint: LoadedCheckpoint, path: str, file: FileVersion, strict: bool = True) -> LoraMatch:
     key = (file, id(checkpoint), strict)
     match = STATE.lora_matches.get(key)
     if match is None:
@@ -412,9 +500,10 @@ def _lora_match(checkpoint: LoadedCheckpoint, path: str, file: LoraFileId, stric
 
 
 def encode(clip: ModelPatcher, tokenizers: tuple, prompt: str, counts: dict,
-           embedding_folders=()) -> core.Conditioning:
+           embedding_folders=(), max_cache_bytes: int = 512 * 2 ** 20) -> core.Conditioning:
     """Encode a prompt; in resident mode the same prompt under the same text-encoder
-    weights and the same embedding file versions is served from the cache."""
+    weights and the same embedding file versions is served from the cache, which is
+    bounded in entries and in bytes."""
     manager = model_management.get_manager()
     try:
         embeddings = STATE.embeddings.for_prompt(prompt, embedding_folders)
@@ -430,19 +519,23 @@ def encode(clip: ModelPatcher, tokenizers: tuple, prompt: str, counts: dict,
     except EmbeddingError as error:
         raise RequestError(str(error)) from error
     counts["text_encodes"] += 1
-    if manager.resident:
+    if manager.resident and conditioning_bytes(cond) <= max_cache_bytes:
         STATE.conditions[key] = cond
-        while len(STATE.conditions) > MAX_CONDITIONS:
+        while len(STATE.conditions) > MAX_CONDITIONS or conditions_cache_bytes() > max_cache_bytes:
             STATE.conditions.popitem(last=False)
         # Kept conditionings live on the encoders' device: charged there, freed in the first tier.
-        manager.register_cache("conditionings", clip.load_device, lambda: _conditions_bytes(STATE),
+        manager.register_cache("conditionings", clip.load_device, lambda: conditions_cache_bytes(STATE),
                                lambda: STATE.conditions.clear())
     return cond
 
 
-def _conditions_bytes(state: PipelineState) -> int:
-    return sum(t.numel() * t.element_size() for c in list(state.conditions.values())
-               for t in (c.embeds, c.pooled) if t is not None)
+def conditioning_bytes(cond: core.Conditioning) -> int:
+    return sum(t.numel() * t.element_size() for t in (cond.embeds, cond.pooled) if t is not None)
+
+
+def conditions_cache_bytes(state: "PipelineState | None" = None) -> int:
+    """Bytes the conditioning cache holds (on the text encoders' device)."""
+    return sum(conditioning_bytes(c) for c in list((state or STATE).conditions.values()))
 
 
 # -- model files ------------------------------------------------------------------------
@@ -452,20 +545,43 @@ def resolve_checkpoint(name: str, cfg: config_module.Config) -> str:
         files = config_module.list_model_files(cfg.path_checkpoints)
         real = [f for f in files if os.path.basename(f) != DEMO_CHECKPOINT_NAME]
         if not files:
-            raise RequestError(f"no checkpoint in {', '.join(map(str, cfg.path_checkpoints))}: "
-                               f"put an SDXL .safetensors file there")
+            raise RequestError("no checkpoint in the checkpoints folder (config key path_checkpoints): "
+                               "put an SDXL .safetensors file there")
         name = (real or files)[0]
-    try:
-        return config_module.resolve_model_file(name, cfg.path_checkpoints)
-    except FileNotFoundError as error:
-        raise RequestError(str(error)) from error
+    return _resolve(name, cfg.path_checkpoints, "base_model", "checkpoints", "path_checkpoints")
 
 
 def resolve_lora(name: str, cfg: config_module.Config) -> str:
+    return _resolve(name, cfg.path_loras, "loras", "LoRA", "path_loras")
+
+
+def _resolve(name: str, folders, field: str, kind: str, key: str) -> str:
+    """The file's path; the error names the file as asked and the folder by its config
+    key (clients never see the server's absolute paths)."""
     try:
-        return config_module.resolve_model_file(name, cfg.path_loras)
-    except FileNotFoundError as error:
-        raise RequestError(str(error)) from error
+        return config_module.resolve_model_file(name, folders)
+    except FileNotFoundError:
+        raise RequestError(f"field '{field}': model file {name!r} not found in the {kind} folder "
+                           f"(config key {key})") from None
+
+
+def model_name(path: str, folders) -> str:
+    """A model file's name as clients use it: relative to the model folder holding it."""
+    for folder in folders:
+        relative = os.path.relpath(path, folder)
+        if not relative.startswith(os.pardir + os.sep) and relative != os.pardir and not os.path.isabs(relative):
+            return relative.replace(os.sep, "/")
+    return os.path.basename(path)
+
+
+def scrub_paths(message: str, cfg: config_module.Config) -> str:
+    """Errors go to clients: files under a model folder are named relative to it and a
+    folder itself by its config key, never by the server's absolute path."""
+    folders = [(str(f), key) for key in ("path_checkpoints", "path_loras", "path_vae", "path_embeddings")
+               for f in getattr(cfg, key)] + [(str(cfg.path_outputs), "path_outputs")]
+    for folder, key in sorted(folders, key=lambda item: -len(item[0])):
+        message = message.replace(folder + os.sep, "").replace(folder, f"<{key}>")
+    return message
 
 
 def performance_lora(settings: flags.PerformanceSettings, checkpoint: LoadedCheckpoint,
@@ -480,18 +596,17 @@ def performance_lora(settings: flags.PerformanceSettings, checkpoint: LoadedChec
         return [(config_module.resolve_model_file(lora.file_name, cfg.path_loras), lora.weight)], lora.file_name
     except FileNotFoundError:
         pass
-    if _downloads_allowed():
+    if _downloads_allowed(cfg):
         from modules import model_downloader
         dest = os.path.join(str(cfg.path_loras[0]), lora.file_name)
         if model_downloader.download_file(lora.url, dest):
             return [(dest, lora.weight)], lora.file_name
-    raise RequestError(f"performance '{settings.performance}' needs the LoRA file {lora.file_name} in "
-                       f"{cfg.path_loras[0]} (download it from {lora.url})")
+    raise RequestError(f"performance '{settings.performance}' needs the LoRA file {lora.file_name} in the "
+                       f"LoRA folder (config key path_loras; download it from {lora.url})")
 
 
-def _downloads_allowed() -> bool:
-    import args_manager
-    return not getattr(args_manager.args, "disable_preset_download", False)
+def _downloads_allowed(cfg: config_module.Config) -> bool:
+    return cfg.downloads
 
 
 # -- one request ------------------------------------------------------------------------
@@ -555,15 +670,16 @@ def process_request(request: dict, control: "TaskControl | None" = None,
     summary = manager.end_request()
     if "error" in report:
         images = []
+        report["error"] = _client_error(report["error"])
     _finish_report(report, summary, started, stage_ms, counts, images)
     return RequestResult(images=images, report=report)
 
 
-def _finished_writes(writes: list[concurrent.futures.Future[str]]) -> list[str]:
+def _finished_writes(writes: list[concurrent.futures.Future]) -> list[str]:
     paths = []
     for write in writes:
         try:
-            paths.append(write.result())
+            paths.append(write.result().path)
         except Exception:
             log.exception("writing an image failed")
     return paths
@@ -575,11 +691,23 @@ def _stage_event(progress, stage: str, message: str, index: int = 0, count: int 
         progress(ProgressEvent(index, count, step, steps, message, stage=stage, image=image))
 
 
+def _client_error(message: str) -> str:
+    try:
+        return scrub_paths(message, config_module.get_config())
+    except Exception:   # a config that cannot load: the message as it is
+        return message
+
+
 def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts: dict,
          done: RequestProgress) -> list[str]:
     cfg = config_module.get_config()
     req = GenerationRequest.from_dict(request, cfg)
     prompt, tag_loras = split_lora_tags(req.prompt)
+    if len(req.loras) + len(tag_loras) > cfg.max_loras_per_request:
+        raise RequestError(f"{len(req.loras) + len(tag_loras)} LoRAs (field 'loras' and <lora:...> tags in field "
+                           f"'prompt'); at most {cfg.max_loras_per_request} (config key max_loras_per_request)")
+    for name, weight in tag_loras:
+        check_lora_weight(weight, f"field 'prompt': tag <lora:{name}>", cfg)
     settings = flags.performance_settings(req.performance)
     sampler = settings.sampler or req.sampler
     scheduler = settings.scheduler or req.scheduler
@@ -594,7 +722,8 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     _stage_event(progress, "loading", "Loading models", count=req.image_number)
     base = get_checkpoint(resolve_checkpoint(req.base_model, cfg))
     if base.kind != "base":
-        raise RequestError(f"{os.path.basename(base.file.path)} is an SDXL refiner; choose it as refiner_model")
+        raise RequestError(f"field 'base_model': {model_name(base.file.path, cfg.path_checkpoints)} is an SDXL "
+                           f"refiner; choose it as refiner_model")
     user_loras = [(resolve_lora(name, cfg), weight) for name, weight in req.loras + tag_loras]
     perf_loras, perf_note = performance_lora(settings, base, cfg)
 
@@ -607,18 +736,22 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
             report["refiner_model"] = "disabled: the refiner is the base model"
             refiner = None
         else:
-            report["refiner_model"] = os.path.basename(refiner.file.path)
+            report["refiner_model"] = model_name(refiner.file.path, cfg.path_checkpoints)
     models = patched_models(base, user_loras + perf_loras, refiner)
     done.patchers = [models.unet, models.clip]
     if refiner is not None:
         done.patchers += [models.refiner_unet or refiner.unet, models.refiner_clip or refiner.clip]
-    report.update(base_model=os.path.basename(base.file.path), loras=models.loras)
+    report.update(base_model=model_name(base.file.path, cfg.path_checkpoints),
+                  loras=[{**entry, "file": model_name(path, cfg.path_loras)}
+                         for entry, (path, _) in zip(models.loras, user_loras + perf_loras)])
     if refiner is not None:
         report["refiner_loras"] = models.refiner_loras
     if models.warnings:
         report["warnings"] = list(models.warnings)
     if perf_note:
         report["performance_lora"] = perf_note
+    check_prompt_tokens("prompt", prompt, base.tokenizers, cfg)
+    check_prompt_tokens("negative_prompt", req.negative_prompt, base.tokenizers, cfg)
 
     if req.vae not in ("", flags.DEFAULT_VAE, flags.NONE_NAME):
         vae = get_vae(req.vae, cfg)
@@ -626,20 +759,21 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     else:
         vae = base.vae or (refiner.vae if refiner is not None else None)
     if vae is None:
-        raise RequestError(f"{os.path.basename(base.file.path)} has no VAE: choose one from "
-                           f"{cfg.path_vae[0]} (request field 'vae')")
+        raise RequestError(f"{report['base_model']} has no VAE: choose one from the VAE folder "
+                           f"(config key path_vae; request field 'vae')")
     done.patchers.append(vae)
     _stage_event(progress, "encoding", "Encoding the prompt", count=req.image_number)
     with _stage(stage_ms, "text_encode"):
-        folders = cfg.path_embeddings
-        stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, prompt, counts, folders),
-                                 encode(models.clip, base.tokenizers, req.negative_prompt, counts, folders))]
+        folders, limit = cfg.path_embeddings, int(cfg.max_conditioning_cache_mb * 2 ** 20)
+        stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, prompt, counts, folders, limit),
+                                 encode(models.clip, base.tokenizers, req.negative_prompt, counts, folders,
+                                        limit))]
         if refiner is not None:
             refiner_clip = models.refiner_clip or refiner.clip
             stages.append(core.UNetStage(models.refiner_unet or refiner.unet,
-                                         encode(refiner_clip, refiner.tokenizers, prompt, counts, folders),
+                                         encode(refiner_clip, refiner.tokenizers, prompt, counts, folders, limit),
                                          encode(refiner_clip, refiner.tokenizers, req.negative_prompt, counts,
-                                                folders),
+                                                folders, limit),
                                          refiner=refiner.kind == "refiner"))
     switch = round(steps * req.refiner_switch) if refiner is not None else None
 
@@ -652,7 +786,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
         for write in writes[len(announced):]:
             if not (wait or write.done()) or write.exception() is not None:
                 return
-            announced.append(write.result())
+            announced.append(write.result().path)
             _stage_event(progress, "saving", f"Saved image {len(announced)}/{req.image_number}",
                          len(announced) - 1, req.image_number, steps, steps, image=announced[-1])
 
@@ -688,21 +822,25 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                      index, req.image_number, steps, steps)
         with _stage(stage_ms, "vae_decode"):
             pixels = core.decode(vae, latents, req.width, req.height)
-        # PNG encoding runs on the writer thread while the next image samples.
-        write = PNG_WRITER.submit(save_image, pixels, {
+        # Encoding and the file commit run on the writer thread while the next image samples.
+        write = IMAGE_WRITER.submit(save_image, pixels, {
             **_echo(req, prompt), "seed": image_seed, "sampler": sampler, "scheduler": scheduler, "steps": steps,
-            "cfg": cfg_scale, "base_model": report["base_model"], "loras": models.loras}, cfg)
+            "cfg": cfg_scale, "base_model": report["base_model"], "loras": report["loras"]}, cfg, req.output_format)
         writes.append(write)
         done.next_image = index + 1
         announce(wait=False)
     _stage_event(progress, "saving", "Saving images", req.image_number - 1, req.image_number, steps, steps)
-    with _stage(stage_ms, "save_images"):   # only the part that did not overlap
-        paths = [write.result() for write in writes]
+    with _stage(stage_ms, "save_images"):   # only the part that did not overlap: waiting for the commits
+        saved = [write.result() for write in writes]
     announce(wait=True)
     report["seeds"] = [seed + i for i in range(req.image_number) if i not in skipped]
     if skipped:
         report["skipped"] = [seed + i for i in skipped]
-    return paths
+    report["output_format"] = req.output_format
+    warnings = sorted({s.warning for s in saved if s.warning})
+    if warnings:
+        report["warnings"] = report.get("warnings", []) + warnings
+    return [s.path for s in saved]
 
 
 def _echo(req: GenerationRequest, prompt: str) -> dict:
@@ -760,7 +898,8 @@ def _finish_report(report: dict, summary: model_management.RequestSummary, start
                             **{k: round(v, 3) for k, v in stage_ms.items()}}
     report["model_management"] = {**counters.as_report(), "text_encodes": counts["text_encodes"],
                                   "over_budget": summary.over_budget, "oom_retries": counts["oom_retries"],
-                                  "switch": _switch_served(counters)}
+                                  "switch": _switch_served(counters),
+                                  "conditioning_cache_bytes": conditions_cache_bytes()}
     report["vram"] = {"budget_bytes": summary.budget_bytes, "resident_bytes": summary.resident_bytes,
                       "peak_allocated_bytes": summary.peak_allocated_bytes,
                       "effective_budget_bytes": summary.effective_budget_bytes,
@@ -777,32 +916,22 @@ def _finish_report(report: dict, summary: model_management.RequestSummary, start
 
 # -- outputs ------------------------------------------------------------------------------
 
-def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config) -> str:
-    """PNG under outputs/<date>/ (or a temp folder with --disable-image-log),
-    with the generation parameters in its metadata unless --disable-metadata."""
-    import args_manager
-    args = args_manager.args
+def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config,
+               fmt: str = "png") -> image_output.SavedImage:
+    """The image file under outputs/<date>/ (the temp folder without the image log, or
+    when the output folder cannot be written), with the generation parameters in its
+    metadata unless --disable-metadata. Runs on the writer thread."""
     now = datetime.datetime.now()
-    if getattr(args, "disable_image_log", False):
-        temp_root = getattr(args, "temp_path", None) or os.path.join(tempfile.gettempdir(), "fooocus_resident")
-        folder = os.path.join(temp_root, now.strftime("%Y-%m-%d"))
-    else:
-        folder = os.path.join(str(cfg.path_outputs), now.strftime("%Y-%m-%d"))
-    os.makedirs(folder, exist_ok=True)
+    day = now.strftime("%Y-%m-%d")
+    fallback = cfg.temp_root / day
+    folder = Path(cfg.path_outputs) / day if cfg.image_log else fallback
     stem = f"{now.strftime('%Y-%m-%d_%H-%M-%S')}_{parameters['seed']}"
-    path = os.path.join(folder, stem + ".png")
-    suffix = 1
-    while os.path.exists(path):
-        path = os.path.join(folder, f"{stem}_{suffix}.png")
-        suffix += 1
-    info = None
-    if not getattr(args, "disable_metadata", False):
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", json.dumps(parameters, default=str))
-        info.add_text("software", "Fooocus-Resident")
-    # zlib level 1: a 1024x1024 PNG in tens of ms instead of hundreds, files ~10-20 % larger.
-    Image.fromarray(pixels).save(path, pnginfo=info, compress_level=1)
-    return path
+    return image_output.save(pixels, parameters, fmt, folder, fallback, stem, metadata=cfg.metadata)
+
+
+def flush_writer() -> None:
+    """Wait for every queued image file to be committed (shutdown)."""
+    IMAGE_WRITER.submit(lambda: None).result()
 
 
 def model_status() -> dict:
@@ -811,6 +940,7 @@ def model_status() -> dict:
     status["lora_files_cached"] = len(STATE.lora_files)
     status["lora_files"] = [{"name": f.name, "bytes": p.nbytes()}
                             for f, p in list(getattr(STATE.lora_files, "_files", {}).items())]
+    status["conditioning_cache"] = {"entries": len(STATE.conditions), "bytes": conditions_cache_bytes()}
     return status
 
 

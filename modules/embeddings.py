@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm_patched.modules.lora import LoraFileId
+from ldm_patched.modules.file_version import FileReadError, FileVersion, read_safetensors
 
 # `(embedding:name:1.2)` or `(embedding:name)` first, then a bare `embedding:name`.
 _REFERENCE = re.compile(r"\(embedding:([^\s,():]+)(?::\s*(-?[0-9]*\.?[0-9]+))?\)|embedding:([^\s,()]+)")
@@ -61,7 +61,7 @@ def referenced_names(prompt: str) -> list[str]:
 class Embedding:
     """One embedding file version: vectors per encoder key ("clip_l", "clip_g"...)."""
 
-    file: LoraFileId
+    file: FileVersion
     vectors: dict[str, torch.Tensor]
 
     def for_encoder(self, encoder: str, width: int) -> torch.Tensor:
@@ -81,15 +81,16 @@ class Embedding:
 
 
 def read_embedding(path: str) -> Embedding:
-    file = LoraFileId.of(path)
+    name = os.path.basename(path)
     if not path.endswith(".safetensors"):
-        raise EmbeddingError(f"embedding file {file.name}: only .safetensors embeddings are read "
+        raise EmbeddingError(f"embedding file {name}: only .safetensors embeddings are read "
                              f"(pickled .pt/.bin files can run code)")
-    try:
-        from safetensors.torch import load_file
-        tensors = load_file(file.path, device="cpu")
-    except Exception as error:  # safetensors raises several types for bad headers
-        raise EmbeddingError(f"embedding file {file.name} is not a readable safetensors file: {error}") from error
+    try:   # private memory, never a map of the file (a rewrite cannot change what is loaded)
+        file, tensors, _ = read_safetensors(path)
+    except FileReadError as error:
+        raise EmbeddingError(f"embedding file {name} is not a readable safetensors file: {error.reason}") from error
+    except OSError as error:
+        raise EmbeddingError(f"embedding file {name} cannot be read: {error.strerror or error}") from error
     vectors = {k: v.float() for k, v in tensors.items() if v.ndim in (1, 2) and v.is_floating_point()}
     if not vectors:
         raise EmbeddingError(f"embedding file {file.name} holds no embedding vectors "
@@ -116,10 +117,10 @@ class EmbeddingCache:
 
     def __init__(self, max_files: int = 64) -> None:
         self.max_files = max_files
-        self._files: "OrderedDict[LoraFileId, Embedding]" = OrderedDict()
+        self._files: "OrderedDict[FileVersion, Embedding]" = OrderedDict()
 
     def get(self, path: str) -> Embedding:
-        file = LoraFileId.of(os.path.abspath(path))
+        file = FileVersion.of(os.path.abspath(path))
         embedding = self._files.get(file)
         if embedding is None:
             embedding = self._files[file] = read_embedding(file.path)

@@ -157,14 +157,15 @@ SDXL_ASPECT_RATIOS: tuple[str, ...] = (
 )
 DEFAULT_ASPECT_RATIO = "1152*896"
 
-# Accepts "1152*896", "1152x896", "1152×896" and the UI label form
-# "1152×896 ∣ 9:7" (anything after the two numbers is ignored).
-_ASPECT_RE = re.compile(r"^\s*(\d+)\s*[*x×]\s*(\d+)\b")
+# The whole string: "1152*896", or a UI label "1152×896 ∣ 9:7" (the ratio after "∣").
+_ASPECT_RE = re.compile(r"\s*(\d+)\s*[*×]\s*(\d+)\s*(?:∣\s*\d+\s*:\s*\d+\s*)?")
+
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 
 
 def parse_aspect_ratio(text: str) -> tuple[int, int]:
     """Parse an aspect-ratio string into (width, height) in pixels."""
-    m = _ASPECT_RE.match(text)
+    m = _ASPECT_RE.fullmatch(text)
     if m is None:
         raise ValueError(f"bad aspect ratio {text!r}; expected 'WIDTH*HEIGHT' like {DEFAULT_ASPECT_RATIO!r}")
     width, height = int(m.group(1)), int(m.group(2))

@@ -139,8 +139,9 @@ def _banner_text(warning: str | None) -> str:
 
 
 def allowed_paths(cfg: config_module.Config) -> list[str]:
-    """Folders the server may serve files from (images written there)."""
-    return [str(cfg.path_outputs)]
+    """Folders the server may serve files from (images written there, and the temp
+    folder used without the image log or when the output folder cannot be written)."""
+    return [str(cfg.path_outputs), str(cfg.temp_root)]
 
 
 # -- plain helpers: seeds, labels, locks ----------------------------------------------------

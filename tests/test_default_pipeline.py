@@ -332,10 +332,10 @@ def test_png_writing_overlaps_sampling_of_the_next_image(pipeline, monkeypatch):
     seen = []
     real_save = default_pipeline.save_image
 
-    def save_after_next_image_started(pixels_, parameters, cfg):
+    def save_after_next_image_started(pixels_, parameters, cfg, *rest):
         if parameters["seed"] == SMALL["seed"]:   # the first image: wait for the second to start sampling
             seen.append(second_image_sampling.wait(timeout=30))
-        return real_save(pixels_, parameters, cfg)
+        return real_save(pixels_, parameters, cfg, *rest)
 
     def on_progress(event):
         if event.image_index == 1:

@@ -86,14 +86,15 @@ def test_aspect_ratios_are_sdxl_sized() -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("1152*896", (1152, 896)), ("1024x1024", (1024, 1024)), ("1152×896 ∣ 9:7", (1152, 896)),
+    [("1152*896", (1152, 896)), ("1024×1024", (1024, 1024)), ("1152×896 ∣ 9:7", (1152, 896)),
      (" 704 * 1408 ", (704, 1408))],
 )
 def test_parse_aspect_ratio_forms(text: str, size: tuple[int, int]) -> None:
     assert parse_aspect_ratio(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "1152", "0*896", "1152*896px", "wide"])
+@pytest.mark.parametrize("text", ["", "1152", "0*896", "1152*896px", "wide", "64*64 extra", "256x256",
+                                  "1152×896 ∣ 9:7 and more"])
 def test_parse_aspect_ratio_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_aspect_ratio(text)

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from ldm_patched.modules import lora as lora_module
 from ldm_patched.modules import telemetry
+from ldm_patched.modules.file_version import FileVersion
 from ldm_patched.modules.lora import LoraError, LoraFileCache, match_lora, text_encoder_lora_names, unet_lora_names
 from ldm_patched.modules.model_patcher import ModelPatcher
 from ldm_patched.modules.sdxl_layout import unet_key_map
@@ -205,11 +206,11 @@ def test_locon_mid_and_full_diff_layers():
     base = torch.randn(out_ch, in_ch, 3, 3, generator=gen)
     factors = lora_module.LoraFactors(up=up, down=down, mid=mid, alpha=1.5)
     assert lora_module._fits(factors, base.shape)
-    patch = lora_module.LoraPatch(lora_module.LoraFileId("x", 1, 1), "layer", factors)
+    patch = lora_module.LoraPatch(FileVersion("x", 1, 1), "layer", factors)
     # up . mid . down per kernel position: [kh, kw, out, in] -> [out, in, kh, kw]
     expected = (up.flatten(1) @ mid.permute(2, 3, 0, 1) @ down.flatten(1)).permute(2, 3, 0, 1)
     got = patch.added(base, 0.5)
     assert torch.allclose(got, base + 0.5 * (1.5 / rank) * expected, atol=1e-5)
     diff = torch.randn(out_ch, in_ch, 3, 3, generator=gen)
-    full = lora_module.LoraPatch(lora_module.LoraFileId("x", 1, 1), "layer", lora_module.LoraFactors(diff=diff))
+    full = lora_module.LoraPatch(FileVersion("x", 1, 1), "layer", lora_module.LoraFactors(diff=diff))
     assert torch.allclose(full.added(base, 2.0), base + 2.0 * diff)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from ldm_patched.modules import telemetry
-from ldm_patched.modules.lora import LoraFactors, LoraFileId, LoraPatch
 from ldm_patched.modules.model_patcher import ModelPatcher, weight_state
 from tests.helpers.patching import lora_for, snapshot
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm_patched.modules import sdxl_layout as layout
+from ldm_patched.modules.file_version import FileReadError, FileVersion, SafetensorsReader
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class SDXLCheckpoint:
     tokenizer: CLIPTokenizer | None
     tokenizer_2: CLIPTokenizer | None
     metadata: dict[str, str] = field(default_factory=dict)
+    version: FileVersion | None = None   # the file version the weights were read from
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -90,6 +91,7 @@ class _Source:
     shapes: dict[str, tuple[int, ...]]
     get: Callable[[str], torch.Tensor]
     metadata: dict[str, str]
+    version: FileVersion | None = None
 
     def under(self, prefix: str) -> dict[str, tuple[int, ...]]:
         return {k[len(prefix):]: s for k, s in self.shapes.items() if k.startswith(prefix)}
@@ -117,24 +119,41 @@ def _open_source(path: str) -> Iterator[_Source]:
 
 @contextmanager
 def _open_safetensors(path: str) -> Iterator[_Source]:
-    from safetensors import safe_open
-
+    """Tensors are read on demand into private memory (never a memory map of the file:
+    see file_version), one at a time, so the peak is the loaded weights plus one tensor."""
     try:
-        handle = safe_open(path, framework="pt", device="cpu")  # memory mapped
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-        metadata = dict(handle.metadata() or {})
-    except Exception as exc:  # SafetensorError, OSError, ... all mean unusable
-        raise CheckpointError(path, f"corrupt or unreadable safetensors file ({exc})") from exc
-    with handle:
-        yield _Source(shapes, handle.get_tensor, metadata)
+        reader = SafetensorsReader(path)
+    except (FileReadError, OSError) as exc:
+        raise CheckpointError(path, f"corrupt or unreadable safetensors file ({_reason(exc)})") from exc
+    with reader:
+        yield _Source(dict(reader.shapes), _reading(reader, path), reader.metadata, reader.version)
+        try:
+            reader.check_unchanged()
+        except FileReadError as exc:
+            raise CheckpointError(path, exc.reason) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.reason if isinstance(exc, FileReadError) else str(exc)
+
+
+def _reading(reader: SafetensorsReader, path: str) -> Callable[[str], torch.Tensor]:
+    def get(key: str) -> torch.Tensor:
+        try:
+            return reader.get(key)
+        except (FileReadError, OSError) as exc:
+            raise CheckpointError(path, _reason(exc)) from exc
+    return get
 
 
 def _open_pickle(path: str) -> _Source:
     import pickle
 
+    before = FileVersion.of(path)
     try:
-        # weights_only: never execute code from a downloaded pickle
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        # weights_only: never execute code from a downloaded pickle; no mmap: weights are
+        # private memory, so rewriting the file later cannot change or crash the model.
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found or "allowed global" in str(exc):
@@ -145,12 +164,14 @@ def _open_pickle(path: str) -> _Source:
         raise CheckpointError(path, "corrupt or unreadable pickle checkpoint") from exc
     except Exception as exc:
         raise CheckpointError(path, f"corrupt or unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if FileVersion.of(path) != before:
+        raise CheckpointError(path, "the file changed on disk while it was being read; try again")
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
         raise CheckpointError(path, f"pickle holds a {type(loaded).__name__}, not a state dict")
     tensors = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    return _Source({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__, {})
+    return _Source({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__, {}, before)
 
 
 # --------------------------------------------------------------------------- layout detection
@@ -414,7 +435,7 @@ def load_vae(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32
         if "encoder.conv_in.weight" not in parts or "decoder.conv_out.weight" not in parts:
             raise CheckpointError(path, "not a VAE in the original layout (no encoder.conv_in / decoder.conv_out; "
                                         f"found {', '.join(_top_prefixes(list(source.shapes))[:6]) or 'no tensors'})")
-        vae_only = _Source({prefix + k: s for k, s in parts.items()}, source.get, source.metadata)
+        vae_only = _Source({prefix + k: s for k, s in parts.items()}, source.get, source.metadata, source.version)
         return _component(path, "VAE", lambda: _build_vae(vae_only, dtype, prefix))
 
 
@@ -444,8 +465,8 @@ def load_checkpoint(
 ) -> SDXLCheckpoint:
     """Load an SDXL base or refiner single-file checkpoint into diffusers/transformers modules.
 
-    ``.safetensors`` is memory mapped; ``.ckpt/.pt/.pth`` go only through
-    ``torch.load(weights_only=True)``. Raises ``CheckpointError`` for anything unusable.
+    ``.safetensors`` is read tensor by tensor into private memory (never mapped);
+    ``.ckpt/.pt/.pth`` go only through ``torch.load(weights_only=True)``. Raises ``CheckpointError`` for anything unusable.
     """
     path = os.fspath(path)
     with _open_source(path) as source:
@@ -470,11 +491,11 @@ def load_checkpoint(
             logger.warning("checkpoint %s has no VAE (first_stage_model.*)", path)
         used = [layout.UNET_PREFIX, layout.VAE_PREFIX, g_prefix] + ([] if refiner else [layout.CLIP_L_PREFIX])
         _log_unused(source, used)
-        metadata = source.metadata
+        metadata, version = source.metadata, source.version
     tokenizer, tokenizer_2 = load_tokenizers()
     return SDXLCheckpoint(
         path=path, kind=kind, unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=None if refiner else tokenizer, tokenizer_2=tokenizer_2, metadata=metadata,
+        tokenizer=None if refiner else tokenizer, tokenizer_2=tokenizer_2, metadata=metadata, version=version,
     )
 
 

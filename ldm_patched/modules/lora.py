@@ -29,10 +29,11 @@ from typing import Any, Hashable, Iterable
 import torch
 
 from ldm_patched.modules import telemetry
+from ldm_patched.modules.file_version import FileReadError, FileVersion, read_safetensors
 from ldm_patched.modules.lora_adapters import (DoraFactors, GloraFactors, LohaFactors, LokrFactors,
                                                LoraFactors)
 
-__all__ = ["LoraError", "LoraFileId", "LoraFactors", "LohaFactors", "LokrFactors", "GloraFactors",
+__all__ = ["LoraError", "FileVersion", "LoraFactors", "LohaFactors", "LokrFactors", "GloraFactors",
            "DoraFactors", "LoraPatch", "ParsedLora", "LoraFileCache", "LoraMatch", "match_lora",
            "read_lora_file", "parse_lora_tensors", "unet_lora_names", "text_encoder_lora_names"]
 
@@ -41,26 +42,11 @@ class LoraError(ValueError):
     """A LoRA file that cannot be used; the message names the file and the reason."""
 
 
-@dataclass(frozen=True)
-class LoraFileId:
-    """A file version: the same path rewritten is a different LoRA."""
-
-    path: str
-    size: int
-    mtime_ns: int
-
-    @staticmethod
-    def of(path: str) -> "LoraFileId":
-        path = os.path.abspath(path)
-        try:
-            st = os.stat(path)
-        except OSError as error:
-            raise LoraError(f"LoRA file {path} cannot be read: {error.strerror or error}") from error
-        return LoraFileId(path, st.st_size, st.st_mtime_ns)
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.path)
+def _version(path: str) -> FileVersion:
+    try:
+        return FileVersion.of(path)
+    except FileReadError as error:
+        raise LoraError(f"LoRA file {error}") from error
 
 
 def _fits(factors, shape: torch.Size) -> bool:
@@ -94,7 +80,7 @@ class LoraPatch:
     `factors` is any adapter of lora_adapters; `role` says whether it changes the
     layer's weight or its bias (`diff_b`, `b_norm`)."""
 
-    file: LoraFileId
+    file: FileVersion
     name: str
     factors: Any
     role: str = "weight"
@@ -102,7 +88,7 @@ class LoraPatch:
 
     @property
     def identity(self) -> Hashable:
-        return (self.file.path, self.file.size, self.file.mtime_ns, self.name, self.role)
+        return (self.file, self.name, self.role)
 
     def added(self, base: torch.Tensor, alpha: float, cache: bool = False) -> torch.Tensor:
         device = base.device
@@ -164,7 +150,7 @@ _SUFFIXES: tuple[tuple[str, str, str], ...] = (
 class ParsedLora:
     """A file's changes: `layers` change a layer's weight, `biases` its bias."""
 
-    file: LoraFileId
+    file: FileVersion
     layers: dict[str, Any]
     ignored: list[str]
     biases: dict[str, Any] = field(default_factory=dict)
@@ -239,7 +225,7 @@ def _full_diff(parts: dict[str, dict[str, torch.Tensor]], role: str) -> LoraFact
     return None if diff is None else LoraFactors(diff=diff)
 
 
-def parse_lora_tensors(file: LoraFileId, tensors: dict[str, torch.Tensor],
+def parse_lora_tensors(file: FileVersion, tensors: dict[str, torch.Tensor],
                        metadata: dict[str, str] | None = None) -> ParsedLora:
     """Group a file's tensors by layer and build each layer's adapter(s)."""
     grouped: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
@@ -274,19 +260,19 @@ def parse_lora_tensors(file: LoraFileId, tensors: dict[str, torch.Tensor],
 
 
 def read_lora_file(path: "str | os.PathLike[str]") -> ParsedLora:
+    """Parse a LoRA file; its tensors are read into private memory (never a map of the
+    file), so rewriting or truncating the file later cannot change a loaded LoRA."""
     path = os.fspath(path)
-    file = LoraFileId.of(path)
+    name = os.path.basename(path)
     if not path.endswith(".safetensors"):
-        raise LoraError(f"LoRA file {file.name}: only .safetensors LoRA files are read "
+        raise LoraError(f"LoRA file {name}: only .safetensors LoRA files are read "
                         f"(pickled files can run code)")
     try:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        tensors = load_file(file.path, device="cpu")
-        with safe_open(file.path, framework="pt") as handle:
-            metadata = handle.metadata()
-    except Exception as error:  # safetensors raises several types for bad headers
-        raise LoraError(f"LoRA file {file.name} is not a readable safetensors file: {error}") from error
+        file, tensors, metadata = read_safetensors(path)
+    except FileReadError as error:
+        raise LoraError(f"LoRA file {name} is not a readable safetensors file: {error.reason}") from error
+    except OSError as error:
+        raise LoraError(f"LoRA file {name} cannot be read: {error.strerror or error}") from error
     if torch.cuda.is_available():
         # Pinned pages let the copies to the GPU run asynchronously and at full speed.
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
@@ -303,26 +289,33 @@ class LoraFileCache:
 
     def __init__(self, max_bytes: int = 8 * 1024 ** 3) -> None:
         self.max_bytes = max_bytes
-        self._files: "OrderedDict[LoraFileId, ParsedLora]" = OrderedDict()
+        self._files: "OrderedDict[FileVersion, ParsedLora]" = OrderedDict()
 
     def get(self, path: str) -> ParsedLora:
-        file = LoraFileId.of(path)
+        file = _version(path)
         parsed = self._files.get(file)
         if parsed is None:
             parsed = read_lora_file(file.path)
+            file = parsed.file   # the version actually read
+            self.forget_path(file.path, keep=file)   # a new version replaces the old one at once
             self._files[file] = parsed
             self._trim(keep=file)
         self._files.move_to_end(file)
         return parsed
 
-    def _trim(self, keep: LoraFileId) -> None:
+    def forget_path(self, path: str, keep: FileVersion | None = None) -> None:
+        """Drop every cached version of `path` other than `keep`."""
+        for old in [f for f in self._files if f.path == path and f != keep]:
+            del self._files[old]
+
+    def _trim(self, keep: FileVersion) -> None:
         while sum(p.nbytes() for p in self._files.values()) > self.max_bytes and len(self._files) > 1:
             oldest = next(iter(self._files))
             if oldest == keep:
                 break
             del self._files[oldest]
 
-    def __contains__(self, file: LoraFileId) -> bool:
+    def __contains__(self, file: FileVersion) -> bool:
         return file in self._files
 
     def nbytes(self) -> int:
@@ -435,7 +428,7 @@ def text_encoder_lora_names(encoders: torch.nn.Module) -> dict[str, str]:
 class LoraMatch:
     """The patches one LoRA file gives each target, and what matched nothing."""
 
-    file: LoraFileId
+    file: FileVersion
     patches: dict[str, dict[str, LoraPatch]]   # target -> parameter name -> patch
     unmatched: list[str]
     misfit: list[str] = field(default_factory=list)    # names found but of another shape (lenient only)

@@ -39,7 +39,7 @@ import torch
 import args_manager
 from ldm_patched.modules import model_management
 from ldm_patched.modules.checkpoint import load_tokenizers
-from ldm_patched.modules.lora import LoraFileId
+from ldm_patched.modules.file_version import FileVersion
 from modules import config as config_module
 from modules import default_pipeline, flags
 from tests.benchmarks import models
@@ -177,7 +177,7 @@ def install_configuration(name: str, options: BenchOptions, built: BuiltModels,
         torch.cuda.empty_cache()
     default_pipeline.STATE = default_pipeline.PipelineState(max_checkpoints=8)
     for file_name, (kind, parts) in built.checkpoints.items():
-        default_pipeline.adopt_checkpoint(LoraFileId.of(str(folders["checkpoints"] / file_name)), kind,
+        default_pipeline.adopt_checkpoint(FileVersion.of(str(folders["checkpoints"] / file_name)), kind,
                                           parts, built.tokenizers)
     return manager
 

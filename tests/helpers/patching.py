@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ldm_patched.modules import model_management as mm
-from ldm_patched.modules.lora import LoraFactors, LoraFileId, LoraPatch
+from ldm_patched.modules.file_version import FileVersion
+from ldm_patched.modules.lora import LoraFactors, LoraPatch
 
 META = torch.device("meta")
 CPU = torch.device("cpu")
@@ -25,7 +26,7 @@ def lora_for(module: torch.nn.Module, keys: list[str], tag: str, rank: int = 2, 
         shape = module.get_parameter(key).shape
         down = torch.randn(rank, *shape[1:], generator=gen)
         up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=gen)
-        patches[key] = LoraPatch(LoraFileId(tag, 1, 1), key, LoraFactors(up=up, down=down, alpha=1.0))
+        patches[key] = LoraPatch(FileVersion(tag, 1, 1), key, LoraFactors(up=up, down=down, alpha=1.0))
     return patches
 
 

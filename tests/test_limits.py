@@ -1,0 +1,73 @@
+"""Limits that are not one request's fields: the queue length and the conditioning cache."""
+
+from __future__ import annotations
+
+import threading
+
+from ldm_patched.modules import model_management as mm
+from modules import config, default_pipeline
+from modules.async_worker import TaskControl, Worker
+
+TIMEOUT = 60
+
+
+class Result:
+    def __init__(self, text: str) -> None:
+        self.images: list[str] = []
+        self.report = {"text": text}
+
+
+def test_a_full_queue_answers_queue_full_at_once_and_later_requests_run():
+    started, release = threading.Event(), threading.Event()
+
+    def handler(request: dict, control: TaskControl, progress) -> Result:
+        started.set()
+        release.wait(TIMEOUT)
+        return Result(request["prompt"])
+
+    worker = Worker(handler=handler, max_pending=2)
+    try:
+        running = worker.submit({"prompt": "running"})
+        assert started.wait(TIMEOUT)
+        queued = [worker.submit({"prompt": f"queued {i}"}) for i in range(2)]
+        refused = worker.submit({"prompt": "one too many"})
+        assert refused.done()
+        error = refused.result(0).report["error"]
+        assert "queue full" in error and "max_queue_length" in error
+        release.set()
+        assert [t.result(TIMEOUT).report["text"] for t in (running, *queued)] == ["running", "queued 0", "queued 1"]
+        assert worker.submit({"prompt": "after"}).result(TIMEOUT).report["text"] == "after"
+    finally:
+        release.set()
+        worker.shutdown(TIMEOUT)
+
+
+def test_the_process_worker_takes_its_queue_length_from_the_config(monkeypatch, tmp_path):
+    from modules import async_worker
+
+    monkeypatch.setenv("config_path", str(tmp_path / "none.txt"))
+    monkeypatch.setenv("max_queue_length", "3")
+    config.reload_config()
+    monkeypatch.setattr(async_worker, "_worker", None)
+    try:
+        assert async_worker.get_worker().max_pending == 3
+    finally:
+        monkeypatch.undo()
+        config.reload_config()
+
+
+def test_conditioning_cache_is_bounded_in_bytes_and_counted(pipeline, monkeypatch):
+    pipeline(mm.Policy.RESIDENT)
+    request = {"base_model": "tiny_sdxl_base.safetensors", "width": 64, "height": 64, "steps": 1, "seed": 1}
+    default_pipeline.process_request({**request, "prompt": "warm up"})
+    one = default_pipeline.conditions_cache_bytes() // 2   # prompt and negative: two entries
+    assert one > 0
+    limit_mb = 3.5 * one / 2 ** 20   # room for three conditionings, not more
+    monkeypatch.setenv("max_conditioning_cache_mb", repr(limit_mb))
+    config.reload_config()
+    for index in range(6):
+        report = default_pipeline.process_request({**request, "prompt": f"prompt number {index}"}).report
+        assert "error" not in report, report
+        assert report["model_management"]["conditioning_cache_bytes"] <= limit_mb * 2 ** 20
+    status = default_pipeline.model_status()["conditioning_cache"]
+    assert status["entries"] == 3 and status["bytes"] == default_pipeline.conditions_cache_bytes()
