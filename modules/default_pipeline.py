@@ -427,6 +427,7 @@ def process_request(request: dict, control: "TaskControl | None" = None,
     manager = model_management.get_manager()
     started = time.perf_counter()
     manager.begin_request()
+    compile_mark = core.UNET_COMPILER.mark()
     report: dict[str, Any] = {"mode": manager.settings.policy.value, "seed": -1}   # seed: set once known
     stage_ms = {"text_encode": 0.0, "sampling": 0.0, "vae_decode": 0.0, "save_images": 0.0}
     counts = {"text_encodes": 0}
@@ -447,6 +448,7 @@ def process_request(request: dict, control: "TaskControl | None" = None,
         log.exception("request failed")
         report["error"] = f"internal error: {type(error).__name__}: {error}"
     summary = manager.end_request()
+    report["compile"] = core.UNET_COMPILER.report_since(compile_mark)   # ran compiled? compiled?
     if "error" in report:
         images = []
     _finish_report(report, summary, started, stage_ms, counts, images)
