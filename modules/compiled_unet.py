@@ -2,12 +2,15 @@
 
 Why it can stay valid in a resident process: dynamo lifts a module's parameters
 into graph inputs and guards on their metadata (shape, dtype, device, strides),
-not on their values, and our patcher writes LoRA merges and restores in place
-(`param.data.copy_`), so a LoRA switch or a return to an earlier set changes no
+not on their values, so a LoRA switch or a return to an earlier set changes no
 guard and recompiles nothing; the compiled code reads the new values. Inductor's
-`freezing` (which would bake weights into the graph as constants) stays off.
-With CUDA graphs (mode "reduce-overhead") the parameters are static inputs at
-fixed addresses, so a graph captured once per shape is replayed after switches.
+`freezing` (which would bake weights into the graph as constants) stays off. The
+timestep is passed as a tensor (a Python number would be specialised per step)
+and shapes are static (`dynamic=False`: one graph per shape, no dynamic
+recompile on the second shape). With CUDA graphs (mode "reduce-overhead") the
+parameters are static inputs read at fixed addresses; our patcher writes LoRA
+merges and restores in place (`param.data.copy_`), so a graph captured once per
+shape is replayed after switches.
 
 The patcher's `model` stays the plain module: model management moves and
 patches it as before. This holder only keeps one compiled callable and, per
