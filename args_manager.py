@@ -185,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="[ours] debug: after each request, log the device ledger against the bytes "
                         "of the tensors really on the device")
 
+    # --- ours: compiled UNet ------------------------------------------------------
+    p.add_argument("--compile-unet", action="store_true",
+                   help="[ours] run the UNet through torch.compile, compiled once per image shape and "
+                        "kept across requests and LoRA switches (the first request of a shape is slow)")
+    p.add_argument("--compile-backend", type=str, default="inductor", metavar="NAME",
+                   help="[ours] torch.compile backend for --compile-unet (default inductor; "
+                        "aot_eager compiles fast and generates no code)")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"), default=None,
+                   help="[ours] inductor mode for --compile-unet (default: reduce-overhead, i.e. CUDA "
+                        "graphs, on a GPU; default elsewhere)")
+
     # --- precision -------------------------------------------------------------
     fp = p.add_mutually_exclusive_group()
     fp.add_argument("--all-in-fp32", action="store_true", help="run every model in float32")

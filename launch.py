@@ -149,6 +149,14 @@ def main(argv: list[str]) -> int:
     except mm.BudgetError as error:
         log.error("%s", error)
         return 2
+    if args.compile_unet:
+        from modules import compiled_unet, core
+
+        try:
+            core.configure_compile(compiled_unet.settings_from_args(args))
+        except ValueError as error:   # an unknown --compile-backend
+            log.error("%s", error)
+            return 2
 
     # --disable-preset-download means "no downloads at all".
     ensure_checkpoint(cfg, allow_download=not args.disable_preset_download,

@@ -22,6 +22,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ldm_patched.modules import model_management
 from ldm_patched.modules.model_patcher import ModelPatcher
+from modules.compiled_unet import CompiledUNets, CompileSettings
 
 
 class SDXLTextEncoders(torch.nn.Module):
@@ -38,6 +39,18 @@ class SDXLTextEncoders(torch.nn.Module):
 class Conditioning:
     embeds: torch.Tensor   # [1, 77*k, context]
     pooled: torch.Tensor   # [1, pooled]
+
+
+# The compiled UNet forward (`--compile-unet`), next to the plain modules the patchers
+# hold; disabled (eager) unless launch or a test configures it.
+UNET_COMPILER = CompiledUNets()
+
+
+def configure_compile(settings: CompileSettings) -> CompiledUNets:
+    """Install the compiled-UNet holder for these settings (launch does this once)."""
+    global UNET_COMPILER
+    UNET_COMPILER = CompiledUNets(settings)
+    return UNET_COMPILER
 
 
 # -- schedulers -------------------------------------------------------------------------
@@ -323,8 +336,7 @@ def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, widt
         pooled = torch.cat([conds[i].pooled for i in batch]).to(dtype)
         ids = torch.cat([time_ids(width, height, stage.refiner, aesthetic[i], latents.device, dtype) for i in batch])
         model_input = sched.scale_model_input(torch.cat([latents] * len(batch)), t)
-        preds.append(unet(model_input.to(dtype), t, encoder_hidden_states=embeds,
-                          added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)[0].float())
+        preds.append(UNET_COMPILER(unet, model_input.to(dtype), t, embeds, pooled, ids).float())
     pred = torch.cat(preds)
     if guided:
         uncond, cond = pred.chunk(2)

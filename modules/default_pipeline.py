@@ -630,6 +630,7 @@ def process_request(request: dict, control: "TaskControl | None" = None,
     manager = model_management.get_manager()
     started = time.perf_counter()
     manager.begin_request()
+    compile_mark = core.UNET_COMPILER.mark()
     report: dict[str, Any] = {"mode": manager.settings.policy.value, "seed": -1}   # seed: set once known
     stage_ms = {"text_encode": 0.0, "sampling": 0.0, "vae_decode": 0.0, "save_images": 0.0}
     counts = {"text_encodes": 0, "oom_retries": 0}
@@ -668,6 +669,7 @@ def process_request(request: dict, control: "TaskControl | None" = None,
                            f"now {manager.effective_budget / model_management.GIB:.2f} GB. Try a smaller size "
                            f"or fewer images")
     summary = manager.end_request()
+    report["compile"] = core.UNET_COMPILER.report_since(compile_mark)   # ran compiled? compiled?
     if "error" in report:
         images = []
         report["error"] = _client_error(report["error"])

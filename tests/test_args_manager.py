@@ -149,7 +149,8 @@ def test_every_flag_has_help_and_ours_are_marked() -> None:
     actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
     assert all(a.help for a in actions)
     ours = {a.option_strings[0] for a in actions if a.help.startswith("[ours]")}
-    assert ours == {"--keep-models-resident", "--vram-budget", "--check-memory-accounting"}
+    assert ours == {"--keep-models-resident", "--vram-budget", "--check-memory-accounting", "--compile-unet",
+                    "--compile-backend", "--compile-mode"}
 
 
 def test_importing_ignores_the_real_command_line() -> None:

@@ -1,7 +1,7 @@
 """Dry run of the benchmark harness (default suite): the entry point the CUDA benchmark
 uses, on tiny models on the CPU, every configuration and scenario, two counted
-requests each. Checks the output files and the counts that make the comparison
-meaningful; never times."""
+requests each, plus the diffusers peer and the compiled configuration (aot_eager).
+Checks the output files and the counts that make the comparison meaningful; never times."""
 
 import json
 
@@ -9,11 +9,11 @@ import pytest
 
 from ldm_patched.modules import model_management
 from tests.benchmarks import harness, models
-from tests.benchmarks.checks import (assert_conservative_repatches, assert_resident_steady_state_is_free,
-                                     requests_of)
+from tests.benchmarks.checks import (assert_compiled_runs_without_recompiling, assert_conservative_repatches,
+                                     assert_resident_steady_state_is_free, requests_of)
 
 SUMMARY_FIELDS = ("timings_ms", "counts", "peak_allocated_bytes", "ratio_total", "ratio_model_management",
-                  "requests")
+                  "requests", "step_ms", "compile", "warmup_compile")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_every_scenario_and_configuration_has_every_metric(dry_run):
     results, _ = dry_run
     assert set(results["results"]) == set(harness.SCENARIOS)
     for scenario, per_config in results["results"].items():
-        assert set(per_config) == set(harness.CONFIGURATIONS), scenario
+        assert set(per_config) == {n for n in harness.CONFIGURATIONS if harness.runs(n, scenario)}, scenario
         for summary in per_config.values():
             assert set(SUMMARY_FIELDS) <= set(summary)
             assert set(summary["timings_ms"]) == set(harness.TIMINGS)
@@ -79,7 +79,49 @@ def test_markdown_has_the_table(dry_run):
     results, markdown = dry_run
     assert harness.TABLE_HEADER in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| steady |")]
-    assert len(rows) == len(harness.CONFIGURATIONS)
+    assert len(rows) == len(harness.CONFIGURATIONS) + 2   # + compiled-vs-eager: resident, compiled
+    assert harness.PEER_HEADER in markdown and harness.COMPILE_HEADER in markdown
+    assert f"| {harness.PEER} (LCM LoRA fused in" in markdown
+
+
+def test_the_peer_is_diffusers_pipeline_drawing_the_same_picture(dry_run):
+    results, _ = dry_run
+    peer = results["peer"]
+    assert len(peer["requests"]) == 2 and peer["steps"] == results["options"]["extreme_speed_steps"]
+    assert peer["timings_ms"]["total"]["median"] > 0 and peer["lora_load_and_fuse_ms"] > 0
+    for name, summary in results["results"]["steady"].items():
+        # Same weights, LoRA, request and seed: the ratio compares like with like (CPU, float32).
+        assert summary["max_pixel_diff_vs_peer"] <= 2, name
+        assert summary["ratio_total_vs_peer"] > 0
+
+
+def test_the_peer_fuses_the_lora_into_copies_not_into_the_benchmarked_modules(dry_run):
+    results, _ = dry_run
+    # Had the fuse touched bench_base's own modules, conservative's first load would see
+    # LoRA-merged "originals"; every configuration draws the peer's picture only if not.
+    diffs = {n: s["max_pixel_diff_vs_peer"] for n, s in results["results"]["steady"].items()}
+    assert len(diffs) == len(harness.CONFIGURATIONS) and max(diffs.values()) <= 2
+
+
+def test_compiled_configuration_recompiles_nothing_across_lora_switches(dry_run):
+    results, _ = dry_run
+    assert results["options"]["compile_backend"] == "aot_eager"
+    assert_compiled_runs_without_recompiling(results, harness.COMPILED)
+    for scenario in harness.CONFIGURATION_SCENARIOS[harness.COMPILED]:
+        summary = results["results"][scenario][harness.COMPILED]
+        for request in summary["requests"]:
+            assert request["compile"]["ran_compiled"], scenario
+            assert (request["compile"]["graphs_compiled"], request["compile"]["recompilations"]) == (0, 0), scenario
+        assert summary["step_ms"]["median"] > 0
+        eager = results["results"][scenario][harness.EAGER]
+        assert not any(r["compile"]["ran_compiled"] for r in eager["requests"])
+    # The warm-ups compiled the two shapes (Extreme Speed batch 1, Speed with cfg batch 2) once.
+    warmups = [results["results"][s][harness.COMPILED]["warmup_compile"] for s in ("steady", "lora_switch")]
+    assert warmups[0]["graphs_compiled"] >= 1 and warmups[1]["graphs_compiled"] >= 1
+    assert warmups[0]["recompilations"] == warmups[1]["recompilations"] == 0
+    switches = requests_of(results, "lora_switch", harness.COMPILED)
+    assert [r["lora_on"] for r in switches] == [True, False]
+    assert switches[0]["model_management"]["weights_patched"] == results["models"]["lora"]["keys"]
 
 
 def test_cpu_configurations_go_through_the_real_flags():

@@ -24,3 +24,13 @@ def assert_conservative_repatches(results: dict[str, Any]) -> None:
     for request in requests_of(results, "steady", "conservative"):
         assert request["model_management"]["weights_patched"] == keys, request["model_management"]
         assert request["model_management"]["models_loaded"] > 0
+
+
+def assert_compiled_runs_without_recompiling(results: dict[str, Any], configuration: str) -> None:
+    """After the warm-ups, every request of the compiled configuration runs compiled and
+    compiles nothing, LoRA switches included."""
+    for scenario, per_config in results["results"].items():
+        for request in per_config.get(configuration, {}).get("requests", []):
+            compiled = request["compile"]
+            assert compiled["ran_compiled"], (scenario, compiled)
+            assert (compiled["graphs_compiled"], compiled["recompilations"]) == (0, 0), (scenario, compiled)

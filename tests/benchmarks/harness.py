@@ -16,32 +16,47 @@ run and the dry run in the default test suite. Per run:
    1, or 2 for the switch scenarios), then N counted requests through
    `default_pipeline.process_request`; every number comes from the request's report.
 
+Two comparisons ride along in the same run:
+
+* the peer: diffusers' own `StableDiffusionXLPipeline` on copies of `bench_base`'s
+  modules (the same random weights), the LCM LoRA loaded and fused, the steady
+  Extreme Speed request (same size, steps, seed), before any configuration patches
+  anything; every configuration's steady total is also given as a ratio to it;
+* compiled vs eager: `resident --compile-unet` (inductor on CUDA, aot_eager on the
+  CPU) runs the `steady` and `lora_switch` scenarios; per-step time and the
+  recompilations of the counted requests (switches included) come from the reports.
+
 Run from the repo root: `python -m tests.benchmarks.harness --size mid --device cpu`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import gc
 import json
 import os
 import platform
 import statistics
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 
 import args_manager
 from ldm_patched.modules import model_management
 from ldm_patched.modules.checkpoint import load_tokenizers
 from ldm_patched.modules.file_version import FileVersion
 from modules import config as config_module
-from modules import default_pipeline, flags
+from modules import compiled_unet, core, default_pipeline, flags
 from tests.benchmarks import models
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,9 +69,16 @@ CONFIGURATIONS: dict[str, list[str]] = {
     "conservative": [],
     "conservative --always-gpu": ["--always-gpu"],
     "resident": ["--keep-models-resident"],
+    "resident --compile-unet": ["--keep-models-resident", "--compile-unet"],
 }
 BASELINE = "conservative"
+COMPILED = "resident --compile-unet"
+EAGER = "resident"
 SCENARIOS = ("steady", "lora_switch", "base_switch", "refiner")
+# The compiled configuration runs what compares it with eager (per-step time, switches);
+# every extra scenario would only add compiles of more modules and shapes.
+CONFIGURATION_SCENARIOS: dict[str, tuple[str, ...]] = {COMPILED: ("steady", "lora_switch")}
+PEER = "diffusers StableDiffusionXLPipeline"
 TIMINGS = ("total", "model_management", "text_encode", "sampling", "vae_decode", "save_images", "other")
 COUNTS = ("bytes_to_device", "bytes_to_offload", "weights_patched", "weights_restored", "models_loaded",
           "models_unloaded", "lora_files_read", "text_encodes")
@@ -76,12 +98,22 @@ class BenchOptions:
     lora_rank: int | None = None            # default: the size's
     side: int | None = None                 # default: the size's
     speed_steps: int | None = None          # default: the size's
+    peer: bool = True                       # run diffusers' pipeline as the peer row
+    compile_backend: str | None = None      # default: inductor on CUDA, aot_eager on the CPU
 
     def spec(self) -> models.SizeSpec:
         return models.SIZES[self.size]
 
     def output_dir(self) -> Path:
         return Path(self.out_dir or os.environ.get("BENCH_OUT") or REPO_ROOT / "bench_out")
+
+    def backend(self) -> str:
+        return self.compile_backend or ("inductor" if self.device == "cuda" else "aot_eager")
+
+
+def runs(name: str, scenario: str) -> bool:
+    """Whether configuration `name` runs `scenario`."""
+    return scenario in CONFIGURATION_SCENARIOS.get(name, SCENARIOS)
 
 
 # -- flags -> settings --------------------------------------------------------------------
@@ -96,6 +128,14 @@ def configuration_flags(name: str, device: str) -> list[str]:
     if device == "cpu":
         return ["--always-cpu"] + [f for f in wanted if f != "--always-gpu"]
     return wanted
+
+
+def compile_settings_for(name: str, options: BenchOptions) -> compiled_unet.CompileSettings:
+    """--compile-unet configurations, with the run's backend; the others run eager."""
+    wanted = configuration_flags(name, options.device)
+    if "--compile-unet" in wanted:
+        wanted += ["--compile-backend", options.backend()]
+    return compiled_unet.settings_from_args(args_manager.parse_args(wanted))
 
 
 def settings_for(name: str, device: str) -> model_management.MemorySettings:
@@ -169,6 +209,7 @@ def install_configuration(name: str, options: BenchOptions, built: BuiltModels,
     """configure() (it unloads everything), then every module on the new offload device
     and the three checkpoints adopted afresh: each configuration starts the same way."""
     manager = model_management.configure(settings_for(name, options.device))
+    core.configure_compile(compile_settings_for(name, options))
     offload = manager.offload_device()
     for module in built.modules():
         module.to(offload)
@@ -230,9 +271,13 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     timings = dict(report["timings_ms"])
     # Whatever the stages do not cover: request parsing, end-of-request trim, the report.
     timings["other"] = timings["total"] - sum(timings[k] for k in TIMINGS[1:-1])
+    compiled = report["compile"]
     return {"performance": report["performance"], "base_model": report["base_model"],
             "refiner_model": report.get("refiner_model"), "lora_on": bool(report["loras"]),
-            "timings_ms": timings,
+            "timings_ms": timings, "steps": report["steps"],
+            "step_ms": timings["sampling"] / report["steps"], "image": report["images"][0],
+            "compile": {k: compiled[k] for k in ("ran_compiled", "graphs_compiled", "recompilations",
+                                                 "compile_ms")},
             "model_management": {k: int(report["model_management"][k]) for k in COUNTS},
             "peak_allocated_bytes": int(report["vram"]["peak_allocated_bytes"]),
             "resident_bytes": int(report["vram"]["resident_bytes"])}
@@ -254,9 +299,19 @@ def summarize(requests: list[dict[str, Any]]) -> dict[str, Any]:
                    "p90": percentile([r["timings_ms"][k] for r in requests], 90)} for k in TIMINGS}
     counts = {k: {"sum": sum(r["model_management"][k] for r in requests),
                   "median": statistics.median(r["model_management"][k] for r in requests)} for k in COUNTS}
+    steps = [r["step_ms"] for r in requests]
     return {"timings_ms": timings, "counts": counts,
+            "step_ms": {"median": statistics.median(steps), "p90": percentile(steps, 90)},
+            "compile": compile_totals(requests),
             "peak_allocated_bytes": max(r["peak_allocated_bytes"] for r in requests),
             "requests": requests}
+
+
+def compile_totals(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many requests ran compiled, and what they compiled (sums)."""
+    return {"ran_compiled": sum(r["compile"]["ran_compiled"] for r in requests),
+            **{k: sum(r["compile"][k] for r in requests) for k in ("graphs_compiled", "recompilations",
+                                                                     "compile_ms")}}
 
 
 def add_ratios(results: dict[str, dict[str, dict[str, Any]]]) -> None:
@@ -268,6 +323,14 @@ def add_ratios(results: dict[str, dict[str, dict[str, Any]]]) -> None:
                 ours = summary["timings_ms"][metric]["median"]
                 theirs = baseline["timings_ms"][metric]["median"] if baseline else 0.0
                 summary[f"ratio_{metric}"] = ours / theirs if theirs > 0 else None
+
+
+def add_peer_ratios(document: dict[str, Any]) -> None:
+    """Each configuration's steady median total against the peer's (same request)."""
+    peer = document.get("peer")
+    for summary in document["results"].get("steady", {}).values():
+        theirs = peer["timings_ms"]["total"]["median"] if peer else 0.0
+        summary["ratio_total_vs_peer"] = summary["timings_ms"]["total"]["median"] / theirs if theirs > 0 else None
 
 
 def add_lora_switch_cost(results: dict[str, dict[str, dict[str, Any]]]) -> None:
@@ -298,13 +361,23 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> 
                                        "rank": options.lora_rank or options.spec().lora_rank}}
         log(f"[bench] built {options.size} models on {options.device}: {built.parameters}; "
             f"LoRA {built.lora_keys} keys, {built.lora_bytes / 2**20:.0f} MiB")
+        peer_image = None
+        if options.peer:   # first: nothing has patched the modules it copies yet
+            document["peer"], peer_image = run_peer(options, built, folders["loras"] / LORA_FILE)
+            log(f"[bench] peer {PEER}: median total {document['peer']['timings_ms']['total']['median']:.1f} ms")
         try:
             for name in options.configurations:
                 _run_configuration(name, options, built, folders, document, log)
                 write_outputs(document, out)   # partial results survive a run cut short
+            if peer_image is not None:
+                compare_with_peer(document, peer_image)
         finally:
             model_management.get_manager().unload_all()
+            if any(compile_settings_for(n, options).enabled for n in options.configurations):
+                torch._dynamo.reset()   # the run's modules and shapes leave no cache entries behind
+            core.configure_compile(compiled_unet.CompileSettings())
     add_ratios(document["results"])
+    add_peer_ratios(document)
     add_lora_switch_cost(document["results"])
     write_outputs(document, out)
     log(markdown_table(document))
@@ -317,11 +390,12 @@ def _run_configuration(name: str, options: BenchOptions, built: BuiltModels, fol
     log(f"[bench] configuration {name!r}: flags {configuration_flags(name, options.device)}, "
         f"policy={manager.settings.policy.value}, vram_state={manager.settings.vram_state.name}, "
         f"budget={manager.settings.budget_bytes / 2**30:.1f} GiB")
-    for scenario in options.scenarios:
+    for scenario in (s for s in options.scenarios if runs(name, s)):
         warmup, counted = scenario_requests(scenario, options)
         warmed = [run_request(r) for r in warmup]
         summary = summarize([run_request(r) for r in counted])
         summary["warmup"] = warmed
+        summary["warmup_compile"] = compile_totals(warmed)
         document["results"].setdefault(scenario, {})[name] = summary
         log(f"[bench]   {scenario}: median total {summary['timings_ms']['total']['median']:.1f} ms, "
             f"model management {summary['timings_ms']['model_management']['median']:.2f} ms")
@@ -333,7 +407,76 @@ def _options_json(options: BenchOptions) -> dict[str, Any]:
             "scenarios": list(options.scenarios), "configurations": list(options.configurations),
             "flags": {n: configuration_flags(n, options.device) for n in options.configurations},
             "side": options.side or spec.side, "speed_steps": options.speed_steps or spec.speed_steps,
+            "peer": options.peer, "compile_backend": options.backend(),
             "extreme_speed_steps": flags.performance_settings(flags.Performance.EXTREME_SPEED).steps}
+
+
+# -- the peer: diffusers' own pipeline ---------------------------------------------------------
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_peer(options: BenchOptions, built: BuiltModels, lora_path: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """`StableDiffusionXLPipeline` on copies of bench_base's modules (the same weights; the
+    copies keep the LoRA fuse away from the modules our configurations patch), the LCM LoRA
+    loaded with `load_lora_weights` and fused, then the steady Extreme Speed request: one
+    uncounted warm-up and `repeats` counted calls. Returns the summary and the last image."""
+    from diffusers import StableDiffusionXLPipeline
+
+    device = torch.device(options.device)
+    parts = {k: copy.deepcopy(v).to(device) for k, v in built.checkpoints["bench_base.safetensors"][1].items()}
+    settings = flags.performance_settings(flags.Performance.EXTREME_SPEED)
+    pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                     text_encoder_2=parts["text_encoder_2"], tokenizer=built.tokenizers[0],
+                                     tokenizer_2=built.tokenizers[1], unet=parts["unet"],
+                                     scheduler=core.make_scheduler(settings.sampler, settings.scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    _synchronize(device)
+    started = time_ms()
+    pipe.load_lora_weights(str(lora_path), adapter_name="lcm")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()   # the fused weights stay; the adapter layers go
+    _synchronize(device)
+    setup_ms = time_ms() - started
+    side = options.side or options.spec().side
+
+    def once() -> tuple[float, np.ndarray]:
+        _synchronize(device)
+        begin = time_ms()
+        with torch.inference_mode():
+            image = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=side, height=side,
+                         num_inference_steps=settings.steps, guidance_scale=settings.cfg_scale,
+                         generator=torch.Generator("cpu").manual_seed(options.seed), output_type="np").images[0]
+        _synchronize(device)
+        return time_ms() - begin, image
+
+    once()
+    counted = [once() for _ in range(options.repeats)]
+    totals = [ms for ms, _ in counted]
+    summary = {"name": PEER, "steps": settings.steps, "lora_load_and_fuse_ms": setup_ms,
+               "timings_ms": {"total": {"median": statistics.median(totals), "p90": percentile(totals, 90)}},
+               "requests": [{"total_ms": ms} for ms in totals]}
+    image = counted[-1][1]
+    del pipe, parts
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return summary, image
+
+
+def time_ms() -> float:
+    return time.perf_counter() * 1000
+
+
+def compare_with_peer(document: dict[str, Any], peer_image: np.ndarray) -> None:
+    """Largest pixel difference (0-255) between the peer's image and ours for the same
+    request: the comparison is only fair if both draw the same picture."""
+    for name, summary in document["results"].get("steady", {}).items():
+        ours = np.asarray(Image.open(summary["requests"][-1]["image"]).convert("RGB")).astype(np.int16)
+        theirs = np.round(peer_image * 255).astype(np.int16)
+        summary["max_pixel_diff_vs_peer"] = int(np.abs(ours - theirs).max())
 
 
 # -- machine ----------------------------------------------------------------------------------
@@ -427,7 +570,45 @@ def markdown_report(document: dict[str, Any]) -> str:
     if any(v is not None for v in switch.values()):
         lines.append("LoRA switch-on, median total minus steady-state median total (ms): "
                      + ", ".join(f"{n} {v:.1f}" for n, v in switch.items() if v is not None))
+    lines += ["", *peer_table(document), "", *compile_table(document)]
     return "\n".join(lines) + "\n"
+
+
+PEER_HEADER = "| steady, Extreme Speed | total ms (med / p90) | vs peer | max pixel diff vs peer |"
+COMPILE_HEADER = ("| scenario | configuration | step ms (med / p90) | sampling ms | requests compiled "
+                  "| graphs compiled (warm-up / counted) | recompilations (counted) | compile ms (warm-up) |")
+
+
+def peer_table(document: dict[str, Any]) -> list[str]:
+    peer = document.get("peer")
+    if not peer:
+        return []
+    total = peer["timings_ms"]["total"]
+    lines = [PEER_HEADER, "| --- | --- | --- | --- |",
+             f"| {PEER} (LCM LoRA fused in {peer['lora_load_and_fuse_ms']:.0f} ms) "
+             f"| {total['median']:.1f} / {total['p90']:.1f} | 1.000 | 0 |"]
+    for name, s in document["results"].get("steady", {}).items():
+        t = s["timings_ms"]["total"]
+        diff = s.get("max_pixel_diff_vs_peer")
+        lines.append(f"| {name} | {t['median']:.1f} / {t['p90']:.1f} | {_ratio(s.get('ratio_total_vs_peer'))} "
+                     f"| {'-' if diff is None else diff} |")
+    return lines
+
+
+def compile_table(document: dict[str, Any]) -> list[str]:
+    lines = [COMPILE_HEADER, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for scenario in CONFIGURATION_SCENARIOS[COMPILED]:
+        for name in (EAGER, COMPILED):
+            s = document["results"].get(scenario, {}).get(name)
+            if s is None:
+                continue
+            warm, counted = s["warmup_compile"], s["compile"]
+            lines.append(f"| {scenario} | {name} | {s['step_ms']['median']:.2f} / {s['step_ms']['p90']:.2f} "
+                         f"| {s['timings_ms']['sampling']['median']:.1f} "
+                         f"| {counted['ran_compiled']} / {len(s['requests'])} "
+                         f"| {warm['graphs_compiled']} / {counted['graphs_compiled']} | {counted['recompilations']} "
+                         f"| {warm['compile_ms']:.0f} |")
+    return lines if len(lines) > 2 else []
 
 
 def write_outputs(document: dict[str, Any], out: Path) -> None:
@@ -445,9 +626,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--configurations", nargs="+", choices=list(CONFIGURATIONS), default=list(CONFIGURATIONS))
+    parser.add_argument("--no-peer", action="store_true", help="skip diffusers' pipeline")
+    parser.add_argument("--compile-backend", default=None,
+                        help="backend of the --compile-unet configuration (default: inductor on CUDA, "
+                             "aot_eager on the CPU)")
     args = parser.parse_args(argv)
     run_benchmark(BenchOptions(size=args.size, device=args.device, repeats=args.repeats, out_dir=args.out,
-                               scenarios=tuple(args.scenarios)))
+                               scenarios=tuple(args.scenarios), configurations=tuple(args.configurations),
+                               peer=not args.no_peer, compile_backend=args.compile_backend))
     return 0
 
 

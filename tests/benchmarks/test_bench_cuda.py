@@ -6,14 +6,17 @@ shapes with random weights, fp16 UNet and text encoders, the VAE in what
 
 Skipped (by tests/conftest.py) where torch.cuda.is_available() is False. Same harness
 entry point as the dry run in tests/test_benchmark_dry_run.py; assertions are on counts only.
+The run includes diffusers' StableDiffusionXLPipeline as the peer row and
+`resident --compile-unet` (inductor, CUDA graphs) against eager `resident`.
 """
 
 import os
 
 import pytest
 
-from tests.benchmarks.checks import assert_resident_steady_state_is_free, assert_conservative_repatches
-from tests.benchmarks.harness import BenchOptions, run_benchmark
+from tests.benchmarks.checks import (assert_compiled_runs_without_recompiling, assert_conservative_repatches,
+                                     assert_resident_steady_state_is_free)
+from tests.benchmarks.harness import COMPILED, BenchOptions, run_benchmark
 
 
 @pytest.mark.benchmark
@@ -27,3 +30,5 @@ def test_cuda_sdxl_side_by_side(monkeypatch):
     assert results["models"]["dtypes"]["unet"] == "torch.float16"
     assert_resident_steady_state_is_free(results)
     assert_conservative_repatches(results)
+    assert_compiled_runs_without_recompiling(results, COMPILED)
+    assert results["peer"]["requests"]   # diffusers' pipeline ran in the same run
