@@ -740,7 +740,8 @@ def test_free_memory_and_model_status_through_the_client_during_a_request(server
     """Freeing while a request runs waits for it and never corrupts it: the request's
     pixels equal those of the same request run alone, and the registry ends up empty."""
     client = make_client(server.url, tmp_path / "dl")
-    request = {"prompt": "a tree", "steps": 3, "width": 64, "height": 64, "seed": 21, "image_number": 2}
+    request = {"prompt": "a tree", "steps": 3, "width": 64, "height": 64, "seed": 21, "image_number": 2,
+               "base_model": "fooocus_resident_demo_random.safetensors"}   # other tests add checkpoints
     _, first = client.predict(request, api_name="/generate")
     assert "error" not in first, first
     alone = [np.asarray(Image.open(p).convert("RGB")) for p in first["images"]]
