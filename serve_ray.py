@@ -56,6 +56,16 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ours, rest
 
 
+def replicas_per_machine(replicas: int, num_gpus: float, nodes: list[dict]) -> int:
+    """How many replicas end up on the busiest machine (they split its RAM): all of them on
+    the CPU or a single node, else the most GPUs one node has divided by GPUs per replica."""
+    alive = [n for n in nodes if n.get("Alive", True)]
+    if not num_gpus or len(alive) <= 1:
+        return replicas
+    most = max(n.get("Resources", {}).get("GPU", 0) for n in alive)
+    return max(1, min(replicas, int(most // num_gpus)))
+
+
 def main(argv: list[str]) -> int:
     ours, fooocus_argv = split_argv(argv)
     args = args_manager.init(fooocus_argv)
@@ -80,7 +90,8 @@ def main(argv: list[str]) -> int:
     replicas = ours.replicas or (max(1, int(gpus // num_gpus)) if num_gpus else 1)
     spec = ray_serving.ServeSpec(argv=tuple(fooocus_argv), env=ray_serving.capture_env(),
                                  set_bytes=int(ours.set_gb * 1024 ** 3) if ours.set_gb else None,
-                                 threads=None if num_gpus else max(1, int(ours.num_cpus)))
+                                 threads=None if num_gpus else max(1, int(ours.num_cpus)),
+                                 host_share=replicas_per_machine(replicas, num_gpus, ray.nodes()))
     app = ray_serving.build_app(spec, replicas=replicas, num_gpus=num_gpus, num_cpus=ours.num_cpus,
                                 routing="multiplexed" if ours.routing == "multiplexed" else "blind",
                                 blind_policy="round-robin" if ours.routing == "multiplexed" else ours.routing)

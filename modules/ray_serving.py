@@ -165,6 +165,7 @@ class ServeSpec:
     env: dict = field(default_factory=dict)
     set_bytes: int | None = None        # None: estimated_set_bytes
     threads: int | None = None          # torch CPU threads per replica (CPU replicas)
+    host_share: int = 1                 # replicas sharing one machine's RAM: each gets 1/host_share
 
 
 def capture_env() -> dict:
@@ -189,6 +190,17 @@ def _apply_spec(spec: ServeSpec):
 
 # -- the worker replica ------------------------------------------------------------------
 
+def replica_settings(settings, host_share: int):
+    """launch.py's settings, with the host-memory budget split between the replicas that
+    share a machine (each would otherwise budget the whole RAM for its file caches and
+    host-side backups). The device budget is the replica's own GPU's already."""
+    import dataclasses
+
+    if host_share > 1 and settings.host_budget_bytes:
+        return dataclasses.replace(settings, host_budget_bytes=settings.host_budget_bytes // host_share)
+    return settings
+
+
 @dataclass
 class ResidentSetMarker:
     """What Ray's multiplexing holds per set: no tensors, only when it arrived. Ray drops
@@ -211,7 +223,7 @@ class Worker:
         from ldm_patched.modules import model_management as mm
         from modules import default_pipeline
 
-        manager = mm.configure(mm.settings_from_args(args))
+        manager = mm.configure(replica_settings(mm.settings_from_args(args), spec.host_share))
         set_bytes = spec.set_bytes or estimated_set_bytes(cfg)
         self.cap = sets_per_replica(manager.settings.budget_bytes, set_bytes, default_pipeline.MAX_PATCHED_SETS)
         self.load_set = serve.multiplexed(max_num_models_per_replica=self.cap)(self._mark_resident)
@@ -322,7 +334,9 @@ class ResidentSetRouter(PowerOfTwoChoicesRequestRouter):
         if blind_policy not in BLIND_POLICIES:
             raise ValueError(f"blind_policy must be one of {', '.join(BLIND_POLICIES)}, got {blind_policy!r}")
         self.blind_policy = blind_policy
-        self.rng = random.Random(seed)
+        # Its own stream: a caller that draws its request order from random.Random(seed)
+        # must not get replica choices that mirror it.
+        self.rng = random.Random(f"ResidentSetRouter:{seed}")
         self.turn = 0
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],

@@ -147,3 +147,16 @@ def test_fleet_routes_each_lora_set_to_the_replica_holding_it(folders):
 
     assert bad[0]["status"] == 400 and "prompt" in bad[0]["report"]["error"]
     assert bad[1]["status"] == 400 and "missing.safetensors" in bad[1]["report"]["error"]
+
+
+def test_replicas_on_one_machine_split_its_host_budget():
+    from ldm_patched.modules import model_management as mm
+    import serve_ray
+
+    settings = mm.MemorySettings(budget_bytes=80, host_budget_bytes=1000)
+    assert ray_serving.replica_settings(settings, 4).host_budget_bytes == 250
+    assert ray_serving.replica_settings(settings, 4).budget_bytes == 80
+    node = lambda gpus: {"Alive": True, "Resources": {"GPU": gpus}}  # noqa: E731
+    assert serve_ray.replicas_per_machine(8, 1.0, [node(8)]) == 8
+    assert serve_ray.replicas_per_machine(16, 1.0, [node(8), node(8)]) == 8
+    assert serve_ray.replicas_per_machine(3, 0.0, [node(0), node(0)]) == 3
