@@ -8,6 +8,7 @@ requests written for upstream Fooocus use the same strings here.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -158,7 +159,9 @@ SDXL_ASPECT_RATIOS: tuple[str, ...] = (
 DEFAULT_ASPECT_RATIO = "1152*896"
 
 # The whole string: "1152*896", or a UI label "1152×896 ∣ 9:7" (the ratio after "∣").
-_ASPECT_RE = re.compile(r"\s*(\d+)\s*[*×]\s*(\d+)\s*(?:∣\s*\d+\s*:\s*\d+\s*)?")
+# 'W*H' or 'W×H', optionally with upstream's label tail '∣ a:b' (or '| a:b'; the ratio must
+# be W:H reduced). Nothing else: '256x256' and '64*64 extra' are refused.
+_ASPECT_RE = re.compile(r"\s*(\d+)\s*[*×]\s*(\d+)\s*(?:[∣|]\s*(\d+)\s*:\s*(\d+)\s*)?")
 
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 
@@ -169,6 +172,10 @@ def parse_aspect_ratio(text: str) -> tuple[int, int]:
     if m is None:
         raise ValueError(f"bad aspect ratio {text!r}; expected 'WIDTH*HEIGHT' like {DEFAULT_ASPECT_RATIO!r}")
     width, height = int(m.group(1)), int(m.group(2))
+    if m.group(3) is not None:
+        d = math.gcd(width, height) or 1
+        if (int(m.group(3)), int(m.group(4))) != (width // d, height // d):
+            raise ValueError(f"bad aspect ratio {text!r}: {width}×{height} is {width // d}:{height // d}")
     if width <= 0 or height <= 0:
         raise ValueError(f"bad aspect ratio {text!r}: width and height must be positive")
     return width, height

@@ -106,7 +106,9 @@ def test_unknown_embedding_is_an_error_naming_the_file_looked_for(pipeline, embe
     pipeline(mm.Policy.CONSERVATIVE)
     config.reload_config()
     report = default_pipeline.process_request({**SMALL, "prompt": "a cat, embedding:nosuch"}).report
-    assert "nosuch.safetensors" in report["error"] and str(embeddings_folder) in report["error"]
+    # The folder is named by its config key: reports carry no absolute server paths.
+    assert "nosuch.safetensors" in report["error"] and "path_embeddings" in report["error"]
+    assert str(embeddings_folder) not in report["error"]
     with pytest.raises(EmbeddingError, match="no vectors for clip_g"):
         save_file({"clip_l": torch.zeros(1, 32)}, str(embeddings_folder / "half.safetensors"))
         EmbeddingCache().for_prompt("embedding:half", [embeddings_folder])["half"].for_encoder("text_encoder_2", 64)
