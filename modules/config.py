@@ -58,6 +58,10 @@ class Config:
     path_loras: tuple[Path, ...]
     path_embeddings: tuple[Path, ...]
     path_vae: tuple[Path, ...]
+    # Style files (upstream's sdxl_styles/*.json format); the first folder holding a name wins.
+    path_styles: tuple[Path, ...]
+    # The Fooocus V2 prompt-expansion model folder (upstream's layout).
+    path_fooocus_expansion: Path
     # Outputs go to one folder; a list in config.txt uses its first entry.
     path_outputs: Path
     # Empty string: use the first checkpoint found in path_checkpoints.
@@ -74,6 +78,8 @@ class Config:
     default_prompt_negative: str
     default_image_number: int
     default_aspect_ratio: str
+    default_styles: tuple[str, ...]
+    default_sample_sharpness: float
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -146,6 +152,12 @@ def _as_aspect_ratio(value: Any, key: str, source: str) -> str:
     return f"{width}*{height}"  # normalised, so UI labels like "1152×896 ∣ 9:7" work too
 
 
+def _as_names(value: Any, key: str, source: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(key, source, value, "a list of names")
+    return tuple(value)
+
+
 def _as_loras(value: Any, key: str, source: str) -> tuple[LoraSetting, ...]:
     if not isinstance(value, list):
         raise _fail(key, source, value, "a list of [name, weight] or [enabled, name, weight]")
@@ -173,6 +185,8 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "path_embeddings": ("models/embeddings", _as_paths, False),
     "path_vae": ("models/vae", _as_paths, False),
     "path_outputs": ("outputs", _as_first_path, False),
+    "path_styles": ("sdxl_styles", _as_paths, False),
+    "path_fooocus_expansion": ("models/prompt_expansion/fooocus_expansion", _as_first_path, False),
     "default_model": ("", _as_str, True),
     "default_refiner": (flags.NONE_NAME, _as_str, True),
     "default_refiner_switch": (0.8, _as_float, False),
@@ -187,6 +201,10 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "default_prompt_negative": ("", _as_str, True),
     "default_image_number": (2, _as_positive_int, False),
     "default_aspect_ratio": (flags.DEFAULT_ASPECT_RATIO, _as_aspect_ratio, True),
+    # Upstream's default list also holds "Fooocus V2", which needs the expansion model's
+    # files; without a config we start with no styles, so a fresh install works offline.
+    "default_styles": ([], _as_names, False),
+    "default_sample_sharpness": (2.0, _as_float, False),
 }
 CONFIG_KEYS: tuple[str, ...] = tuple(_KEYS)
 

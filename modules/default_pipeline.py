@@ -31,7 +31,7 @@ from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraFileId, Lora
                                       text_encoder_lora_names, unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import core, flags
+from modules import core, flags, sdxl_styles
 
 if TYPE_CHECKING:
     from modules.async_worker import TaskControl
@@ -89,6 +89,11 @@ class GenerationRequest:
     sampler: str = flags.DEFAULT_SAMPLER
     scheduler: str = flags.DEFAULT_SCHEDULER
     steps: int | None = None
+    styles: list[str] = field(default_factory=list)
+    sharpness: float = 2.0
+    adm_scaler_positive: float = 1.5
+    adm_scaler_negative: float = 0.8
+    adm_scaler_end: float = 0.3
 
     @staticmethod
     def from_dict(data: dict, cfg: config_module.Config) -> "GenerationRequest":
@@ -120,6 +125,11 @@ class GenerationRequest:
             sampler=_text(data, "sampler", cfg.default_sampler),
             scheduler=_text(data, "scheduler", cfg.default_scheduler),
             steps=None if data.get("steps") in (None, -1) else _int(data, "steps", 0, 1, MAX_STEPS),
+            styles=_names(data, "styles", list(cfg.default_styles)),
+            sharpness=_float(data, "sharpness", cfg.default_sample_sharpness, 0.0, 30.0),
+            adm_scaler_positive=_float(data, "adm_scaler_positive", 1.5, 0.1, 3.0),
+            adm_scaler_negative=_float(data, "adm_scaler_negative", 0.8, 0.1, 3.0),
+            adm_scaler_end=_float(data, "adm_scaler_end", 0.3, 0.0, 1.0),
         )
         for side in ("width", "height"):
             if getattr(request, side) % 8:
@@ -152,6 +162,15 @@ def _float(data: dict, key: str, default: float, low: float, high: float) -> flo
     if not low <= float(value) <= high:
         raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
     return float(value)
+
+
+def _names(data: dict, key: str, default: list[str]) -> list[str]:
+    value = data.get(key, default)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RequestError(f"field '{key}' must be a list of names, got {value!r}")
+    return list(value)
 
 
 def _loras(value: Any) -> list[tuple[str, float]]:
@@ -505,10 +524,13 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     cfg_scale = settings.cfg_scale if settings.cfg_scale is not None else req.guidance_scale
     steps = req.steps or settings.steps
     core.make_scheduler(sampler, scheduler)  # fail on unknown names before loading anything
+    styled = sdxl_styles.apply_styles(prompt, req.negative_prompt, req.styles,
+                                      sdxl_styles.get_library(cfg.path_styles))
+    positive_text, negative_text = sdxl_styles.join(styled.positive), sdxl_styles.join(styled.negative)
     seed = req.seed if req.seed >= 0 else random.randint(0, MAX_SEED - MAX_IMAGES)
     report.update(seed=seed, performance=str(req.performance), sampler=sampler, scheduler=scheduler,
                   steps=steps, cfg=cfg_scale, width=req.width, height=req.height,
-                  image_number=req.image_number)
+                  image_number=req.image_number, styles=list(req.styles))
 
     base = get_checkpoint(resolve_checkpoint(req.base_model, cfg))
     if base.kind != "base":
@@ -543,12 +565,12 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                            f"{cfg.path_vae[0]} (request field 'vae')")
     done.patchers.append(vae)
     with _stage(stage_ms, "text_encode"):
-        stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, prompt, counts),
-                                 encode(models.clip, base.tokenizers, req.negative_prompt, counts))]
+        stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, positive_text, counts),
+                                 encode(models.clip, base.tokenizers, negative_text, counts))]
         if refiner is not None:
             stages.append(core.UNetStage(refiner.unet,
-                                         encode(refiner.clip, refiner.tokenizers, prompt, counts),
-                                         encode(refiner.clip, refiner.tokenizers, req.negative_prompt, counts),
+                                         encode(refiner.clip, refiner.tokenizers, positive_text, counts),
+                                         encode(refiner.clip, refiner.tokenizers, negative_text, counts),
                                          refiner=refiner.kind == "refiner"))
     switch = round(steps * req.refiner_switch) if refiner is not None else None
 
@@ -575,7 +597,8 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
             pixels = core.decode(vae, latents, req.width, req.height)
         # PNG encoding runs on the writer thread while the next image samples.
         writes.append(PNG_WRITER.submit(save_image, pixels, {
-            **_echo(req, prompt), "seed": image_seed, "sampler": sampler, "scheduler": scheduler, "steps": steps,
+            **_echo(req, prompt), "full_prompt": positive_text, "full_negative_prompt": negative_text,
+            "seed": image_seed, "sampler": sampler, "scheduler": scheduler, "steps": steps,
             "cfg": cfg_scale, "base_model": report["base_model"], "loras": models.loras}, cfg))
         done.next_image = index + 1
     with _stage(stage_ms, "save_images"):   # only the part that did not overlap
