@@ -22,6 +22,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ldm_patched.modules import model_management
 from ldm_patched.modules.model_patcher import ModelPatcher
+from modules import guidance as guidance_mod
 
 
 class SDXLTextEncoders(torch.nn.Module):
@@ -168,8 +169,10 @@ def latent_shape(unet: ModelPatcher, vae: ModelPatcher, width: int, height: int)
 
 def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int, cfg: float,
            width: int, height: int, seed: int, shape: tuple[int, int, int, int],
-           switch_step: int | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Denoise one image of latent `shape`; returns latents. `switch_step` hands over to stages[1]."""
+           switch_step: int | None = None, callback: Callable[[int, int], None] | None = None,
+           guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL) -> torch.Tensor:
+    """Denoise one image of latent `shape`; returns latents. `switch_step` hands over to stages[1].
+    `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step."""
     sched = make_scheduler(sampler, scheduler)
     first = stages[0].unet
     device = first.load_device
@@ -190,7 +193,7 @@ def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int,
                 model_management.load_models_gpu([stages[1].unet], model_management.working_memory_bytes(
                     "unet", width, height, 1, stages[1].unet.model_dtype()))
             stage = stages[active]
-            noise_pred = _predict(stage, sched, latents, t, cfg, width, height)
+            noise_pred = _predict(stage, sched, latents, t, cfg, width, height, guidance)
             out = sched.step(noise_pred, t, latents, generator=generator, return_dict=True)
             latents = out.prev_sample
             denoised = getattr(out, "pred_original_sample", None)
@@ -204,7 +207,8 @@ def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int,
     return latents
 
 
-def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, width: int, height: int) -> torch.Tensor:
+def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, width: int, height: int,
+             guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL) -> torch.Tensor:
     unet = stage.unet.model
     dtype = stage.unet.model_dtype()
     guided = cfg > 1.0 and stage.negative is not None
@@ -213,12 +217,16 @@ def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, widt
     pooled = torch.cat([c.pooled for c in conds]).to(dtype)
     aesthetic = [2.5, 6.0] if guided else [6.0]
     ids = torch.cat([time_ids(width, height, stage.refiner, a, latents.device, dtype) for a in aesthetic])
+    if not stage.refiner:
+        ids = guidance_mod.scaled_size_ids(ids, float(t), guidance, guided)
     model_input = torch.cat([latents] * len(conds))
     model_input = sched.scale_model_input(model_input, t)
     pred = unet(model_input.to(dtype), t, encoder_hidden_states=embeds,
                 added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)[0].float()
     if guided:
         uncond, cond = pred.chunk(2)
+        if guidance.sharpness:
+            cond = guidance_mod.sharpen(cond, model_input[-1:], float(t), guidance, sched.alphas_cumprod)
         pred = uncond + cfg * (cond - uncond)
     return pred
 

@@ -31,7 +31,7 @@ from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraFileId, Lora
                                       text_encoder_lora_names, unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import core, flags, sdxl_styles
+from modules import core, flags, guidance, sdxl_styles
 
 if TYPE_CHECKING:
     from modules.async_worker import TaskControl
@@ -573,6 +573,8 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                                          encode(refiner.clip, refiner.tokenizers, negative_text, counts),
                                          refiner=refiner.kind == "refiner"))
     switch = round(steps * req.refiner_switch) if refiner is not None else None
+    tweaks = sampling_guidance(req, settings)
+    report["guidance"] = asdict(tweaks)
 
     writes = done.writes
     for index in range(done.next_image, req.image_number):
@@ -592,7 +594,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
             latents = core.sample(stages, sampler=sampler, scheduler=scheduler, steps=steps, cfg=cfg_scale,
                                   width=req.width, height=req.height, seed=image_seed,
                                   shape=core.latent_shape(models.unet, vae, req.width, req.height),
-                                  switch_step=switch, callback=on_step)
+                                  switch_step=switch, callback=on_step, guidance=tweaks)
         with _stage(stage_ms, "vae_decode"):
             pixels = core.decode(vae, latents, req.width, req.height)
         # PNG encoding runs on the writer thread while the next image samples.
@@ -605,6 +607,14 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
         paths = [write.result() for write in writes]
     report["seeds"] = [seed + i for i in range(req.image_number)]
     return paths
+
+
+def sampling_guidance(req: GenerationRequest, settings: flags.PerformanceSettings) -> guidance.Guidance:
+    """Sharpness and ADM scaling of a request; the distilled modes turn both off, as upstream."""
+    if settings.is_distilled:
+        return guidance.Guidance(sharpness=settings.sharpness or 0.0)
+    return guidance.Guidance(sharpness=req.sharpness, adm_positive=req.adm_scaler_positive,
+                             adm_negative=req.adm_scaler_negative, adm_end=req.adm_scaler_end)
 
 
 def _echo(req: GenerationRequest, prompt: str) -> dict:
