@@ -564,14 +564,19 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
         raise RequestError(f"{os.path.basename(base.file.path)} has no VAE: choose one from "
                            f"{cfg.path_vae[0]} (request field 'vae')")
     done.patchers.append(vae)
+    positive_texts = expanded_prompts(prompt, styled, [seed + i for i in range(req.image_number)], cfg,
+                                      stage_ms, report) if styled.expansion else [positive_text] * req.image_number
+    stage_sets: dict[str, list[core.UNetStage]] = {}
     with _stage(stage_ms, "text_encode"):
-        stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, positive_text, counts),
-                                 encode(models.clip, base.tokenizers, negative_text, counts))]
-        if refiner is not None:
-            stages.append(core.UNetStage(refiner.unet,
-                                         encode(refiner.clip, refiner.tokenizers, positive_text, counts),
-                                         encode(refiner.clip, refiner.tokenizers, negative_text, counts),
-                                         refiner=refiner.kind == "refiner"))
+        for text in dict.fromkeys(positive_texts[done.next_image:]):   # each different text once
+            stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, text, counts),
+                                     encode(models.clip, base.tokenizers, negative_text, counts))]
+            if refiner is not None:
+                stages.append(core.UNetStage(refiner.unet,
+                                             encode(refiner.clip, refiner.tokenizers, text, counts),
+                                             encode(refiner.clip, refiner.tokenizers, negative_text, counts),
+                                             refiner=refiner.kind == "refiner"))
+            stage_sets[text] = stages
     switch = round(steps * req.refiner_switch) if refiner is not None else None
     tweaks = sampling_guidance(req, settings)
     report["guidance"] = asdict(tweaks)
@@ -591,7 +596,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                 raise core.SkipImage()
 
         with _stage(stage_ms, "sampling"):
-            latents = core.sample(stages, sampler=sampler, scheduler=scheduler, steps=steps, cfg=cfg_scale,
+            latents = core.sample(stage_sets[positive_texts[index]], sampler=sampler, scheduler=scheduler, steps=steps, cfg=cfg_scale,
                                   width=req.width, height=req.height, seed=image_seed,
                                   shape=core.latent_shape(models.unet, vae, req.width, req.height),
                                   switch_step=switch, callback=on_step, guidance=tweaks)
@@ -599,7 +604,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
             pixels = core.decode(vae, latents, req.width, req.height)
         # PNG encoding runs on the writer thread while the next image samples.
         writes.append(PNG_WRITER.submit(save_image, pixels, {
-            **_echo(req, prompt), "full_prompt": positive_text, "full_negative_prompt": negative_text,
+            **_echo(req, prompt), "full_prompt": positive_texts[index], "full_negative_prompt": negative_text,
             "seed": image_seed, "sampler": sampler, "scheduler": scheduler, "steps": steps,
             "cfg": cfg_scale, "base_model": report["base_model"], "loras": models.loras}, cfg))
         done.next_image = index + 1
@@ -607,6 +612,19 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
         paths = [write.result() for write in writes]
     report["seeds"] = [seed + i for i in range(req.image_number)]
     return paths
+
+
+def expanded_prompts(prompt: str, styled: sdxl_styles.StyledPrompt, seeds: list[int], cfg: config_module.Config,
+                     stage_ms: dict, report: dict) -> list[str]:
+    """Per image: the styled texts plus the Fooocus V2 expansion of the prompt with that image's
+    seed (as upstream, the expansion comes last and starts with the prompt itself)."""
+    from modules import expansion
+    expander = expansion.get_expansion(cfg.path_fooocus_expansion, _downloads_allowed())
+    stage_ms.setdefault("prompt_expansion", 0.0)
+    with _stage(stage_ms, "prompt_expansion"):
+        expanded = [expander(prompt, seed) for seed in seeds]
+    report["prompt_expansions"] = expanded
+    return [sdxl_styles.join([*styled.positive, text]) for text in expanded]
 
 
 def sampling_guidance(req: GenerationRequest, settings: flags.PerformanceSettings) -> guidance.Guidance:
@@ -721,6 +739,8 @@ def model_status() -> dict:
     status = model_management.get_manager().status()
     status["checkpoints"] = [os.path.basename(c.file.path) for c in STATE.checkpoints.values()]
     status["lora_files_cached"] = len(STATE.lora_files)
+    from modules import expansion
+    status["prompt_expansion"] = expansion.status()
     return status
 
 

@@ -217,4 +217,4 @@ def apply_styles(prompt: str, negative: str, names: Sequence[str], library: Styl
 def join(texts: Sequence[str]) -> str:
     """The texts as one prompt for the encoders (upstream encodes them one by one and
     concatenates; we join them, so long results use the 75-token windows)."""
-    return ", ".join(texts)
+    return ", ".join(t for t in texts if t)
