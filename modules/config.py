@@ -7,7 +7,8 @@ Sources, later ones winning:
    environment variable; without it we use ``<repo root>/config.txt`` rather
    than upstream's "current directory", so launching from another folder still
    finds the same file. A missing file means "all defaults" (we never write it);
-3. ``presets/<NAME>.json`` under the repo root when ``--preset NAME`` is given;
+3. ``presets/<NAME>.json`` under the repo root when ``--preset NAME`` is given
+   (modules/presets.py; a request's ``preset`` field uses ``with_preset``);
 4. an environment variable with exactly the key's name (``path_checkpoints``,
    ``default_model``...). Its value is JSON-decoded when it parses, otherwise
    taken as the raw string; for text-valued keys the raw string is always used,
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules import flags
+from modules import flags, presets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_EXTENSIONS: tuple[str, ...] = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -246,12 +247,12 @@ def load_config(env: Mapping[str, str] = os.environ, *, preset: str | None = Non
             if k in _KEYS:
                 raw[k] = (v, str(config_path))
     if preset:
-        preset_path = REPO_ROOT / "presets" / f"{preset}.json"
-        if not preset_path.is_file():
-            raise ConfigError(f"preset {preset!r} not found: no file {preset_path}")
-        for k, v in _read_json_object(preset_path, "preset").items():
-            if k in _KEYS:
-                raw[k] = (v, str(preset_path))
+        try:
+            values, preset_path = presets.read(preset, _KEYS)
+        except presets.PresetError as error:
+            raise ConfigError(str(error)) from None
+        for k, v in values.items():
+            raw[k] = (v, str(preset_path))
     for k, (_, _, takes_text) in _KEYS.items():
         if k in env:
             raw[k] = (_decode_env(env[k], takes_text), f"environment variable {k}")
@@ -273,6 +274,14 @@ def _from_process() -> Config:
 
     a = args_manager.args
     return load_config(os.environ, preset=a.preset, output_path=a.output_path)
+
+
+def with_preset(name: str) -> Config:
+    """The process's sources with preset `name` in place of --preset (a request's or the
+    page's choice); environment variables and --output-path still win."""
+    import args_manager  # late import, as in _from_process
+
+    return load_config(os.environ, preset=name, output_path=args_manager.args.output_path)
 
 
 def get_config() -> Config:

@@ -515,7 +515,7 @@ def process_request(request: dict, control: "TaskControl | None" = None,
 
 def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts: dict,
          done: RequestProgress) -> list[str]:
-    cfg = config_module.get_config()
+    cfg = preset_config(request)
     req = GenerationRequest.from_dict(request, cfg)
     prompt, tag_loras = split_lora_tags(req.prompt)
     settings = flags.performance_settings(req.performance)
@@ -531,6 +531,8 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     report.update(seed=seed, performance=str(req.performance), sampler=sampler, scheduler=scheduler,
                   steps=steps, cfg=cfg_scale, width=req.width, height=req.height,
                   image_number=req.image_number, styles=list(req.styles))
+    if isinstance(request.get("preset"), str) and request["preset"]:
+        report["preset"] = request["preset"]
 
     base = get_checkpoint(resolve_checkpoint(req.base_model, cfg))
     if base.kind != "base":
@@ -612,6 +614,17 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
         paths = [write.result() for write in writes]
     report["seeds"] = [seed + i for i in range(req.image_number)]
     return paths
+
+
+def preset_config(request: Any) -> config_module.Config:
+    """The config a request's defaults come from: the process's, or with the request's
+    `preset` (presets/NAME.json) laid over config.txt instead of --preset's."""
+    name = request.get("preset") if isinstance(request, dict) else None
+    if name in (None, ""):
+        return config_module.get_config()
+    if not isinstance(name, str):
+        raise RequestError(f"field 'preset' must be a preset name, got {name!r}")
+    return config_module.with_preset(name)
 
 
 def expanded_prompts(prompt: str, styled: sdxl_styles.StyledPrompt, seeds: list[int], cfg: config_module.Config,
