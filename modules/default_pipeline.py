@@ -31,7 +31,7 @@ from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraFileId, Lora
                                       text_encoder_lora_names, unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import core, flags, guidance, sdxl_styles
+from modules import core, flags, guidance, history_log, sdxl_styles
 
 if TYPE_CHECKING:
     from modules.async_worker import TaskControl
@@ -745,6 +745,8 @@ def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config) 
         info.add_text("software", "Fooocus-Resident")
     # zlib level 1: a 1024x1024 PNG in tens of ms instead of hundreds, files ~10-20 % larger.
     Image.fromarray(pixels).save(path, pnginfo=info, compress_level=1)
+    if not getattr(args, "disable_image_log", False):
+        history_log.append(folder, path, parameters)
     return path
 
 
