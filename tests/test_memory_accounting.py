@@ -1,6 +1,6 @@
 """The budget counts everything resident mode adds, frees in tiers, and survives failures.
 
-Tests about devices run on a stand-in accelerator (the `meta` device, tests/helpers.py):
+Tests about devices run on a stand-in accelerator (the `meta` device, tests/helpers/patching.py):
 load and offload devices differ, so bytes moved are real counts, and after every load
 the registry's ledger must equal the bytes of the tensors actually on that device.
 """
@@ -13,7 +13,7 @@ import torch
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules import telemetry
 from ldm_patched.modules.model_patcher import ModelPatcher, weight_state
-from tests.helpers import CPU, META, CheckedManager, lora_for, meta_settings, snapshot
+from tests.helpers.patching import CPU, META, CheckedManager, lora_for, meta_settings, snapshot
 
 
 @pytest.fixture

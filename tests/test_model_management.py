@@ -8,7 +8,7 @@ import torch
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules import telemetry
 from ldm_patched.modules.model_patcher import ModelPatcher
-from tests.helpers import META, CheckedManager, lora_for, meta_settings, snapshot
+from tests.helpers.patching import META, CheckedManager, lora_for, meta_settings, snapshot
 
 CPU = torch.device("cpu")
 

@@ -6,7 +6,7 @@ import torch
 from ldm_patched.modules import telemetry
 from ldm_patched.modules.lora import LoraFactors, LoraFileId, LoraPatch
 from ldm_patched.modules.model_patcher import ModelPatcher, weight_state
-from tests.helpers import lora_for, snapshot
+from tests.helpers.patching import lora_for, snapshot
 
 CPU = torch.device("cpu")
 

@@ -429,7 +429,7 @@ class ModelManager:
         base = memory_required + weights
         growth = [self._growth(p) for p in wanted if self.normalize(p.load_device) == device]
         evicted = sum(e.bytes_on(device) for e in plan.to_evict)
-        cheap = self.free_bytes(device) + evicted + self._reclaimable(device, wanted, TIERS[:2])
+        cheap = self.free_bytes(device) + evicted
         # Preferred first: float32 backups, cached factors and kept merged variants on the device
         # (fastest switches), then backups in the weights' dtype, then no variants, then no
         # factor cache, then backups on the host.
@@ -442,6 +442,8 @@ class ModelManager:
         ]
         if device == HOST:   # nothing to gain from float32 copies or a second place on the host
             options = [(Placement(HOST, None, False), sum(g[0] for g in growth))]
+        if base + options[0][1] > cheap:   # counted only under pressure: the steady state stays O(1)
+            cheap += self._reclaimable(device, wanted, TIERS[:2])
         for placement, extra in options:
             if base + extra <= cheap:
                 plan.placement, plan.charges = placement, {device: base + extra}
@@ -467,6 +469,8 @@ class ModelManager:
     def _growth(patcher: ModelPatcher) -> tuple[int, int, int, int]:
         """(new backups in the weights' dtype, the same in float32, new factor caches, merged
         variants kept of the set switched away from) that reaching `patcher`'s state adds."""
+        if patcher.is_applied():
+            return 0, 0, 0, 0       # already in its wanted state: adds nothing
         native = patcher.pending_backup_bytes()
         wide = patcher.pending_backup_bytes(element_size=4)
         factors = patcher.pending_factor_bytes() if patcher.patches else 0
