@@ -11,7 +11,8 @@ from ldm_patched.modules import model_management as mm
 from ldm_patched.modules import telemetry
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config, default_pipeline, expansion
-from tests.helpers import CPU, EXPANSION_WORDS, META, build_tiny_expansion, meta_settings
+from tests.helpers.expansion import EXPANSION_WORDS, build_tiny_expansion
+from tests.helpers.patching import CPU, META, meta_settings
 
 SMALL = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a cat", "negative_prompt": "",
          "width": 64, "height": 64, "steps": 1, "seed": 11, "sampler": "euler", "scheduler": "normal",
