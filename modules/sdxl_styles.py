@@ -150,6 +150,12 @@ def style_names(folders: Sequence[Path]) -> list[str]:
     return get_library(folders).names()
 
 
+def search(names: Sequence[str], query: str) -> list[str]:
+    """The names containing every word of `query` (case-insensitive), in their order."""
+    words = query.casefold().split()
+    return [n for n in names if all(w in n.casefold() for w in words)]
+
+
 def check_names(names: Sequence[str], library: StyleLibrary) -> list[str]:
     """The requested names in display form (duplicates dropped); an unknown name raises
     StyleError saying which, what is close, and where styles are read from."""
