@@ -104,8 +104,12 @@ def token_windows(tokenizer, prompt: str) -> torch.Tensor:
     """[k, 77] token ids: the prompt in windows of 75 tokens, each framed by start/end
     tokens and padded, so prompts longer than CLIP's 77 positions are not cut (as in
     Fooocus). A prompt that fits gives exactly the usual single padded row."""
-    width = tokenizer.model_max_length
     ids = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+    return _windows(tokenizer, ids)
+
+
+def _windows(tokenizer, ids: list[int]) -> torch.Tensor:
+    width = tokenizer.model_max_length
     body = width - 2
     rows = []
     for start in range(0, max(len(ids), 1), body):
@@ -114,22 +118,110 @@ def token_windows(tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str) -> Conditioning:
+@dataclass
+class PromptTokens:
+    """Token windows of a prompt with embeddings: which positions take file vectors
+    instead of token embeddings, and the per-position weights."""
+
+    windows: torch.Tensor                                   # [k, 77] ids (placeholders where vectors go)
+    vectors: dict[tuple[int, int], torch.Tensor]            # (window, position) -> vector
+    weights: dict[tuple[int, int], float]                   # (window, position) -> weight != 1
+
+
+# Any ordinary token id serves where a vector goes: the embedding hook overwrites its
+# row. Id 1 ('"') is neither the end token (which CLIP pools at) nor either padding.
+PLACEHOLDER_ID = 1
+
+
+def embedding_tokens(tokenizer, prompt: str, embeddings: dict, encoder: str, width: int) -> PromptTokens:
+    """Tokens of `prompt` for `encoder`, embedding references replaced by their vectors."""
+    from modules.embeddings import split_prompt
+
+    ids: list[int] = []
+    flat_vectors: dict[int, torch.Tensor] = {}
+    flat_weights: dict[int, float] = {}
+    for segment in split_prompt(prompt):
+        if segment.embedding is None:
+            ids += tokenizer(segment.text, add_special_tokens=False, truncation=False).input_ids
+            continue
+        for vector in embeddings[segment.embedding].for_encoder(encoder, width):
+            flat_vectors[len(ids)] = vector
+            if segment.weight != 1.0:
+                flat_weights[len(ids)] = segment.weight
+            ids.append(PLACEHOLDER_ID)
+    body = tokenizer.model_max_length - 2
+    place = lambda i: (i // body, i % body + 1)  # noqa: E731  (window, position after the start token)
+    return PromptTokens(windows=_windows(tokenizer, ids),
+                        vectors={place(i): v for i, v in flat_vectors.items()},
+                        weights={place(i): w for i, w in flat_weights.items()})
+
+
+class _InsertVectors:
+    """Forward hook on a token-embedding layer: rows at the given (window, position)
+    become the embedding file's vectors. Registered only for one encoder call."""
+
+    def __init__(self, vectors: dict[tuple[int, int], torch.Tensor]) -> None:
+        self.vectors = vectors
+
+    def __call__(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        for (window, position), vector in self.vectors.items():
+            output[window, position] = vector.to(output.device, output.dtype)
+        return output
+
+
+def _encode_windows(encoder, windows: torch.Tensor, vectors: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate hidden states [k, 77, width], output[0]) of one encoder call."""
+    hook = None
+    if vectors:
+        hook = encoder.get_input_embeddings().register_forward_hook(_InsertVectors(vectors))
+    try:
+        out = encoder(windows.to(device), output_hidden_states=True)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return out.hidden_states[-2], out[0]
+
+
+def _weighted(states: torch.Tensor, empty: torch.Tensor, weights: dict[tuple[int, int], float]) -> torch.Tensor:
+    """Fooocus' (A1111-style) token weights: a weighted position moves away from the
+    empty prompt's state by its weight, then each window keeps its original mean."""
+    states = states.clone()
+    for window in sorted({w for w, _ in weights}):
+        original_mean = states[window].mean()
+        for (w, position), weight in weights.items():
+            if w == window:
+                states[window, position] = (states[window, position] - empty[position]) * weight + empty[position]
+        states[window] *= original_mean / states[window].mean()
+    return states
+
+
+def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str, embeddings: dict | None = None) -> Conditioning:
     """SDXL conditioning: penultimate hidden states of both encoders side by side,
-    pooled (projected) output of the second (from the first window)."""
+    pooled (projected) output of the second (from the first window).
+
+    `embeddings`: name -> modules.embeddings.Embedding for the prompt's references."""
     model_management.load_models_gpu([clip])
     encoders: SDXLTextEncoders = clip.model  # type: ignore[assignment]
     device = clip.load_device
     hidden, pooled = [], None
-    pairs = [(tokenizers[0], encoders.text_encoder), (tokenizers[1], encoders.text_encoder_2)]
+    pairs = [(tokenizers[0], encoders.text_encoder, "text_encoder"),
+             (tokenizers[1], encoders.text_encoder_2, "text_encoder_2")]
     with torch.inference_mode():
-        for tokenizer, encoder in pairs:
+        for tokenizer, encoder, name in pairs:
             if encoder is None:
                 continue
-            out = encoder(token_windows(tokenizer, prompt).to(device), output_hidden_states=True)
-            states = out.hidden_states[-2]
+            if embeddings:
+                width = encoder.get_input_embeddings().weight.shape[1]
+                tokens = embedding_tokens(tokenizer, prompt, embeddings, name, width)
+                states, first = _encode_windows(encoder, tokens.windows, tokens.vectors, device)
+                if tokens.weights:
+                    empty, _ = _encode_windows(encoder, token_windows(tokenizer, ""), {}, device)
+                    states = _weighted(states, empty[0], tokens.weights)
+            else:
+                states, first = _encode_windows(encoder, token_windows(tokenizer, prompt), {}, device)
             hidden.append(states.reshape(1, -1, states.shape[-1]))   # windows side by side in sequence
-            pooled = out[0][:1]
+            pooled = first[:1]
     return Conditioning(embeds=torch.cat(hidden, dim=-1), pooled=pooled)
 
 

@@ -32,6 +32,7 @@ from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraFileId, Lora
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
 from modules import core, flags, guidance, history_log, sdxl_styles
+from modules.embeddings import EmbeddingCache, EmbeddingError
 
 if TYPE_CHECKING:
     from modules.async_worker import TaskControl
@@ -222,19 +223,27 @@ class LoadedCheckpoint:
 
 @dataclass(eq=False)
 class PatchedModels:
-    """A checkpoint's patchers with one LoRA set added."""
+    """A checkpoint's patchers with one LoRA set added (and the refiner's, where it takes them)."""
 
     checkpoint: LoadedCheckpoint
     unet: ModelPatcher
     clip: ModelPatcher
     loras: list[dict]
+    refiner_unet: ModelPatcher | None = None
+    refiner_clip: ModelPatcher | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def refiner_loras(self) -> list[str]:
+        return [lora["file"] for lora in self.loras if lora.get("refiner")]
 
 
 @dataclass
 class PipelineState:
     checkpoints: "OrderedDict[LoraFileId, LoadedCheckpoint]" = field(default_factory=OrderedDict)
     lora_files: LoraFileCache = field(default_factory=LoraFileCache)
-    lora_matches: dict[tuple[LoraFileId, int], LoraMatch] = field(default_factory=dict)
+    lora_matches: dict[tuple[LoraFileId, int, bool], LoraMatch] = field(default_factory=dict)
+    embeddings: EmbeddingCache = field(default_factory=EmbeddingCache)
     patched: "OrderedDict[tuple, PatchedModels]" = field(default_factory=OrderedDict)
     conditions: "OrderedDict[tuple, core.Conditioning]" = field(default_factory=OrderedDict)
     vaes: "OrderedDict[LoraFileId, ModelPatcher]" = field(default_factory=OrderedDict)   # models/vae files
@@ -331,30 +340,52 @@ def _drop_checkpoint(checkpoint: LoadedCheckpoint) -> None:
         if patcher is not None:
             manager.forget(patcher.model)
     del STATE.checkpoints[checkpoint.file]
-    STATE.patched = OrderedDict((k, v) for k, v in STATE.patched.items() if v.checkpoint is not checkpoint)
+    STATE.patched = OrderedDict((k, v) for k, v in STATE.patched.items()
+                                if v.checkpoint is not checkpoint and k[2] != id(checkpoint))
     STATE.lora_matches = {k: v for k, v in STATE.lora_matches.items() if k[1] != id(checkpoint)}
     STATE.conditions.clear()
 
 
-def patched_models(checkpoint: LoadedCheckpoint, loras: list[tuple[str, float]]) -> PatchedModels:
-    """Patchers for checkpoint + LoRAs; the same LoRA set returns the same patchers."""
+def patched_models(checkpoint: LoadedCheckpoint, loras: list[tuple[str, float]],
+                   refiner: LoadedCheckpoint | None = None) -> PatchedModels:
+    """Patchers for checkpoint + LoRAs; the same LoRA set returns the same patchers.
+
+    With a `refiner`, the same list goes to it as upstream does, each LoRA only where
+    it fits (see `_refiner_takes`); the report says which ones it took."""
     files = [(LoraFileId.of(path), weight) for path, weight in loras]
-    key = (id(checkpoint), tuple(files))
+    key = (id(checkpoint), tuple(files), None if refiner is None else id(refiner))
     cached = STATE.patched.get(key)
     if cached is not None:
         STATE.patched.move_to_end(key)
         return cached
     unet, clip = checkpoint.unet.clone(), checkpoint.clip.clone()
-    report = []
+    refiner_unet = refiner_clip = None
+    if refiner is not None:
+        refiner_unet, refiner_clip = refiner.unet.clone(), refiner.clip.clone()
+    report, warnings = [], []
     for (path, weight), (file, _) in zip(loras, files):
         match = _lora_match(checkpoint, path, file)
         taken = unet.add_patches(match.patches["unet"], weight) + clip.add_patches(match.patches["clip"], weight)
-        report.append({"file": file.name, "weight": weight, "matched_keys": len(taken),
-                       "unmatched_keys": len(match.unmatched)})
+        entry = {"file": file.name, "weight": weight, "matched_keys": len(taken),
+                 "unmatched_keys": len(match.unmatched)}
         if match.unmatched:
             log.warning("[Fooocus-Resident] LoRA %s: %d keys match no layer (e.g. %s)",
                         file.name, len(match.unmatched), match.unmatched[0])
-    models = PatchedModels(checkpoint=checkpoint, unet=unet, clip=clip, loras=report)
+        if match.warnings:
+            entry["warnings"] = list(match.warnings)
+            warnings.extend(match.warnings)
+            for warning in match.warnings:
+                log.warning("[Fooocus-Resident] %s", warning)
+        if refiner is not None:
+            refined = _lora_match(refiner, path, file, strict=False)
+            entry["refiner"] = _refiner_takes(refined)
+            if entry["refiner"]:
+                entry["refiner_matched_keys"] = len(
+                    refiner_unet.add_patches(refined.patches["unet"], weight)
+                    + refiner_clip.add_patches(refined.patches["clip"], weight))
+        report.append(entry)
+    models = PatchedModels(checkpoint=checkpoint, unet=unet, clip=clip, loras=report,
+                           refiner_unet=refiner_unet, refiner_clip=refiner_clip, warnings=warnings)
     # Parsed LoRA files are host memory (pinned with a GPU): on the host ledger, freed with the file cache.
     model_management.get_manager().register_cache("lora_files", model_management.HOST,
                                                   lambda: STATE.lora_files.nbytes())
@@ -364,26 +395,42 @@ def patched_models(checkpoint: LoadedCheckpoint, loras: list[tuple[str, float]])
     return models
 
 
-def _lora_match(checkpoint: LoadedCheckpoint, path: str, file: LoraFileId) -> LoraMatch:
-    key = (file, id(checkpoint))
+def _refiner_takes(match: LoraMatch) -> bool:
+    """The refiner takes a LoRA when some of its keys fit and none names a refiner layer
+    with another shape (that is a LoRA made for the base). Keys the refiner lacks (CLIP-L,
+    base-only blocks) are fine: upstream applies the list to the refiner the same way."""
+    return match.matched_count > 0 and not match.misfit
+
+
+def _lora_match(checkpoint: LoadedCheckpoint, path: str, file: LoraFileId, strict: bool = True) -> LoraMatch:
+    key = (file, id(checkpoint), strict)
     match = STATE.lora_matches.get(key)
     if match is None:
-        match = match_lora(STATE.lora_files.get(path), checkpoint.lora_targets())
+        match = match_lora(STATE.lora_files.get(path), checkpoint.lora_targets(), strict=strict)
         # Matches hold the parsed tensors: keep only those of files the bounded cache keeps.
         STATE.lora_matches = {k: v for k, v in STATE.lora_matches.items() if k[0] in STATE.lora_files}
         STATE.lora_matches[key] = match
     return match
 
 
-def encode(clip: ModelPatcher, tokenizers: tuple, prompt: str, counts: dict) -> core.Conditioning:
+def encode(clip: ModelPatcher, tokenizers: tuple, prompt: str, counts: dict,
+           embedding_folders=()) -> core.Conditioning:
     """Encode a prompt; in resident mode the same prompt under the same text-encoder
-    weights is served from the cache."""
+    weights and the same embedding file versions is served from the cache."""
     manager = model_management.get_manager()
-    key = (id(clip.model), clip.weight_signature().digest, prompt)
+    try:
+        embeddings = STATE.embeddings.for_prompt(prompt, embedding_folders)
+    except EmbeddingError as error:
+        raise RequestError(str(error)) from error
+    files = tuple(sorted((name, e.file) for name, e in embeddings.items()))
+    key = (id(clip.model), clip.weight_signature().digest, prompt, files)
     if manager.resident and key in STATE.conditions:
         STATE.conditions.move_to_end(key)
         return STATE.conditions[key]
-    cond = core.encode_prompt(clip, tokenizers, prompt)
+    try:
+        cond = core.encode_prompt(clip, tokenizers, prompt, embeddings or None)
+    except EmbeddingError as error:
+        raise RequestError(str(error)) from error
     counts["text_encodes"] += 1
     if manager.resident:
         STATE.conditions[key] = cond
@@ -539,11 +586,6 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
         raise RequestError(f"{os.path.basename(base.file.path)} is an SDXL refiner; choose it as refiner_model")
     user_loras = [(resolve_lora(name, cfg), weight) for name, weight in req.loras + tag_loras]
     perf_loras, perf_note = performance_lora(settings, base, cfg)
-    models = patched_models(base, user_loras + perf_loras)
-    done.patchers = [models.unet, models.clip]
-    report.update(base_model=os.path.basename(base.file.path), loras=models.loras)
-    if perf_note:
-        report["performance_lora"] = perf_note
 
     refiner = None
     if req.refiner_model and req.refiner_model != flags.NONE_NAME and settings.refiner_enabled \
@@ -555,7 +597,17 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
             refiner = None
         else:
             report["refiner_model"] = os.path.basename(refiner.file.path)
-            done.patchers += [refiner.unet, refiner.clip]
+    models = patched_models(base, user_loras + perf_loras, refiner)
+    done.patchers = [models.unet, models.clip]
+    if refiner is not None:
+        done.patchers += [models.refiner_unet or refiner.unet, models.refiner_clip or refiner.clip]
+    report.update(base_model=os.path.basename(base.file.path), loras=models.loras)
+    if refiner is not None:
+        report["refiner_loras"] = models.refiner_loras
+    if models.warnings:
+        report["warnings"] = list(models.warnings)
+    if perf_note:
+        report["performance_lora"] = perf_note
 
     if req.vae not in ("", flags.DEFAULT_VAE, flags.NONE_NAME):
         vae = get_vae(req.vae, cfg)
@@ -570,13 +622,16 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                                       stage_ms, report) if styled.expansion else [positive_text] * req.image_number
     stage_sets: dict[str, list[core.UNetStage]] = {}
     with _stage(stage_ms, "text_encode"):
+        folders = cfg.path_embeddings
         for text in dict.fromkeys(positive_texts[done.next_image:]):   # each different text once
-            stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, text, counts),
-                                     encode(models.clip, base.tokenizers, negative_text, counts))]
+            stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, text, counts, folders),
+                                     encode(models.clip, base.tokenizers, negative_text, counts, folders))]
             if refiner is not None:
-                stages.append(core.UNetStage(refiner.unet,
-                                             encode(refiner.clip, refiner.tokenizers, text, counts),
-                                             encode(refiner.clip, refiner.tokenizers, negative_text, counts),
+                refiner_clip = models.refiner_clip or refiner.clip
+                stages.append(core.UNetStage(models.refiner_unet or refiner.unet,
+                                             encode(refiner_clip, refiner.tokenizers, text, counts, folders),
+                                             encode(refiner_clip, refiner.tokenizers, negative_text, counts,
+                                                    folders),
                                              refiner=refiner.kind == "refiner"))
             stage_sets[text] = stages
     switch = round(steps * req.refiner_switch) if refiner is not None else None

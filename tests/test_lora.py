@@ -2,7 +2,6 @@
 
 import copy
 import os
-import zlib
 
 import pytest
 import torch
@@ -17,69 +16,16 @@ from modules.core import SDXLTextEncoders
 
 CPU = torch.device("cpu")
 
-# Layers a typical SDXL LoRA touches: attention, feed-forward, projections, resnets, samplers.
-UNET_LAYERS = ("attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v", "ff.net.0.proj", "ff.net.2",
-               "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj", "downsamplers.0.conv")
-TE_LAYERS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1")
-
-
-def _factors(shape: torch.Size, rank: int, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random factors that depend only on the layer, so two formats can carry the same LoRA."""
-    gen = torch.Generator().manual_seed(zlib.crc32(layer.encode()))
-    down = torch.randn(rank, *shape[1:], generator=gen) * 0.1
-    up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=gen) * 0.1
-    return up, down
+from tests.helpers.lora_files import TE_LAYERS, UNET_LAYERS, kohya_lora, peft_lora  # noqa: F401 (re-exported)
+from tests.helpers.lora_files import find_text_layers, find_unet_layers
 
 
 def _unet_weights(unet, layers: tuple[str, ...] = UNET_LAYERS) -> list[str]:
-    return [k for k, p in unet.named_parameters()
-            if k.endswith(".weight") and p.ndim >= 2 and any(f".{layer}.weight" in k for layer in layers)]
+    return [diffusers + ".weight" for diffusers, _, _ in find_unet_layers(unet, layers)]
 
 
 def _te_weights(encoder, layers: tuple[str, ...] = TE_LAYERS) -> list[str]:
-    return [k for k, p in encoder.named_parameters()
-            if k.endswith(".weight") and any(f".{layer}.weight" in k for layer in layers)]
-
-
-def kohya_lora(components, path, rank: int = 4, alpha: float = 2.0,
-               unet_layers: tuple[str, ...] = UNET_LAYERS, te_layers: tuple[str, ...] = TE_LAYERS) -> str:
-    """kohya layout over the ORIGINAL block names (lora_unet_input_blocks_...), with alphas."""
-    to_original = unet_key_map(dict(components["unet"].config))
-    tensors = {}
-
-    def add(name: str, shape):
-        up, down = _factors(shape, rank, name)
-        tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"] = up, down
-        tensors[f"{name}.alpha"] = torch.tensor(alpha)
-
-    for key in _unet_weights(components["unet"], unet_layers):
-        original = to_original[key][: -len(".weight")]
-        add("lora_unet_" + original.replace(".", "_"), components["unet"].get_parameter(key).shape)
-    for prefix, encoder in (("lora_te1_", components["text_encoder"]), ("lora_te2_", components["text_encoder_2"])):
-        for key in _te_weights(encoder, te_layers):
-            add(prefix + key[: -len(".weight")].replace(".", "_"), encoder.get_parameter(key).shape)
-    save_file(tensors, str(path))
-    return str(path)
-
-
-def peft_lora(components, path, rank: int = 4) -> str:
-    """diffusers/peft layout (unet.<path>.lora_A/lora_B, text_encoder.text_model...)."""
-    tensors = {}
-    for prefix, module, keys in (("unet.", components["unet"], _unet_weights(components["unet"])),
-                                 ("text_encoder.", components["text_encoder"], _te_weights(components["text_encoder"])),
-                                 ("text_encoder_2.", components["text_encoder_2"],
-                                  _te_weights(components["text_encoder_2"]))):
-        for key in keys:
-            shape = module.get_parameter(key).shape
-            if len(shape) > 2:
-                continue  # peft-format files of SDXL LoRAs carry linear layers
-            kohya_prefix = {"unet.": None, "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}[prefix]
-            layer = key[: -len(".weight")]
-            up, down = _factors(shape, rank, f"{kohya_prefix}{layer.replace('.', '_')}" if kohya_prefix else layer)
-            name = prefix + layer
-            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = down, up
-    save_file(tensors, str(path))
-    return str(path)
+    return [key for _, key, _ in find_text_layers(encoder, layers)]
 
 
 def our_patchers(components):
