@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
 LISTEN_ALL_HOST = "0.0.0.0"
@@ -39,6 +40,22 @@ POLICY_RESIDENT = "resident"
 POLICY_CONSERVATIVE = "conservative"
 
 _GIB = 1024 ** 3
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+THEMES = ("light", "dark")
+LANGUAGE_DEFAULT = "default"   # upstream's value; the page is English only
+DEFAULT_MAX_UPLOAD_MB = 50
+
+
+def available_presets(folder: Path = PRESETS_DIR) -> list[str]:
+    """Preset names (``presets/NAME.json``) that exist, sorted."""
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def _auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("--auth takes USER:PASSWORD (both non-empty)")
+    return user, password
 
 
 def _port(text: str) -> int:
@@ -97,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                         f"given without a value it binds {LISTEN_ALL_HOST}, i.e. every interface")
     p.add_argument("--port", type=_port, default=DEFAULT_PORT,
                    help=f"TCP port of the web server (default {DEFAULT_PORT})")
+    p.add_argument("--share", action="store_true",
+                   help="upstream: a public Gradio link; here it needs the internet, so a warning is "
+                        "logged and the server stays local")
+    p.add_argument("--auth", type=_auth, default=None, metavar="USER:PASSWORD",
+                   help="require this login for the page and the API (auth.json, a list of "
+                        "{\"user\", \"pass\"}, in the repository root is read too)")
+    p.add_argument("--max-upload-size", type=_positive_int, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
+                   help=f"largest file the server accepts as an upload (default {DEFAULT_MAX_UPLOAD_MB} MB)")
+    p.add_argument("--theme", type=str, choices=THEMES, default=None,
+                   help="page colour theme (default: the browser's)")
+    p.add_argument("--language", type=str, default=LANGUAGE_DEFAULT, metavar="LANG",
+                   help="UI language; only English exists, other values log a warning")
+    p.add_argument("--multi-user", action="store_true",
+                   help="upstream compatibility: jobs always belong to their own session here")
     browser = p.add_mutually_exclusive_group()
     browser.add_argument("--in-browser", action="store_true",
                          help="open the UI in a web browser once the server is up (the default)")
@@ -200,6 +231,17 @@ def _derive(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse
     ns.model_policy = POLICY_RESIDENT if ns.keep_models_resident else POLICY_CONSERVATIVE
     ns.vram_budget_bytes = None if ns.vram_budget is None else int(ns.vram_budget * _GIB)
     return ns
+
+
+def preset_error(name: str | None, folder: Path = PRESETS_DIR) -> str | None:
+    """Why ``--preset name`` cannot be used (listing the presets that exist), or None.
+
+    Checked at start by launch.py, not by the parser: parsing never reads files."""
+    if name is None or name in available_presets(folder):
+        return None
+    found = available_presets(folder)
+    return (f"--preset {name}: no such preset (no file presets/{name}.json); "
+            f"presets available: {', '.join(found) if found else 'none'}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

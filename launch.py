@@ -89,9 +89,40 @@ def ensure_checkpoint(cfg: Config, allow_download: bool, always_download: bool =
     return CheckpointSetup(path=str(demo), demo=True)
 
 
+def startup_warnings(args) -> list[str]:
+    """What the operator should hear about the flags given (nothing here stops the start)."""
+    warnings = []
+    if args.share:
+        warnings.append("--share needs a public tunnel on the internet; it is not used: "
+                        "the server stays local (use --listen to serve your network)")
+    if args.language not in (args_manager.LANGUAGE_DEFAULT, "en", "en_US", "English"):
+        warnings.append(f"--language {args.language}: the page is in English only")
+    return warnings
+
+
+def auth_or_warning(args, host: str) -> tuple[list[tuple[str, str]], str | None]:
+    """Logins from --auth and auth.json; a warning when every interface is served without one."""
+    from modules import webui
+
+    pairs = webui.auth_pairs(args.auth, ROOT / "auth.json")
+    if host == args_manager.LISTEN_ALL_HOST and not pairs:
+        return pairs, ("--listen serves every network interface WITHOUT a login: anyone who can reach "
+                       "this machine can use it (add --auth USER:PASSWORD or an auth.json)")
+    return pairs, None
+
+
 def main(argv: list[str]) -> int:
     args = args_manager.init(argv)
     setup_logging()
+    problem = args_manager.preset_error(args.preset)
+    if problem:
+        log.error("%s", problem)
+        print(f"launch.py: error: {problem}", file=sys.stderr)
+        return 2
+    for warning in startup_warnings(args):
+        log.warning("%s", warning)
+    if args.multi_user:
+        log.info("--multi-user: jobs always belong to their own browser or API session here")
 
     import torch
 
@@ -118,13 +149,22 @@ def main(argv: list[str]) -> int:
 
     from modules import webui
 
-    app = webui.build_app()
     host = args.listen
+    try:
+        auth, warning = auth_or_warning(args, host)
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    if warning:
+        log.warning("%s", warning)
+    app = webui.build_app()
     url_host = "127.0.0.1" if host == args_manager.LISTEN_ALL_HOST else host
-    log.info("starting the web UI at http://%s:%d/ (bound to %s)", url_host, args.port, host)
+    log.info("starting the web UI at http://%s:%d/ (bound to %s%s)", url_host, args.port, host,
+             ", login required" if auth else "")
     app.launch(server_name=host, server_port=args.port,
                inbrowser=args.in_browser and host != args_manager.LISTEN_ALL_HOST,
-               allowed_paths=webui.allowed_paths(cfg))
+               allowed_paths=webui.allowed_paths(cfg), auth=auth or None,
+               max_file_size=args.max_upload_size * 1024 ** 2, **webui.launch_options(args.theme))
     return 0
 
 

@@ -9,6 +9,16 @@ One thread, one FIFO queue: requests never run concurrently, so the model
 registry is only ever touched from that thread. A handler that raises does not
 kill the thread; its exception becomes a result whose report holds ``"error"``.
 
+Jobs belong to an owner (the page's browser token or an API client's Gradio
+session): ``stop_owned``/``skip_owned`` act only on that owner's tasks, so one
+client can never stop another's. ``stop`` on a queued task resolves it at once
+and it never runs (a cancelled or disconnected API call uses this).
+
+Work that touches the model registry from outside a request (``/free_memory``,
+unloading one model, the ``/model_status`` snapshot) goes through ``call``: it
+runs on the worker thread between two tasks, so it waits for a running request
+and never sees the registry half-way through one.
+
 The handler is injectable (tests pass fakes); by default it is
 ``modules.default_pipeline.process_request``, imported on first use so that
 importing this module stays cheap (the pipeline imports ``TaskControl`` from here).
@@ -30,6 +40,7 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 STOPPED_BEFORE_START = "stopped before start"
+_WAKE = object()  # queue item that only wakes the thread to run pending calls
 
 
 @dataclass
@@ -85,6 +96,9 @@ class TaskProgress:
     image_count: int = 0
     step: int = 0
     steps: int = 0
+    stage: str = "queued"   # queued, loading, encoding, sampling, decoding, saving, finished, stopped, error
+    preview: Any = None     # small RGB uint8 array of the image being sampled, or None
+    images: tuple[str, ...] = ()   # images finished so far, in order
     version: int = 0  # bumps on every update; lets waiters see "something changed"
 
 
@@ -108,6 +122,7 @@ class AsyncTask:
     """One request on its way through the worker."""
 
     request: dict
+    owner: str | None = None   # who may stop/skip it; None: nobody but the server itself
     control: TaskControl = field(default_factory=TaskControl)
     id: int = field(default_factory=lambda: next(_task_ids))
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -124,17 +139,31 @@ class AsyncTask:
     def progress(self) -> TaskProgress:
         return self._progress
 
-    def set_progress(self, percent: float, text: str, **details: int) -> None:
+    def set_progress(self, percent: float, text: str, **details: Any) -> None:
+        """Replace the snapshot; finished images and the latest preview carry over unless given."""
         with self._changed:
+            details.setdefault("images", self._progress.images)
+            if details.get("stage", "sampling") == "sampling":
+                details.setdefault("preview", self._progress.preview)
             self._progress = TaskProgress(percent=percent, text=text,
                                           version=self._progress.version + 1, **details)
             self._changed.notify_all()
 
     def report_progress(self, event: ProgressLike) -> None:
-        """The callback handed to the handler: record one pipeline event."""
-        self.set_progress(progress_percent(event), str(event.message),
-                          image_index=int(event.image_index), image_count=int(event.image_count),
-                          step=int(event.step), steps=int(event.steps))
+        """The callback handed to the handler: record one pipeline event.
+
+        Optional event fields: ``stage``, ``preview`` (an RGB array) and ``image``
+        (the path of an image that has just been written)."""
+        image = getattr(event, "image", None)
+        with self._changed:
+            images = self._progress.images + ((str(image),) if image else ())
+            details: dict[str, Any] = {"images": images, "stage": str(getattr(event, "stage", "sampling"))}
+            preview = getattr(event, "preview", None)
+            if preview is not None:
+                details["preview"] = preview
+            self.set_progress(progress_percent(event), str(event.message),
+                              image_index=int(event.image_index), image_count=int(event.image_count),
+                              step=int(event.step), steps=int(event.steps), **details)
 
     def wait_for_update(self, seen_version: int, timeout: float) -> TaskProgress:
         """Block until progress moves past ``seen_version``, the task ends, or ``timeout``."""
@@ -168,13 +197,16 @@ class AsyncTask:
             return True
 
 
-def _pipeline() -> tuple[Handler, ErrorResultFactory]:
+StatusHook = Callable[[], dict]
+
+
+def _pipeline() -> tuple[Handler, ErrorResultFactory, StatusHook]:
     from modules import default_pipeline  # late: heavy imports, and it imports us
 
     def error_result(message: str) -> ResultLike:
         return default_pipeline.RequestResult(images=[], report={"error": message})
 
-    return default_pipeline.process_request, error_result
+    return default_pipeline.process_request, error_result, default_pipeline.model_status
 
 
 def _failed(message: str) -> ResultLike:
@@ -185,27 +217,34 @@ class Worker:
     """One daemon thread taking AsyncTasks from a FIFO queue."""
 
     def __init__(self, handler: Handler | None = None, error_result: ErrorResultFactory | None = None,
-                 name: str = "fooocus-worker") -> None:
+                 name: str = "fooocus-worker", status: StatusHook | None = None) -> None:
         self._handler = handler
         self._error_result = error_result
+        self._status_hook = status
         self._name = name
-        self._queue: queue.Queue[AsyncTask | None] = queue.Queue()
-        self._lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.SimpleQueue()
+        self._lock = threading.RLock()   # re-entrant: finishing a task runs its callbacks
         self._thread: threading.Thread | None = None
         self._current: AsyncTask | None = None
+        self._unfinished: dict[int, AsyncTask] = {}   # queued and running tasks, by id
+        self._status: dict | None = None              # the last published registry snapshot
+        self.last_report: dict | None = None          # the report of the last finished task
         self._closed = False
 
     # -- public API -----------------------------------------------------------------
 
-    def submit(self, request: dict) -> AsyncTask:
-        """Queue a request; returns at once."""
-        task = AsyncTask(request=request)
+    def submit(self, request: dict, owner: str | None = None) -> AsyncTask:
+        """Queue a request for ``owner``; returns at once."""
+        task = AsyncTask(request=request, owner=owner)
         with self._lock:
             if self._closed:
                 raise RuntimeError("worker is shut down")
             self._ensure_thread()
+            self._unfinished[task.id] = task
             self._queue.put(task)
-        log.debug("task %d queued (%d waiting)", task.id, self._queue.qsize())
+        task.future.add_done_callback(lambda _: self._forget(task))
+        log.debug("task %d queued (%d waiting)", task.id, self.pending())
         return task
 
     @property
@@ -214,31 +253,64 @@ class Worker:
 
     def pending(self) -> int:
         """Tasks queued and not started."""
-        return self._queue.qsize()
+        with self._lock:
+            return sum(1 for t in self._unfinished.values() if t.state is TaskState.QUEUED)
+
+    def tasks_of(self, owner: str | None) -> list[AsyncTask]:
+        """``owner``'s unfinished tasks, oldest first (nobody owns the owner-less ones)."""
+        if owner is None:
+            return []
+        with self._lock:
+            return sorted((t for t in self._unfinished.values() if t.owner == owner), key=lambda t: t.id)
 
     def stop(self, task: AsyncTask) -> None:
-        """Abort ``task``: a running one sees control.stop; a queued one ends now."""
+        """Abort ``task``: a running one sees control.stop; a queued one ends now and never runs."""
         with self._lock:
             task.control.stop.set()
             if task.state is TaskState.QUEUED:
+                task.set_progress(0.0, "Stopped before start", stage="stopped")
                 task._finish(self._make_error(STOPPED_BEFORE_START))
 
     def skip(self, task: AsyncTask) -> None:
-        task.control.skip.set()
+        """Ask ``task`` to drop the image it is sampling and go on with the next one."""
+        if task.state is TaskState.RUNNING:
+            task.control.skip.set()
 
-    def stop_current(self) -> AsyncTask | None:
-        """Abort the running task (if any); returns it."""
-        task = self._current
-        if task is not None:
+    def stop_owned(self, owner: str | None) -> list[AsyncTask]:
+        """Stop every task of ``owner`` (running and queued); returns them."""
+        tasks = self.tasks_of(owner)
+        for task in tasks:
             self.stop(task)
+        return tasks
+
+    def skip_owned(self, owner: str | None) -> AsyncTask | None:
+        """Skip the current image of ``owner``'s running task, if it has one."""
+        task = self._current
+        if task is None or owner is None or task.owner != owner:
+            return None
+        self.skip(task)
         return task
 
-    def skip_current(self) -> AsyncTask | None:
-        """Ask the running task to finish its current image early; returns it."""
-        task = self._current
-        if task is not None:
-            self.skip(task)
-        return task
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the worker thread before the next task starts (after the running one).
+
+        The registry snapshot is republished afterwards."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("worker is shut down")
+            self._ensure_thread()
+            self._calls.put((fn, future))
+            self._queue.put(_WAKE)
+        return future
+
+    def status_snapshot(self, timeout: float | None = None) -> dict:
+        """The registry as the worker last published it (never read from the caller's thread)."""
+        snapshot = self._status
+        if snapshot is None:
+            self.call(lambda: None).result(timeout)   # publishes one
+            snapshot = self._status
+        return dict(snapshot or {})
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Finish the queued tasks, then end the thread (used by tests)."""
@@ -257,12 +329,18 @@ class Worker:
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
 
+    def _forget(self, task: AsyncTask) -> None:
+        with self._lock:
+            self._unfinished.pop(task.id, None)
+
     def _resolve_handler(self) -> Handler:
         if self._handler is None:
-            handler, error_result = _pipeline()
+            handler, error_result, status = _pipeline()
             self._handler = handler
             if self._error_result is None:
                 self._error_result = error_result
+            if self._status_hook is None:
+                self._status_hook = status
         return self._handler
 
     def _make_error(self, message: str) -> ResultLike:
@@ -273,11 +351,51 @@ class Worker:
             log.exception("error-result factory failed")
             return _failed(message)
 
+    def _run_calls(self) -> None:
+        """Run the pending calls; each one's caller sees the snapshot published after it."""
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except BaseException as e:  # handed to the caller
+                self._publish_status()
+                future.set_exception(e)
+            else:
+                self._publish_status()
+                future.set_result(result)
+
+    def _publish_status(self) -> None:
+        """Snapshot the registry on this thread; readers get a copy, never the live dicts."""
+        if self._status_hook is None and self._handler is None:
+            try:
+                self._resolve_handler()
+            except Exception:
+                log.exception("could not load the pipeline for the status snapshot")
+        if self._status_hook is None:
+            self._status = {}
+            return
+        try:
+            self._status = self._status_hook()
+        except Exception as e:
+            log.exception("model status snapshot failed")
+            self._status = {"error": f"{type(e).__name__}: {e}"}
+
     def _run(self) -> None:
         while True:
-            task = self._queue.get()
-            if task is None:
+            item = self._queue.get()
+            self._run_calls()
+            if item is None:
                 return
+            if item is _WAKE:
+                continue
+            task: AsyncTask = item
+            if self._status is None:   # readers during the first task get a snapshot too
+                self._publish_status()
             with self._lock:
                 if task.done():  # stopped while queued
                     continue
@@ -289,9 +407,10 @@ class Worker:
             finally:
                 with self._lock:
                     self._current = None
+                self._publish_status()
 
     def _execute(self, task: AsyncTask) -> None:
-        task.set_progress(0.0, "Starting")
+        task.set_progress(0.0, "Starting", stage="loading")
         try:
             handler = self._resolve_handler()
             result = handler(task.request, task.control, task.report_progress)
@@ -300,8 +419,17 @@ class Worker:
         except Exception as e:  # the thread must survive anything a request does
             log.exception("task %d failed", task.id)
             result = self._make_error(f"{type(e).__name__}: {e}")
-        error = result.report.get("error") if isinstance(result.report, dict) else None
-        task.set_progress(100.0, f"Error: {error}" if error else "Finished",
+        report = result.report if isinstance(result.report, dict) else {}
+        self.last_report = report
+        error, stopped = report.get("error"), report.get("stopped") or task.control.stop.is_set()
+        if error:
+            text, stage = f"Error: {error}", "error"
+        elif stopped:
+            text, stage = f"Stopped ({len(result.images)} image(s) kept)", "stopped"
+        else:
+            text, stage = "Finished", "finished"
+        task.set_progress(100.0 if stage == "finished" else task.progress.percent, text, stage=stage,
+                          images=tuple(map(str, result.images)),
                           image_index=task.progress.image_index, image_count=task.progress.image_count,
                           step=task.progress.step, steps=task.progress.steps)
         task._finish(result)

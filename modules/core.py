@@ -261,7 +261,7 @@ def latent_shape(unet: ModelPatcher, vae: ModelPatcher, width: int, height: int)
 
 def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int, cfg: float,
            width: int, height: int, seed: int, shape: tuple[int, int, int, int],
-           switch_step: int | None = None, callback: Callable[[int, int], None] | None = None,
+           switch_step: int | None = None, callback: Callable[[int, int, torch.Tensor], None] | None = None,
            guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL) -> torch.Tensor:
     """Denoise one image of latent `shape`; returns latents. `switch_step` hands over to stages[1].
     `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step."""
@@ -292,8 +292,8 @@ def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int,
             if denoised is None:
                 denoised = getattr(out, "denoised", None)
             try:
-                if callback is not None:
-                    callback(i + 1, steps)
+                if callback is not None:   # (step, steps, x0 estimate: a preview may use it)
+                    callback(i + 1, steps, denoised if denoised is not None else latents)
             except SkipImage:
                 return denoised if denoised is not None else latents
     return latents

@@ -62,6 +62,23 @@ class ProgressEvent:
     step: int
     steps: int
     message: str
+    stage: str = "sampling"      # loading, encoding, sampling, skipped, decoding, saving
+    preview: Any = None          # small RGB uint8 array (sampling), every PREVIEW_EVERY steps
+    image: str | None = None     # path of an image that has just been written (saving)
+
+
+PREVIEW_EVERY = 2   # steps between two live previews
+
+
+def latent_preview(latents: torch.Tensor) -> np.ndarray:
+    """A cheap look at latents (1, C, h, w): the first three channels, each stretched
+    to 0..255 over its own range. No VAE involved: a rough idea of composition only."""
+    x = latents[0, :3].detach().float().cpu()
+    if x.shape[0] < 3:
+        x = x[:1].expand(3, *x.shape[1:])
+    low = x.amin(dim=(1, 2), keepdim=True)
+    span = (x.amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-6)
+    return ((x - low) / span * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 @dataclass
@@ -530,6 +547,7 @@ def process_request(request: dict, control: "TaskControl | None" = None,
             oom = str(error).splitlines()[0] if str(error) else "out of memory"
         except StopRequested:
             report["stopped"] = True
+            images = _finished_writes(done.writes)   # a Stop keeps the images already done
         except (RequestError, CheckpointError, LoraError, config_module.ConfigError) as error:
             report["error"] = str(error)
         except ValueError as error:  # unknown sampler/scheduler, bad aspect ratio...
@@ -560,6 +578,22 @@ def process_request(request: dict, control: "TaskControl | None" = None,
     return RequestResult(images=images, report=report)
 
 
+def _finished_writes(writes: list[concurrent.futures.Future[str]]) -> list[str]:
+    paths = []
+    for write in writes:
+        try:
+            paths.append(write.result())
+        except Exception:
+            log.exception("writing an image failed")
+    return paths
+
+
+def _stage_event(progress, stage: str, message: str, index: int = 0, count: int = 1,
+                 step: int = 0, steps: int = 1, image: str | None = None) -> None:
+    if progress is not None:
+        progress(ProgressEvent(index, count, step, steps, message, stage=stage, image=image))
+
+
 def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts: dict,
          done: RequestProgress) -> list[str]:
     cfg = preset_config(request)
@@ -581,6 +615,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     if isinstance(request.get("preset"), str) and request["preset"]:
         report["preset"] = request["preset"]
 
+    _stage_event(progress, "loading", "Loading models", count=req.image_number)
     base = get_checkpoint(resolve_checkpoint(req.base_model, cfg))
     if base.kind != "base":
         raise RequestError(f"{os.path.basename(base.file.path)} is an SDXL refiner; choose it as refiner_model")
@@ -621,6 +656,7 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     positive_texts = expanded_prompts(prompt, styled, [seed + i for i in range(req.image_number)], cfg,
                                       stage_ms, report) if styled.expansion else [positive_text] * req.image_number
     stage_sets: dict[str, list[core.UNetStage]] = {}
+    _stage_event(progress, "encoding", "Encoding the prompt", count=req.image_number)
     with _stage(stage_ms, "text_encode"):
         folders = cfg.path_embeddings
         for text in dict.fromkeys(positive_texts[done.next_image:]):   # each different text once
@@ -639,35 +675,65 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     report["guidance"] = asdict(tweaks)
 
     writes = done.writes
+    skipped: list[int] = []
+    announced: list[str] = []
+
+    def announce(wait: bool) -> None:
+        """Tell the page about images written since the last call (from this thread only)."""
+        for write in writes[len(announced):]:
+            if not (wait or write.done()) or write.exception() is not None:
+                return
+            announced.append(write.result())
+            _stage_event(progress, "saving", f"Saved image {len(announced)}/{req.image_number}",
+                         len(announced) - 1, req.image_number, steps, steps, image=announced[-1])
+
     for index in range(done.next_image, req.image_number):
         _check_stop(control)
         image_seed = seed + index
 
-        def on_step(step: int, total: int, index: int = index) -> None:
+        def on_step(step: int, total: int, latents: torch.Tensor | None = None, index: int = index) -> None:
             _check_stop(control)
-            if progress is not None:
-                progress(ProgressEvent(index, req.image_number, step, total,
-                                       f"image {index + 1}/{req.image_number}, step {step}/{total}"))
+            announce(wait=False)
             if control is not None and control.skip.is_set():
                 control.skip.clear()
+                skipped.append(index)
                 raise core.SkipImage()
+            if progress is not None:
+                preview = (latent_preview(latents) if latents is not None
+                           and (step % PREVIEW_EVERY == 0 or step == total) else None)
+                progress(ProgressEvent(index, req.image_number, step, total,
+                                       f"Sampling image {index + 1}/{req.image_number}, step {step}/{total}",
+                                       preview=preview))
 
         with _stage(stage_ms, "sampling"):
             latents = core.sample(stage_sets[positive_texts[index]], sampler=sampler, scheduler=scheduler, steps=steps, cfg=cfg_scale,
                                   width=req.width, height=req.height, seed=image_seed,
                                   shape=core.latent_shape(models.unet, vae, req.width, req.height),
                                   switch_step=switch, callback=on_step, guidance=tweaks)
+        if skipped and skipped[-1] == index:   # Skip: the unfinished image is dropped
+            done.next_image = index + 1
+            _stage_event(progress, "skipped", f"Skipped image {index + 1}/{req.image_number}",
+                         index, req.image_number, steps, steps)
+            continue
+        _stage_event(progress, "decoding", f"Decoding image {index + 1}/{req.image_number}",
+                     index, req.image_number, steps, steps)
         with _stage(stage_ms, "vae_decode"):
             pixels = core.decode(vae, latents, req.width, req.height)
         # PNG encoding runs on the writer thread while the next image samples.
-        writes.append(PNG_WRITER.submit(save_image, pixels, {
+        write = PNG_WRITER.submit(save_image, pixels, {
             **_echo(req, prompt), "full_prompt": positive_texts[index], "full_negative_prompt": negative_text,
             "seed": image_seed, "sampler": sampler, "scheduler": scheduler, "steps": steps,
-            "cfg": cfg_scale, "base_model": report["base_model"], "loras": models.loras}, cfg))
+            "cfg": cfg_scale, "base_model": report["base_model"], "loras": models.loras}, cfg)
+        writes.append(write)
         done.next_image = index + 1
+        announce(wait=False)
+    _stage_event(progress, "saving", "Saving images", req.image_number - 1, req.image_number, steps, steps)
     with _stage(stage_ms, "save_images"):   # only the part that did not overlap
         paths = [write.result() for write in writes]
-    report["seeds"] = [seed + i for i in range(req.image_number)]
+    announce(wait=True)
+    report["seeds"] = [seed + i for i in range(req.image_number) if i not in skipped]
+    if skipped:
+        report["skipped"] = [seed + i for i in skipped]
     return paths
 
 
@@ -809,6 +875,8 @@ def model_status() -> dict:
     status = model_management.get_manager().status()
     status["checkpoints"] = [os.path.basename(c.file.path) for c in STATE.checkpoints.values()]
     status["lora_files_cached"] = len(STATE.lora_files)
+    status["lora_files"] = [{"name": f.name, "bytes": p.nbytes()}
+                            for f, p in list(getattr(STATE.lora_files, "_files", {}).items())]
     from modules import expansion
     status["prompt_expansion"] = expansion.status()
     return status

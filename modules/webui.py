@@ -1,4 +1,4 @@
-"""The Gradio page and the two API endpoints.
+"""The Gradio page (Fooocus's layout) and the API endpoints.
 
 Both the page's Generate button and the ``/generate`` endpoint build one
 request dict (DESIGN.md §4) and hand it to the single worker
@@ -10,24 +10,42 @@ API (callable with ``gradio_client``):
 * ``/generate``: one JSON object in (a hidden ``gr.JSON``), ``[gallery, report]``
   out. ``gallery`` is a hidden ``gr.File(file_count="multiple")``: the client
   downloads the PNGs and gets a list of local file paths; ``report`` is a dict.
-* ``/model_status``: no input, the model registry as a dict.
+* ``/model_status``: no input, the model registry as a dict: a snapshot the
+  worker publishes after each task, never read from the live registry here.
+* ``/free_memory``: unload every model no request is using (runs on the worker
+  thread, so it waits for a running request); returns what it freed.
 
-The page's own events (Generate, Stop, Skip, Refresh) are private: not listed
-in the API and not callable by clients.
+Jobs belong to their owner. A page's owner is a random token kept in the
+browser (``gr.BrowserState``), so a reload finds its running task again and
+follows it; an API client's owner is its Gradio session. Stop and Skip act on
+the caller's own task only. An API call that is cancelled or disconnects stops
+its task (a queued one never runs); a page that goes away leaves its task
+running for ``reconnect_grace_s`` seconds, then stops it.
+
+The page's own events (Generate, Stop, Skip, Refresh, the memory buttons) are
+private: not listed in the API and not callable by clients.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import html
+import io
+import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import math
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from modules import config as config_module
-from modules import flags
+from modules import flags, resident_memory
 from modules.async_worker import AsyncTask, TaskProgress, Worker, get_worker
 
 log = logging.getLogger(__name__)
@@ -35,7 +53,11 @@ log = logging.getLogger(__name__)
 LORA_SLOTS = 5
 LORA_WEIGHT_RANGE = (-2.0, 2.0)
 MAX_IMAGE_NUMBER = 32
-PROGRESS_POLL_S = 0.5  # the page refreshes at least this often while a task runs
+PROGRESS_POLL_S = 0.1  # how often a page follower looks at its task's progress
+RECONNECT_GRACE_S = 60.0  # a page's task outlives the page this long, so a reload can reconnect
+MAX_SEED = 2 ** 63 - 1
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+CACHE_CLEANUP = (3600, 3600)  # Gradio's temp copies: checked every hour, deleted after an hour
 
 
 def supported_samplers() -> list[str]:
@@ -76,6 +98,7 @@ class UIValues:
     scheduler: str
     guidance_scale: float
     vae: str = flags.DEFAULT_VAE
+    output_format: str = "png"
 
     def to_request(self) -> dict:
         width, height = flags.parse_aspect_ratio(self.aspect_ratio)
@@ -97,17 +120,14 @@ class UIValues:
             "guidance_scale": float(self.guidance_scale),
             "vae": self.vae or flags.DEFAULT_VAE,
         }
+        if self.output_format and self.output_format != "png":
+            request["output_format"] = self.output_format
         if self.base_model:
             request["base_model"] = self.base_model
         return request
 
 
 # -- pipeline access (late imports: the pipeline pulls in torch and diffusers) -------------
-
-def _model_status() -> dict:
-    from modules import default_pipeline
-    return default_pipeline.model_status()
-
 
 def _demo_warning() -> str | None:
     from modules import default_pipeline
@@ -123,34 +143,281 @@ def allowed_paths(cfg: config_module.Config) -> list[str]:
     return [str(cfg.path_outputs)]
 
 
-def progress_html(progress: TaskProgress) -> str:
-    percent = max(0.0, min(100.0, progress.percent))
-    return (f'<div class="fr-progress"><progress value="{percent:.1f}" max="100" style="width:100%"></progress>'
-            f"<div>{percent:.0f}% — {html.escape(progress.text)}</div></div>")
+# -- plain helpers: seeds, labels, locks ----------------------------------------------------
 
-
-def follow_task(task: AsyncTask, worker: Worker,
-                demo_warning: Callable[[], str | None]) -> Iterator[tuple[Any, ...]]:
-    """The page's Generate handler after submit: yields (progress, gallery, report, banner)
-    updates while the task runs, then its images and report.
-
-    If the page goes away (Gradio closes the generator) the task is stopped.
-    """
-    snap = task.progress
+def parse_seed(text: Any, random_seed: bool) -> int:
+    """The page's seed box (text, so 64-bit seeds stay exact) -> the request's seed."""
+    if random_seed:
+        return -1
+    value = str(text if text is not None else "").strip()
     try:
-        yield progress_html(snap), gr.skip(), gr.skip(), gr.skip()
+        seed = int(value)
+    except ValueError:
+        raise ValueError(f"Seed must be a whole number from 0 to {MAX_SEED}, got {value!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"Seed must be a whole number from 0 to {MAX_SEED}, got {value}")
+    return seed
+
+
+def aspect_ratio_label(value: str) -> str:
+    """'1152*896' -> '1152×896 | 9:7' (upstream's label)."""
+    width, height = flags.parse_aspect_ratio(value)
+    d = math.gcd(width, height)
+    return f"{width}×{height} | {width // d}:{height // d}"
+
+
+@dataclass(frozen=True)
+class LockedControls:
+    """What a performance mode imposes on the Advanced controls (None: the user's choice)."""
+
+    sampler: str | None
+    scheduler: str | None
+    guidance_scale: float | None
+    refiner: bool   # False: the mode turns the refiner off
+
+    @staticmethod
+    def of(performance: str) -> "LockedControls":
+        s = flags.performance_settings(performance)
+        return LockedControls(s.sampler, s.scheduler, s.cfg_scale, s.refiner_enabled)
+
+
+def display_report(report: dict) -> dict:
+    """The report for the page: seeds as strings, because a browser's JSON numbers
+    lose digits above 2^53 (the API returns them as integers)."""
+    shown = dict(report)
+    for key in ("seed", "skipped", "seeds"):
+        value = shown.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            shown[key] = str(value)
+        elif isinstance(value, list):
+            shown[key] = [str(v) for v in value]
+    return shown
+
+
+def _preview_uri(preview: Any) -> str | None:
+    """A small RGB array as a PNG data URI (the page shows it scaled up)."""
+    if preview is None:
+        return None
+    try:
+        from PIL import Image
+        buffer = io.BytesIO()
+        Image.fromarray(preview).save(buffer, format="PNG")
+    except Exception:  # a preview is never worth failing a page update for
+        return None
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def progress_html(progress: TaskProgress) -> str:
+    """Bar + stage text + live preview; the stage picks the style (error and stop differ)."""
+    percent = max(0.0, min(100.0, progress.percent))
+    stage = progress.stage if progress.stage else "running"
+    preview = _preview_uri(progress.preview) if stage == "sampling" else None
+    image = (f'<img class="fr-preview" alt="preview" src="{preview}">' if preview else "")
+    return (f'<div class="fr-progress fr-stage-{html.escape(stage)}" data-stage="{html.escape(stage)}">'
+            f'<progress value="{percent:.1f}" max="100"></progress>'
+            f'<div class="fr-progress-text">{percent:.0f}% — {html.escape(progress.text)}</div>{image}</div>')
+
+
+class Followers:
+    """How many pages follow each task; a task nobody follows is stopped after a grace period."""
+
+    def __init__(self, worker: Callable[[], Worker], grace_s: float) -> None:
+        self._worker, self._grace_s = worker, grace_s
+        self._lock = threading.Lock()
+        self._count: dict[int, int] = {}
+
+    def attach(self, task: AsyncTask) -> None:
+        with self._lock:
+            self._count[task.id] = self._count.get(task.id, 0) + 1
+
+    def detach(self, task: AsyncTask) -> None:
+        with self._lock:
+            self._count[task.id] = self._count.get(task.id, 1) - 1
+            orphan = self._count[task.id] <= 0
+            if orphan:
+                del self._count[task.id]
+        if orphan and not task.done():
+            if self._grace_s <= 0:
+                self._worker().stop(task)
+            else:
+                timer = threading.Timer(self._grace_s, self._stop_if_orphan, args=(task,))
+                timer.daemon = True
+                timer.start()
+
+    def _stop_if_orphan(self, task: AsyncTask) -> None:
+        with self._lock:
+            followed = self._count.get(task.id, 0) > 0
+        if not followed and not task.done():
+            log.info("task %d: its page did not come back; stopping it", task.id)
+            self._worker().stop(task)
+
+
+async def wait_for_change(task: AsyncTask, seen_version: int, timeout: float) -> TaskProgress:
+    """Async wait for new progress: no thread of Gradio's pool is held while a task runs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while task.progress.version <= seen_version and not task.done() and loop.time() < deadline:
+        await asyncio.sleep(PROGRESS_POLL_S)
+    return task.progress
+
+
+async def task_result(task: AsyncTask) -> Any:
+    """Await a task's result without letting a cancelled caller cancel the task's own future."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future = loop.create_future()
+
+    def resolve(_: Any) -> None:
+        loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+    task.future.add_done_callback(resolve)
+    await waiter
+    return task.result()
+
+
+def page_owner(token: str | None) -> str | None:
+    """Owner key of a page (its browser token); a namespace apart from API sessions,
+    so no value a page sends can name an API client's task."""
+    return f"page:{token}" if token else None
+
+
+def api_owner(session_hash: str | None) -> str | None:
+    return f"api:{session_hash}" if session_hash else None
+
+
+# The outputs every follow update addresses, in order.
+FOLLOW_OUTPUTS = ("progress", "gallery", "report", "banner", "generate", "stop", "skip", "seed")
+
+
+def _update(**values: Any) -> tuple[Any, ...]:
+    return tuple(values.get(name, gr.skip()) for name in FOLLOW_OUTPUTS)
+
+
+def _running_buttons() -> dict[str, Any]:
+    return {"generate": gr.update(visible=False), "stop": gr.update(visible=True),
+            "skip": gr.update(visible=True)}
+
+
+def _idle_buttons() -> dict[str, Any]:
+    return {"generate": gr.update(visible=True), "stop": gr.update(visible=False),
+            "skip": gr.update(visible=False)}
+
+
+async def follow_task(task: AsyncTask, worker: Worker, demo_warning: Callable[[], str | None],
+                      followers: Followers | None = None) -> AsyncIterator[tuple[Any, ...]]:
+    """The page's view of one task: progress, preview and finished images while it runs,
+    then its images, report and seed. A page that goes away detaches; with no
+    ``followers`` the task is stopped at once."""
+    followers = followers or Followers(lambda: worker, 0)
+    followers.attach(task)
+    snap = task.progress
+    shown_images: tuple[str, ...] = ()
+    try:
+        yield _update(progress=progress_html(snap), gallery=list(snap.images), **_running_buttons())
+        shown_images = snap.images
         while not task.done():
-            newer = task.wait_for_update(snap.version, PROGRESS_POLL_S)
-            if newer.version != snap.version:
+            newer = await wait_for_change(task, snap.version, 1.0)
+            if newer.version != snap.version and not task.done():
                 snap = newer
-                yield progress_html(snap), gr.skip(), gr.skip(), gr.skip()
+                gallery = list(snap.images) if snap.images != shown_images else gr.skip()
+                shown_images = snap.images
+                yield _update(progress=progress_html(snap), gallery=gallery)
     finally:
-        if not task.done():  # nobody is left to receive the result
-            worker.stop(task)
+        followers.detach(task)
     result = task.result()
     text = demo_warning()
-    yield (progress_html(task.progress), list(result.images), result.report,
-           gr.update(value=_banner_text(text), visible=bool(text)))
+    report = result.report if isinstance(result.report, dict) else {}
+    seed = report.get("seed")
+    yield _update(progress=progress_html(task.progress), gallery=list(result.images),
+                  report=display_report(report), banner=gr.update(value=_banner_text(text), visible=bool(text)),
+                  seed=str(seed) if isinstance(seed, int) and seed >= 0 else gr.skip(), **_idle_buttons())
+
+
+# -- auth -------------------------------------------------------------------------------------
+
+def read_auth_file(path: Path) -> list[tuple[str, str]]:
+    """Upstream's auth.json: a list of {"user": ..., "pass": ...}. Errors name the file and entry."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of {{\"user\", \"pass\"}} objects")
+    pairs = []
+    for i, entry in enumerate(data):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("user"), str) or not entry["user"]
+                or not isinstance(entry.get("pass"), str) or not entry["pass"]):
+            raise ValueError(f"{path}: entry {i} must be {{\"user\": \"...\", \"pass\": \"...\"}} (non-empty)")
+        pairs.append((entry["user"], entry["pass"]))
+    return pairs
+
+
+def auth_pairs(cli_auth: tuple[str, str] | None, auth_file: Path | None) -> list[tuple[str, str]]:
+    """Logins from --auth and auth.json together; empty means no login."""
+    pairs = [cli_auth] if cli_auth else []
+    if auth_file is not None and auth_file.is_file():
+        pairs += read_auth_file(auth_file)
+    return pairs
+
+
+# -- page assets ------------------------------------------------------------------------------
+
+PAGE_CSS = """
+#fr-gallery { min-height: 46vh; }
+.fr-progress progress { width: 100%; height: 10px; accent-color: var(--color-accent); }
+.fr-progress-text { font-size: var(--text-md); margin-top: 2px; }
+.fr-stage-error progress { accent-color: #d33; }
+.fr-stage-error .fr-progress-text { color: #d33; font-weight: 600; }
+.fr-stage-stopped progress { accent-color: #d80; }
+.fr-stage-stopped .fr-progress-text { color: #b60; font-weight: 600; }
+.fr-stage-finished progress { accent-color: #2a2; }
+.fr-preview { width: 192px; max-width: 60vw; image-rendering: pixelated; margin-top: 4px; border-radius: 4px; }
+.fr-lora-row { flex-wrap: wrap !important; align-items: end; }
+.fr-lora-row > * { min-width: 0 !important; }
+.fr-lora-row .fr-lora-name { flex: 3 1 180px !important; }
+.fr-lora-row .fr-lora-weight { flex: 2 1 140px !important; }
+.fr-lora-row .fr-lora-enable { flex: 0 0 auto !important; }
+.fr-mem-row { display: flex; gap: 8px; align-items: center; margin: 4px 0; flex-wrap: wrap; }
+.fr-mem-label { width: 56px; }
+.fr-mem-bar { flex: 1 1 120px; height: 12px; background: var(--block-background-fill);
+              border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
+.fr-mem-bar > div { height: 100%; background: var(--color-accent); }
+.fr-mem-bar.fr-over > div { background: #d33; }
+.fr-mem-table { width: 100%; font-size: var(--text-sm); display: block; overflow-x: auto; }
+.fr-mem-warning { color: #d33; font-weight: 600; }
+#fr-generate-col { min-width: 110px !important; }
+/* Dropdown values stop before the arrow instead of running under it. */
+input[role="combobox"] { padding-right: calc(2 * var(--size-5) + 4px) !important; text-overflow: ellipsis; }
+@media (max-width: 480px) {
+  input[role="combobox"] { font-size: 11px; }
+  .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
+  #fr-memory .block, #fr-memory .form { padding: 2px !important; border: none !important; }
+}
+"""
+
+# Ctrl+Enter generates (as upstream); --theme picks light or dark.
+PAGE_JS = """
+() => {
+  document.addEventListener('keydown', (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === 'Enter') {
+      const button = document.getElementById('generate_button');
+      if (button && button.offsetParent !== null) { e.preventDefault(); button.click(); }
+    }
+  });
+  const theme = '__THEME__';
+  if (theme === 'dark' || theme === 'light') {
+    const url = new URL(window.location.href);
+    if (url.searchParams.get('__theme') !== theme) {
+      url.searchParams.set('__theme', theme);
+      window.location.replace(url.href);
+    }
+  }
+}
+"""
+
+
+def launch_options(theme: str | None = None) -> dict[str, Any]:
+    """The ``app.launch`` keywords that belong to the page (css, js)."""
+    return {"css": PAGE_CSS, "js": PAGE_JS.replace("__THEME__", theme or "")}
 
 
 # -- the page ------------------------------------------------------------------------------
@@ -169,9 +436,10 @@ class Controls:
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
     performance: gr.Radio
-    aspect_ratio: gr.Dropdown
+    aspect_ratio: gr.Radio
     image_number: gr.Slider
-    seed: gr.Number
+    seed: gr.Textbox
+    random_seed: gr.Checkbox
     base_model: gr.Dropdown
     refiner_model: gr.Dropdown
     refiner_switch: gr.Slider
@@ -180,15 +448,16 @@ class Controls:
     scheduler: gr.Dropdown | None = None
     guidance_scale: gr.Slider | None = None
     vae: gr.Dropdown | None = None
+    output_format: gr.Radio | None = None
 
     def components(self) -> set[gr.components.Component]:
         out: set[gr.components.Component] = {
             self.prompt, self.negative_prompt, self.performance, self.aspect_ratio, self.image_number,
-            self.seed, self.base_model, self.refiner_model, self.refiner_switch,
+            self.seed, self.random_seed, self.base_model, self.refiner_model, self.refiner_switch,
         }
         for slot in self.loras:
             out |= {slot.enabled, slot.name, slot.weight}
-        for extra in (self.sampler, self.scheduler, self.guidance_scale, self.vae):
+        for extra in (self.sampler, self.scheduler, self.guidance_scale, self.vae, self.output_format):
             assert extra is not None
             out.add(extra)
         return out
@@ -196,14 +465,13 @@ class Controls:
     def values(self, data: Mapping[Any, Any]) -> UIValues:
         """Read a Gradio ``{component: value}`` mapping (set-style inputs)."""
         assert self.sampler is not None and self.scheduler is not None and self.guidance_scale is not None
-        seed = data[self.seed]
         return UIValues(
             prompt=data[self.prompt],
             negative_prompt=data[self.negative_prompt],
             performance=data[self.performance],
             aspect_ratio=data[self.aspect_ratio],
             image_number=int(data[self.image_number]),
-            seed=-1 if seed is None else int(seed),
+            seed=parse_seed(data[self.seed], bool(data[self.random_seed])),
             base_model=data[self.base_model],
             refiner_model=data[self.refiner_model],
             refiner_switch=float(data[self.refiner_switch]),
@@ -213,6 +481,7 @@ class Controls:
             scheduler=data[self.scheduler],
             guidance_scale=float(data[self.guidance_scale]),
             vae=data[self.vae] if self.vae is not None else flags.DEFAULT_VAE,
+            output_format=data[self.output_format] if self.output_format is not None else "png",
         )
 
 
@@ -234,106 +503,202 @@ def _default_base_model(cfg: config_module.Config, choices: list[str]) -> str | 
     return choices[0] if choices else None
 
 
+def _aspect_choices(cfg: config_module.Config) -> list[tuple[str, str]]:
+    values = list(flags.SDXL_ASPECT_RATIOS)
+    if cfg.default_aspect_ratio not in values:
+        values.insert(0, cfg.default_aspect_ratio)
+    return [(aspect_ratio_label(v), v) for v in values]
+
+
+def _short_model_label(name: str) -> str:
+    """'sdxl/base.safetensors:unet' -> 'unet · base' (fits a phone-width dropdown)."""
+    checkpoint, _, part = name.rpartition(":")
+    stem = Path(checkpoint).stem if checkpoint else name
+    return f"{part} · {stem}" if checkpoint else name
+
+
+def _lock_updates(performance: str, user_defaults: dict[str, Any]) -> tuple[Any, ...]:
+    """(sampler, scheduler, guidance, refiner, refiner switch, note) for a performance mode:
+    what the mode overrides is shown locked with the value it uses."""
+    try:
+        locked = LockedControls.of(performance)
+    except ValueError:
+        return (gr.skip(),) * 6
+
+    def control(value: Any, default: Any, info: str) -> Any:
+        if value is None:
+            return gr.update(interactive=True, value=default, info=None)
+        return gr.update(interactive=False, value=value, info=f"set by {performance}")
+
+    note = "" if locked == LockedControls(None, None, None, True) else (
+        f"*{performance} sets the sampler, scheduler and guidance and turns the refiner off.*")
+    refiner = (gr.update(interactive=True) if locked.refiner
+               else gr.update(interactive=False, value=flags.NONE_NAME, info=f"off in {performance}"))
+    return (control(locked.sampler, user_defaults["sampler"], ""),
+            control(locked.scheduler, user_defaults["scheduler"], ""),
+            control(locked.guidance_scale, user_defaults["guidance"], ""),
+            refiner, gr.update(visible=False) if not locked.refiner else gr.skip(), note)
+
+
 def build_app(worker: Worker | None = None, cfg: config_module.Config | None = None,
               demo_warning: Callable[[], str | None] = _demo_warning,
-              model_status: Callable[[], dict] = _model_status) -> gr.Blocks:
-    """The Blocks app: the page plus the ``/generate`` and ``/model_status`` endpoints.
+              model_status: Callable[[], dict] | None = None,
+              free_memory: Callable[[], dict] = resident_memory.free_memory,
+              unload_model: Callable[[str], dict] = resident_memory.unload_model,
+              reconnect_grace_s: float = RECONNECT_GRACE_S) -> gr.Blocks:
+    """The Blocks app: the page plus ``/generate``, ``/model_status`` and ``/free_memory``.
 
-    ``worker``, ``cfg`` and the two pipeline hooks default to the process's own.
+    ``worker`` and ``cfg`` default to the process's own. ``model_status`` overrides
+    the worker's published snapshot (tests); ``free_memory``/``unload_model`` run on
+    the worker thread.
     """
     cfg = cfg or config_module.get_config()
 
     def the_worker() -> Worker:
         return worker or get_worker()
 
+    def status() -> dict:
+        return model_status() if model_status is not None else the_worker().status_snapshot()
+
+    followers = Followers(the_worker, reconnect_grace_s)
     checkpoints = _checkpoint_choices(cfg)
     lora_files = _lora_choices(cfg)
-    aspect_ratios = list(flags.SDXL_ASPECT_RATIOS)
-    if cfg.default_aspect_ratio not in aspect_ratios:
-        aspect_ratios.insert(0, cfg.default_aspect_ratio)
     warning = demo_warning()
+    user_defaults = {"sampler": cfg.default_sampler, "scheduler": cfg.default_scheduler,
+                     "guidance": cfg.default_cfg_scale}
 
-    with gr.Blocks(title="Fooocus-Resident", analytics_enabled=False) as app:
+    with gr.Blocks(title="Fooocus-Resident", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as app:
+        owner = gr.BrowserState(None, storage_key="fooocus-resident-owner")
         banner = gr.Markdown(_banner_text(warning), visible=bool(warning), elem_id="demo-banner")
         with gr.Row():
-            with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", value=cfg.default_prompt, lines=3)
-                negative = gr.Textbox(label="Negative prompt", value=cfg.default_prompt_negative, lines=2)
+            with gr.Column(scale=2, min_width=300):
+                progress = gr.HTML(progress_html(TaskProgress(text="Idle", stage="idle")), elem_id="fr-progress")
+                gallery = gr.Gallery(label="Images", columns=2, format="png", height="60vh", elem_id="fr-gallery",
+                                     object_fit="contain")
                 with gr.Row():
-                    generate_btn = gr.Button("Generate", variant="primary")
-                    stop_btn = gr.Button("Stop", variant="stop")
-                    skip_btn = gr.Button("Skip")
-                progress = gr.HTML(progress_html(TaskProgress(text="Idle")))
-                gallery = gr.Gallery(label="Images", columns=2, format="png")
-                report = gr.JSON(label="Report")
-            with gr.Column(scale=1):
-                performance = gr.Radio(flags.Performance.values(), value=cfg.default_performance.value,
-                                       label="Performance")
-                aspect_ratio = gr.Dropdown(aspect_ratios, value=cfg.default_aspect_ratio, label="Aspect ratio")
-                image_number = gr.Slider(1, MAX_IMAGE_NUMBER, value=cfg.default_image_number, step=1,
-                                         label="Image number")
-                seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
-                base_model = gr.Dropdown(checkpoints, value=_default_base_model(cfg, checkpoints),
-                                         label="Base model", allow_custom_value=True)
-                refiner_choices = [flags.NONE_NAME] + checkpoints
-                refiner_model = gr.Dropdown(
-                    refiner_choices,
-                    value=cfg.default_refiner if cfg.default_refiner in refiner_choices else flags.NONE_NAME,
-                    label="Refiner", allow_custom_value=True)
-                refiner_switch = gr.Slider(0.1, 1.0, value=cfg.default_refiner_switch, step=0.01,
-                                           label="Refiner switch at")
-                slots: list[LoraSlot] = []
-                defaults = list(cfg.default_loras)
-                with gr.Accordion("LoRAs", open=True):
-                    for i in range(LORA_SLOTS):
-                        d = defaults[i] if i < len(defaults) else None
-                        with gr.Row():
-                            slots.append(LoraSlot(
-                                enabled=gr.Checkbox(value=d.enabled if d else True, label=f"LoRA {i + 1}",
-                                                    scale=1, min_width=110),
-                                name=gr.Dropdown(lora_files, value=d.name if d else flags.NONE_NAME,
-                                                 label="File", scale=3, allow_custom_value=True),
-                                weight=gr.Slider(*LORA_WEIGHT_RANGE, value=d.weight if d else 1.0, step=0.01,
-                                                 label="Weight", scale=3),
-                            ))
-                refresh_btn = gr.Button("Refresh model files", size="sm")
-                with gr.Accordion("Advanced", open=False):
-                    sampler = gr.Dropdown(supported_samplers(), value=cfg.default_sampler, label="Sampler")
-                    scheduler = gr.Dropdown(supported_schedulers(), value=cfg.default_scheduler,
-                                            label="Scheduler")
-                    guidance = gr.Slider(1.0, 30.0, value=cfg.default_cfg_scale, step=0.01,
-                                         label="Guidance scale")
-                    vae = gr.Dropdown(_vae_choices(cfg), value=cfg.default_vae, label="VAE",
-                                      allow_custom_value=True)
+                    prompt = gr.Textbox(label="Prompt", value=cfg.default_prompt, lines=3, scale=5, min_width=200,
+                                        placeholder="Type prompt here (Ctrl+Enter generates)", elem_id="fr-prompt")
+                    with gr.Column(scale=1, min_width=110, elem_id="fr-generate-col"):
+                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate_button")
+                        stop_btn = gr.Button("Stop", variant="stop", visible=False, elem_id="stop_button")
+                        skip_btn = gr.Button("Skip", visible=False, elem_id="skip_button")
+                advanced_checkbox = gr.Checkbox(label="Advanced", value=False, elem_id="fr-advanced-checkbox")
+                with gr.Accordion("Resident memory", open=False, elem_id="fr-memory"):
+                    memory_html = gr.HTML(elem_id="fr-memory-panel")
+                    with gr.Row():
+                        free_btn = gr.Button("Free memory", size="sm", elem_id="fr-free-memory")
+                        memory_refresh_btn = gr.Button("Refresh", size="sm", elem_id="fr-memory-refresh")
+                    unload_choice = gr.Dropdown([], label="Resident model", elem_id="fr-unload-choice")
+                    unload_btn = gr.Button("Unload this model", size="sm", elem_id="fr-unload")
+                with gr.Accordion("Report", open=False):
+                    report = gr.JSON(label="Report")
+            with gr.Column(scale=1, visible=False, min_width=300, elem_id="fr-advanced-column") as advanced_column:
+                with gr.Tabs():
+                    with gr.Tab("Settings"):
+                        performance = gr.Radio(flags.Performance.values(), value=cfg.default_performance.value,
+                                               label="Performance")
+                        performance_note = gr.Markdown("")
+                        aspect_ratio = gr.Radio(_aspect_choices(cfg), value=cfg.default_aspect_ratio,
+                                                label="Aspect Ratios", elem_id="fr-aspect-ratios")
+                        image_number = gr.Slider(1, MAX_IMAGE_NUMBER, value=cfg.default_image_number, step=1,
+                                                 label="Image Number")
+                        output_format = gr.Radio(list(OUTPUT_FORMATS), value="png", label="Output Format")
+                        negative = gr.Textbox(label="Negative prompt", value=cfg.default_prompt_negative, lines=2,
+                                              placeholder="Describe what you do not want to see")
+                        random_seed = gr.Checkbox(label="Random", value=True, elem_id="fr-random-seed")
+                        seed = gr.Textbox(label="Seed", value="0", max_lines=1, visible=False, elem_id="fr-seed")
+                    with gr.Tab("Models"):
+                        base_model = gr.Dropdown(checkpoints, value=_default_base_model(cfg, checkpoints),
+                                                 label="Base Model (SDXL only)", allow_custom_value=True)
+                        refiner_choices = [flags.NONE_NAME] + checkpoints
+                        refiner_value = (cfg.default_refiner if cfg.default_refiner in refiner_choices
+                                         else flags.NONE_NAME)
+                        refiner_model = gr.Dropdown(refiner_choices, value=refiner_value, label="Refiner",
+                                                    allow_custom_value=True)
+                        refiner_switch = gr.Slider(0.1, 1.0, value=cfg.default_refiner_switch, step=0.01,
+                                                   label="Refiner Switch At",
+                                                   visible=refiner_value != flags.NONE_NAME)
+                        slots: list[LoraSlot] = []
+                        defaults = list(cfg.default_loras)
+                        for i in range(LORA_SLOTS):
+                            d = defaults[i] if i < len(defaults) else None
+                            with gr.Row(elem_classes=["fr-lora-row"]):
+                                slots.append(LoraSlot(
+                                    enabled=gr.Checkbox(value=d.enabled if d else True, label="Enable",
+                                                        elem_classes=["fr-lora-enable"], min_width=80, scale=0),
+                                    name=gr.Dropdown(lora_files, value=d.name if d else flags.NONE_NAME,
+                                                     label=f"LoRA {i + 1}", allow_custom_value=True,
+                                                     elem_classes=["fr-lora-name"], min_width=160, scale=3),
+                                    weight=gr.Slider(*LORA_WEIGHT_RANGE, value=d.weight if d else 1.0, step=0.01,
+                                                     label="Weight", elem_classes=["fr-lora-weight"],
+                                                     min_width=120, scale=2),
+                                ))
+                        refresh_btn = gr.Button("Refresh All Files", size="sm")
+                    with gr.Tab("Advanced"):
+                        guidance = gr.Slider(1.0, 30.0, value=cfg.default_cfg_scale, step=0.01,
+                                             label="Guidance Scale")
+                        sampler = gr.Dropdown(supported_samplers(), value=cfg.default_sampler, label="Sampler")
+                        scheduler = gr.Dropdown(supported_schedulers(), value=cfg.default_scheduler,
+                                                label="Scheduler")
+                        vae = gr.Dropdown(_vae_choices(cfg), value=cfg.default_vae, label="VAE",
+                                          allow_custom_value=True)
 
         controls = Controls(prompt=prompt, negative_prompt=negative, performance=performance,
                             aspect_ratio=aspect_ratio, image_number=image_number, seed=seed,
-                            base_model=base_model, refiner_model=refiner_model, refiner_switch=refiner_switch,
-                            loras=slots, sampler=sampler, scheduler=scheduler, guidance_scale=guidance,
-                            vae=vae)
+                            random_seed=random_seed, base_model=base_model, refiner_model=refiner_model,
+                            refiner_switch=refiner_switch, loras=slots, sampler=sampler, scheduler=scheduler,
+                            guidance_scale=guidance, vae=vae, output_format=output_format)
+        follow_outputs = [progress, gallery, report, banner, generate_btn, stop_btn, skip_btn, seed]
 
         # -- page events (private) ----------------------------------------------------------
 
-        def on_generate(data: dict) -> Iterator[tuple[Any, ...]]:
+        async def on_generate(data: dict) -> AsyncIterator[tuple[Any, ...]]:
             try:
                 request = controls.values(data).to_request()
             except (ValueError, TypeError) as error:
-                yield (progress_html(TaskProgress(percent=0, text=f"Error: {error}")), gr.skip(),
-                       {"error": str(error)}, gr.skip())
+                yield _update(progress=progress_html(TaskProgress(text=f"Error: {error}", stage="error")),
+                              report={"error": str(error)})
                 return
-            yield from follow_task(the_worker().submit(request), the_worker(), demo_warning)
+            task = the_worker().submit(request, owner=page_owner(data[owner]))
+            async for update in follow_task(task, the_worker(), demo_warning, followers):
+                yield update
 
-        generate_btn.click(on_generate, inputs=controls.components(),
-                           outputs=[progress, gallery, report, banner],
-                           api_visibility="private", concurrency_limit=None, show_progress="minimal")
-        def on_stop() -> None:
-            the_worker().stop_current()
+        generate_event = generate_btn.click(
+            on_generate, inputs=controls.components() | {owner}, outputs=follow_outputs,
+            api_visibility="private", concurrency_limit=None, show_progress="hidden")
 
-        def on_skip() -> None:
-            the_worker().skip_current()
+        def on_stop(who: str | None) -> None:
+            the_worker().stop_owned(page_owner(who))
 
-        stop_btn.click(on_stop, inputs=None, outputs=None, api_visibility="private", queue=False)
-        skip_btn.click(on_skip, inputs=None, outputs=None, api_visibility="private", queue=False)
+        def on_skip(who: str | None) -> None:
+            the_worker().skip_owned(page_owner(who))
+
+        stop_btn.click(on_stop, inputs=[owner], outputs=None, api_visibility="private", queue=False)
+        skip_btn.click(on_skip, inputs=[owner], outputs=None, api_visibility="private", queue=False)
+
+        async def on_load(who: str | None) -> AsyncIterator[tuple[Any, ...]]:
+            """Give a new browser its owner token; a reloaded page follows its running task."""
+            if not who:
+                who = uuid.uuid4().hex
+            yield (who, *_update())
+            tasks = the_worker().tasks_of(page_owner(who))
+            if tasks:
+                async for update in follow_task(tasks[-1], the_worker(), demo_warning, followers):
+                    yield (gr.skip(), *update)
+
+        app.load(on_load, inputs=[owner], outputs=[owner, *follow_outputs], api_visibility="private",
+                 concurrency_limit=None, show_progress="hidden")
+
+        advanced_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[advanced_checkbox],
+                                 outputs=[advanced_column], api_visibility="private", queue=False)
+        random_seed.change(lambda on: gr.update(visible=not on), inputs=[random_seed], outputs=[seed],
+                           api_visibility="private", queue=False)
+        performance.change(lambda p: _lock_updates(p, user_defaults), inputs=[performance],
+                           outputs=[sampler, scheduler, guidance, refiner_model, refiner_switch, performance_note],
+                           api_visibility="private", queue=False)
+        refiner_model.change(lambda r: gr.update(visible=bool(r) and r != flags.NONE_NAME),
+                             inputs=[refiner_model], outputs=[refiner_switch], api_visibility="private",
+                             queue=False)
 
         def on_refresh() -> tuple[Any, ...]:
             fresh = config_module.list_model_files(cfg.path_checkpoints)
@@ -345,25 +710,80 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                           outputs=[base_model, refiner_model, vae, *[s.name for s in slots]],
                           api_visibility="private", queue=False)
 
+        # -- the Resident memory panel ---------------------------------------------------------
+
+        def render_memory(note: str = "") -> tuple[str, Any]:
+            snapshot = status()
+            names = resident_memory.resident_names(snapshot)
+            panel = resident_memory.panel_html(snapshot, the_worker().last_report)
+            if note:
+                panel = f'<p class="fr-mem-note">{html.escape(note)}</p>' + panel
+            return panel, gr.update(choices=[(_short_model_label(n), n) for n in names],
+                                    value=names[0] if names else None)
+
+        async def on_free() -> tuple[str, Any]:
+            freed = await asyncio.wrap_future(the_worker().call(free_memory))
+            return render_memory(f"Freed {freed.get('freed_bytes', 0) / 2**20:.1f} MB "
+                                 f"({len(freed.get('unloaded', []))} model(s))")
+
+        async def on_unload(name: str | None) -> tuple[str, Any]:
+            if not name:
+                return render_memory("Choose a resident model to unload")
+            try:
+                await asyncio.wrap_future(the_worker().call(lambda: unload_model(name)))
+            except ValueError as error:
+                return render_memory(str(error))
+            return render_memory(f"Unloaded {name}")
+
+        memory_outputs = [memory_html, unload_choice]
+        free_btn.click(on_free, outputs=memory_outputs, api_visibility="private", concurrency_limit=None)
+        unload_btn.click(on_unload, inputs=[unload_choice], outputs=memory_outputs, api_visibility="private",
+                         concurrency_limit=None)
+        memory_refresh_btn.click(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
+        generate_event.then(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
+        app.load(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
+
         # -- API ------------------------------------------------------------------------------
 
         api_request = gr.JSON(visible=False, label="request")
         api_gallery = gr.File(file_count="multiple", visible=False, label="gallery")
         api_report = gr.JSON(visible=False, label="report")
         api_status = gr.JSON(visible=False, label="model_status")
+        api_freed = gr.JSON(visible=False, label="freed")
 
-        def generate(request: dict) -> tuple[list[str], dict]:
-            """Run one request (DESIGN.md §4) and wait for it: returns (image files, report)."""
+        async def generate(request: dict, caller: gr.Request) -> tuple[list[str], dict]:
+            """Run one request (DESIGN.md §4) and wait for it: returns (image files, report).
+
+            The task belongs to the caller's session; if the call is cancelled or the
+            client goes away, the task is stopped (a queued one never runs)."""
             if not isinstance(request, dict):
                 return [], {"error": "the request must be one JSON object"}
-            result = the_worker().submit(request).result()
+            task = the_worker().submit(request, owner=api_owner(getattr(caller, "session_hash", None)))
+            try:
+                result = await task_result(task)
+            except asyncio.CancelledError:
+                the_worker().stop(task)
+                raise
             return list(result.images), result.report
 
-        # No triggers: an API-only event. The worker serialises the work, so the
-        # endpoint itself may take any number of concurrent callers into its queue.
+        def model_status_api() -> dict:
+            """The registry as the worker last published it, plus the last request's summary."""
+            snapshot = status()
+            snapshot["last_request"] = resident_memory.summary_line(the_worker().last_report)
+            return snapshot
+
+        async def free_memory_api() -> dict:
+            """Unload every model no request is using; waits for a running request."""
+            freed = await asyncio.wrap_future(the_worker().call(free_memory))
+            return {**freed, "status": status()}
+
+        # No triggers: API-only events. The worker serialises the work, so the
+        # endpoints themselves may take any number of concurrent callers.
         gr.on([], generate, inputs=[api_request], outputs=[api_gallery, api_report],
               api_name="generate", concurrency_limit=None, show_progress="hidden")
-        gr.on([], model_status, inputs=None, outputs=[api_status], api_name="model_status",
+        gr.on([], model_status_api, inputs=None, outputs=[api_status], api_name="model_status",
+              concurrency_limit=None, show_progress="hidden")
+        gr.on([], free_memory_api, inputs=None, outputs=[api_freed], api_name="free_memory",
               concurrency_limit=None, show_progress="hidden")
 
     app.queue(default_concurrency_limit=None)

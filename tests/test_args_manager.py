@@ -158,3 +158,60 @@ def test_importing_ignores_the_real_command_line() -> None:
     out = subprocess.run([sys.executable, "-c", code, "--port", "1", "--junk"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "7865"
+
+
+# -- upstream flags that the page/server honour --------------------------------------------
+
+def test_upstream_server_flags_are_accepted() -> None:
+    a = parse_args(["--share", "--theme", "dark", "--language", "en", "--multi-user",
+                    "--auth", "ann:pa:ss", "--max-upload-size", "10"])
+    assert a.share and a.multi_user and a.theme == "dark" and a.language == "en"
+    assert a.auth == ("ann", "pa:ss") and a.max_upload_size == 10
+    d = parse_args([])
+    assert (d.share, d.theme, d.language, d.auth) == (False, None, "default", None)
+    assert d.max_upload_size == args_manager.DEFAULT_MAX_UPLOAD_MB
+
+
+@pytest.mark.parametrize("argv", [["--auth", "nopassword"], ["--auth", ":pw"], ["--theme", "purple"],
+                                  ["--max-upload-size", "0"]])
+def test_bad_server_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _exit_code(argv, capsys)
+    assert code == 2 and argv[0] in err
+
+
+def test_share_and_language_warn_and_start_anyway() -> None:
+    import launch
+
+    warnings = launch.startup_warnings(parse_args(["--share", "--language", "fr"]))
+    assert any("--share" in w and "local" in w for w in warnings)
+    assert any("fr" in w and "English only" in w for w in warnings)
+    assert launch.startup_warnings(parse_args([])) == []
+
+
+def test_listen_everywhere_without_auth_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import launch
+
+    monkeypatch.setattr(launch, "ROOT", tmp_path)   # no auth.json there
+    _, warning = launch.auth_or_warning(parse_args(["--listen"]), "0.0.0.0")
+    assert warning and "WITHOUT a login" in warning
+    assert launch.auth_or_warning(parse_args(["--listen", "127.0.0.1"]), "127.0.0.1") == ([], None)
+    pairs, warning = launch.auth_or_warning(parse_args(["--listen", "--auth", "a:b"]), "0.0.0.0")
+    assert pairs == [("a", "b")] and warning is None
+    (tmp_path / "auth.json").write_text('[{"user": "ann", "pass": "pw"}]')
+    assert launch.auth_or_warning(parse_args(["--listen"]), "0.0.0.0") == ([("ann", "pw")], None)
+
+
+def test_unknown_preset_is_a_clear_start_error_listing_the_presets(tmp_path: Path) -> None:
+    assert args_manager.preset_error("realistic", tmp_path) == (
+        "--preset realistic: no such preset (no file presets/realistic.json); presets available: none")
+    (tmp_path / "anime.json").write_text("{}")
+    (tmp_path / "lightning.json").write_text("{}")
+    assert args_manager.preset_error("lightning", tmp_path) is None
+    assert args_manager.preset_error(None, tmp_path) is None
+    assert args_manager.preset_error("realistic", tmp_path).endswith("presets available: anime, lightning")
+    missing = "no_such_preset_xyz"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "launch.py"), "--preset", missing],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"--preset {missing}: no such preset" in result.stderr and "presets available:" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -87,31 +87,117 @@ def test_tasks_run_in_submission_order(worker: Worker, recorder: Recorder) -> No
         assert prev.finished_at <= nxt.started_at  # type: ignore[operator]
 
 
-def test_stop_current_reaches_running_handler(worker: Worker, recorder: Recorder) -> None:
+def test_stop_owned_reaches_running_handler(worker: Worker, recorder: Recorder) -> None:
     recorder.gate("long")
-    task = worker.submit({"prompt": "long"})
+    task = worker.submit({"prompt": "long"}, owner="alice")
     assert recorder.started["long"].wait(TIMEOUT)
     assert worker.current is task
-    assert worker.stop_current() is task
+    assert worker.stop_owned("alice") == [task]
     result = task.result(TIMEOUT)
     assert recorder.seen["long"] == {"stop": True, "skip": False}
     assert result.report == {"error": "stopped"}
     assert worker.current is None
 
 
-def test_skip_current_reaches_running_handler(worker: Worker, recorder: Recorder) -> None:
+def test_skip_owned_reaches_running_handler(worker: Worker, recorder: Recorder) -> None:
     recorder.gate("long")
-    task = worker.submit({"prompt": "long"})
+    task = worker.submit({"prompt": "long"}, owner="alice")
     assert recorder.started["long"].wait(TIMEOUT)
-    assert worker.skip_current() is task
+    assert worker.skip_owned("alice") is task
     result = task.result(TIMEOUT)
     assert recorder.seen["long"] == {"stop": False, "skip": True}
     assert result.images == ["long.png"] and result.report["skipped"] is True
 
 
 def test_stop_and_skip_without_running_task_are_noops(worker: Worker) -> None:
-    assert worker.stop_current() is None
-    assert worker.skip_current() is None
+    assert worker.stop_owned("alice") == []
+    assert worker.skip_owned("alice") is None
+
+
+def test_a_foreign_owner_cannot_stop_or_skip(worker: Worker, recorder: Recorder) -> None:
+    gate = recorder.gate("mine")
+    mine = worker.submit({"prompt": "mine"}, owner="alice")
+    queued = worker.submit({"prompt": "queued"}, owner="alice")
+    assert recorder.started["mine"].wait(TIMEOUT)
+    for intruder in ("bob", None):
+        assert worker.stop_owned(intruder) == []
+        assert worker.skip_owned(intruder) is None
+    assert not mine.control.stop.is_set() and not mine.control.skip.is_set()
+    assert not queued.done()
+    assert worker.tasks_of("alice") == [mine, queued] and worker.tasks_of("bob") == []
+    gate.set()
+    assert mine.result(TIMEOUT).images == ["mine.png"]
+    assert queued.result(TIMEOUT).images == ["queued.png"]
+    assert recorder.seen["mine"] == {"stop": False, "skip": False}
+    assert worker.tasks_of("alice") == []
+
+
+def test_stop_owned_stops_the_running_task_and_drops_the_queued_ones(worker: Worker, recorder: Recorder) -> None:
+    recorder.gate("running")
+    running = worker.submit({"prompt": "running"}, owner="alice")
+    other = worker.submit({"prompt": "other"}, owner="bob")
+    queued = worker.submit({"prompt": "queued"}, owner="alice")
+    assert recorder.started["running"].wait(TIMEOUT)
+    assert worker.stop_owned("alice") == [running, queued]
+    assert queued.result(TIMEOUT).report == {"error": STOPPED_BEFORE_START}
+    assert running.result(TIMEOUT).report == {"error": "stopped"}
+    assert other.result(TIMEOUT).images == ["other.png"]
+    assert recorder.order == ["running", "other"]   # "queued" never ran
+    assert queued.progress.stage == "stopped"
+
+
+def test_call_waits_for_the_running_task_and_runs_before_the_next(worker: Worker, recorder: Recorder) -> None:
+    gate = recorder.gate("running")
+    running = worker.submit({"prompt": "running"})
+    queued = worker.submit({"prompt": "queued"})
+    assert recorder.started["running"].wait(TIMEOUT)
+    threads: list[str] = []
+
+    def free() -> str:
+        recorder.order.append("call")
+        threads.append(threading.current_thread().name)
+        return "freed"
+
+    future = worker.call(free)
+    assert not future.done()   # the running task is not interrupted
+    gate.set()
+    assert future.result(TIMEOUT) == "freed"
+    queued.result(TIMEOUT)
+    assert running.result(TIMEOUT).images == ["running.png"]
+    assert recorder.order == ["running", "call", "queued"]
+    assert threads == ["fooocus-worker"]
+
+
+def test_call_runs_when_idle_and_passes_exceptions(worker: Worker) -> None:
+    assert worker.call(lambda: 42).result(TIMEOUT) == 42
+
+    def broken() -> None:
+        raise KeyError("no such model")
+
+    with pytest.raises(KeyError, match="no such model"):
+        worker.call(broken).result(TIMEOUT)
+
+
+def test_status_snapshot_is_published_by_the_worker_thread(recorder: Recorder) -> None:
+    calls: list[str] = []
+    registry = {"models": ["a"]}
+
+    def status() -> dict:
+        calls.append(threading.current_thread().name)
+        return {"models": list(registry["models"])}
+
+    w = Worker(handler=recorder, status=status)
+    try:
+        first = w.status_snapshot(TIMEOUT)
+        assert first == {"models": ["a"]}
+        registry["models"].append("b")
+        assert w.status_snapshot(TIMEOUT) == first   # a snapshot, not a live view
+        w.submit({"prompt": "x"}).result(TIMEOUT)
+        w.call(lambda: None).result(TIMEOUT)   # the snapshot after the task is published by now
+        assert w.status_snapshot(TIMEOUT) == {"models": ["a", "b"]}
+        assert set(calls) == {"fooocus-worker"}
+    finally:
+        w.shutdown(TIMEOUT)
 
 
 def test_stopping_a_queued_task_cancels_it_before_start(worker: Worker, recorder: Recorder) -> None:

@@ -143,7 +143,7 @@ def test_stop_mid_sampling_leaves_consistent_weights(policy, pipeline, tiny_comp
     control = TaskControl()
 
     def stop_at_step_two(event):
-        if event.step == 2:
+        if event.stage == "sampling" and event.step == 2:
             control.stop.set()
     stopped = default_pipeline.process_request(dict(request), control, stop_at_step_two)
     assert stopped.report.get("stopped") and stopped.images == []
@@ -169,19 +169,46 @@ def test_stop_mid_sampling_leaves_consistent_weights(policy, pipeline, tiny_comp
         assert checksums(resident.unet.model) == original_unet
 
 
-def test_skip_finishes_the_current_image_early_and_goes_on(pipeline):
+def test_skip_discards_the_unfinished_image_and_goes_on(pipeline):
     pipeline(mm.Policy.RESIDENT)
     control = TaskControl()
     steps_seen = []
 
     def skip_first_image(event):
-        steps_seen.append((event.image_index, event.step))
+        if event.stage == "sampling" and event.step:
+            steps_seen.append((event.image_index, event.step))
         if event.image_index == 0 and event.step == 1:
             control.skip.set()
-    result = default_pipeline.process_request({**SMALL, "image_number": 2, "steps": 3}, control, skip_first_image)
-    assert len(result.images) == 2
+    request = {**SMALL, "image_number": 2, "steps": 3}
+    result = default_pipeline.process_request(dict(request), control, skip_first_image)
     assert [s for i, s in steps_seen if i == 0] == [1]
     assert [s for i, s in steps_seen if i == 1] == [1, 2, 3]
+    # Only the second image is kept, and it is exactly what its seed gives alone.
+    assert len(result.images) == 1
+    assert result.report["skipped"] == [SMALL["seed"]] and result.report["seeds"] == [SMALL["seed"] + 1]
+    alone = default_pipeline.process_request({**request, "image_number": 1, "seed": SMALL["seed"] + 1})
+    assert np.array_equal(pixels(result.images[0]), pixels(alone.images[0]))
+
+
+def test_stop_keeps_the_images_already_finished(pipeline):
+    pipeline(mm.Policy.RESIDENT)
+    control = TaskControl()
+    events = []
+
+    def stop_in_second_image(event):
+        events.append(event)
+        if event.stage == "sampling" and event.image_index == 1 and event.step == 1:
+            control.stop.set()
+    request = {**SMALL, "image_number": 3, "steps": 2}
+    result = default_pipeline.process_request(dict(request), control, stop_in_second_image)
+    assert result.report.get("stopped") and "error" not in result.report
+    assert len(result.images) == 1 and os.path.isfile(result.images[0])
+    alone = default_pipeline.process_request({**request, "image_number": 1})
+    assert np.array_equal(pixels(result.images[0]), pixels(alone.images[0]))
+    stages = [e.stage for e in events]
+    assert stages[:2] == ["loading", "encoding"] and "decoding" in stages
+    previews = [e.preview for e in events if e.preview is not None]
+    assert previews and previews[0].dtype == np.uint8 and previews[0].ndim == 3 and previews[0].shape[2] == 3
 
 
 def _config():

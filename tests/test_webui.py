@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import numpy as np
 from PIL import Image
 
 from modules import config as config_module
@@ -99,6 +100,65 @@ def test_ui_request_without_base_model_leaves_the_choice_to_the_pipeline() -> No
     assert "base_model" not in ui_values(base_model=None).to_request()
 
 
+# -- plain helpers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "want"), [("0", 0), (" 42 ", 42), (str(2 ** 63 - 1), 2 ** 63 - 1),
+                                            ("5320670644829277066", 5320670644829277066)])
+def test_seed_text_is_exact(text: str, want: int) -> None:
+    assert webui.parse_seed(text, random_seed=False) == want
+    assert webui.parse_seed(text, random_seed=True) == -1
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-1", str(2 ** 63), "1.5"])
+def test_bad_seed_text_names_the_field(text: str) -> None:
+    with pytest.raises(ValueError, match="Seed"):
+        webui.parse_seed(text, random_seed=False)
+
+
+def test_page_report_carries_seeds_as_strings() -> None:
+    big = 5320670644829277066
+    shown = webui.display_report({"seed": big, "seeds": [big, big + 1], "mode": "resident"})
+    assert shown == {"seed": str(big), "seeds": [str(big), str(big + 1)], "mode": "resident"}
+    # What a browser would do with the numbers: the strings survive, the ints do not.
+    assert json.loads(json.dumps(shown))["seeds"][1] == "5320670644829277067"
+    assert float(big + 1) == float(big)
+
+
+@pytest.mark.parametrize(("value", "label"), [("1152*896", "1152×896 | 9:7"), ("1024*1024", "1024×1024 | 1:1"),
+                                              ("704*1408", "704×1408 | 1:2")])
+def test_aspect_ratio_labels_as_upstream(value: str, label: str) -> None:
+    assert webui.aspect_ratio_label(value) == label
+    assert flags.parse_aspect_ratio(label) == flags.parse_aspect_ratio(value)
+
+
+def test_distilled_modes_lock_the_controls_they_override() -> None:
+    defaults = {"sampler": "dpmpp_2m_sde_gpu", "scheduler": "karras", "guidance": 4.0}
+    sampler, scheduler, guidance, refiner, switch, note = webui._lock_updates("Extreme Speed", defaults)
+    settings = flags.performance_settings("Extreme Speed")
+    assert (sampler["value"], sampler["interactive"]) == (settings.sampler, False)
+    assert (scheduler["value"], scheduler["interactive"]) == (settings.scheduler, False)
+    assert (guidance["value"], guidance["interactive"]) == (settings.cfg_scale, False)
+    assert refiner["interactive"] is False and refiner["value"] == "None" and switch["visible"] is False
+    assert "Extreme Speed" in note
+    sampler, scheduler, guidance, refiner, _, note = webui._lock_updates("Speed", defaults)
+    assert (sampler["value"], sampler["interactive"]) == ("dpmpp_2m_sde_gpu", True)
+    assert guidance["interactive"] is True and refiner["interactive"] is True and note == ""
+
+
+def test_auth_file_is_read_and_bad_entries_are_named(tmp_path: Path) -> None:
+    good = tmp_path / "auth.json"
+    good.write_text(json.dumps([{"user": "ann", "pass": "pw1"}, {"user": "bob", "pass": "pw2"}]))
+    assert webui.auth_pairs(("cli", "pw"), good) == [("cli", "pw"), ("ann", "pw1"), ("bob", "pw2")]
+    assert webui.auth_pairs(None, tmp_path / "missing.json") == []
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"user": "ann", "pass": "pw1"}, {"user": "x"}]))
+    with pytest.raises(ValueError, match="entry 1"):
+        webui.read_auth_file(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        webui.read_auth_file(bad)
+
+
 # -- the app with a fake worker: endpoints and page wiring ----------------------------------
 
 @dataclass
@@ -109,16 +169,23 @@ class FakeResult:
 
 @dataclass
 class FakePipeline:
+    """Writes one PNG per image; "block" requests wait for the gate (or a Stop) first."""
+
     image_dir: Path
     requests: list[dict] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)
 
     def __call__(self, request: dict, control: TaskControl, progress: Callable | None) -> FakeResult:
         self.requests.append(request)
+        self.order.append(f"run:{request.get('prompt')}")
         if request.get("block"):
             self.started.set()
-            self.gate.wait(TIMEOUT)
+            while not (self.gate.is_set() or control.stop.is_set()):
+                self.gate.wait(0.01)   # bounded by the test's gate/stop, checked often
+        if control.stop.is_set():
+            return FakeResult([], {"stopped": True})
         if request.get("prompt") == "fail":
             return FakeResult([], {"error": "fake failure"})
         path = self.image_dir / f"img{len(self.requests)}.png"
@@ -131,35 +198,52 @@ class FakeApp:
     url: str
     pipeline: FakePipeline
     app: object  # gr.Blocks
+    worker: Worker
+    freed: list[str]
 
     def __iter__(self) -> Iterator[object]:  # `url, pipeline = fake_app`
         return iter((self.url, self.pipeline))
 
 
-@pytest.fixture
-def fake_app(tmp_path: Path) -> Iterator[FakeApp]:
+STATUS = {"models": [{"name": "a.safetensors:unet", "device": "cpu", "bytes": 2 ** 20}], "mode": "conservative"}
+
+
+def start_fake_app(tmp_path: Path, **launch: object) -> FakeApp:
     pipeline = FakePipeline(tmp_path)
-    worker = Worker(handler=pipeline)
+    worker = Worker(handler=pipeline, status=lambda: dict(STATUS))
     cfg = config_module.load_config({"config_path": str(tmp_path / "no_config.json"),
                                      "path_checkpoints": str(tmp_path / "ckpt"),
                                      "path_loras": str(tmp_path / "loras"),
                                      "path_outputs": str(tmp_path / "out")})
+    freed: list[str] = []
+
+    def free_memory() -> dict:
+        freed.append("free")
+        pipeline.order.append("free")
+        return {"unloaded": ["a.safetensors:unet"], "freed_bytes": 2 ** 20}
+
     app = webui.build_app(worker=worker, cfg=cfg, demo_warning=lambda: "demo weights in use",
-                          model_status=lambda: {"models": [], "mode": "conservative"})
+                          free_memory=free_memory, reconnect_grace_s=0)
     port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch)
+    return FakeApp(f"http://127.0.0.1:{port}/", pipeline, app, worker, freed)
+
+
+@pytest.fixture
+def fake_app(tmp_path: Path) -> Iterator[FakeApp]:
+    fake = start_fake_app(tmp_path)
     try:
-        yield FakeApp(f"http://127.0.0.1:{port}/", pipeline, app)
+        yield fake
     finally:
-        pipeline.gate.set()
-        app.close()
-        worker.shutdown(TIMEOUT)
+        fake.pipeline.gate.set()
+        fake.app.close()  # type: ignore[attr-defined]
+        fake.worker.shutdown(TIMEOUT)
 
 
-def test_api_lists_exactly_generate_and_model_status(fake_app: FakeApp, tmp_path: Path) -> None:
+def test_api_lists_exactly_generate_model_status_and_free_memory(fake_app: FakeApp, tmp_path: Path) -> None:
     url, _ = fake_app
     info = make_client(url, tmp_path / "dl").view_api(return_format="dict", print_info=False)
-    assert set(info["named_endpoints"]) == {"/generate", "/model_status"}  # page events are private
+    assert set(info["named_endpoints"]) == {"/generate", "/model_status", "/free_memory"}  # page events: private
     assert not info["unnamed_endpoints"]
     params = info["named_endpoints"]["/generate"]["parameters"]
     assert [p["component"] for p in params] == ["Json"]
@@ -182,7 +266,8 @@ def test_generate_passes_the_json_object_through_and_returns_files(
 
     gallery, report = client.predict({"prompt": "fail"}, api_name="/generate")
     assert not gallery and report == {"error": "fake failure"}
-    assert client.predict(api_name="/model_status") == {"models": [], "mode": "conservative"}
+    status = client.predict(api_name="/model_status")
+    assert status["models"] == STATUS["models"] and "weights patched" in status["last_request"]
 
 
 def test_generate_rejects_a_non_object(fake_app: FakeApp, tmp_path: Path) -> None:
@@ -192,32 +277,112 @@ def test_generate_rejects_a_non_object(fake_app: FakeApp, tmp_path: Path) -> Non
     assert pipeline.requests == []
 
 
-def test_page_generate_event_submits_the_request_built_from_the_controls(fake_app: FakeApp) -> None:
-    """Drive the page's Generate event the way the browser does (queue join + SSE stream)."""
-    import httpx
+def test_cancelling_a_queued_api_job_means_it_never_runs(fake_app: FakeApp, tmp_path: Path) -> None:
+    client = make_client(fake_app.url, tmp_path / "dl")
+    blocker = client.submit({"prompt": "blocker", "block": True}, api_name="/generate")
+    assert fake_app.pipeline.started.wait(TIMEOUT)
+    queued = make_client(fake_app.url, tmp_path / "dl2").submit({"prompt": "queued"}, api_name="/generate")
+    wait_until(lambda: fake_app.worker.pending() == 1, "the second job to reach the worker's queue")
+    queued.cancel()
+    wait_until(lambda: fake_app.worker.pending() == 0, "the cancelled job to leave the queue")
+    fake_app.pipeline.gate.set()
+    assert blocker.result(TIMEOUT)[1]["n"] == 1
+    after = client.predict({"prompt": "after"}, api_name="/generate")
+    assert after[1]["n"] == 2
+    assert fake_app.pipeline.order == ["run:blocker", "run:after"]   # "queued" never ran, wrote nothing
+    assert sorted(p.name for p in tmp_path.glob("img*.png")) == ["img1.png", "img2.png"]
 
-    config = fake_app.app.config  # type: ignore[attr-defined]
-    components = {c["id"]: c for c in config["components"]}
-    index, dep = next((i, d) for i, d in enumerate(config["dependencies"])
-                      if any(components[t[0]]["props"].get("value") == "Generate" for t in d["targets"]))
+
+def test_free_memory_waits_for_the_running_request(fake_app: FakeApp, tmp_path: Path) -> None:
+    client = make_client(fake_app.url, tmp_path / "dl")
+    running = client.submit({"prompt": "running", "block": True}, api_name="/generate")
+    assert fake_app.pipeline.started.wait(TIMEOUT)
+    freeing = make_client(fake_app.url, tmp_path / "dl2").submit(api_name="/free_memory")
+    # The server still answers (snapshot, not the live registry) while the request runs...
+    status = make_client(fake_app.url, tmp_path / "dl3").predict(api_name="/model_status")
+    assert status["models"] == STATUS["models"]
+    assert fake_app.freed == []   # ...and freeing has not touched the registry yet.
+    fake_app.pipeline.gate.set()
+    freed = freeing.result(TIMEOUT)
+    assert freed["unloaded"] == ["a.safetensors:unet"] and freed["freed_bytes"] == 2 ** 20
+    assert running.result(TIMEOUT)[1]["n"] == 1
+    assert fake_app.pipeline.order == ["run:running", "free"]
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Poll a condition that another process/thread makes true (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        threading.Event().wait(0.02)
+
+
+# -- driving the page's own events the way the browser does ---------------------------------
+
+def _components(app: object) -> dict[int, dict]:
+    return {c["id"]: c for c in app.config["components"]}  # type: ignore[attr-defined]
+
+
+def _event(app: object, elem_id: str) -> tuple[int, dict]:
+    config = app.config  # type: ignore[attr-defined]
+    components = _components(app)
+    return next((i, d) for i, d in enumerate(config["dependencies"])
+                if any(components.get(t[0], {}).get("props", {}).get("elem_id") == elem_id for t in d["targets"]))
+
+
+def _inputs(app: object, dep: dict, values: dict[str, object], owner: str) -> list:
+    components = _components(app)
     data = []
     for cid in dep["inputs"]:
-        props = components[cid]["props"]
-        data.append({"Prompt": "from the page", "Aspect ratio": "896*1152",
-                     "Seed (-1: random)": 11}.get(props.get("label"), props.get("value")))
-    session = "test-session"
-    joined = httpx.post(fake_app.url + "gradio_api/queue/join", timeout=TIMEOUT,
-                        json={"data": data, "fn_index": index, "session_hash": session,
-                              "event_data": None, "trigger_id": dep["targets"][0][0]})
+        component = components[cid]
+        props = component["props"]
+        if component["type"] == "browserstate":
+            data.append(owner)
+        else:
+            data.append(values.get(props.get("label"), props.get("value")))
+    return data
+
+
+def page_event(fake: FakeApp, elem_id: str, owner: str, values: dict[str, object] | None = None,
+               session: str | None = None) -> list[dict]:
+    """Join the queue with one page event and read its stream to the end."""
+    import httpx
+
+    index, dep = _event(fake.app, elem_id)
+    session = session or f"s-{owner}-{elem_id}"
+    body = {"data": _inputs(fake.app, dep, values or {}, owner), "fn_index": index, "session_hash": session,
+            "event_data": None, "trigger_id": dep["targets"][0][0]}
+    joined = httpx.post(fake.url + "gradio_api/queue/join", timeout=TIMEOUT, json=body)
     assert joined.status_code == 200, joined.text
     messages = []
-    with httpx.stream("GET", fake_app.url + f"gradio_api/queue/data?session_hash={session}",
+    with httpx.stream("GET", fake.url + f"gradio_api/queue/data?session_hash={session}",
                       timeout=TIMEOUT) as stream:
         for line in stream.iter_lines():
             if line.startswith("data:"):
                 messages.append(json.loads(line[5:]))
                 if messages[-1].get("msg") == "process_completed":
                     break
+    return messages
+
+
+def page_call(fake: FakeApp, elem_id: str, owner: str) -> None:
+    """A page event that bypasses the queue (Stop, Skip)."""
+    import httpx
+
+    index, dep = _event(fake.app, elem_id)
+    response = httpx.post(fake.url + "gradio_api/run/predict", timeout=TIMEOUT,
+                          json={"data": _inputs(fake.app, dep, {}, owner), "fn_index": index,
+                                "session_hash": f"s-{owner}", "event_data": None,
+                                "trigger_id": dep["targets"][0][0]})
+    assert response.status_code == 200, response.text
+
+
+PAGE_VALUES = {"Prompt": "from the page", "Aspect Ratios": "896*1152", "Random": False, "Seed": "11"}
+
+
+def test_page_generate_event_submits_the_request_built_from_the_controls(fake_app: FakeApp) -> None:
+    messages = page_event(fake_app, "generate_button", "alice", PAGE_VALUES)
     final = messages[-1]
     assert final["msg"] == "process_completed" and final["success"], final
     assert fake_app.pipeline.requests == [{
@@ -227,8 +392,32 @@ def test_page_generate_event_submits_the_request_built_from_the_controls(fake_ap
         "vae": flags.DEFAULT_VAE,
     }]
     progress_html, gallery, report = final["output"]["data"][:3]
-    assert "Finished" in progress_html
+    assert "Finished" in progress_html and "fr-stage-finished" in progress_html
     assert len(gallery) == 1 and report == {"mode": "conservative", "n": 1}
+
+
+def test_a_foreign_page_stop_leaves_the_job_alone(fake_app: FakeApp) -> None:
+    # "block" is not a page control: submit the blocking job for alice's page through the worker.
+    task = fake_app.worker.submit({"prompt": "mine", "block": True}, owner=webui.page_owner("alice"))
+    assert fake_app.pipeline.started.wait(TIMEOUT)
+    page_call(fake_app, "stop_button", "mallory")
+    page_call(fake_app, "skip_button", "mallory")
+    assert not task.control.stop.is_set() and not task.control.skip.is_set()
+    page_call(fake_app, "stop_button", "alice")
+    assert task.result(TIMEOUT).report == {"stopped": True}
+
+
+def test_a_page_stop_cannot_reach_an_api_job(fake_app: FakeApp, tmp_path: Path) -> None:
+    client = make_client(fake_app.url, tmp_path / "dl")
+    job = client.submit({"prompt": "api job", "block": True}, api_name="/generate")
+    assert fake_app.pipeline.started.wait(TIMEOUT)
+    running = fake_app.worker.current
+    assert running is not None and running.owner == webui.api_owner(client.session_hash)
+    page_call(fake_app, "stop_button", client.session_hash)   # the API client's own session hash
+    page_call(fake_app, "stop_button", "")
+    assert not running.control.stop.is_set()
+    fake_app.pipeline.gate.set()
+    assert job.result(TIMEOUT)[1]["n"] == 1
 
 
 def test_page_has_the_controls_and_the_demo_banner(tmp_path: Path) -> None:
@@ -243,19 +432,24 @@ def test_page_has_the_controls_and_the_demo_banner(tmp_path: Path) -> None:
                           demo_warning=lambda: "random demo weights", model_status=dict)
     props = [c.get("props", {}) for c in app.config["components"]]
     by_label = {p.get("label"): p for p in props if p.get("label")}
-    assert by_label["Base model"]["value"] == "sub/model.safetensors"
+    assert by_label["Base Model (SDXL only)"]["value"] == "sub/model.safetensors"
     assert [c[0] for c in by_label["Performance"]["choices"]] == flags.Performance.values()
     assert ["None", "None"] in by_label["Refiner"]["choices"] or ("None", "None") in by_label["Refiner"]["choices"]
-    lora_dropdowns = [p for p in props if p.get("label") == "File"]
+    assert by_label["Refiner Switch At"]["visible"] is False   # no refiner chosen
+    assert ["1152×896 | 9:7", "1152*896"] in [list(c) for c in by_label["Aspect Ratios"]["choices"]]
+    lora_dropdowns = [p for p in props if str(p.get("label", "")).startswith("LoRA ")]
     assert len(lora_dropdowns) == webui.LORA_SLOTS
     assert all(any(c[0] == "style.safetensors" for c in p["choices"]) for p in lora_dropdowns)
     weights = [p for p in props if p.get("label") == "Weight"]
     assert all((p["minimum"], p["maximum"]) == webui.LORA_WEIGHT_RANGE for p in weights)
     banners = [p for p in props if "random demo weights" in str(p.get("value", ""))]
     assert len(banners) == 1 and banners[0]["visible"] is True
-    for label in ("Prompt", "Negative prompt", "Aspect ratio", "Image number", "Sampler", "Scheduler",
-                  "Guidance scale", "Refiner switch at", "Images", "Report"):
+    for label in ("Prompt", "Negative prompt", "Image Number", "Sampler", "Scheduler", "Seed", "Random",
+                  "Guidance Scale", "Images", "Report", "Output Format", "Advanced"):
         assert label in by_label, label
+    assert by_label["Seed"]["visible"] is False and by_label["Random"]["value"] is True
+    buttons = {p.get("value"): p for p in props if p.get("elem_id") in ("stop_button", "skip_button")}
+    assert set(buttons) == {"Stop", "Skip"} and not any(b["visible"] for b in buttons.values())
 
 
 def test_no_banner_without_demo_model(tmp_path: Path) -> None:
@@ -267,7 +461,54 @@ def test_no_banner_without_demo_model(tmp_path: Path) -> None:
     assert banner["visible"] is False
 
 
-def test_follow_task_streams_progress_then_the_result(tmp_path: Path) -> None:
+def test_auth_puts_a_login_in_front_of_the_api(tmp_path: Path) -> None:
+    import httpx
+
+    fake = start_fake_app(tmp_path, auth=[("ann", "secret")])
+    try:
+        assert httpx.get(fake.url + "config", timeout=TIMEOUT).status_code == 401
+        with pytest.raises(Exception):
+            make_client(fake.url, tmp_path / "dl")
+        from gradio_client import Client
+        client = Client(fake.url, auth=("ann", "secret"), verbose=False, download_files=str(tmp_path / "dl"),
+                        analytics_enabled=False)
+        assert client.predict({"prompt": "a cat"}, api_name="/generate")[1]["n"] == 1
+    finally:
+        fake.app.close()  # type: ignore[attr-defined]
+        fake.worker.shutdown(TIMEOUT)
+
+
+def test_uploads_over_the_limit_are_refused(tmp_path: Path) -> None:
+    import httpx
+
+    fake = start_fake_app(tmp_path, max_file_size=1024)
+    try:
+        small = httpx.post(fake.url + "gradio_api/upload", timeout=TIMEOUT,
+                           files={"files": ("a.bin", b"x" * 100)})
+        big = httpx.post(fake.url + "gradio_api/upload", timeout=TIMEOUT,
+                         files={"files": ("b.bin", b"x" * 4096)})
+        assert small.status_code == 200, small.text
+        assert big.status_code == 413, big.text
+    finally:
+        fake.app.close()  # type: ignore[attr-defined]
+        fake.worker.shutdown(TIMEOUT)
+
+
+async def _collect(updates: object, until: Callable[[tuple], bool] | None = None,
+                   on_match: Callable[[], None] | None = None) -> list[tuple]:
+    seen = []
+    async for update in updates:  # type: ignore[attr-defined]
+        seen.append(update)
+        if until is not None and on_match is not None and until(update):
+            on_match()
+    return seen
+
+
+def test_follow_task_streams_progress_preview_and_images_then_the_result(tmp_path: Path) -> None:
+    import asyncio
+
+    import numpy as np
+
     @dataclass
     class Event:
         image_index: int
@@ -275,36 +516,50 @@ def test_follow_task_streams_progress_then_the_result(tmp_path: Path) -> None:
         step: int
         steps: int
         message: str
+        stage: str = "sampling"
+        preview: object = None
+        image: str | None = None
 
-    gate, reported = threading.Event(), threading.Event()
+    gate = threading.Event()
 
     def handler(request: dict, control: TaskControl, progress: Callable) -> FakeResult:
-        progress(Event(0, 1, 1, 2, "step 1 of 2"))
-        reported.set()
+        progress(Event(0, 2, 1, 2, "Sampling image 1/2, step 1/2", preview=np.zeros((4, 4, 3), np.uint8)))
+        progress(Event(0, 2, 2, 2, "Saved image 1/2", stage="saving", image="/first.png"))
         gate.wait(TIMEOUT)
-        return FakeResult(["/x.png"], {"mode": "conservative"})
+        return FakeResult(["/first.png", "/second.png"], {"mode": "conservative", "seed": 2 ** 62 + 1})
 
     worker = Worker(handler=handler)
     try:
         task = worker.submit({"prompt": "a"})
-        updates = webui.follow_task(task, worker, demo_warning=lambda: None)
-        assert reported.wait(TIMEOUT)
-        seen: list[tuple] = []
-        for update in updates:
-            seen.append(update)
-            if "step 1 of 2" in update[0]:
-                gate.set()  # let it finish once the page has shown the step
-        assert any("step 1 of 2" in u[0] and 'value="50.0"' in u[0] for u in seen)
+        seen = asyncio.run(_collect(webui.follow_task(task, worker, demo_warning=lambda: None),
+                                    until=lambda u: "Saved image 1/2" in u[0], on_match=gate.set))
+        assert any("fr-preview" in u[0] and "data:image/png;base64," in u[0] for u in seen) or \
+            task.progress.version >= 2   # the preview may be folded into a later update
+        assert any(u[1] == ["/first.png"] for u in seen)   # a finished image shows before the end
         final = seen[-1]
-        assert final[1] == ["/x.png"] and final[2] == {"mode": "conservative"}
-        assert final[3]["visible"] is False
+        assert final[1] == ["/first.png", "/second.png"]
+        assert final[2] == {"mode": "conservative", "seed": str(2 ** 62 + 1)}
+        assert final[7] == str(2 ** 62 + 1)   # the seed written back, exact
+        assert final[3]["visible"] is False and final[4]["visible"] is True and final[5]["visible"] is False
         assert 'value="100.0"' in final[0]
     finally:
         gate.set()
         worker.shutdown(TIMEOUT)
 
 
-def test_closing_follow_task_stops_the_task(tmp_path: Path) -> None:
+def test_progress_looks_different_for_errors_and_stops() -> None:
+    from modules.async_worker import TaskProgress
+
+    styles = {stage: webui.progress_html(TaskProgress(percent=40, text=stage, stage=stage))
+              for stage in ("sampling", "error", "stopped", "finished")}
+    assert 'class="fr-progress fr-stage-error"' in styles["error"]
+    assert 'class="fr-progress fr-stage-stopped"' in styles["stopped"]
+    assert len(set(styles.values())) == 4
+
+
+def test_closing_follow_task_stops_the_task_when_nobody_may_reconnect(tmp_path: Path) -> None:
+    import asyncio
+
     seen_stop = threading.Event()
     started = threading.Event()
 
@@ -315,15 +570,38 @@ def test_closing_follow_task_stops_the_task(tmp_path: Path) -> None:
         return FakeResult([], {"stopped": True})
 
     worker = Worker(handler=handler)
+
+    async def open_then_close() -> None:
+        updates = webui.follow_task(task, worker, demo_warning=lambda: None)   # no followers: grace 0
+        await updates.__anext__()
+        assert started.wait(TIMEOUT)
+        await updates.aclose()  # what Gradio does when the page goes away
+
     try:
         task = worker.submit({"prompt": "a"})
-        updates = webui.follow_task(task, worker, demo_warning=lambda: None)
-        next(updates)
-        assert started.wait(TIMEOUT)
-        updates.close()  # what Gradio does when the page goes away
+        asyncio.run(open_then_close())
         assert seen_stop.wait(TIMEOUT)
         assert task.result(TIMEOUT).report == {"stopped": True}
     finally:
+        worker.shutdown(TIMEOUT)
+
+
+def test_a_page_that_comes_back_keeps_its_task(tmp_path: Path) -> None:
+    gate = threading.Event()
+    worker = Worker(handler=lambda request, control, progress: (gate.wait(TIMEOUT), FakeResult([], {}))[1])
+    followers = webui.Followers(lambda: worker, grace_s=3600)   # the timer never fires in this test
+    try:
+        task = worker.submit({"prompt": "a"}, owner=webui.page_owner("alice"))
+        followers.attach(task)
+        followers.detach(task)          # the page reloads...
+        followers.attach(task)          # ...and its new page follows the same task
+        followers._stop_if_orphan(task)   # the grace period ends
+        assert not task.control.stop.is_set()
+        followers.detach(task)          # the page goes away for good
+        followers._stop_if_orphan(task)
+        assert task.control.stop.is_set()
+    finally:
+        gate.set()
         worker.shutdown(TIMEOUT)
 
 
@@ -456,3 +734,27 @@ def test_base_and_refiner_through_the_api(server: Server, tmp_path: Path) -> Non
     assert report["refiner_model"] == "demo_refiner.safetensors" and len(gallery) == 1
     # The refiner's UNet and encoders were loaded in addition to the base's.
     assert report["model_management"]["models_loaded"] > alone["model_management"]["models_loaded"]
+
+
+def test_free_memory_and_model_status_through_the_client_during_a_request(server: Server, tmp_path: Path) -> None:
+    """Freeing while a request runs waits for it and never corrupts it: the request's
+    pixels equal those of the same request run alone, and the registry ends up empty."""
+    client = make_client(server.url, tmp_path / "dl")
+    request = {"prompt": "a tree", "steps": 3, "width": 64, "height": 64, "seed": 21, "image_number": 2}
+    _, first = client.predict(request, api_name="/generate")
+    assert "error" not in first, first
+    alone = [np.asarray(Image.open(p).convert("RGB")) for p in first["images"]]
+
+    job = client.submit(request, api_name="/generate")
+    other = make_client(server.url, tmp_path / "dl2")
+    status = other.predict(api_name="/model_status")
+    assert isinstance(status.get("models"), list) and "weights patched" in status["last_request"]
+    freed = other.predict(api_name="/free_memory")
+    gallery, report = job.result(timeout=SERVER_START_TIMEOUT_S)
+    assert "error" not in report, report
+    assert len(report["images"]) == 2
+    for path, expected in zip(report["images"], alone):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected)
+    assert isinstance(freed["freed_bytes"], int) and isinstance(freed["unloaded"], list)
+    assert other.predict(api_name="/free_memory")["status"]["models"] == []
+    assert other.predict(api_name="/model_status")["models"] == []

@@ -1,0 +1,367 @@
+"""The page in a real browser: Playwright drives Debian's chromium against launch.py
+with the tiny demo checkpoint.
+
+Skipped, with the reason, when Playwright or /usr/bin/chromium is missing
+(`.ci/run` installs both; see README "Test"). Waits are on page state (stage
+attributes, gallery contents), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("FOOOCUS_RESIDENT_CHROMIUM", "/usr/bin/chromium")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 180.0
+RUN_TIMEOUT_MS = 120_000
+
+
+def _why_skip() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright for Python is not installed (pip install -r requirements.txt)"
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        return f"no chromium at {CHROMIUM} (apt-get install -y chromium; .ci/run does this)"
+    return None
+
+
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(_why_skip() is not None, reason=_why_skip() or "")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """launch.py (resident policy) over tmp folders; the demo checkpoint is written at start.
+    A small default aspect ratio keeps each image to a fraction of a second on a CPU."""
+    root = tmp_path_factory.mktemp("browser_server")
+    config = {key: str(root / key.removeprefix("path_")) for key in
+              ("path_checkpoints", "path_loras", "path_outputs", "path_embeddings", "path_vae")}
+    config.update(default_aspect_ratio="128*128", default_performance="Speed", default_image_number=1)
+    (root / "config.json").write_text(json.dumps(config))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("path_", "default_"))}
+    env.update(config_path=str(root / "config.json"), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONUNBUFFERED="1")
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), "--port", str(port),
+                                    "--keep-models-resident", "--disable-preset-download",
+                                    "--disable-in-browser"],
+                                   cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    srv = Server(f"http://127.0.0.1:{port}/", process, log_path)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited:\n{srv.log()}")
+            try:
+                with urllib.request.urlopen(srv.url, timeout=2):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"server did not start:\n{srv.log()}") from None
+                threading.Event().wait(0.25)   # polling interval while the server starts
+        yield srv
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class PageDriver:
+    """One browser context (its own owner token) on the page."""
+
+    def __init__(self, browser, url: str, width: int = 1280, height: int = 800) -> None:
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.page = self.context.new_page()
+        self.console_errors: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.url = url
+        self.open()
+
+    def open(self) -> None:
+        self.page.goto(self.url)
+        self.page.locator("#generate_button").wait_for(timeout=60_000)
+        self.watch_stages()
+
+    def close(self) -> None:
+        self.context.close()
+
+    def watch_stages(self) -> None:
+        """Record every stage and whether a preview appeared (updates can be quicker than polling)."""
+        self.page.evaluate("""() => {
+            window.__stages = []; window.__preview = false;
+            const seen = () => {
+                const p = document.querySelector('#fr-progress .fr-progress');
+                if (!p) return;
+                const stage = p.dataset.stage;
+                const text = p.querySelector('.fr-progress-text')?.textContent || '';
+                const last = window.__stages[window.__stages.length - 1];
+                if (!last || last.stage !== stage || last.text !== text) window.__stages.push({stage, text});
+                if (p.querySelector('img.fr-preview')) window.__preview = true;
+            };
+            new MutationObserver(seen).observe(document.body, {subtree: true, childList: true, attributes: true});
+            seen();
+        }""")
+
+    def stages(self) -> list[dict]:
+        return self.page.evaluate("() => window.__stages")
+
+    def saw_preview(self) -> bool:
+        return bool(self.page.evaluate("() => window.__preview"))
+
+    def advanced(self) -> None:
+        box = self.page.locator("#fr-advanced-checkbox input[type=checkbox]")
+        if not box.is_checked():
+            box.check()
+        self.page.locator("#fr-advanced-column").wait_for(state="visible")
+
+    def tab(self, name: str) -> None:
+        self.advanced()
+        self.page.get_by_role("tab", name=name, exact=True).click()
+
+    def set_image_number(self, n: int) -> None:
+        self.tab("Settings")
+        field = self.page.get_by_label("number input for Image Number")
+        field.fill(str(n))
+        field.press("Enter")
+
+    def set_random(self, on: bool) -> None:
+        self.tab("Settings")
+        box = self.page.locator("#fr-random-seed input[type=checkbox]")
+        box.set_checked(on)
+
+    def seed(self) -> str:
+        return self.page.locator("#fr-seed textarea, #fr-seed input").first.input_value()
+
+    def generate(self, prompt: str = "a lighthouse at dusk") -> None:
+        self.page.locator("#fr-prompt textarea").fill(prompt)
+        self.page.locator("#fr-prompt textarea").press("Control+Enter")
+
+    def stage(self) -> str:
+        return self.page.locator("#fr-progress .fr-progress").get_attribute("data-stage") or ""
+
+    def wait_stage(self, *stages: str, timeout: int = RUN_TIMEOUT_MS) -> str:
+        self.page.wait_for_function(
+            "(stages) => stages.includes(document.querySelector('#fr-progress .fr-progress')?.dataset.stage)",
+            arg=list(stages), timeout=timeout)
+        return self.stage()
+
+    def wait_text(self, fragment: str, timeout: int = RUN_TIMEOUT_MS) -> None:
+        self.page.wait_for_function(
+            "(f) => (document.querySelector('#fr-progress .fr-progress-text')?.textContent || '').includes(f)",
+            arg=fragment, timeout=timeout)
+
+    def wait_gallery(self, count: int, timeout: int = RUN_TIMEOUT_MS) -> None:
+        self.page.wait_for_function(
+            "(n) => document.querySelectorAll('#fr-gallery img').length >= n", arg=count, timeout=timeout)
+
+    def gallery_sources(self) -> list[str]:
+        sources = self.page.locator("#fr-gallery img").evaluate_all("(imgs) => imgs.map(i => i.src)")
+        return list(dict.fromkeys(sources))   # the preview pane may repeat a thumbnail
+
+    def image_pixels(self, source: str):
+        import numpy as np
+        from PIL import Image
+
+        body = self.page.request.get(source).body()
+        return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+
+    def click(self, elem_id: str) -> None:
+        self.page.locator(f"#{elem_id}").click()
+
+
+@pytest.fixture
+def page(browser, server: Server) -> Iterator[PageDriver]:
+    driver = PageDriver(browser, server.url)
+    try:
+        yield driver
+    finally:
+        driver.close()
+
+
+def test_generate_shows_stages_and_a_preview_and_the_image(page: PageDriver) -> None:
+    page.generate()
+    assert page.wait_stage("finished", "error", "stopped") == "finished", page.stages()
+    page.wait_gallery(1)
+    stages = [s["stage"] for s in page.stages()]
+    for stage in ("loading", "encoding", "sampling", "decoding"):
+        assert stage in stages, stages
+    assert any("step" in s["text"] and "image 1/1" in s["text"] for s in page.stages())
+    assert page.saw_preview()
+    assert len(page.gallery_sources()) == 1
+    assert page.page.locator("#generate_button").is_visible()
+    assert not page.page.locator("#stop_button").is_visible()
+    assert not page.console_errors, page.console_errors
+
+
+def test_the_seed_written_back_reproduces_the_image(page: PageDriver) -> None:
+    page.generate("a red boat")
+    assert page.wait_stage("finished", "error") == "finished"
+    page.wait_gallery(1)
+    first = page.image_pixels(page.gallery_sources()[0])
+    page.set_random(False)
+    seed = page.seed()
+    assert seed.isdigit() and seed != "0", seed
+    page.generate("a red boat")
+    page.wait_stage("sampling", "decoding", "saving", "loading", "encoding")
+    assert page.wait_stage("finished", "error") == "finished"
+    page.wait_gallery(1)
+    assert page.seed() == seed
+    again = page.image_pixels(page.gallery_sources()[0])
+    assert (first == again).all()
+
+
+def test_stop_from_another_browser_leaves_my_task_alone(browser, server: Server, page: PageDriver) -> None:
+    page.set_image_number(3)
+    other = PageDriver(browser, server.url)
+    try:
+        page.generate("mine")
+        page.wait_stage("loading", "encoding", "sampling")
+        other.generate("theirs")   # queued behind mine
+        other.page.locator("#stop_button").wait_for(state="visible")
+        other.click("stop_button")
+        assert other.wait_stage("stopped", "finished", "error") == "stopped"
+        assert page.wait_stage("finished", "stopped", "error") == "finished"
+        page.wait_gallery(3)
+        assert len(page.gallery_sources()) == 3
+    finally:
+        other.close()
+
+
+def test_stop_keeps_the_finished_images(page: PageDriver) -> None:
+    page.set_image_number(6)
+    page.generate("stop after the first")
+    page.wait_gallery(1)   # the first image shows as soon as it is written
+    page.click("stop_button")
+    assert page.wait_stage("stopped", "finished", "error") == "stopped", page.stages()
+    kept = len(page.gallery_sources())
+    assert 1 <= kept < 6
+    assert "Stopped" in page.page.locator("#fr-progress .fr-progress-text").text_content()
+
+
+def test_skip_discards_the_unfinished_image(page: PageDriver) -> None:
+    page.set_image_number(2)
+    page.generate("skip one")
+    page.wait_text("Sampling image 1/2")
+    page.click("skip_button")
+    assert page.wait_stage("finished", "stopped", "error") == "finished"
+    page.wait_gallery(1)
+    assert len(page.gallery_sources()) == 1
+    assert any(s["stage"] == "skipped" for s in page.stages()), page.stages()
+
+
+def test_a_reload_during_a_run_reconnects(page: PageDriver) -> None:
+    page.set_image_number(4)
+    page.generate("survive a reload")
+    page.wait_text("Sampling image 1/4")
+    page.page.reload()
+    page.page.locator("#generate_button").wait_for(state="attached")
+    page.watch_stages()
+    assert page.wait_stage("finished", "stopped", "error") == "finished"
+    page.wait_gallery(4)
+    assert len(page.gallery_sources()) == 4
+
+
+def test_memory_panel_shows_resident_models_then_frees_them(page: PageDriver) -> None:
+    page.generate("fill the memory")
+    assert page.wait_stage("finished", "error") == "finished"
+    page.page.get_by_text("Resident memory", exact=True).click()
+    panel = page.page.locator("#fr-memory-panel")
+    panel.locator("table.fr-mem-table").wait_for(timeout=30_000)
+    text = panel.text_content()
+    assert "unet" in text and "resident" in text and "weights patched" in text, text
+    page.click("fr-free-memory")
+    page.page.wait_for_function(
+        "() => (document.querySelector('#fr-memory-panel')?.textContent || '').includes('No model is resident')",
+        timeout=60_000)
+    assert "Freed" in panel.text_content()
+
+
+# A label is clipped when it leaves the window, or when its box cuts its text (overflow not
+# visible, or an ellipsis); a dropdown's value is clipped when it runs under the arrow.
+CLIPPED_LABELS_JS = """() => {
+  const out = [];
+  const selector = 'label, [data-testid="block-info"], button, [role="tab"], input[role="combobox"]';
+  for (const el of document.querySelectorAll(selector)) {
+    if (!el.offsetParent) continue;                      // hidden
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0) continue;
+    const style = getComputedStyle(el);
+    const cuts = el.tagName === 'INPUT' || style.overflowX !== 'visible' || style.textOverflow === 'ellipsis';
+    const text = el.tagName === 'INPUT' ? el.value : (el.textContent || '').trim();
+    if ((cuts && el.scrollWidth > el.clientWidth + 1) || r.right > window.innerWidth + 1)
+      out.push(text.slice(0, 50) + ` (${el.scrollWidth}>${el.clientWidth}, right ${Math.round(r.right)}/${window.innerWidth})`);
+  }
+  return out;
+}"""
+
+
+@pytest.mark.parametrize(("width", "height"), [(1280, 800), (390, 844)])
+def test_screenshots_have_no_clipped_labels(browser, server: Server, tmp_path: Path, width: int,
+                                            height: int) -> None:
+    driver = PageDriver(browser, server.url, width, height)
+    try:
+        driver.generate("a small house")
+        assert driver.wait_stage("finished", "error") == "finished"
+        driver.page.get_by_text("Resident memory", exact=True).click()
+        driver.page.locator("#fr-memory-panel .fr-mem").wait_for()
+        clipped = {}
+        for tab in ("Settings", "Models", "Advanced"):
+            driver.tab(tab)
+            clipped[tab] = driver.page.evaluate(CLIPPED_LABELS_JS)
+            path = tmp_path / f"page_{width}x{height}_{tab.lower()}.png"
+            driver.page.screenshot(path=str(path), full_page=True)
+            assert path.stat().st_size > 0
+        keep = os.environ.get("FOOOCUS_RESIDENT_SCREENSHOTS")
+        if keep:   # a folder to copy them to, for looking at them
+            for shot in tmp_path.glob("*.png"):
+                shutil.copy(shot, Path(keep) / shot.name)
+        assert not any(clipped.values()), f"clipped labels at {width}x{height}: {clipped}"
+    finally:
+        driver.close()
