@@ -7,7 +7,8 @@ Sources, later ones winning:
    environment variable; without it we use ``<repo root>/config.txt`` rather
    than upstream's "current directory", so launching from another folder still
    finds the same file. A missing file means "all defaults" (we never write it);
-3. ``presets/<NAME>.json`` under the repo root when ``--preset NAME`` is given;
+3. ``presets/<NAME>.json`` under the repo root when ``--preset NAME`` is given
+   (modules/presets.py; a request's ``preset`` field uses ``with_preset``);
 4. an environment variable with exactly the key's name (``path_checkpoints``,
    ``default_model``...). Its value is JSON-decoded when it parses, otherwise
    taken as the raw string; for text-valued keys the raw string is always used,
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules import flags
+from modules import flags, presets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_EXTENSIONS: tuple[str, ...] = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -60,6 +61,10 @@ class Config:
     path_loras: tuple[Path, ...]
     path_embeddings: tuple[Path, ...]
     path_vae: tuple[Path, ...]
+    # Style files (upstream's sdxl_styles/*.json format); the first folder holding a name wins.
+    path_styles: tuple[Path, ...]
+    # The Fooocus V2 prompt-expansion model folder (upstream's layout).
+    path_fooocus_expansion: Path
     # Outputs go to one folder; a list in config.txt uses its first entry.
     path_outputs: Path
     # Empty string: use the first checkpoint found in path_checkpoints.
@@ -76,6 +81,8 @@ class Config:
     default_prompt_negative: str
     default_image_number: int
     default_aspect_ratio: str
+    default_styles: tuple[str, ...]
+    default_sample_sharpness: float
     default_output_format: str = "png"
     # Limits on what one request may ask (issue 9): each error names the field and the key.
     max_prompt_tokens: int = 3000
@@ -193,6 +200,12 @@ def _as_aspect_ratio(value: Any, key: str, source: str) -> str:
     return f"{width}*{height}"  # normalised, so UI labels like "1152×896 ∣ 9:7" work too
 
 
+def _as_names(value: Any, key: str, source: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(key, source, value, "a list of names")
+    return tuple(value)
+
+
 def _as_loras(value: Any, key: str, source: str) -> tuple[LoraSetting, ...]:
     if not isinstance(value, list):
         raise _fail(key, source, value, "a list of [name, weight] or [enabled, name, weight]")
@@ -220,6 +233,8 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "path_embeddings": ("models/embeddings", _as_paths, False),
     "path_vae": ("models/vae", _as_paths, False),
     "path_outputs": ("outputs", _as_first_path, False),
+    "path_styles": ("sdxl_styles", _as_paths, False),
+    "path_fooocus_expansion": ("models/prompt_expansion/fooocus_expansion", _as_first_path, False),
     "default_model": ("", _as_str, True),
     "default_refiner": (flags.NONE_NAME, _as_str, True),
     "default_refiner_switch": (0.8, _in_range(0.0, 1.0), False),
@@ -240,6 +255,10 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "max_lora_weight": (10.0, _as_positive_float, False),
     "max_queue_length": (64, _as_positive_int, False),
     "max_conditioning_cache_mb": (512.0, _as_positive_float, False),
+    # Upstream's default list also holds "Fooocus V2", which needs the expansion model's
+    # files; without a config we start with no styles, so a fresh install works offline.
+    "default_styles": ([], _as_names, False),
+    "default_sample_sharpness": (2.0, _as_float, False),
 }
 CONFIG_KEYS: tuple[str, ...] = tuple(_KEYS)
 
@@ -294,12 +313,12 @@ def load_config(env: Mapping[str, str] = os.environ, *, preset: str | None = Non
             if k in _KEYS:
                 raw[k] = (v, str(config_path))
     if preset:
-        preset_path = REPO_ROOT / "presets" / f"{preset}.json"
-        if not preset_path.is_file():
-            raise ConfigError(f"preset {preset!r} not found: no file {preset_path}")
-        for k, v in _read_json_object(preset_path, "preset").items():
-            if k in _KEYS:
-                raw[k] = (v, str(preset_path))
+        try:
+            values, preset_path = presets.read(preset, _KEYS)
+        except presets.PresetError as error:
+            raise ConfigError(str(error)) from None
+        for k, v in values.items():
+            raw[k] = (v, str(preset_path))
     for k, (_, _, takes_text) in _KEYS.items():
         if k in env:
             raw[k] = (_decode_env(env[k], takes_text), f"environment variable {k}")
@@ -320,12 +339,25 @@ def _from_process() -> Config:
     import args_manager  # late import: args_manager.init() may run after we are imported
 
     a = args_manager.args
+    return load_config(os.environ, preset=a.preset, output_path=a.output_path, cli=_cli_settings(a))
+
+
+def _cli_settings(a) -> dict:
+    """What the command line hands the pipeline (not config keys)."""
     temp = getattr(a, "temp_path", None)
-    cli = {"image_log": not getattr(a, "disable_image_log", False),
-           "temp_path": Path(temp).expanduser().absolute() if temp else None,
-           "metadata": not getattr(a, "disable_metadata", False),
-           "downloads": not getattr(a, "disable_preset_download", False)}
-    return load_config(os.environ, preset=a.preset, output_path=a.output_path, cli=cli)
+    return {"image_log": not getattr(a, "disable_image_log", False),
+            "temp_path": Path(temp).expanduser().absolute() if temp else None,
+            "metadata": not getattr(a, "disable_metadata", False),
+            "downloads": not getattr(a, "disable_preset_download", False)}
+
+
+def with_preset(name: str) -> Config:
+    """The process's sources with preset `name` in place of --preset (a request's or the
+    page's choice); environment variables and --output-path still win."""
+    import args_manager  # late import, as in _from_process
+
+    a = args_manager.args
+    return load_config(os.environ, preset=name, output_path=a.output_path, cli=_cli_settings(a))
 
 
 def get_config() -> Config:

@@ -23,6 +23,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from ldm_patched.modules import model_management
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules.compiled_unet import CompiledUNets, CompileSettings
+from modules import guidance as guidance_mod
 
 
 class SDXLTextEncoders(torch.nn.Module):
@@ -273,8 +274,10 @@ def latent_shape(unet: ModelPatcher, vae: ModelPatcher, width: int, height: int)
 
 def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int, cfg: float,
            width: int, height: int, seed: int, shape: tuple[int, int, int, int],
-           switch_step: int | None = None, callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Denoise one image of latent `shape`; returns latents. `switch_step` hands over to stages[1]."""
+           switch_step: int | None = None, callback: Callable[[int, int, torch.Tensor], None] | None = None,
+           guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL) -> torch.Tensor:
+    """Denoise one image of latent `shape`; returns latents. `switch_step` hands over to stages[1].
+    `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step."""
     sched = make_scheduler(sampler, scheduler)
     first = stages[0].unet
     device = first.load_device
@@ -295,7 +298,7 @@ def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int,
                 model_management.load_models_gpu([stages[1].unet], model_management.working_memory_bytes(
                     "unet", width, height, 1, stages[1].unet.model_dtype()))
             stage = stages[active]
-            noise_pred = _predict(stage, sched, latents, t, cfg, width, height)
+            noise_pred = _predict(stage, sched, latents, t, cfg, width, height, guidance)
             out = sched.step(noise_pred, t, latents, generator=generator, return_dict=True)
             latents = out.prev_sample
             denoised = getattr(out, "pred_original_sample", None)
@@ -324,22 +327,29 @@ def cond_batches(lengths: list[int]) -> list[list[int]]:
     return [[i] for i in range(len(lengths))]
 
 
-def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, width: int, height: int) -> torch.Tensor:
+def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, width: int, height: int,
+             guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL) -> torch.Tensor:
     unet = stage.unet.model
     dtype = stage.unet.model_dtype()
     guided = cfg > 1.0 and stage.negative is not None
     conds = [stage.negative, stage.positive] if guided else [stage.positive]
     aesthetic = [2.5, 6.0] if guided else [6.0]
+    all_ids = torch.cat([time_ids(width, height, stage.refiner, a, latents.device, dtype) for a in aesthetic])
+    if not stage.refiner:   # rows: negative, then positive
+        all_ids = guidance_mod.scaled_size_ids(all_ids, float(t), guidance, guided)
     preds = []
     for batch in cond_batches([c.embeds.shape[1] for c in conds]):
         embeds = torch.cat(_same_length([conds[i].embeds for i in batch])).to(dtype)
         pooled = torch.cat([conds[i].pooled for i in batch]).to(dtype)
-        ids = torch.cat([time_ids(width, height, stage.refiner, aesthetic[i], latents.device, dtype) for i in batch])
+        ids = all_ids[batch]
         model_input = sched.scale_model_input(torch.cat([latents] * len(batch)), t)
         preds.append(UNET_COMPILER(unet, model_input.to(dtype), t, embeds, pooled, ids).float())
     pred = torch.cat(preds)
     if guided:
         uncond, cond = pred.chunk(2)
+        if guidance.sharpness:
+            cond = guidance_mod.sharpen(cond, sched.scale_model_input(latents, t), float(t), guidance,
+                                        sched.alphas_cumprod)
         pred = uncond + cfg * (cond - uncond)
     return pred
 

@@ -32,7 +32,7 @@ from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraMatch, match
                                       unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import core, flags, image_output
+from modules import core, flags, guidance, history_log, image_output, sdxl_styles
 from modules.embeddings import EmbeddingCache, EmbeddingError
 
 if TYPE_CHECKING:
@@ -109,6 +109,11 @@ class GenerationRequest:
     scheduler: str = flags.DEFAULT_SCHEDULER
     steps: int | None = None
     output_format: str = "png"
+    styles: list[str] = field(default_factory=list)
+    sharpness: float = 2.0
+    adm_scaler_positive: float = 1.5
+    adm_scaler_negative: float = 0.8
+    adm_scaler_end: float = 0.3
 
     @staticmethod
     def from_dict(data: dict, cfg: config_module.Config) -> "GenerationRequest":
@@ -144,6 +149,11 @@ class GenerationRequest:
             scheduler=_text(data, "scheduler", cfg.default_scheduler),
             steps=None if data.get("steps") in (None, -1) else _int(data, "steps", 0, 1, MAX_STEPS),
             output_format=_one_of(data, "output_format", cfg.default_output_format, flags.OUTPUT_FORMATS),
+            styles=_names(data, "styles", list(cfg.default_styles)),
+            sharpness=_float(data, "sharpness", cfg.default_sample_sharpness, 0.0, 30.0),
+            adm_scaler_positive=_float(data, "adm_scaler_positive", 1.5, 0.1, 3.0),
+            adm_scaler_negative=_float(data, "adm_scaler_negative", 0.8, 0.1, 3.0),
+            adm_scaler_end=_float(data, "adm_scaler_end", 0.3, 0.0, 1.0),
         )
         for side in ("width", "height"):
             if getattr(request, side) % 8:
@@ -208,6 +218,15 @@ def _float(data: dict, key: str, default: float, low: float, high: float) -> flo
     if not low <= float(value) <= high:
         raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
     return float(value)
+
+
+def _names(data: dict, key: str, default: list[str]) -> list[str]:
+    value = data.get(key, default)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RequestError(f"field '{key}' must be a list of names, got {value!r}")
+    return list(value)
 
 
 def _one_of(data: dict, key: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -702,7 +721,7 @@ def _client_error(message: str) -> str:
 
 def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts: dict,
          done: RequestProgress) -> list[str]:
-    cfg = config_module.get_config()
+    cfg = preset_config(request)
     req = GenerationRequest.from_dict(request, cfg)
     prompt, tag_loras = split_lora_tags(req.prompt)
     if len(req.loras) + len(tag_loras) > cfg.max_loras_per_request:
@@ -716,10 +735,15 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     cfg_scale = settings.cfg_scale if settings.cfg_scale is not None else req.guidance_scale
     steps = req.steps or settings.steps
     core.make_scheduler(sampler, scheduler)  # fail on unknown names before loading anything
+    styled = sdxl_styles.apply_styles(prompt, req.negative_prompt, req.styles,
+                                      sdxl_styles.get_library(cfg.path_styles))
+    positive_text, negative_text = sdxl_styles.join(styled.positive), sdxl_styles.join(styled.negative)
     seed = req.seed if req.seed >= 0 else random.randint(0, MAX_SEED - MAX_IMAGES)
     report.update(seed=seed, performance=str(req.performance), sampler=sampler, scheduler=scheduler,
                   steps=steps, cfg=cfg_scale, width=req.width, height=req.height,
-                  image_number=req.image_number)
+                  image_number=req.image_number, styles=list(req.styles))
+    if isinstance(request.get("preset"), str) and request["preset"]:
+        report["preset"] = request["preset"]
 
     _stage_event(progress, "loading", "Loading models", count=req.image_number)
     base = get_checkpoint(resolve_checkpoint(req.base_model, cfg))
@@ -764,20 +788,26 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
         raise RequestError(f"{report['base_model']} has no VAE: choose one from the VAE folder "
                            f"(config key path_vae; request field 'vae')")
     done.patchers.append(vae)
+    positive_texts = expanded_prompts(prompt, styled, [seed + i for i in range(req.image_number)], cfg,
+                                      stage_ms, report) if styled.expansion else [positive_text] * req.image_number
+    stage_sets: dict[str, list[core.UNetStage]] = {}
     _stage_event(progress, "encoding", "Encoding the prompt", count=req.image_number)
     with _stage(stage_ms, "text_encode"):
         folders, limit = cfg.path_embeddings, int(cfg.max_conditioning_cache_mb * 2 ** 20)
-        stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, prompt, counts, folders, limit),
-                                 encode(models.clip, base.tokenizers, req.negative_prompt, counts, folders,
-                                        limit))]
-        if refiner is not None:
-            refiner_clip = models.refiner_clip or refiner.clip
-            stages.append(core.UNetStage(models.refiner_unet or refiner.unet,
-                                         encode(refiner_clip, refiner.tokenizers, prompt, counts, folders, limit),
-                                         encode(refiner_clip, refiner.tokenizers, req.negative_prompt, counts,
-                                                folders, limit),
-                                         refiner=refiner.kind == "refiner"))
+        for text in dict.fromkeys(positive_texts[done.next_image:]):   # each different text once
+            stages = [core.UNetStage(models.unet, encode(models.clip, base.tokenizers, text, counts, folders, limit),
+                                     encode(models.clip, base.tokenizers, negative_text, counts, folders, limit))]
+            if refiner is not None:
+                refiner_clip = models.refiner_clip or refiner.clip
+                stages.append(core.UNetStage(models.refiner_unet or refiner.unet,
+                                             encode(refiner_clip, refiner.tokenizers, text, counts, folders, limit),
+                                             encode(refiner_clip, refiner.tokenizers, negative_text, counts,
+                                                    folders, limit),
+                                             refiner=refiner.kind == "refiner"))
+            stage_sets[text] = stages
     switch = round(steps * req.refiner_switch) if refiner is not None else None
+    tweaks = sampling_guidance(req, settings)
+    report["guidance"] = asdict(tweaks)
 
     writes = done.writes
     skipped: list[int] = []
@@ -811,10 +841,10 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
                                        preview=preview))
 
         with _stage(stage_ms, "sampling"):
-            latents = core.sample(stages, sampler=sampler, scheduler=scheduler, steps=steps, cfg=cfg_scale,
+            latents = core.sample(stage_sets[positive_texts[index]], sampler=sampler, scheduler=scheduler, steps=steps, cfg=cfg_scale,
                                   width=req.width, height=req.height, seed=image_seed,
                                   shape=core.latent_shape(models.unet, vae, req.width, req.height),
-                                  switch_step=switch, callback=on_step)
+                                  switch_step=switch, callback=on_step, guidance=tweaks)
         if skipped and skipped[-1] == index:   # Skip: the unfinished image is dropped
             done.next_image = index + 1
             _stage_event(progress, "skipped", f"Skipped image {index + 1}/{req.image_number}",
@@ -826,7 +856,8 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
             pixels = core.decode(vae, latents, req.width, req.height)
         # Encoding and the file commit run on the writer thread while the next image samples.
         write = IMAGE_WRITER.submit(save_image, pixels, {
-            **_echo(req, prompt), "seed": image_seed, "sampler": sampler, "scheduler": scheduler, "steps": steps,
+            **_echo(req, prompt), "full_prompt": positive_texts[index], "full_negative_prompt": negative_text,
+            "seed": image_seed, "sampler": sampler, "scheduler": scheduler, "steps": steps,
             "cfg": cfg_scale, "base_model": report["base_model"], "loras": report["loras"]}, cfg, req.output_format)
         writes.append(write)
         done.next_image = index + 1
@@ -843,6 +874,38 @@ def _run(request: dict, control, progress, report: dict, stage_ms: dict, counts:
     if warnings:
         report["warnings"] = report.get("warnings", []) + warnings
     return [s.path for s in saved]
+
+
+def preset_config(request: Any) -> config_module.Config:
+    """The config a request's defaults come from: the process's, or with the request's
+    `preset` (presets/NAME.json) laid over config.txt instead of --preset's."""
+    name = request.get("preset") if isinstance(request, dict) else None
+    if name in (None, ""):
+        return config_module.get_config()
+    if not isinstance(name, str):
+        raise RequestError(f"field 'preset' must be a preset name, got {name!r}")
+    return config_module.with_preset(name)
+
+
+def expanded_prompts(prompt: str, styled: sdxl_styles.StyledPrompt, seeds: list[int], cfg: config_module.Config,
+                     stage_ms: dict, report: dict) -> list[str]:
+    """Per image: the styled texts plus the Fooocus V2 expansion of the prompt with that image's
+    seed (as upstream, the expansion comes last and starts with the prompt itself)."""
+    from modules import expansion
+    expander = expansion.get_expansion(cfg.path_fooocus_expansion, _downloads_allowed(cfg))
+    stage_ms.setdefault("prompt_expansion", 0.0)
+    with _stage(stage_ms, "prompt_expansion"):
+        expanded = [expander(prompt, seed) for seed in seeds]
+    report["prompt_expansions"] = expanded
+    return [sdxl_styles.join([*styled.positive, text]) for text in expanded]
+
+
+def sampling_guidance(req: GenerationRequest, settings: flags.PerformanceSettings) -> guidance.Guidance:
+    """Sharpness and ADM scaling of a request; the distilled modes turn both off, as upstream."""
+    if settings.is_distilled:
+        return guidance.Guidance(sharpness=settings.sharpness or 0.0)
+    return guidance.Guidance(sharpness=req.sharpness, adm_positive=req.adm_scaler_positive,
+                             adm_negative=req.adm_scaler_negative, adm_end=req.adm_scaler_end)
 
 
 def _echo(req: GenerationRequest, prompt: str) -> dict:
@@ -928,7 +991,10 @@ def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config,
     fallback = cfg.temp_root / day
     folder = Path(cfg.path_outputs) / day if cfg.image_log else fallback
     stem = f"{now.strftime('%Y-%m-%d_%H-%M-%S')}_{parameters['seed']}"
-    return image_output.save(pixels, parameters, fmt, folder, fallback, stem, metadata=cfg.metadata)
+    saved = image_output.save(pixels, parameters, fmt, folder, fallback, stem, metadata=cfg.metadata)
+    if cfg.image_log and not saved.warning:   # the history log lists what is in the day's folder
+        history_log.append(str(folder), saved.path, parameters)
+    return saved
 
 
 def flush_writer() -> None:
@@ -943,6 +1009,8 @@ def model_status() -> dict:
     status["lora_files"] = [{"name": f.name, "bytes": p.nbytes()}
                             for f, p in list(getattr(STATE.lora_files, "_files", {}).items())]
     status["conditioning_cache"] = {"entries": len(STATE.conditions), "bytes": conditions_cache_bytes()}
+    from modules import expansion
+    status["prompt_expansion"] = expansion.status()
     return status
 
 

@@ -45,7 +45,7 @@ from typing import Any
 import gradio as gr
 
 from modules import config as config_module
-from modules import flags, resident_memory
+from modules import flags, resident_memory, t2i_page
 from modules.async_worker import AsyncTask, TaskProgress, Worker, get_worker
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,11 @@ class UIValues:
     guidance_scale: float
     vae: str = flags.DEFAULT_VAE
     output_format: str = "png"
+    styles: tuple[str, ...] = ()
+    sharpness: float = 2.0
+    adm_scaler_positive: float = 1.5
+    adm_scaler_negative: float = 0.8
+    adm_scaler_end: float = 0.3
 
     def to_request(self) -> dict:
         width, height = flags.parse_aspect_ratio(self.aspect_ratio)
@@ -119,6 +124,11 @@ class UIValues:
             "scheduler": self.scheduler,
             "guidance_scale": float(self.guidance_scale),
             "vae": self.vae or flags.DEFAULT_VAE,
+            "styles": list(self.styles),
+            "sharpness": float(self.sharpness),
+            "adm_scaler_positive": float(self.adm_scaler_positive),
+            "adm_scaler_negative": float(self.adm_scaler_negative),
+            "adm_scaler_end": float(self.adm_scaler_end),
         }
         if self.output_format and self.output_format != "png":
             request["output_format"] = self.output_format
@@ -450,6 +460,9 @@ class Controls:
     guidance_scale: gr.Slider | None = None
     vae: gr.Dropdown | None = None
     output_format: gr.Radio | None = None
+    styles: gr.CheckboxGroup | None = None
+    sharpness: gr.Slider | None = None
+    adm: tuple[gr.Slider, gr.Slider, gr.Slider] | None = None   # positive, negative, end
 
     def components(self) -> set[gr.components.Component]:
         out: set[gr.components.Component] = {
@@ -461,6 +474,7 @@ class Controls:
         for extra in (self.sampler, self.scheduler, self.guidance_scale, self.vae, self.output_format):
             assert extra is not None
             out.add(extra)
+        out |= {c for c in (self.styles, self.sharpness, *(self.adm or ())) if c is not None}
         return out
 
     def values(self, data: Mapping[Any, Any]) -> UIValues:
@@ -483,7 +497,88 @@ class Controls:
             guidance_scale=float(data[self.guidance_scale]),
             vae=data[self.vae] if self.vae is not None else flags.DEFAULT_VAE,
             output_format=data[self.output_format] if self.output_format is not None else "png",
+            **self._t2i_values(data),
         )
+
+    def _t2i_values(self, data: Mapping[Any, Any]) -> dict[str, Any]:
+        """Styles, sharpness and ADM guidance, where the page has those controls."""
+        out: dict[str, Any] = {}
+        if self.styles is not None:
+            out["styles"] = tuple(data[self.styles] or ())
+        if self.sharpness is not None:
+            out["sharpness"] = float(data[self.sharpness])
+        if self.adm is not None:
+            out.update(zip(("adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end"),
+                           (float(data[c]) for c in self.adm)))
+        return out
+
+
+def _initial_preset() -> str | None:
+    import args_manager
+    name = getattr(args_manager.args, "preset", None)
+    return name if name in t2i_page.preset_choices() else None
+
+
+@dataclass
+class FieldTargets:
+    """The controls that request fields (a preset's or loaded parameters) are written into."""
+
+    prompt: Any
+    negative_prompt: Any
+    performance: Any
+    aspect_ratio: Any
+    image_number: Any
+    base_model: Any
+    refiner_model: Any
+    refiner_switch: Any
+    guidance_scale: Any
+    sampler: Any
+    scheduler: Any
+    vae: Any
+    styles: Any
+    sharpness: Any
+    adm: tuple
+    random_seed: Any
+    seed: Any
+    loras: list
+
+    SIMPLE = ("prompt", "negative_prompt", "image_number", "base_model", "refiner_model", "refiner_switch",
+              "guidance_scale", "sampler", "scheduler", "vae", "sharpness")
+    ADM = ("adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end")
+
+    def outputs(self) -> list[Any]:
+        return [*(getattr(self, k) for k in self.SIMPLE), self.performance, self.aspect_ratio, self.styles,
+                *self.adm, self.random_seed, self.seed,
+                *[c for slot in self.loras for c in (slot.enabled, slot.name, slot.weight)]]
+
+    def updates(self, fields: dict, aspect_values: set[str], style_names: list[str]) -> list[Any]:
+        """One update per output: the field's value, or a skip where the field is absent or
+        has no place on the page (an unknown style, aspect ratio or performance)."""
+        def value(key: str) -> Any:
+            return gr.update(value=fields[key]) if key in fields and fields[key] is not None else gr.skip()
+
+        out = [value(k) for k in self.SIMPLE]
+        performance = fields.get("performance")
+        out.append(gr.update(value=performance) if performance in flags.Performance.values() else gr.skip())
+        size = f"{fields['width']}*{fields['height']}" if "width" in fields and "height" in fields else None
+        out.append(gr.update(value=size) if size in aspect_values else gr.skip())
+        styles = fields.get("styles")
+        out.append(gr.update(choices=style_names, value=[s for s in styles if s in style_names])
+                   if isinstance(styles, list) else gr.skip())
+        out += [value(k) for k in self.ADM]
+        if isinstance(fields.get("seed"), int) and fields["seed"] >= 0:
+            out += [gr.update(value=False), gr.update(value=str(fields["seed"]), visible=True)]
+        else:
+            out += [gr.skip(), gr.skip()]
+        loras = fields.get("loras")
+        for i, _slot in enumerate(self.loras):
+            if not isinstance(loras, list):
+                out += [gr.skip()] * 3
+            elif i < len(loras):
+                out += [gr.update(value=True), gr.update(value=loras[i][0]), gr.update(value=float(loras[i][1]))]
+            else:
+                out += [gr.update(value=True), gr.update(value=flags.NONE_NAME), gr.update(value=1.0)]
+        return out
 
 
 def _checkpoint_choices(cfg: config_module.Config) -> list[str]:
@@ -593,9 +688,18 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                     unload_btn = gr.Button("Unload this model", size="sm", elem_id="fr-unload")
                 with gr.Accordion("Report", open=False):
                     report = gr.JSON(label="Report")
+                history_link = gr.HTML(t2i_page.history_link_html(cfg), elem_id="fr-history")
+                with gr.Accordion("Load parameters", open=False, elem_id="fr-load-params"):
+                    param_image = gr.File(label="Image with parameters", file_types=["image"], type="filepath",
+                                          elem_id="fr-param-image")
+                    param_json = gr.Textbox(label="or paste parameters (JSON)", lines=3, elem_id="fr-param-json")
+                    param_btn = gr.Button("Load parameters", size="sm", elem_id="fr-param-load")
+                    param_note = gr.Markdown("", elem_id="fr-param-note")
             with gr.Column(scale=1, visible=False, min_width=300, elem_id="fr-advanced-column") as advanced_column:
                 with gr.Tabs():
                     with gr.Tab("Settings"):
+                        preset = gr.Dropdown(t2i_page.preset_choices(), value=_initial_preset(),
+                                             label="Preset", elem_id="fr-preset", allow_custom_value=False)
                         performance = gr.Radio(flags.Performance.values(), value=cfg.default_performance.value,
                                                label="Performance")
                         performance_note = gr.Markdown("")
@@ -608,6 +712,12 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                                               placeholder="Describe what you do not want to see")
                         random_seed = gr.Checkbox(label="Random", value=True, elem_id="fr-random-seed")
                         seed = gr.Textbox(label="Seed", value="0", max_lines=1, visible=False, elem_id="fr-seed")
+                    with gr.Tab("Styles", elem_id="fr-styles-tab"):
+                        all_styles = t2i_page.style_names(cfg)
+                        style_search = gr.Textbox(label="Search styles", max_lines=1, elem_id="fr-style-search",
+                                                  placeholder="Type to filter the styles")
+                        styles = gr.CheckboxGroup(all_styles, value=[n for n in cfg.default_styles if n in all_styles],
+                                                  label="Styles", elem_id="fr-styles")
                     with gr.Tab("Models"):
                         base_model = gr.Dropdown(checkpoints, value=_default_base_model(cfg, checkpoints),
                                                  label="Base Model (SDXL only)", allow_custom_value=True)
@@ -643,12 +753,18 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                                                 label="Scheduler")
                         vae = gr.Dropdown(_vae_choices(cfg), value=cfg.default_vae, label="VAE",
                                           allow_custom_value=True)
+                        sharpness = gr.Slider(0.0, 30.0, value=cfg.default_sample_sharpness, step=0.001,
+                                              label="Image Sharpness", elem_id="fr-sharpness")
+                        adm = (gr.Slider(0.1, 3.0, value=1.5, step=0.001, label="Positive ADM Guidance Scaler"),
+                               gr.Slider(0.1, 3.0, value=0.8, step=0.001, label="Negative ADM Guidance Scaler"),
+                               gr.Slider(0.0, 1.0, value=0.3, step=0.001, label="ADM Guidance End At Step"))
 
         controls = Controls(prompt=prompt, negative_prompt=negative, performance=performance,
                             aspect_ratio=aspect_ratio, image_number=image_number, seed=seed,
                             random_seed=random_seed, base_model=base_model, refiner_model=refiner_model,
                             refiner_switch=refiner_switch, loras=slots, sampler=sampler, scheduler=scheduler,
-                            guidance_scale=guidance, vae=vae, output_format=output_format)
+                            guidance_scale=guidance, vae=vae, output_format=output_format, styles=styles,
+                            sharpness=sharpness, adm=adm)
         follow_outputs = [progress, gallery, report, banner, generate_btn, stop_btn, skip_btn, seed]
 
         # -- page events (private) ----------------------------------------------------------
@@ -710,6 +826,52 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
         refresh_btn.click(on_refresh, inputs=None,
                           outputs=[base_model, refiner_model, vae, *[s.name for s in slots]],
                           api_visibility="private", queue=False)
+
+        # -- styles, presets, history log, loading parameters back ----------------------------
+
+        style_search.change(lambda query, chosen: gr.update(choices=t2i_page.filtered_styles(query, chosen, cfg)),
+                            inputs=[style_search, styles], outputs=[styles], api_visibility="private",
+                            queue=False)
+        field_targets = FieldTargets(prompt=prompt, negative_prompt=negative, performance=performance,
+                                     aspect_ratio=aspect_ratio, image_number=image_number, base_model=base_model,
+                                     refiner_model=refiner_model, refiner_switch=refiner_switch,
+                                     guidance_scale=guidance, sampler=sampler, scheduler=scheduler, vae=vae,
+                                     styles=styles, sharpness=sharpness, adm=adm, random_seed=random_seed,
+                                     seed=seed, loras=slots)
+        aspect_values = {value for _, value in _aspect_choices(cfg)}
+
+        def apply_fields(fields: dict, note: str) -> tuple[Any, ...]:
+            # The performance handler restores these defaults; a preset's are the new defaults.
+            for key, name in (("sampler", "sampler"), ("scheduler", "scheduler"), ("guidance_scale", "guidance")):
+                if key in fields and note.startswith("Preset"):
+                    user_defaults[name] = fields[key]
+            return (*field_targets.updates(fields, aspect_values, t2i_page.style_names(cfg)), note)
+
+        def on_preset(name: str | None) -> tuple[Any, ...]:
+            if not name:
+                return (*[gr.skip()] * len(field_targets.outputs()), "")
+            try:
+                fields = t2i_page.preset_fields(name)
+            except ValueError as error:
+                return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
+            if not fields.get("prompt"):
+                fields.pop("prompt", None)      # an empty preset prompt keeps what was typed
+            return apply_fields(fields, f"Preset {name} applied.")
+
+        def on_load_parameters(image: str | None, pasted: str | None) -> tuple[Any, ...]:
+            from modules import parameters
+            try:
+                fields = t2i_page.loaded_fields(image, pasted)
+            except parameters.ParameterError as error:
+                return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
+            return apply_fields(fields, f"Loaded {len(fields)} parameters.")
+
+        preset.change(on_preset, inputs=[preset], outputs=[*field_targets.outputs(), param_note],
+                      api_visibility="private", queue=False)
+        param_btn.click(on_load_parameters, inputs=[param_image, param_json],
+                        outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
+        app.load(lambda: t2i_page.history_link_html(cfg), inputs=None, outputs=[history_link],
+                 api_visibility="private", queue=False)
 
         # -- the Resident memory panel ---------------------------------------------------------
 

@@ -82,6 +82,11 @@ def ui_values(**overrides: object) -> webui.UIValues:
     return webui.UIValues(**base)  # type: ignore[arg-type]
 
 
+# Styles, sharpness and ADM guidance the page sends by default (config defaults, upstream's ADM).
+T2I_DEFAULTS = {"styles": [], "sharpness": 2.0, "adm_scaler_positive": 1.5, "adm_scaler_negative": 0.8,
+                "adm_scaler_end": 0.3}
+
+
 def test_ui_values_become_the_api_request() -> None:
     loras = (webui.LoraValue(True, "a.safetensors", 0.5), webui.LoraValue(False, "b.safetensors", 1.0),
              webui.LoraValue(True, "None", 1.0), webui.LoraValue(True, "c.safetensors", -1.25))
@@ -92,6 +97,7 @@ def test_ui_values_become_the_api_request() -> None:
         "base_model": "sdxl/base.safetensors", "refiner_model": "None", "refiner_switch": 0.8,
         "loras": [["a.safetensors", 0.5], ["c.safetensors", -1.25]],
         "sampler": "euler", "scheduler": "karras", "guidance_scale": 4.0, "vae": "Default (model)",
+        **T2I_DEFAULTS,
     }
     json.dumps(request)  # must be JSON-able, it is the API payload
 
@@ -389,7 +395,7 @@ def test_page_generate_event_submits_the_request_built_from_the_controls(fake_ap
         "prompt": "from the page", "negative_prompt": "", "performance": "Speed", "width": 896, "height": 1152,
         "image_number": 2, "seed": 11, "refiner_model": "None", "refiner_switch": 0.8, "loras": [],
         "sampler": flags.DEFAULT_SAMPLER, "scheduler": flags.DEFAULT_SCHEDULER, "guidance_scale": 4.0,
-        "vae": flags.DEFAULT_VAE,
+        "vae": flags.DEFAULT_VAE, **T2I_DEFAULTS,
     }]
     progress_html, gallery, report = final["output"]["data"][:3]
     assert "Finished" in progress_html and "fr-stage-finished" in progress_html

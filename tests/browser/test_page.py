@@ -365,3 +365,37 @@ def test_screenshots_have_no_clipped_labels(browser, server: Server, tmp_path: P
         assert not any(clipped.values()), f"clipped labels at {width}x{height}: {clipped}"
     finally:
         driver.close()
+
+
+def test_styles_tab_search_selection_and_the_history_log_link(page: PageDriver, server: Server) -> None:
+    page.tab("Styles")
+    search = page.page.locator("#fr-style-search textarea, #fr-style-search input").first
+    styles = page.page.locator("#fr-styles")
+    search.fill("sharp")
+    styles.locator("label", has_text="Pixel Art").wait_for(state="detached")
+    styles.locator("label", has_text="Fooocus Sharp").locator("input").check()
+    search.fill("")
+    styles.locator("label", has_text="Pixel Art").wait_for()
+    assert styles.locator("label", has_text="Fooocus Sharp").locator("input").is_checked()
+    page.generate("a lighthouse")
+    page.wait_stage("finished")
+    href = page.page.locator("#fr-history a").get_attribute("href")
+    assert href and href.endswith("log.html")
+    log = page.page.request.get(server.url.rstrip("/") + href)
+    assert log.ok and "<!DOCTYPE html>" in log.text()
+    assert "a lighthouse" in log.text() and "Fooocus Sharp" in log.text()
+
+
+def test_preset_dropdown_applies_a_preset_without_restart(page: PageDriver) -> None:
+    page.tab("Settings")
+    page.page.locator("#fr-preset input").click()
+    page.page.get_by_role("option", name="realistic", exact=True).click()
+    page.tab("Advanced")
+    guidance = page.page.get_by_label("number input for Guidance Scale")
+    page.page.wait_for_function("(el) => el.value === '3'", arg=guidance.element_handle(), timeout=30_000)
+    page.tab("Styles")
+    styles = page.page.locator("#fr-styles")
+    assert styles.locator("label", has_text="Fooocus Photograph").locator("input").is_checked()
+    page.tab("Models")
+    base = page.page.get_by_label("Base Model (SDXL only)")
+    assert base.input_value() == "realisticStockPhoto_v20.safetensors"

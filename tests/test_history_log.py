@@ -1,0 +1,53 @@
+"""History log: outputs/<date>/log.html gains one entry per image, append-only, valid HTML."""
+
+import json
+import os
+
+import html5lib
+import pytest
+from PIL import Image
+
+import args_manager
+from ldm_patched.modules import model_management as mm
+from modules import config, default_pipeline, history_log
+
+SMALL = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a <b>cat</b> & \"dog\" </pre>", "width": 64,
+         "height": 64, "steps": 1, "seed": 3, "negative_prompt": "</table><script>x()</script>"}
+
+
+def assert_valid_html(path):
+    """html5lib's strict mode raises on any WHATWG parse error."""
+    with open(path, "rb") as f:
+        html5lib.HTMLParser(strict=True).parse(f)
+
+
+def test_each_image_appends_one_entry_and_the_log_stays_valid(pipeline):
+    folders = pipeline(mm.Policy.CONSERVATIVE)
+    first = default_pipeline.process_request({**SMALL, "image_number": 2})
+    assert "error" not in first.report, first.report
+    log = os.path.join(os.path.dirname(first.images[0]), "log.html")
+    assert os.path.dirname(log) == os.path.dirname(str(history_log.log_path(str(folders["outputs"]))))
+    assert_valid_html(log)
+    before = open(log, "rb").read()
+    second = default_pipeline.process_request({**SMALL, "seed": 9})
+    after = open(log, "rb").read()
+    assert after.startswith(before) and len(after) > len(before)      # appended, never rewritten
+    assert_valid_html(log)
+    entries = history_log.read_entries(log)
+    images = first.images + second.images
+    assert len(entries) == 3
+    for entry, image in zip(entries, images):
+        assert entry == json.loads(Image.open(image).text["parameters"])
+    text = after.decode()
+    assert all(text.count(f'src="{os.path.basename(p)}"') == 1 for p in images)
+    assert "<script>x()" not in text and "&lt;b&gt;cat" in text
+
+
+def test_no_log_with_disable_image_log(pipeline, monkeypatch):
+    folders = pipeline(mm.Policy.CONSERVATIVE)
+    monkeypatch.setattr(args_manager.args, "disable_image_log", True, raising=False)
+    config.reload_config()   # the pipeline is handed the flag through the Config
+    result = default_pipeline.process_request(dict(SMALL))
+    assert "error" not in result.report
+    assert not os.path.exists(os.path.join(os.path.dirname(result.images[0]), "log.html"))
+    assert not any(name == "log.html" for _, _, files in os.walk(folders["outputs"]) for name in files)

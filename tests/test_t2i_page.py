@@ -1,0 +1,116 @@
+"""The page's Styles tab, preset dropdown, history-log link and "load parameters" box,
+driven through the app's own event handlers (no browser)."""
+
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from modules import config as config_module
+from modules import history_log, presets, webui
+from modules.async_worker import Worker
+
+
+def build(tmp_path: Path, monkeypatch, styles: list | None = None):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "juggernautXL_v8Rundiffusion.safetensors").write_bytes(b"x")
+    (tmp_path / "styles").mkdir()
+    (tmp_path / "styles" / "mine.json").write_text(json.dumps(styles or [
+        {"name": "Sharp Lines", "prompt": "{prompt}, sharp", "negative_prompt": ""},
+        {"name": "Soft Glow", "prompt": "{prompt}, glow", "negative_prompt": ""},
+        {"name": "Fooocus Photograph", "prompt": "photo of {prompt}", "negative_prompt": ""},
+        {"name": "Fooocus Negative", "prompt": "", "negative_prompt": "bad"}]))
+    env = {"config_path": str(tmp_path / "none.txt"), "path_checkpoints": str(tmp_path / "ckpt"),
+           "path_styles": str(tmp_path / "styles"), "path_outputs": str(tmp_path / "out")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = config_module.load_config(env)
+    return webui.build_app(worker=Worker(handler=lambda *a: None), cfg=cfg, demo_warning=lambda: None,
+                           model_status=dict), cfg
+
+
+def components(app) -> dict[int, dict]:
+    return {c["id"]: c for c in app.config["components"]}
+
+
+def handler(app, elem_id: str, trigger: str):
+    """(function, output labels) of the event `trigger` on the component with `elem_id`."""
+    comps = components(app)
+    for index, dep in enumerate(app.config["dependencies"]):
+        if any(comps.get(t[0], {}).get("props", {}).get("elem_id") == elem_id and t[1] == trigger
+               for t in dep["targets"]):
+            labels = [comps[o]["props"].get("label") or comps[o]["props"].get("elem_id") for o in dep["outputs"]]
+            return app.fns[index].fn, labels
+    raise AssertionError(f"no {trigger} event on #{elem_id}")
+
+
+def set_values(labels: list, updates: tuple) -> dict:
+    """Label -> value of each update that sets one (skips left out)."""
+    out = {}
+    for label, update in zip(labels, updates):
+        if isinstance(update, dict) and "value" in update:
+            out.setdefault(label, []).append(update["value"])
+    return out
+
+
+def test_styles_tab_lists_the_styles_folder_and_search_keeps_the_selection(tmp_path, monkeypatch):
+    app, cfg = build(tmp_path, monkeypatch)
+    by_id = {c["props"].get("elem_id"): c["props"] for c in components(app).values()}
+    assert [c[0] for c in by_id["fr-styles"]["choices"]] == ["Fooocus V2", "Sharp Lines", "Soft Glow",
+                                                             "Fooocus Photograph", "Fooocus Negative"]
+    search, labels = handler(app, "fr-style-search", "change")
+    update = search("soft", ["Sharp Lines"])
+    assert update["choices"] == ["Sharp Lines", "Soft Glow"]          # the selection stays listed
+    assert search("", [])["choices"][0] == "Fooocus V2"
+
+
+def test_ui_styles_and_guidance_go_into_the_request():
+    values = webui.UIValues(prompt="a cat", negative_prompt="", performance="Speed", aspect_ratio="1152*896",
+                            image_number=1, seed=1, base_model=None, refiner_model=None, refiner_switch=0.8,
+                            loras=(), sampler="euler", scheduler="karras", guidance_scale=4.0,
+                            styles=("Sharp Lines",), sharpness=3.0, adm_scaler_positive=1.2,
+                            adm_scaler_negative=0.9, adm_scaler_end=0.5)
+    request = values.to_request()
+    assert (request["styles"], request["sharpness"], request["adm_scaler_positive"], request["adm_scaler_negative"],
+            request["adm_scaler_end"]) == (["Sharp Lines"], 3.0, 1.2, 0.9, 0.5)
+
+
+def test_preset_dropdown_applies_a_preset_without_restart(tmp_path, monkeypatch):
+    app, cfg = build(tmp_path, monkeypatch)
+    by_id = {c["props"].get("elem_id"): c["props"] for c in components(app).values()}
+    assert {"default", "lightning", "realistic"} <= {c[0] for c in by_id["fr-preset"]["choices"]}
+    apply, labels = handler(app, "fr-preset", "change")
+    updates = apply("realistic")
+    values = set_values(labels, updates)
+    assert values["Base Model (SDXL only)"] == ["realisticStockPhoto_v20.safetensors"]
+    assert values["Guidance Scale"] == [3.0] and values["Aspect Ratios"] == ["896*1152"]
+    assert values["Styles"] == [["Fooocus Photograph", "Fooocus Negative"]]
+    assert values["LoRA 1"] == ["SDXL_FILM_PHOTOGRAPHY_STYLE_V1.safetensors"] and values["LoRA 2"] == ["None"]
+    assert "Prompt" not in values                         # an empty preset prompt keeps the typed one
+    assert updates[-1] == "Preset realistic applied."
+    lightning = set_values(labels, apply("lightning"))
+    assert lightning["Performance"] == ["Lightning"]
+    assert apply("no-such")[-1].startswith("Error: unknown preset 'no-such'")
+
+
+def test_load_parameters_from_pasted_json_sets_the_controls(tmp_path, monkeypatch):
+    app, cfg = build(tmp_path, monkeypatch)
+    load, labels = handler(app, "fr-param-load", "click")
+    pasted = json.dumps({"prompt": "a lighthouse", "seed": 1234, "styles": ["Soft Glow", "Gone Style"],
+                         "sharpness": 7.0, "guidance_scale": 6.0, "width": 1152, "height": 896,
+                         "loras": [{"file": "x.safetensors", "weight": 0.4, "matched_keys": 3}]})
+    updates = load(None, pasted)
+    values = set_values(labels, updates)
+    assert values["Prompt"] == ["a lighthouse"] and values["Image Sharpness"] == [7.0]
+    assert values["Random"] == [False] and values["Seed"] == ["1234"]
+    assert values["Styles"] == [["Soft Glow"]]            # a style this install lacks is left out
+    assert values["Aspect Ratios"] == ["1152*896"] and values["LoRA 1"] == ["x.safetensors"]
+    assert load(None, "{broken")[-1].startswith("Error:") and load(None, "")[-1].startswith("Error:")
+
+
+def test_history_log_link_points_at_todays_log(tmp_path, monkeypatch):
+    app, cfg = build(tmp_path, monkeypatch)
+    link = next(c["props"]["value"] for c in components(app).values() if c["props"].get("elem_id") == "fr-history")
+    target = history_log.log_path(str(cfg.path_outputs))
+    assert f'href="/gradio_api/file={Path(target).resolve()}"' in link or f"file={target}" in link
+    assert str(cfg.path_outputs) in webui.allowed_paths(cfg)[0]
