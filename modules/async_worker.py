@@ -99,6 +99,8 @@ class TaskProgress:
     stage: str = "queued"   # queued, loading, encoding, sampling, decoding, saving, finished, stopped, error
     preview: Any = None     # small RGB uint8 array of the image being sampled, or None
     images: tuple[str, ...] = ()   # images finished so far, in order
+    stages: tuple[str, ...] = ("queued",)   # every stage this task has been in, in order (a page polling
+                                   # snapshots can miss a stage shorter than its polling interval)
     version: int = 0  # bumps on every update; lets waiters see "something changed"
 
 
@@ -143,6 +145,9 @@ class AsyncTask:
         """Replace the snapshot; finished images and the latest preview carry over unless given."""
         with self._changed:
             details.setdefault("images", self._progress.images)
+            stage = details.get("stage", TaskProgress.stage)
+            seen = self._progress.stages
+            details["stages"] = seen if seen and seen[-1] == stage else seen + (stage,)
             if details.get("stage", "sampling") == "sampling":
                 details.setdefault("preview", self._progress.preview)
             self._progress = TaskProgress(percent=percent, text=text,

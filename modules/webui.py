@@ -224,7 +224,9 @@ def progress_html(progress: TaskProgress) -> str:
     stage = progress.stage if progress.stage else "running"
     preview = _preview_uri(progress.preview) if stage == "sampling" else None
     image = (f'<img class="fr-preview" alt="preview" src="{preview}">' if preview else "")
-    return (f'<div class="fr-progress fr-stage-{html.escape(stage)}" data-stage="{html.escape(stage)}">'
+    stages = html.escape(" ".join(progress.stages))
+    return (f'<div class="fr-progress fr-stage-{html.escape(stage)}" data-stage="{html.escape(stage)}" '
+            f'data-stages="{stages}">'
             f'<progress value="{percent:.1f}" max="100"></progress>'
             f'<div class="fr-progress-text">{percent:.0f}% — {html.escape(progress.text)}</div>{image}</div>')
 

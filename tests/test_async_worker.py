@@ -272,6 +272,17 @@ def test_progress_events_update_task_and_wake_waiters(worker: Worker, recorder: 
     assert final.percent == 100.0 and final.text == "Finished"
 
 
+def test_progress_keeps_every_stage_in_order_even_between_polls() -> None:
+    """A page that polls snapshots can miss a short stage; the snapshot's history cannot."""
+    task = AsyncTask(request={"prompt": "stages"})
+    seen = task.progress.version
+    for stage in ("loading", "encoding", "sampling", "sampling", "decoding", "saving", "finished"):
+        task.set_progress(50.0, stage, stage=stage)
+    latest = task.wait_for_update(seen, TIMEOUT)
+    assert latest.stage == "finished"
+    assert latest.stages == ("queued", "loading", "encoding", "sampling", "decoding", "saving", "finished")
+
+
 def test_wait_for_update_times_out_without_change() -> None:
     task = AsyncTask(request={"prompt": "idle"})
     snap = task.wait_for_update(task.progress.version, 0.05)
