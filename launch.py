@@ -66,7 +66,7 @@ def ensure_checkpoint(cfg: Config, allow_download: bool, always_download: bool =
     `always_download` (--always-download-new-model) fetches the preset's model even
     when other checkpoints are there, as upstream does."""
     from modules import config, model_downloader
-    from modules.default_pipeline import DEMO_CHECKPOINT_NAME
+    from modules.generation_request import DEMO_CHECKPOINT_NAME
 
     folder = cfg.path_checkpoints[0]
     files = config.list_model_files(cfg.path_checkpoints)
@@ -204,10 +204,9 @@ def install_signal_handlers() -> threading.Event:
 def shut_down(app: object) -> None:
     """Stop the running task (its finished images are still written), drop the queued
     ones, wait for every image file to be committed, then close the server."""
-    from modules import async_worker, default_pipeline
+    from modules import runtime
 
-    async_worker.get_worker().shutdown(timeout=SHUTDOWN_TIMEOUT_S, stop_tasks=True)
-    default_pipeline.flush_writer()
+    runtime.shutdown(SHUTDOWN_TIMEOUT_S)
     app.close()   # type: ignore[attr-defined]
     log.info("shut down cleanly")
 

@@ -1,6 +1,6 @@
 """The task queue: one worker thread runs generation requests one at a time, in order.
 
-The UI and the API both call ``get_worker().submit(request)`` and get an
+The UI and the API both call ``runtime.get_worker().submit(request)`` and get an
 ``AsyncTask`` back. The task carries the request, a ``TaskControl`` (the Stop
 and Skip events the pipeline polls), the latest progress, timestamps and a
 ``concurrent.futures.Future`` that resolves to the pipeline's ``RequestResult``.
@@ -19,9 +19,10 @@ unloading one model, the ``/model_status`` snapshot) goes through ``call``: it
 runs on the worker thread between two tasks, so it waits for a running request
 and never sees the registry half-way through one.
 
-The handler is injectable (tests pass fakes); by default it is
-``modules.default_pipeline.process_request``, imported on first use so that
-importing this module stays cheap (the pipeline imports ``TaskControl`` from here).
+The handler is handed in: the process's worker runs its pipeline's
+``process_request`` (``modules/runtime.py`` wires the two); tests pass fakes. The
+types both sides share live in ``modules/task_types.py``, so this module never
+imports the pipeline.
 """
 
 from __future__ import annotations
@@ -37,29 +38,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from modules.task_types import TaskControl
+
 log = logging.getLogger(__name__)
 
 STOPPED_BEFORE_START = "stopped before start"
 _WAKE = object()  # queue item that only wakes the thread to run pending calls
 
 
-@dataclass
-class TaskControl:
-    """What the pipeline polls between steps."""
-
-    stop: threading.Event = field(default_factory=threading.Event)  # abort the task
-    skip: threading.Event = field(default_factory=threading.Event)  # finish the current image early, go on
-
-
 class ResultLike(Protocol):
-    """What a handler returns (``default_pipeline.RequestResult`` has this shape)."""
+    """What a handler returns (``task_types.RequestResult`` has this shape)."""
 
     images: list[str]
     report: dict
 
 
 class ProgressLike(Protocol):
-    """What a handler reports (``default_pipeline.ProgressEvent`` has this shape)."""
+    """What a handler reports (``task_types.ProgressEvent`` has this shape)."""
 
     image_index: int
     image_count: int
@@ -205,13 +200,15 @@ class AsyncTask:
 StatusHook = Callable[[], dict]
 
 
-def _pipeline() -> tuple[Handler, ErrorResultFactory, StatusHook]:
-    from modules import default_pipeline  # late: heavy imports, and it imports us
+class PipelineLike(Protocol):
+    """What the worker needs of the pipeline it owns (``default_pipeline.Pipeline``)."""
 
-    def error_result(message: str) -> ResultLike:
-        return default_pipeline.RequestResult(images=[], report={"error": message})
+    def process_request(self, request: dict, control: TaskControl | None = None,
+                        progress: Callable[[Any], None] | None = None) -> ResultLike: ...
 
-    return default_pipeline.process_request, error_result, default_pipeline.model_status
+    def model_status(self) -> dict: ...
+
+    def flush_writer(self) -> None: ...
 
 
 def _failed(message: str) -> ResultLike:
@@ -223,8 +220,13 @@ class Worker:
 
     def __init__(self, handler: Handler | None = None, error_result: ErrorResultFactory | None = None,
                  name: str = "fooocus-worker", status: StatusHook | None = None,
-                 max_pending: int | None = None) -> None:
+                 max_pending: int | None = None,
+                 pipeline_factory: Callable[[], PipelineLike] | None = None) -> None:
+        """Either `handler` (and optionally `status`) or `pipeline_factory`: the worker then
+        makes its one pipeline on first use and runs every request through it."""
         self._handler = handler
+        self._pipeline_factory = pipeline_factory
+        self._pipeline: PipelineLike | None = None
         self.max_pending = max_pending   # None: unbounded
         self._error_result = error_result
         self._status_hook = status
@@ -345,6 +347,8 @@ class Worker:
                 self._queue.put(None)
         if thread is not None:
             thread.join(timeout)
+        if self._pipeline is not None:
+            self._pipeline.flush_writer()   # every image already made is committed to disk
 
     # -- internals ----------------------------------------------------------------
 
@@ -357,14 +361,22 @@ class Worker:
         with self._lock:
             self._unfinished.pop(task.id, None)
 
+    def pipeline(self) -> PipelineLike | None:
+        """The pipeline this worker owns (made on first use), or None with a plain handler.
+        Its state is the worker thread's: other threads only read what it publishes."""
+        with self._lock:
+            if self._pipeline is None and self._pipeline_factory is not None:
+                self._pipeline = self._pipeline_factory()
+            return self._pipeline
+
     def _resolve_handler(self) -> Handler:
         if self._handler is None:
-            handler, error_result, status = _pipeline()
-            self._handler = handler
-            if self._error_result is None:
-                self._error_result = error_result
+            pipeline = self.pipeline()
+            if pipeline is None:
+                raise RuntimeError("the worker has neither a handler nor a pipeline")
+            self._handler = pipeline.process_request
             if self._status_hook is None:
-                self._status_hook = status
+                self._status_hook = pipeline.model_status
         return self._handler
 
     def _make_error(self, message: str) -> ResultLike:
@@ -457,17 +469,3 @@ class Worker:
                           image_index=task.progress.image_index, image_count=task.progress.image_count,
                           step=task.progress.step, steps=task.progress.steps)
         task._finish(result)
-
-
-_worker_lock = threading.Lock()
-_worker: Worker | None = None
-
-
-def get_worker() -> Worker:
-    """The process's worker (created on first use; its thread starts on first submit)."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            from modules import config  # torch-free
-            _worker = Worker(max_pending=config.get_config().max_queue_length)
-        return _worker

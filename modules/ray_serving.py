@@ -14,7 +14,7 @@ Layout of the application:
   otherwise the replica holding the fewest sets.
 * ``Worker`` replicas (one GPU each, or ``num_cpus`` on the CPU) each run the same
   pipeline and model management as ``launch.py``: one request at a time
-  (``max_ongoing_requests=1``), ``default_pipeline.process_request``, the
+  (``max_ongoing_requests=1``), ``default_pipeline.Pipeline.process_request``, the
   manager configured from the same flags. The multiplexed "model" a replica
   loads is only a marker that tells Ray the set is resident here; the replica's
   own budget and tiers decide what it actually frees.
@@ -72,7 +72,7 @@ def resident_set(request: dict, cfg) -> dict:
     them (config.txt, environment, defaults), so a request that names nothing and one
     that names the defaults get the same set. Raises RequestRejected for a request the
     pipeline would refuse before loading anything."""
-    from modules import default_pipeline as dp
+    from modules import generation_request as dp
     from modules import flags
     from modules.config import ConfigError
 
@@ -226,6 +226,7 @@ class Worker:
         manager = mm.configure(replica_settings(mm.settings_from_args(args), spec.host_share))
         set_bytes = spec.set_bytes or estimated_set_bytes(cfg)
         self.cap = sets_per_replica(manager.settings.budget_bytes, set_bytes, default_pipeline.MAX_PATCHED_SETS)
+        self.pipeline = default_pipeline.Pipeline()   # this replica's state, used under self.lock
         self.load_set = serve.multiplexed(max_num_models_per_replica=self.cap)(self._mark_resident)
         self.lock = threading.Lock()
         self.served = 0
@@ -252,10 +253,8 @@ class Worker:
                 "replica": {**self.identity, "requests_served": self.served, "resident_set_id": set_id or None}}
 
     def _process(self, request: dict):
-        from modules import default_pipeline
-
-        with self.lock:   # max_ongoing_requests=1 already; the pipeline state is one per process
-            result = default_pipeline.process_request(request)
+        with self.lock:   # max_ongoing_requests=1 already; the pipeline is one per replica
+            result = self.pipeline.process_request(request)
             self.served += 1
             return result
 

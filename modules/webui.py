@@ -46,7 +46,8 @@ import gradio as gr
 
 from modules import config as config_module
 from modules import flags, resident_memory, t2i_page
-from modules.async_worker import AsyncTask, TaskProgress, Worker, get_worker
+from modules.async_worker import AsyncTask, TaskProgress, Worker
+from modules.runtime import get_worker
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,8 @@ class UIValues:
 # -- pipeline access (late imports: the pipeline pulls in torch and diffusers) -------------
 
 def _demo_warning() -> str | None:
-    from modules import default_pipeline
-    return default_pipeline.demo_model_in_use()
+    from modules import runtime
+    return runtime.demo_model_in_use()
 
 
 def _banner_text(warning: str | None) -> str:

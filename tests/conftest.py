@@ -65,7 +65,8 @@ def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
     import shutil
 
     from ldm_patched.modules import model_management as mm
-    from modules import config, default_pipeline
+    from modules import config
+    from tests.helpers import pipelines
 
     folders = {name: tmp_path / name for name in ("checkpoints", "loras", "outputs", "vae")}
     for folder in folders.values():
@@ -81,11 +82,12 @@ def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
 
     def install(policy, budget: int = 10 * 1024 ** 3):
         mm.configure(mm.MemorySettings(policy=policy, budget_bytes=budget, total_bytes=budget))
-        monkeypatch.setattr(default_pipeline, "STATE", default_pipeline.PipelineState())
+        pipelines.install()   # the registry and every pipeline cache start empty
         return folders
 
     yield install
     mm.get_manager().unload_all()
+    pipelines.install()
     monkeypatch.undo()
     config.reload_config()
 

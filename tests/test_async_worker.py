@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from modules.default_pipeline import ProgressEvent
-from modules.async_worker import (STOPPED_BEFORE_START, AsyncTask, TaskControl, TaskState, Worker,
-                                  get_worker, progress_percent)
+from modules.task_types import ProgressEvent
+from modules.async_worker import STOPPED_BEFORE_START, AsyncTask, TaskControl, TaskState, Worker, progress_percent
 
 TIMEOUT = 10.0  # generous upper bound for events that should happen in milliseconds
 
@@ -306,7 +305,3 @@ def test_submit_after_shutdown_is_refused(recorder: Recorder) -> None:
     w.shutdown(TIMEOUT)
     with pytest.raises(RuntimeError):
         w.submit({"prompt": "late"})
-
-
-def test_get_worker_is_a_singleton() -> None:
-    assert get_worker() is get_worker()

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from ldm_patched.modules import model_management as mm
-from modules import default_pipeline
+from tests.helpers import pipelines
 
 BASE = "tiny_sdxl_base.safetensors"
 GOOD = {"base_model": BASE, "prompt": "a cat", "width": 64, "height": 64, "steps": 1, "seed": 1,
@@ -73,7 +73,7 @@ def test_bad_request_gets_a_field_error_and_the_server_goes_on(pipeline, changes
     pipeline(mm.Policy.RESIDENT)
     request = {**GOOD, **changes}
     request = {k: v for k, v in request.items() if v is not None}
-    result = default_pipeline.process_request(request)
+    result = pipelines.process_request(request)
     error = result.report.get("error")
     assert isinstance(error, str) and result.images == [], result.report
     assert "internal error" not in error
@@ -84,14 +84,14 @@ def test_bad_request_gets_a_field_error_and_the_server_goes_on(pipeline, changes
 
 def test_a_non_object_request_is_refused(pipeline):
     pipeline(mm.Policy.RESIDENT)
-    assert "JSON object" in default_pipeline.process_request([]).report["error"]   # type: ignore[arg-type]
+    assert "JSON object" in pipelines.process_request([]).report["error"]   # type: ignore[arg-type]
 
 
 def test_after_the_catalogue_a_good_request_works(pipeline):
     pipeline(mm.Policy.RESIDENT)
     for _, changes, _ in ROWS[:5]:
-        default_pipeline.process_request({k: v for k, v in {**GOOD, **changes}.items() if v is not None})
-    result = default_pipeline.process_request(dict(GOOD))
+        pipelines.process_request({k: v for k, v in {**GOOD, **changes}.items() if v is not None})
+    result = pipelines.process_request(dict(GOOD))
     assert "error" not in result.report and len(result.images) == 1
 
 
@@ -102,7 +102,7 @@ def test_reports_and_errors_name_files_relative_to_their_model_folder(pipeline, 
     (folders["checkpoints"] / "sub").mkdir()
     shutil.copy(tiny_checkpoint, folders["checkpoints"] / "sub" / "base.safetensors")
     (folders["checkpoints"] / "sub" / "broken.safetensors").write_bytes(b"\0" * 100)
-    good = default_pipeline.process_request({**GOOD, "base_model": "sub/base.safetensors"}).report
+    good = pipelines.process_request({**GOOD, "base_model": "sub/base.safetensors"}).report
     assert good["base_model"] == "sub/base.safetensors", good
-    bad = default_pipeline.process_request({**GOOD, "base_model": "sub/broken.safetensors"}).report
+    bad = pipelines.process_request({**GOOD, "base_model": "sub/broken.safetensors"}).report
     assert "sub/broken.safetensors" in bad["error"] and str(folders["checkpoints"]) not in bad["error"]

@@ -12,8 +12,9 @@ from PIL import Image
 
 import args_manager
 from ldm_patched.modules import model_management as mm
-from modules import compiled_unet, core, default_pipeline
+from modules import compiled_unet, core
 from tests.unet_lora_files import unet_lora
+from tests.helpers import pipelines
 
 BASE = "tiny_sdxl_base.safetensors"
 REQUEST = {"base_model": BASE, "prompt": "a cat", "negative_prompt": "blurry", "width": 64, "height": 64,
@@ -54,7 +55,7 @@ def write_loras(folders, tiny_components) -> dict[str, str]:
 def run_sets(names: dict[str, str], lora_sets: list[list[str]]) -> list:
     results = []
     for lora_set in lora_sets:
-        result = default_pipeline.process_request({**REQUEST, "loras": [[names[n], 1.0] for n in lora_set]})
+        result = pipelines.process_request({**REQUEST, "loras": [[names[n], 1.0] for n in lora_set]})
         assert "error" not in result.report, result.report
         results.append(result)
     return results
@@ -72,7 +73,7 @@ def test_lora_switches_and_returns_recompile_nothing_and_match_eager(pipeline, t
     before = graphs_compiled()
     first = run_sets(names, LORA_SETS[:1])
     after_first = graphs_compiled()
-    unet = next(iter(default_pipeline.STATE.checkpoints.values())).unet.model
+    unet = next(iter(pipelines.current().state.checkpoints.values())).unet.model
     addresses = {name: p.data_ptr() for name, p in unet.named_parameters()}
     rest = run_sets(names, LORA_SETS[1:])
     # What lets a CUDA graph captured for the first request be replayed after the switches:
@@ -100,7 +101,7 @@ def test_conservative_policy_keeps_the_compiled_unet_across_requests(pipeline, t
     folders = pipeline(mm.Policy.CONSERVATIVE)
     unet_lora(tiny_components["unet"], folders["loras"] / "a.safetensors", ("to_q",), seed=1)
     unet_lora(tiny_components["unet"], folders["loras"] / "b.safetensors", ("to_k",), seed=2)
-    first, second = [default_pipeline.process_request({**REQUEST, "loras": [[name, 1.0]]}).report
+    first, second = [pipelines.process_request({**REQUEST, "loras": [[name, 1.0]]}).report
                      for name in ("a.safetensors", "b.safetensors")]
     assert first["compile"]["compiled"]
     assert second["model_management"]["models_loaded"] > 0 and second["model_management"]["weights_patched"] > 0

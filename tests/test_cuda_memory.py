@@ -8,9 +8,9 @@ import torch
 
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules.model_patcher import weight_state
-from modules import default_pipeline
 from tests.test_default_pipeline import SMALL, pixels
 from tests.test_lora import kohya_lora
+from tests.helpers import pipelines
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda", 0)
@@ -28,7 +28,7 @@ def gpu_pipeline(pipeline, monkeypatch):
                                      host_budget_bytes=8 * mm.GIB, unet_dtype=dtype, text_encoder_dtype=dtype,
                                      vae_dtype=torch.float32)
         mm.configure(settings)
-        monkeypatch.setattr(default_pipeline, "STATE", default_pipeline.PipelineState())
+        pipelines.install()
         return folders
 
     return install
@@ -43,15 +43,15 @@ def test_same_pixels_in_both_policies_and_exact_removal(gpu_pipeline, tiny_compo
     folders = gpu_pipeline(mm.Policy.CONSERVATIVE, dtype)
     kohya_lora(tiny_components, folders["loras"] / "a.safetensors")
     request = {**SMALL, "loras": [["a.safetensors", 0.8]]}
-    conservative = pixels(default_pipeline.process_request(dict(request)).images[0])
+    conservative = pixels(pipelines.process_request(dict(request)).images[0])
     gpu_pipeline(mm.Policy.RESIDENT, dtype)
     kohya_lora(tiny_components, folders["loras"] / "a.safetensors")
-    default_pipeline.process_request(dict(SMALL))
-    checkpoint = next(iter(default_pipeline.STATE.checkpoints.values()))
+    pipelines.process_request(dict(SMALL))
+    checkpoint = next(iter(pipelines.current().state.checkpoints.values()))
     originals = {"unet": weights(checkpoint.unet.model), "clip": weights(checkpoint.clip.model)}
-    resident = pixels(default_pipeline.process_request(dict(request)).images[0])
+    resident = pixels(pipelines.process_request(dict(request)).images[0])
     assert np.array_equal(conservative, resident)
-    default_pipeline.process_request(dict(SMALL))
+    pipelines.process_request(dict(SMALL))
     for name, patcher in (("unet", checkpoint.unet), ("clip", checkpoint.clip)):
         for key, value in weights(patcher.model).items():
             assert torch.equal(value, originals[name][key]), (name, key)
@@ -61,18 +61,18 @@ def test_same_pixels_in_both_policies_and_exact_removal(gpu_pipeline, tiny_compo
 def test_pinned_host_backups_restore_exactly(gpu_pipeline, tiny_components, backups_on_host):
     folders = gpu_pipeline(mm.Policy.RESIDENT)
     kohya_lora(tiny_components, folders["loras"] / "a.safetensors")
-    default_pipeline.process_request(dict(SMALL))
+    pipelines.process_request(dict(SMALL))
     manager = mm.get_manager()
-    checkpoint = next(iter(default_pipeline.STATE.checkpoints.values()))
+    checkpoint = next(iter(pipelines.current().state.checkpoints.values()))
     original = weights(checkpoint.unet.model)
     if backups_on_host:   # a budget with room for the weights only: backups go to pinned host memory
         manager.effective_budget = manager.used_bytes()
-    default_pipeline.process_request({**SMALL, "loras": [["a.safetensors", 0.8]]})
+    pipelines.process_request({**SMALL, "loras": [["a.safetensors", 0.8]]})
     backups = list(weight_state(checkpoint.unet.model).backups.values())
     assert backups and all((b.device.type == "cpu") == backups_on_host for b in backups)
     if backups_on_host:
         assert all(b.is_pinned() for b in backups)
-    default_pipeline.process_request(dict(SMALL))
+    pipelines.process_request(dict(SMALL))
     for key, value in weights(checkpoint.unet.model).items():
         assert torch.equal(value, original[key]), key
 
@@ -83,7 +83,7 @@ def test_accounting_matches_the_allocator(gpu_pipeline, tiny_components):
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated(CUDA)
     for request in (SMALL, {**SMALL, "loras": [["a.safetensors", 0.8]]}, SMALL):
-        default_pipeline.process_request(dict(request))
+        pipelines.process_request(dict(request))
         torch.cuda.synchronize()
         manager = mm.get_manager()
         tensors = sum(1 for e in manager.loaded for _ in e.module.parameters())
@@ -93,16 +93,16 @@ def test_accounting_matches_the_allocator(gpu_pipeline, tiny_components):
 
 def test_real_out_of_memory_is_recovered(gpu_pipeline, tiny_components):
     gpu_pipeline(mm.Policy.RESIDENT)
-    default_pipeline.process_request(dict(SMALL))
+    pipelines.process_request(dict(SMALL))
     torch.cuda.synchronize()
     used = torch.cuda.memory_allocated(CUDA)
     total = torch.cuda.get_device_properties(CUDA).total_memory
     torch.cuda.set_per_process_memory_fraction(min((used + 32 * 2 ** 20) / total, 1.0), CUDA)
     try:
-        huge = default_pipeline.process_request({**SMALL, "width": 4096, "height": 4096, "steps": 1})
+        huge = pipelines.process_request({**SMALL, "width": 4096, "height": 4096, "steps": 1})
         assert "error" in huge.report and "out of memory" in huge.report["error"]
         assert huge.report["model_management"]["oom_retries"] == 1
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
-    after = default_pipeline.process_request(dict(SMALL))
+    after = pipelines.process_request(dict(SMALL))
     assert "error" not in after.report and after.images

@@ -15,8 +15,10 @@ from ldm_patched.modules.checkpoint import load_checkpoint
 from ldm_patched.modules.lora import read_lora_file, match_lora, text_encoder_lora_names, unet_lora_names
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import core, default_pipeline
-from modules.async_worker import TaskControl
+from modules.task_types import TaskControl
 from tests.test_lora import kohya_lora
+from tests.helpers import pipelines
+from modules import generation_request
 
 BASE = "tiny_sdxl_base.safetensors"
 SMALL = {"base_model": BASE, "prompt": "a cat", "negative_prompt": "blurry", "width": 64, "height": 64, "steps": 3, "seed": 7,
@@ -36,7 +38,7 @@ def test_same_image_as_diffusers_pipeline(pipeline, tiny_checkpoint, diffusers_c
     from diffusers import StableDiffusionXLPipeline
 
     pipeline(mm.Policy.CONSERVATIVE)
-    ours = default_pipeline.process_request(dict(SMALL))
+    ours = pipelines.process_request(dict(SMALL))
     assert "error" not in ours.report, ours.report
     pipe = StableDiffusionXLPipeline.from_single_file(tiny_checkpoint, config=diffusers_config_dir,
                                                       local_files_only=True)
@@ -52,7 +54,7 @@ def test_repeated_request_moves_and_patches_nothing_when_resident(pipeline, tiny
     folders = pipeline(mm.Policy.RESIDENT)
     kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
     request = {**SMALL, "loras": [["style.safetensors", 0.8]]}
-    reports = [default_pipeline.process_request(dict(request)).report for _ in range(4)]
+    reports = [pipelines.process_request(dict(request)).report for _ in range(4)]
     assert "error" not in reports[0] and reports[0]["model_management"]["weights_patched"] > 0
     for report in reports[1:]:
         moved = report["model_management"]
@@ -65,7 +67,7 @@ def test_conservative_loads_and_patches_every_request(pipeline, tiny_components)
     kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
     request = {**SMALL, "loras": [["style.safetensors", 0.8]]}
     for _ in range(3):
-        moved = default_pipeline.process_request(dict(request)).report["model_management"]
+        moved = pipelines.process_request(dict(request)).report["model_management"]
         assert moved["models_loaded"] > 0 and moved["weights_patched"] > 0
 
 
@@ -75,11 +77,11 @@ def test_same_pixels_in_both_policies_and_after_lora_round_trip(pipeline, tiny_c
     layer_lora(tiny_components, folders["loras"] / "b.safetensors", ("ff.net.2", "conv2"))
     with_a = {**SMALL, "loras": [["a.safetensors", 1.0]]}
     with_b = {**SMALL, "loras": [["b.safetensors", 1.0]]}
-    conservative = pixels(default_pipeline.process_request(dict(with_a)).images[0])
+    conservative = pixels(pipelines.process_request(dict(with_a)).images[0])
     pipeline(mm.Policy.RESIDENT)
-    first = pixels(default_pipeline.process_request(dict(with_a)).images[0])
-    other = pixels(default_pipeline.process_request(dict(with_b)).images[0])
-    again = pixels(default_pipeline.process_request(dict(with_a)).images[0])
+    first = pixels(pipelines.process_request(dict(with_a)).images[0])
+    other = pixels(pipelines.process_request(dict(with_b)).images[0])
+    again = pixels(pipelines.process_request(dict(with_a)).images[0])
     assert np.array_equal(conservative, first) and np.array_equal(first, again)
     assert not np.array_equal(first, other)
 
@@ -90,7 +92,7 @@ def test_lora_switch_patches_only_the_changed_keys(pipeline, tiny_components):
     layer_lora(tiny_components, folders["loras"] / "b.safetensors", ("ff.net.0.proj", "conv1"))
     a_keys = len(read_lora_file(str(folders["loras"] / "a.safetensors")).layers)
     b_keys = len(read_lora_file(str(folders["loras"] / "b.safetensors")).layers)
-    run = lambda loras: default_pipeline.process_request({**SMALL, "loras": loras}).report["model_management"]  # noqa
+    run = lambda loras: pipelines.process_request({**SMALL, "loras": loras}).report["model_management"]  # noqa
     run([["a.safetensors", 1.0]])
     add_b = run([["a.safetensors", 1.0], ["b.safetensors", 0.5]])
     assert (add_b["weights_patched"], add_b["weights_restored"], add_b["models_loaded"]) == (b_keys, 0, 0)
@@ -101,7 +103,7 @@ def test_lora_switch_patches_only_the_changed_keys(pipeline, tiny_components):
 def test_small_budget_evicts_least_recently_used_and_stays_within_it(pipeline, monkeypatch):
     pipeline(mm.Policy.RESIDENT)
     monkeypatch.setattr(mm, "working_memory_bytes", lambda *a, **k: 0)
-    checkpoint = default_pipeline.get_checkpoint(default_pipeline.resolve_checkpoint(BASE, _config()))
+    checkpoint = pipelines.current().get_checkpoint(generation_request.resolve_checkpoint(BASE, _config()))
     sizes = {name: p.model_size() for name, p in
              (("clip", checkpoint.clip), ("unet", checkpoint.unet), ("vae", checkpoint.vae))}
     budget = sizes["clip"] + sizes["unet"]        # two of three fit; the VAE makes it tight
@@ -113,7 +115,7 @@ def test_small_budget_evicts_least_recently_used_and_stays_within_it(pipeline, m
     monkeypatch.setattr(manager, "_evict", lambda entry: (evicted.append(entry.patcher.name.split(":")[1]),
                                                           original_evict(entry)))
     for prompt in ("a cat", "a dog"):
-        report = default_pipeline.process_request({**SMALL, "prompt": prompt})
+        report = pipelines.process_request({**SMALL, "prompt": prompt})
         assert "error" not in report.report
         assert report.report["vram"]["resident_bytes"] <= budget
     # Request 1: encoders, UNet, then the VAE needs room: the encoders (least recent) go.
@@ -124,10 +126,10 @@ def test_small_budget_evicts_least_recently_used_and_stays_within_it(pipeline, m
 
 def test_budget_too_small_for_one_request_still_succeeds(pipeline):
     pipeline(mm.Policy.RESIDENT, budget=1024)
-    report = default_pipeline.process_request(dict(SMALL)).report
+    report = pipelines.process_request(dict(SMALL)).report
     assert "error" not in report and report["model_management"]["over_budget"]
     assert report["vram"]["resident_bytes"] <= 1024
-    assert default_pipeline.process_request(dict(SMALL)).images
+    assert pipelines.process_request(dict(SMALL)).images
 
 
 def checksums(module: torch.nn.Module) -> dict[str, float]:
@@ -139,15 +141,15 @@ def test_stop_mid_sampling_leaves_consistent_weights(policy, pipeline, tiny_comp
     folders = pipeline(policy)
     kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
     request = {**SMALL, "loras": [["style.safetensors", 0.6]], "steps": 4}
-    uninterrupted = pixels(default_pipeline.process_request(dict(request)).images[0])
+    uninterrupted = pixels(pipelines.process_request(dict(request)).images[0])
     control = TaskControl()
 
     def stop_at_step_two(event):
         if event.stage == "sampling" and event.step == 2:
             control.stop.set()
-    stopped = default_pipeline.process_request(dict(request), control, stop_at_step_two)
+    stopped = pipelines.process_request(dict(request), control, stop_at_step_two)
     assert stopped.report.get("stopped") and stopped.images == []
-    assert np.array_equal(pixels(default_pipeline.process_request(dict(request)).images[0]), uninterrupted)
+    assert np.array_equal(pixels(pipelines.process_request(dict(request)).images[0]), uninterrupted)
 
     fresh = load_checkpoint(tiny_checkpoint)
     original_unet = checksums(fresh.unet)
@@ -161,7 +163,7 @@ def test_stop_mid_sampling_leaves_consistent_weights(policy, pipeline, tiny_comp
     clip.add_patches(match.patches["clip"], 0.6)
     unet.patch_model()
     clip.patch_model()
-    resident = next(iter(default_pipeline.STATE.checkpoints.values()))
+    resident = next(iter(pipelines.current().state.checkpoints.values()))
     if policy is mm.Policy.RESIDENT:  # the patched state stays, with the request's signature
         assert checksums(resident.unet.model) == checksums(unet.model)
         assert checksums(resident.clip.model) == checksums(clip.model)
@@ -180,13 +182,13 @@ def test_skip_discards_the_unfinished_image_and_goes_on(pipeline):
         if event.image_index == 0 and event.step == 1:
             control.skip.set()
     request = {**SMALL, "image_number": 2, "steps": 3}
-    result = default_pipeline.process_request(dict(request), control, skip_first_image)
+    result = pipelines.process_request(dict(request), control, skip_first_image)
     assert [s for i, s in steps_seen if i == 0] == [1]
     assert [s for i, s in steps_seen if i == 1] == [1, 2, 3]
     # Only the second image is kept, and it is exactly what its seed gives alone.
     assert len(result.images) == 1
     assert result.report["skipped"] == [SMALL["seed"]] and result.report["seeds"] == [SMALL["seed"] + 1]
-    alone = default_pipeline.process_request({**request, "image_number": 1, "seed": SMALL["seed"] + 1})
+    alone = pipelines.process_request({**request, "image_number": 1, "seed": SMALL["seed"] + 1})
     assert np.array_equal(pixels(result.images[0]), pixels(alone.images[0]))
 
 
@@ -200,10 +202,10 @@ def test_stop_keeps_the_images_already_finished(pipeline):
         if event.stage == "sampling" and event.image_index == 1 and event.step == 1:
             control.stop.set()
     request = {**SMALL, "image_number": 3, "steps": 2}
-    result = default_pipeline.process_request(dict(request), control, stop_in_second_image)
+    result = pipelines.process_request(dict(request), control, stop_in_second_image)
     assert result.report.get("stopped") and "error" not in result.report
     assert len(result.images) == 1 and os.path.isfile(result.images[0])
-    alone = default_pipeline.process_request({**request, "image_number": 1})
+    alone = pipelines.process_request({**request, "image_number": 1})
     assert np.array_equal(pixels(result.images[0]), pixels(alone.images[0]))
     stages = [e.stage for e in events]
     assert stages[:2] == ["loading", "encoding"] and "decoding" in stages
@@ -231,7 +233,7 @@ def test_bad_checkpoints_and_loras_fail_clearly_and_the_next_request_works(pipel
     name = next(iter(parsed.layers))
     save_file({f"{name}.lora_up.weight": torch.zeros(999, 2),
                f"{name}.lora_down.weight": parsed.layers[name].down.contiguous()}, str(loras / "wrong_shape.safetensors"))
-    good = default_pipeline.process_request(dict(SMALL))
+    good = pipelines.process_request(dict(SMALL))
     cases = [({"base_model": "corrupt.safetensors"}, "corrupt.safetensors"),
              ({"base_model": "sd15.safetensors"}, "sd15.safetensors"),
              ({"base_model": "missing.safetensors"}, "missing.safetensors"),
@@ -241,9 +243,9 @@ def test_bad_checkpoints_and_loras_fail_clearly_and_the_next_request_works(pipel
              ({"sampler": "no_such_sampler"}, "no_such_sampler"),
              ({"width": 100000}, "width")]
     for change, named in cases:
-        result = default_pipeline.process_request({**SMALL, **change})
+        result = pipelines.process_request({**SMALL, **change})
         assert result.images == [] and named in result.report["error"], (change, result.report.get("error"))
-        after = default_pipeline.process_request(dict(SMALL))
+        after = pipelines.process_request(dict(SMALL))
         assert "error" not in after.report
         assert np.array_equal(pixels(after.images[0]), pixels(good.images[0]))
 
@@ -253,13 +255,13 @@ def test_sd15_error_says_what_was_found(pipeline):
     save_file({"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 4),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
               str(folders["checkpoints"] / "sd15.safetensors"))
-    error = default_pipeline.process_request({**SMALL, "base_model": "sd15.safetensors"}).report["error"]
+    error = pipelines.process_request({**SMALL, "base_model": "sd15.safetensors"}).report["error"]
     assert "1.x" in error or "1.5" in error
 
 
 def test_image_files_carry_parameters_and_seeds_count_up(pipeline):
     pipeline(mm.Policy.RESIDENT)
-    result = default_pipeline.process_request({**SMALL, "image_number": 2, "seed": 41})
+    result = pipelines.process_request({**SMALL, "image_number": 2, "seed": 41})
     assert result.report["seeds"] == [41, 42]
     parameters = [json.loads(Image.open(p).text["parameters"]) for p in result.images]
     assert [p["seed"] for p in parameters] == [41, 42]
@@ -271,23 +273,23 @@ def test_refiner_takes_over_at_the_switch_step(pipeline, tiny_refiner_checkpoint
     folders = pipeline(mm.Policy.RESIDENT)
     shutil.copy(tiny_refiner_checkpoint, folders["checkpoints"] / "refiner.safetensors")
     request = {**SMALL, "steps": 4}
-    alone = default_pipeline.process_request(dict(request))
-    switched = default_pipeline.process_request({**request, "refiner_model": "refiner.safetensors",
+    alone = pipelines.process_request(dict(request))
+    switched = pipelines.process_request({**request, "refiner_model": "refiner.safetensors",
                                                  "refiner_switch": 0.5})
-    never = default_pipeline.process_request({**request, "refiner_model": "refiner.safetensors",
+    never = pipelines.process_request({**request, "refiner_model": "refiner.safetensors",
                                               "refiner_switch": 1.0})
     assert switched.report["refiner_model"] == "refiner.safetensors"
     assert not np.array_equal(pixels(switched.images[0]), pixels(alone.images[0]))
     assert np.array_equal(pixels(never.images[0]), pixels(alone.images[0]))
-    as_base = default_pipeline.process_request({**request, "base_model": "refiner.safetensors"})
+    as_base = pipelines.process_request({**request, "base_model": "refiner.safetensors"})
     assert "refiner" in as_base.report["error"]
 
 
 def test_lora_prompt_tags(pipeline, tiny_components):
     folders = pipeline(mm.Policy.RESIDENT)
     kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
-    tagged = default_pipeline.process_request({**SMALL, "prompt": "a cat <lora:style:0.8>"})
-    listed = default_pipeline.process_request({**SMALL, "loras": [["style.safetensors", 0.8]]})
+    tagged = pipelines.process_request({**SMALL, "prompt": "a cat <lora:style:0.8>"})
+    listed = pipelines.process_request({**SMALL, "loras": [["style.safetensors", 0.8]]})
     assert tagged.report["loras"] == listed.report["loras"] and tagged.report["loras"][0]["weight"] == 0.8
     assert np.array_equal(pixels(tagged.images[0]), pixels(listed.images[0]))
 
@@ -295,8 +297,8 @@ def test_lora_prompt_tags(pipeline, tiny_components):
 def test_a_long_prompt_is_not_cut_at_77_tokens(pipeline):
     pipeline(mm.Policy.RESIDENT)
     words = " ".join(f"word{i}" for i in range(40))            # > 75 tokens
-    cut = default_pipeline.process_request({**SMALL, "prompt": words})
-    longer = default_pipeline.process_request({**SMALL, "prompt": words + " and a red hat on top"})
+    cut = pipelines.process_request({**SMALL, "prompt": words})
+    longer = pipelines.process_request({**SMALL, "prompt": words + " and a red hat on top"})
     assert "error" not in longer.report
     # Words past the first window change the image: they were encoded, not dropped.
     assert not np.array_equal(pixels(cut.images[0]), pixels(longer.images[0]))
@@ -313,15 +315,15 @@ def test_standalone_vae_from_the_vae_folder(pipeline, tiny_components, tmp_path)
     save_checkpoint(vae_folder / "same.safetensors", strip(original_state_dict(vae=tiny_components["vae"])))
     save_checkpoint(vae_folder / "other.safetensors", strip(original_state_dict(vae=build_tiny_sdxl(seed=5)["vae"])))
     save_checkpoint(vae_folder / "not_a_vae.safetensors", {"foo.weight": torch.zeros(2)})
-    default = default_pipeline.process_request(dict(SMALL))
-    same = default_pipeline.process_request({**SMALL, "vae": "same.safetensors"})
-    other = default_pipeline.process_request({**SMALL, "vae": "other.safetensors"})
+    default = pipelines.process_request(dict(SMALL))
+    same = pipelines.process_request({**SMALL, "vae": "same.safetensors"})
+    other = pipelines.process_request({**SMALL, "vae": "other.safetensors"})
     assert same.report["vae"] == "same.safetensors"
     assert np.array_equal(pixels(same.images[0]), pixels(default.images[0]))
     assert not np.array_equal(pixels(other.images[0]), pixels(default.images[0]))
-    bad = default_pipeline.process_request({**SMALL, "vae": "not_a_vae.safetensors"})
+    bad = pipelines.process_request({**SMALL, "vae": "not_a_vae.safetensors"})
     assert bad.images == [] and "not_a_vae.safetensors" in bad.report["error"]
-    assert "error" not in default_pipeline.process_request(dict(SMALL)).report
+    assert "error" not in pipelines.process_request(dict(SMALL)).report
 
 
 def test_png_writing_overlaps_sampling_of_the_next_image(pipeline, monkeypatch):
@@ -341,5 +343,5 @@ def test_png_writing_overlaps_sampling_of_the_next_image(pipeline, monkeypatch):
         if event.image_index == 1:
             second_image_sampling.set()
     monkeypatch.setattr(default_pipeline, "save_image", save_after_next_image_started)
-    result = default_pipeline.process_request({**SMALL, "image_number": 2}, None, on_progress)
+    result = pipelines.process_request({**SMALL, "image_number": 2}, None, on_progress)
     assert seen == [True] and len(result.images) == 2 and all(os.path.exists(p) for p in result.images)

@@ -6,9 +6,10 @@ import torch
 
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules.lora import LoraPatch
-from modules import core, default_pipeline
+from modules import core
 from tests.test_default_pipeline import BASE, SMALL, pixels
 from tests.test_lora import kohya_lora
+from tests.helpers import pipelines
 
 
 def fail_once(monkeypatch, owner, name: str, times: int = 1) -> list:
@@ -30,15 +31,15 @@ def fail_once(monkeypatch, owner, name: str, times: int = 1) -> list:
 @pytest.mark.parametrize("policy", list(mm.Policy))
 def test_out_of_memory_in_sampling_is_retried_once_and_keeps_the_image(pipeline, monkeypatch, policy):
     pipeline(policy)
-    clean = default_pipeline.process_request(dict(SMALL))
+    clean = pipelines.process_request(dict(SMALL))
     calls = fail_once(monkeypatch, core, "sample")
-    result = default_pipeline.process_request(dict(SMALL))
+    result = pipelines.process_request(dict(SMALL))
     assert "error" not in result.report, result.report
     assert result.report["model_management"]["oom_retries"] == 1 and len(calls) == 2
     assert result.report["out_of_memory"]["effective_budget_bytes"] < result.report["out_of_memory"]["budget_bytes"]
     assert result.report["vram"]["effective_budget_bytes"] == mm.get_manager().effective_budget
     assert (pixels(result.images[0]) == pixels(clean.images[0])).all()
-    assert default_pipeline.model_status()["effective_budget_bytes"] == mm.get_manager().effective_budget
+    assert pipelines.current().model_status()["effective_budget_bytes"] == mm.get_manager().effective_budget
 
 
 def test_out_of_memory_in_a_merge_is_retried_and_the_next_request_is_steady(pipeline, monkeypatch,
@@ -48,9 +49,9 @@ def test_out_of_memory_in_a_merge_is_retried_and_the_next_request_is_steady(pipe
     request = {**SMALL, "loras": [["style.safetensors", 0.8]]}
     with monkeypatch.context() as patch:
         fail_once(patch, LoraPatch, "added")
-        first = default_pipeline.process_request(dict(request))
+        first = pipelines.process_request(dict(request))
     assert "error" not in first.report and first.report["model_management"]["oom_retries"] == 1
-    second = default_pipeline.process_request(dict(request))
+    second = pipelines.process_request(dict(request))
     moved = second.report["model_management"]
     assert "error" not in second.report and (moved["models_loaded"], moved["weights_patched"]) == (0, 0)
     assert (pixels(second.images[0]) == pixels(first.images[0])).all()
@@ -60,10 +61,10 @@ def test_out_of_memory_twice_fails_the_request_alone_with_what_it_needed(pipelin
     pipeline(mm.Policy.RESIDENT)
     with monkeypatch.context() as patch:
         fail_once(patch, core, "sample", times=2)
-        failed = default_pipeline.process_request(dict(SMALL))
+        failed = pipelines.process_request(dict(SMALL))
     error = failed.report["error"]
     assert failed.images == [] and "out of memory" in error and "needed about" in error and "budget" in error
-    assert "error" not in default_pipeline.process_request(dict(SMALL)).report
+    assert "error" not in pipelines.process_request(dict(SMALL)).report
 
 
 def test_a_retry_does_not_make_finished_images_again(pipeline, monkeypatch):
@@ -78,7 +79,7 @@ def test_a_retry_does_not_make_finished_images_again(pipeline, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(core, "sample", second_image_fails_once)
-    result = default_pipeline.process_request({**SMALL, "image_number": 2})
+    result = pipelines.process_request({**SMALL, "image_number": 2})
     assert len(result.images) == 2 and calls == [7, 8, 8]
     assert len(list(folders["outputs"].rglob("*.png"))) == 2
 
@@ -87,18 +88,18 @@ def test_a_refiner_that_is_the_base_is_not_a_second_patch_set(pipeline, tiny_com
     folders = pipeline(mm.Policy.RESIDENT)
     kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
     request = {**SMALL, "loras": [["style.safetensors", 0.8]], "refiner_model": BASE, "refiner_switch": 0.5}
-    first = default_pipeline.process_request(dict(request))
+    first = pipelines.process_request(dict(request))
     assert "disabled" in first.report["refiner_model"]
-    again = default_pipeline.process_request(dict(request)).report["model_management"]
+    again = pipelines.process_request(dict(request)).report["model_management"]
     assert (again["weights_patched"], again["weights_restored"]) == (0, 0)
 
 
 def test_lora_files_and_conditionings_are_charged(pipeline, tiny_components):
     folders = pipeline(mm.Policy.RESIDENT)
     kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
-    default_pipeline.process_request({**SMALL, "loras": [["style.safetensors", 0.8]]})
+    pipelines.process_request({**SMALL, "loras": [["style.safetensors", 0.8]]})
     manager = mm.get_manager()
     caches = manager.ledger(mm.HOST)["caches"]
-    assert caches["lora_files"] == default_pipeline.STATE.lora_files.nbytes() > 0
+    assert caches["lora_files"] == pipelines.current().state.lora_files.nbytes() > 0
     assert caches["conditionings"] > 0
     assert manager.used_bytes() == sum(e.bytes_on(manager.device) for e in manager.loaded) + sum(caches.values())

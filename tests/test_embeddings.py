@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules.checkpoint import load_tokenizers
 from ldm_patched.modules.model_patcher import ModelPatcher
-from modules import config, core, default_pipeline
+from modules import config, core
 from modules.embeddings import EmbeddingCache, EmbeddingError, split_prompt
+from tests.helpers import pipelines
 
 CPU = torch.device("cpu")
 WORDS = ("zebra", "giraffe")   # ordinary single tokens that stand in for the embedding's two vectors
@@ -105,7 +106,7 @@ def test_weighted_embedding_follows_fooocus_token_weights(pipeline, tiny_compone
 def test_unknown_embedding_is_an_error_naming_the_file_looked_for(pipeline, embeddings_folder):
     pipeline(mm.Policy.CONSERVATIVE)
     config.reload_config()
-    report = default_pipeline.process_request({**SMALL, "prompt": "a cat, embedding:nosuch"}).report
+    report = pipelines.process_request({**SMALL, "prompt": "a cat, embedding:nosuch"}).report
     # The folder is named by its config key: reports carry no absolute server paths.
     assert "nosuch.safetensors" in report["error"] and "path_embeddings" in report["error"]
     assert str(embeddings_folder) not in report["error"]
@@ -120,13 +121,13 @@ def test_embedding_file_versions_key_the_conditioning_cache(pipeline, tiny_compo
     path = embeddings_folder / "style.safetensors"
     save_file(vectors(tiny_components, seed=2), str(path))
     request = {**SMALL, "prompt": "a cat, embedding:style"}
-    first = default_pipeline.process_request(dict(request))
-    again = default_pipeline.process_request(dict(request))
+    first = pipelines.process_request(dict(request))
+    again = pipelines.process_request(dict(request))
     assert "error" not in first.report, first.report
     assert again.report["model_management"]["text_encodes"] == 0
     save_file(vectors(tiny_components, seed=5), str(path))
     os.utime(path, ns=(10 ** 18, 10 ** 18))   # a new version even on coarse-mtime file systems
-    changed = default_pipeline.process_request(dict(request))
+    changed = pipelines.process_request(dict(request))
     assert changed.report["model_management"]["text_encodes"] == 1
     pixels = lambda r: np.asarray(Image.open(r.images[0]))  # noqa: E731
     assert np.array_equal(pixels(first), pixels(again)) and not np.array_equal(pixels(first), pixels(changed))

@@ -10,9 +10,10 @@ import args_manager
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules import telemetry
 from ldm_patched.modules.model_patcher import ModelPatcher
-from modules import config, default_pipeline, expansion
+from modules import config, expansion
 from tests.helpers.expansion import EXPANSION_WORDS, build_tiny_expansion
 from tests.helpers.patching import CPU, META, meta_settings
+from tests.helpers import pipelines
 
 SMALL = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a cat", "negative_prompt": "",
          "width": 64, "height": 64, "steps": 1, "seed": 11, "sampler": "euler", "scheduler": "normal",
@@ -67,12 +68,12 @@ def test_missing_files_refuse_fooocus_v2_saying_where_they_go(pipeline, tmp_path
     monkeypatch.setenv("path_fooocus_expansion", str(empty))
     monkeypatch.setattr(args_manager.args, "disable_preset_download", True, raising=False)
     config.reload_config()
-    refused = default_pipeline.process_request(dict(SMALL))
+    refused = pipelines.process_request(dict(SMALL))
     assert refused.images == []
     error = refused.report["error"]
     assert "Fooocus V2" in error and str(empty) in error and "pytorch_model.bin" in error
     assert "positive.txt" in error
-    fine = default_pipeline.process_request({**SMALL, "styles": []})
+    fine = pipelines.process_request({**SMALL, "styles": []})
     assert "error" not in fine.report and len(fine.images) == 1
 
 
@@ -80,18 +81,18 @@ def test_requests_use_one_expansion_per_image_seed(pipeline, tiny_expansion, mon
     pipeline(mm.Policy.RESIDENT)
     monkeypatch.setenv("path_fooocus_expansion", str(tiny_expansion))
     config.reload_config()
-    result = default_pipeline.process_request({**SMALL, "image_number": 2})
+    result = pipelines.process_request({**SMALL, "image_number": 2})
     assert "error" not in result.report, result.report
     first, second = result.report["prompt_expansions"]
     model = expansion.get_expansion(tiny_expansion, allow_download=False)
     assert (first, second) == (model("a cat", 11), model("a cat", 12))
     meta = [json.loads(Image.open(p).text["parameters"]) for p in result.images]
     assert [m["full_prompt"] for m in meta] == ["a cat, " + first, "a cat, " + second]
-    again = default_pipeline.process_request({**SMALL, "image_number": 2})
+    again = pipelines.process_request({**SMALL, "image_number": 2})
     assert again.report["prompt_expansions"] == [first, second]
     moved = again.report["model_management"]
     assert (moved["models_loaded"], moved["bytes_to_device"], moved["text_encodes"]) == (0, 0, 0)
-    status = default_pipeline.model_status()
+    status = pipelines.current().model_status()
     assert "fooocus_expansion" in [m["name"] for m in status["models"]]
     assert status["prompt_expansion"]["loaded"] is True
 

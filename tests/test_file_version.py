@@ -18,8 +18,8 @@ from ldm_patched.modules.checkpoint import CheckpointError, load_checkpoint, ori
 from ldm_patched.modules.demo_model import build_tiny_sdxl
 from ldm_patched.modules.file_version import FileVersion, read_safetensors
 from ldm_patched.modules.lora import LoraError, LoraFileCache, read_lora_file
-from modules import default_pipeline
 from tests.helpers.serving import rewrite_in_place, write_unet_lora
+from tests.helpers import pipelines
 
 BASE = "tiny_sdxl_base.safetensors"
 SMALL = {"base_model": BASE, "prompt": "a cat", "negative_prompt": "blurry", "width": 64, "height": 64,
@@ -106,17 +106,17 @@ def test_lora_rewritten_with_same_size_and_mtime_is_read_again(tmp_path, tiny_co
 def test_checkpoint_rewritten_in_place_is_served_as_the_new_version(pipeline, policy, other_checkpoint_bytes):
     folders = pipeline(policy)
     path = folders["checkpoints"] / BASE
-    old = pixels(default_pipeline.process_request(dict(SMALL)).images[0])
+    old = pixels(pipelines.process_request(dict(SMALL)).images[0])
     before = os.stat(path)
     rewrite_in_place(path, other_checkpoint_bytes)
     ctime_changed(path, before)
-    rewritten = default_pipeline.process_request(dict(SMALL))
+    rewritten = pipelines.process_request(dict(SMALL))
     assert "error" not in rewritten.report, rewritten.report
-    assert default_pipeline.model_status()["checkpoints"] == [BASE]   # the old version is gone
-    assert len(default_pipeline.STATE.checkpoints) == 1
+    assert pipelines.current().model_status()["checkpoints"] == [BASE]   # the old version is gone
+    assert len(pipelines.current().state.checkpoints) == 1
     assert len(mm.get_manager().loaded) <= 3    # unet, text encoders, vae of one version
     pipeline(policy)   # a fresh process state: the oracle for "the new file's pixels"
-    fresh = pixels(default_pipeline.process_request(dict(SMALL)).images[0])
+    fresh = pixels(pipelines.process_request(dict(SMALL)).images[0])
     assert np.array_equal(pixels(rewritten.images[0]), fresh)
     assert not np.array_equal(old, fresh)
 
@@ -126,17 +126,17 @@ def test_lora_rewritten_in_place_changes_the_next_request(pipeline, tiny_compone
     path = folders["loras"] / "style.safetensors"
     write_unet_lora(tiny_components["unet"], path, seed=1)
     request = {**SMALL, "loras": [["style.safetensors", 1.0]]}
-    default_pipeline.process_request(dict(request))
+    pipelines.process_request(dict(request))
     other = tmp_path / "other.safetensors"
     write_unet_lora(tiny_components["unet"], other, seed=2)
     before = os.stat(path)
     rewrite_in_place(path, other.read_bytes())
     ctime_changed(path, before)
-    result = default_pipeline.process_request(dict(request))
+    result = pipelines.process_request(dict(request))
     assert result.report["model_management"]["lora_files_read"] == 1
-    assert len(default_pipeline.STATE.lora_files) == 1
+    assert len(pipelines.current().state.lora_files) == 1
     pipeline(mm.Policy.RESIDENT)
-    fresh = default_pipeline.process_request(dict(request))
+    fresh = pipelines.process_request(dict(request))
     assert np.array_equal(pixels(result.images[0]), pixels(fresh.images[0]))
 
 

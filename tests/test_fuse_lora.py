@@ -11,6 +11,7 @@ from ldm_patched.modules import model_management as mm
 from modules import default_pipeline, fuse_lora
 from tests.test_default_pipeline import SMALL, pixels
 from tests.test_lora import kohya_lora
+from tests.helpers import pipelines
 
 
 def test_lora_argument_weights():
@@ -22,15 +23,15 @@ def test_lora_argument_weights():
 def test_fused_checkpoint_draws_like_base_plus_lora(pipeline, tiny_components, tmp_path):
     folders = pipeline(mm.Policy.CONSERVATIVE)
     lora = kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
-    runtime = default_pipeline.process_request({**SMALL, "loras": [["style.safetensors", 0.75]]})
+    runtime = pipelines.process_request({**SMALL, "loras": [["style.safetensors", 0.75]]})
     fused_path = folders["checkpoints"] / "fused.safetensors"
     assert fuse_lora.main([str(folders["checkpoints"] / SMALL["base_model"]), "--lora", f"{lora}:0.75",
                            "-o", str(fused_path)]) == 0
     with safe_open(str(fused_path), framework="pt") as handle:
         recorded = json.loads(handle.metadata()[default_pipeline.FUSED_LORAS_METADATA_KEY])
     assert recorded == [["style.safetensors", 0.75]]
-    fused = default_pipeline.process_request({**SMALL, "base_model": "fused.safetensors"})
-    plain = default_pipeline.process_request(dict(SMALL))
+    fused = pipelines.process_request({**SMALL, "base_model": "fused.safetensors"})
+    plain = pipelines.process_request(dict(SMALL))
     assert np.abs(pixels(fused.images[0]) - pixels(runtime.images[0])).max() <= 2
     assert np.abs(pixels(plain.images[0]) - pixels(runtime.images[0])).max() > 2  # the LoRA matters
 
@@ -39,12 +40,12 @@ def test_performance_lora_fused_into_the_checkpoint_is_not_added_again(pipeline,
     folders = pipeline(mm.Policy.RESIDENT)
     lcm = kohya_lora(tiny_components, folders["loras"] / "sdxl_lcm_lora.safetensors")
     request = {**SMALL, "performance": "Extreme Speed", "steps": 2}
-    runtime = default_pipeline.process_request(dict(request))
+    runtime = pipelines.process_request(dict(request))
     assert runtime.report["loras"][0]["file"] == "sdxl_lcm_lora.safetensors"
     fused_path = folders["checkpoints"] / "lcm_fused.safetensors"
     fuse_lora.fuse(str(folders["checkpoints"] / SMALL["base_model"]), [(lcm, 1.0)], str(fused_path))
     shutil.move(lcm, folders["outputs"] / "moved_away.safetensors")   # the LoRA file is no longer needed
-    fused = default_pipeline.process_request({**request, "base_model": "lcm_fused.safetensors"})
+    fused = pipelines.process_request({**request, "base_model": "lcm_fused.safetensors"})
     assert "error" not in fused.report, fused.report
     assert fused.report["loras"] == [] and "fused" in fused.report["performance_lora"]
     assert np.abs(pixels(fused.images[0]) - pixels(runtime.images[0])).max() <= 2

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from ldm_patched.modules import model_management as mm
-from modules import default_pipeline, guidance
+from modules import guidance
+from tests.helpers import pipelines
 
 BASE = "tiny_sdxl_base.safetensors"
 NEUTRAL = {"sharpness": 0.0, "adm_scaler_positive": 1.0, "adm_scaler_negative": 1.0, "adm_scaler_end": 0.0}
@@ -57,7 +58,7 @@ def test_neutral_settings_give_the_plain_image_and_match_diffusers(pipeline, tin
     from diffusers import StableDiffusionXLPipeline
 
     pipeline(mm.Policy.CONSERVATIVE)
-    ours = default_pipeline.process_request({**SMALL, **NEUTRAL})
+    ours = pipelines.process_request({**SMALL, **NEUTRAL})
     assert "error" not in ours.report, ours.report
     assert ours.report["guidance"] == {"sharpness": 0.0, "adm_positive": 1.0, "adm_negative": 1.0, "adm_end": 0.0}
     pipe = StableDiffusionXLPipeline.from_single_file(tiny_checkpoint, config=diffusers_config_dir,
@@ -67,20 +68,20 @@ def test_neutral_settings_give_the_plain_image_and_match_diffusers(pipeline, tin
     assert np.abs(pixels(ours.images[0]) - np.round(theirs * 255)).max() <= 2
     # ADM scalers of 1 are the plain sizes whatever the end, and a zero end ignores the scalers.
     for variant in ({"adm_scaler_end": 0.9}, {"adm_scaler_positive": 2.0, "adm_scaler_negative": 0.5}):
-        same = default_pipeline.process_request({**SMALL, **NEUTRAL, **variant})
+        same = pipelines.process_request({**SMALL, **NEUTRAL, **variant})
         assert np.array_equal(pixels(same.images[0]), pixels(ours.images[0]))
 
 
 def test_adm_scales_the_size_conditioning_of_each_side_for_the_first_steps(pipeline):
     pipeline(mm.Policy.CONSERVATIVE)
-    default_pipeline.process_request({**SMALL, **NEUTRAL})        # loads the checkpoint
-    unet = next(iter(default_pipeline.STATE.checkpoints.values())).unet.model
+    pipelines.process_request({**SMALL, **NEUTRAL})        # loads the checkpoint
+    unet = next(iter(pipelines.current().state.checkpoints.values())).unet.model
     seen = []
     hook = unet.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((float(args[1]), kwargs["added_cond_kwargs"]["time_ids"].tolist())),
         with_kwargs=True)
     try:
-        report = default_pipeline.process_request({**SMALL, **NEUTRAL, "adm_scaler_positive": 1.5,
+        report = pipelines.process_request({**SMALL, **NEUTRAL, "adm_scaler_positive": 1.5,
                                                    "adm_scaler_negative": 0.8, "adm_scaler_end": 0.3}).report
     finally:
         hook.remove()
@@ -96,18 +97,18 @@ def test_adm_scales_the_size_conditioning_of_each_side_for_the_first_steps(pipel
 
 def test_other_values_change_the_image_and_move_nothing_when_resident(pipeline):
     pipeline(mm.Policy.RESIDENT)
-    plain = default_pipeline.process_request({**SMALL, **NEUTRAL})
+    plain = pipelines.process_request({**SMALL, **NEUTRAL})
     assert "error" not in plain.report, plain.report
     images = [pixels(plain.images[0])]
     for tweak in ({"sharpness": 30.0}, {"adm_scaler_positive": 1.5, "adm_scaler_negative": 0.8,
                                         "adm_scaler_end": 0.3}, {}):   # {}: the defaults 2.0, 1.5, 0.8, 0.3
         request = {**SMALL, **NEUTRAL, **tweak} if tweak else dict(SMALL)
-        result = default_pipeline.process_request(request)
+        result = pipelines.process_request(request)
         moved = result.report["model_management"]
         assert (moved["models_loaded"], moved["weights_patched"], moved["bytes_to_device"],
                 moved["bytes_to_offload"], moved["text_encodes"]) == (0, 0, 0, 0, 0), moved
         image = pixels(result.images[0])
         assert all(not np.array_equal(image, other) for other in images), tweak
         images.append(image)
-    assert default_pipeline.process_request(dict(SMALL)).report["guidance"] == {
+    assert pipelines.process_request(dict(SMALL)).report["guidance"] == {
         "sharpness": 2.0, "adm_positive": 1.5, "adm_negative": 0.8, "adm_end": 0.3}

@@ -9,7 +9,8 @@ from PIL import Image
 
 import args_manager
 from ldm_patched.modules import model_management as mm
-from modules import config, default_pipeline, history_log
+from modules import config, history_log
+from tests.helpers import pipelines
 
 SMALL = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a <b>cat</b> & \"dog\" </pre>", "width": 64,
          "height": 64, "steps": 1, "seed": 3, "negative_prompt": "</table><script>x()</script>"}
@@ -23,13 +24,13 @@ def assert_valid_html(path):
 
 def test_each_image_appends_one_entry_and_the_log_stays_valid(pipeline):
     folders = pipeline(mm.Policy.CONSERVATIVE)
-    first = default_pipeline.process_request({**SMALL, "image_number": 2})
+    first = pipelines.process_request({**SMALL, "image_number": 2})
     assert "error" not in first.report, first.report
     log = os.path.join(os.path.dirname(first.images[0]), "log.html")
     assert os.path.dirname(log) == os.path.dirname(str(history_log.log_path(str(folders["outputs"]))))
     assert_valid_html(log)
     before = open(log, "rb").read()
-    second = default_pipeline.process_request({**SMALL, "seed": 9})
+    second = pipelines.process_request({**SMALL, "seed": 9})
     after = open(log, "rb").read()
     assert after.startswith(before) and len(after) > len(before)      # appended, never rewritten
     assert_valid_html(log)
@@ -47,7 +48,7 @@ def test_no_log_with_disable_image_log(pipeline, monkeypatch):
     folders = pipeline(mm.Policy.CONSERVATIVE)
     monkeypatch.setattr(args_manager.args, "disable_image_log", True, raising=False)
     config.reload_config()   # the pipeline is handed the flag through the Config
-    result = default_pipeline.process_request(dict(SMALL))
+    result = pipelines.process_request(dict(SMALL))
     assert "error" not in result.report
     assert not os.path.exists(os.path.join(os.path.dirname(result.images[0]), "log.html"))
     assert not any(name == "log.html" for _, _, files in os.walk(folders["outputs"]) for name in files)

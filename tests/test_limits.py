@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 
 from ldm_patched.modules import model_management as mm
-from modules import config, default_pipeline
+from modules import config
 from modules.async_worker import TaskControl, Worker
+from tests.helpers import pipelines
 
 TIMEOUT = 60
 
@@ -43,14 +44,14 @@ def test_a_full_queue_answers_queue_full_at_once_and_later_requests_run():
 
 
 def test_the_process_worker_takes_its_queue_length_from_the_config(monkeypatch, tmp_path):
-    from modules import async_worker
+    from modules import runtime
 
     monkeypatch.setenv("config_path", str(tmp_path / "none.txt"))
     monkeypatch.setenv("max_queue_length", "3")
     config.reload_config()
-    monkeypatch.setattr(async_worker, "_worker", None)
+    monkeypatch.setattr(runtime, "_worker", None)
     try:
-        assert async_worker.get_worker().max_pending == 3
+        assert runtime.get_worker().max_pending == 3
     finally:
         monkeypatch.undo()
         config.reload_config()
@@ -59,15 +60,15 @@ def test_the_process_worker_takes_its_queue_length_from_the_config(monkeypatch, 
 def test_conditioning_cache_is_bounded_in_bytes_and_counted(pipeline, monkeypatch):
     pipeline(mm.Policy.RESIDENT)
     request = {"base_model": "tiny_sdxl_base.safetensors", "width": 64, "height": 64, "steps": 1, "seed": 1}
-    default_pipeline.process_request({**request, "prompt": "warm up"})
-    one = default_pipeline.conditions_cache_bytes() // 2   # prompt and negative: two entries
+    pipelines.process_request({**request, "prompt": "warm up"})
+    one = pipelines.current().state.conditions_bytes() // 2   # prompt and negative: two entries
     assert one > 0
     limit_mb = 3.5 * one / 2 ** 20   # room for three conditionings, not more
     monkeypatch.setenv("max_conditioning_cache_mb", repr(limit_mb))
     config.reload_config()
     for index in range(6):
-        report = default_pipeline.process_request({**request, "prompt": f"prompt number {index}"}).report
+        report = pipelines.process_request({**request, "prompt": f"prompt number {index}"}).report
         assert "error" not in report, report
         assert report["model_management"]["conditioning_cache_bytes"] <= limit_mb * 2 ** 20
-    status = default_pipeline.model_status()["conditioning_cache"]
-    assert status["entries"] == 3 and status["bytes"] == default_pipeline.conditions_cache_bytes()
+    status = pipelines.current().model_status()["conditioning_cache"]
+    assert status["entries"] == 3 and status["bytes"] == pipelines.current().state.conditions_bytes()

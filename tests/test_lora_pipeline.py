@@ -10,9 +10,10 @@ from PIL import Image
 
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules.lora import read_lora_file
-from modules import default_pipeline
 from modules.fuse_lora import fuse
 from tests.helpers.lora_files import TE_SCHEMES, find_text_layers, kohya_lora, lora_tensors, lycoris_file, write
+from tests.helpers import pipelines
+from modules.task_types import RequestResult
 
 BASE = "tiny_sdxl_base.safetensors"
 SMALL = {"base_model": BASE, "prompt": "a cat", "negative_prompt": "blurry", "width": 64, "height": 64, "steps": 3,
@@ -23,8 +24,8 @@ def pixels(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
 
 
-def run(request: dict) -> default_pipeline.RequestResult:
-    result = default_pipeline.process_request(dict(request))
+def run(request: dict) -> RequestResult:
+    result = pipelines.process_request(dict(request))
     assert "error" not in result.report, result.report
     return result
 
@@ -60,7 +61,7 @@ def test_resident_switch_loha_lokr_lora_patches_exactly_the_changed_keys(pipelin
     assert n == len(read_lora_file(folders["loras"] / "lokr.safetensors").layers) > 0
 
     run(dict(SMALL))
-    checkpoint = next(iter(default_pipeline.STATE.checkpoints.values()))
+    checkpoint = next(iter(pipelines.current().state.checkpoints.values()))
     original = _snapshot(checkpoint)
     prompts = iter(f"a cat number {i}" for i in range(10))   # new prompts: the text encoders run each time
 
@@ -108,8 +109,8 @@ def test_refiner_takes_the_loras_that_fit_it(pipeline, tiny_components, tiny_ref
     assert report["refiner_loras"] == ["text.safetensors"]
     assert [entry["refiner"] for entry in report["loras"]] == [True, False]
     # The refiner's CLIP-G got the same change the base's did.
-    refiner = next(c for c in default_pipeline.STATE.checkpoints.values() if c.kind == "refiner")
-    base = next(c for c in default_pipeline.STATE.checkpoints.values() if c.kind == "base")
+    refiner = next(c for c in pipelines.current().state.checkpoints.values() if c.kind == "refiner")
+    base = next(c for c in pipelines.current().state.checkpoints.values() if c.kind == "base")
     key = find_text_layers(tiny_components["text_encoder_2"], ("self_attn.q_proj",))[0][1]
     refined = refiner.clip.model.text_encoder_2.state_dict()[key] - tiny_refiner_components["text_encoder_2"].state_dict()[key]
     based = base.clip.model.text_encoder_2.state_dict()[key] - tiny_components["text_encoder_2"].state_dict()[key]

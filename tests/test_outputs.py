@@ -18,7 +18,8 @@ from PIL import Image
 
 from ldm_patched.modules import model_management as mm
 from modules import config as config_module
-from modules import default_pipeline, image_output, webui
+from modules import image_output, webui
+from tests.helpers import pipelines
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a cät ☕", "width": 64, "height": 64, "steps": 1,
@@ -35,7 +36,7 @@ def use_config(monkeypatch, **changes) -> config_module.Config:
                                                         ("webp", "WEBP", ".webp")])
 def test_every_output_format_with_its_parameters_readable_back(pipeline, fmt, pil_format, extension):
     pipeline(mm.Policy.RESIDENT)
-    result = default_pipeline.process_request({**SMALL, "output_format": fmt, "image_number": 2})
+    result = pipelines.process_request({**SMALL, "output_format": fmt, "image_number": 2})
     assert "error" not in result.report, result.report
     assert result.report["output_format"] == fmt and len(result.images) == 2
     for path, seed in zip(result.images, (5, 6)):
@@ -49,9 +50,9 @@ def test_every_output_format_with_its_parameters_readable_back(pipeline, fmt, pi
 
 def test_png_pixels_are_exact_and_the_default_format_comes_from_the_config(pipeline, monkeypatch):
     pipeline(mm.Policy.RESIDENT)
-    png = default_pipeline.process_request(dict(SMALL)).images[0]
+    png = pipelines.process_request(dict(SMALL)).images[0]
     use_config(monkeypatch, default_output_format="webp")
-    webp = default_pipeline.process_request(dict(SMALL)).images[0]
+    webp = pipelines.process_request(dict(SMALL)).images[0]
     assert png.endswith(".png") and webp.endswith(".webp")
     rgb = np.asarray(Image.open(png).convert("RGB"))
     pixels = np.asarray(Image.open(webp).convert("RGB")).astype(int)
@@ -88,7 +89,7 @@ def test_the_save_runs_on_the_writer_and_the_request_waits_only_for_the_commits(
     monkeypatch.setattr(image_output, "encode", encode)
     monkeypatch.setattr(image_output, "commit", commit)
     request_thread = threading.current_thread().name
-    result = default_pipeline.process_request({**SMALL, "image_number": 3})
+    result = pipelines.process_request({**SMALL, "image_number": 3})
     events.append(("returned", request_thread))
     assert [e for e, _ in events] == ["encode", "commit"] * 3 + ["returned"]
     assert all(name.startswith("image-writer") for _, name in events[:-1])   # never the request's thread
@@ -117,7 +118,7 @@ def test_an_unwritable_output_folder_still_returns_the_images_with_a_warning(pip
     day = datetime.datetime.now().strftime("%Y-%m-%d")
     (folders["outputs"] / day).write_text("a file where the day's folder should be")
     use_config(monkeypatch, temp_path=tmp_path / "elsewhere")
-    result = default_pipeline.process_request({**SMALL, "image_number": 2})
+    result = pipelines.process_request({**SMALL, "image_number": 2})
     assert "error" not in result.report, result.report
     assert len(result.images) == 2 and "output folder" in result.report["warnings"][0]
     for path in result.images:
@@ -127,7 +128,7 @@ def test_an_unwritable_output_folder_still_returns_the_images_with_a_warning(pip
 def test_disable_image_log_writes_to_the_temp_path_which_the_server_may_serve(pipeline, monkeypatch, tmp_path):
     folders = pipeline(mm.Policy.RESIDENT)
     cfg = use_config(monkeypatch, image_log=False, temp_path=tmp_path / "anywhere" / "x")
-    result = default_pipeline.process_request(dict(SMALL))
+    result = pipelines.process_request(dict(SMALL))
     assert Path(result.images[0]).is_relative_to(tmp_path / "anywhere" / "x")
     assert not list(folders["outputs"].rglob("*.png")) and "warnings" not in result.report
     assert str(tmp_path / "anywhere" / "x") in webui.allowed_paths(cfg)

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from ldm_patched.modules import model_management as mm
-from modules import config, default_pipeline, parameters, sdxl_styles
+from modules import config, parameters, sdxl_styles
+from tests.helpers import pipelines
 
 SMALL = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a red fox", "negative_prompt": "fog",
          "width": 72, "height": 64, "steps": 2, "seed": 21, "sampler": "dpmpp_2m", "scheduler": "karras",
@@ -17,12 +18,12 @@ SMALL = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a red fox", "neg
 
 def test_parameters_read_back_from_an_image_make_the_same_image(pipeline):
     pipeline(mm.Policy.CONSERVATIVE)
-    original = default_pipeline.process_request(dict(SMALL))
+    original = pipelines.process_request(dict(SMALL))
     assert "error" not in original.report, original.report
     fields = parameters.from_image(original.images[0])
     for key, value in SMALL.items():
         assert fields[key] == value, key
-    again = default_pipeline.process_request(fields)
+    again = pipelines.process_request(fields)
     assert "error" not in again.report, again.report
     assert np.array_equal(np.asarray(Image.open(again.images[0])), np.asarray(Image.open(original.images[0])))
     # Pasted JSON (e.g. copied from the history log) reads the same way.

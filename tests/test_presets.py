@@ -6,8 +6,9 @@ import logging
 import pytest
 
 from ldm_patched.modules import model_management as mm
-from modules import config, default_pipeline, presets
+from modules import config, presets
 from modules.config import ConfigError, load_config
+from tests.helpers import pipelines
 
 SMALL = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a cat", "width": 64, "height": 64,
          "steps": 1, "seed": 3}
@@ -70,17 +71,17 @@ def test_request_preset_applies_its_values_and_request_fields_win(pipeline, pres
                                 "default_scheduler": "karras", "default_sample_sharpness": 0.0,
                                 "default_styles": ["Fooocus Sharp"], "default_prompt_negative": "fog",
                                 "unknown_upstream_key": 1})
-    applied = default_pipeline.process_request({**SMALL, "preset": "mine"})
+    applied = pipelines.process_request({**SMALL, "preset": "mine"})
     assert "error" not in applied.report, applied.report
     report = applied.report
     assert (report["cfg"], report["sampler"], report["scheduler"], report["preset"]) == (6.5, "dpmpp_2m", "karras", "mine")
     assert report["styles"] == ["Fooocus Sharp"] and report["guidance"]["sharpness"] == 0.0
     meta = json.loads(__import__("PIL.Image", fromlist=["Image"]).open(applied.images[0]).text["parameters"])
     assert meta["negative_prompt"] == "fog"
-    plain = default_pipeline.process_request(dict(SMALL)).report
+    plain = pipelines.process_request(dict(SMALL)).report
     assert plain["cfg"] != 6.5 and plain["styles"] == []
-    explicit = default_pipeline.process_request({**SMALL, "preset": "mine", "guidance_scale": 2.0,
+    explicit = pipelines.process_request({**SMALL, "preset": "mine", "guidance_scale": 2.0,
                                                  "styles": []}).report
     assert explicit["cfg"] == 2.0 and explicit["styles"] == [] and explicit["sampler"] == "dpmpp_2m"
-    missing = default_pipeline.process_request({**SMALL, "preset": "nope"}).report
+    missing = pipelines.process_request({**SMALL, "preset": "nope"}).report
     assert "unknown preset 'nope'" in missing["error"] and "mine" in missing["error"]

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from ldm_patched.modules import model_management as mm
-from modules import config, default_pipeline, sdxl_styles
+from modules import config, sdxl_styles
+from tests.helpers import pipelines
 
 SMALL = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a cat", "negative_prompt": "blurry",
          "width": 64, "height": 64, "steps": 2, "seed": 5, "sampler": "euler", "scheduler": "normal",
@@ -38,15 +39,15 @@ def test_style_from_folder_changes_prompt_and_negative_as_its_template_says(pipe
     pipeline(mm.Policy.CONSERVATIVE)
     use_styles_folder(monkeypatch, write_styles(tmp_path / "styles", [
         {"name": "oil-paint", "prompt": "oil painting of {prompt}, thick brush", "negative_prompt": "photo"}]))
-    styled = default_pipeline.process_request({**SMALL, "styles": ["Oil Paint"]})
+    styled = pipelines.process_request({**SMALL, "styles": ["Oil Paint"]})
     assert "error" not in styled.report, styled.report
     meta = parameters(styled.images[0])
     assert meta["full_prompt"] == "oil painting of a cat, thick brush"
     assert meta["full_negative_prompt"] == "photo, blurry"
     # The encoders saw exactly those texts: the same as asking for them without a style.
-    plain = default_pipeline.process_request({**SMALL, "prompt": "oil painting of a cat, thick brush",
+    plain = pipelines.process_request({**SMALL, "prompt": "oil painting of a cat, thick brush",
                                               "negative_prompt": "photo, blurry"})
-    unstyled = default_pipeline.process_request(dict(SMALL))
+    unstyled = pipelines.process_request(dict(SMALL))
     assert np.array_equal(pixels(styled.images[0]), pixels(plain.images[0]))
     assert not np.array_equal(pixels(styled.images[0]), pixels(unstyled.images[0]))
 
@@ -55,12 +56,12 @@ def test_unknown_style_is_a_clear_error_and_the_server_keeps_serving(pipeline, t
     pipeline(mm.Policy.CONSERVATIVE)
     use_styles_folder(monkeypatch, write_styles(tmp_path / "styles", [
         {"name": "Cinematic Glow", "prompt": "{prompt}, glow", "negative_prompt": ""}]))
-    bad = default_pipeline.process_request({**SMALL, "styles": ["Cinematic Glo"]})
+    bad = pipelines.process_request({**SMALL, "styles": ["Cinematic Glo"]})
     assert bad.images == []
     assert "unknown style 'Cinematic Glo'" in bad.report["error"]
     assert "Cinematic Glow" in bad.report["error"]       # the close match is offered
     assert str(tmp_path / "styles") in bad.report["error"]
-    good = default_pipeline.process_request({**SMALL, "styles": ["cinematic glow"]})
+    good = pipelines.process_request({**SMALL, "styles": ["cinematic glow"]})
     assert "error" not in good.report and len(good.images) == 1
 
 
@@ -69,9 +70,9 @@ def test_default_styles_apply_when_the_request_names_none(pipeline, tmp_path, mo
     monkeypatch.setenv("default_styles", json.dumps(["Tagged"]))
     use_styles_folder(monkeypatch, write_styles(tmp_path / "styles", [
         {"name": "Tagged", "prompt": "{prompt}, tagged", "negative_prompt": "untagged"}]))
-    result = default_pipeline.process_request(dict(SMALL))
+    result = pipelines.process_request(dict(SMALL))
     assert parameters(result.images[0])["full_prompt"] == "a cat, tagged"
-    explicit_none = default_pipeline.process_request({**SMALL, "styles": []})
+    explicit_none = pipelines.process_request({**SMALL, "styles": []})
     assert parameters(explicit_none.images[0])["full_prompt"] == "a cat"
 
 

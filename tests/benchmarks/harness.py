@@ -14,7 +14,7 @@ run and the dry run in the default test suite. Per run:
    them by name and no disk reload is ever part of a measurement;
 3. each scenario: an uncounted warm-up (one pass over the scenario's distinct requests:
    1, or 2 for the switch scenarios), then N counted requests through
-   `default_pipeline.process_request`; every number comes from the request's report.
+   `Pipeline.process_request`; every number comes from the request's report.
 
 Two comparisons ride along in the same run:
 
@@ -56,8 +56,9 @@ from ldm_patched.modules import model_management
 from ldm_patched.modules.checkpoint import load_tokenizers
 from ldm_patched.modules.file_version import FileVersion
 from modules import config as config_module
-from modules import compiled_unet, core, default_pipeline, flags
+from modules import compiled_unet, core, flags
 from tests.benchmarks import models
+from tests.helpers import pipelines
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LORA_FILE = flags.LCM_LORA.file_name
@@ -190,7 +191,7 @@ def bench_folders(root: Path) -> Iterator[dict[str, Path]]:
         folder.mkdir(parents=True, exist_ok=True)
     config_file = root / "config.txt"
     config_file.write_text(json.dumps({f"path_{n}": str(p) for n, p in folders.items()}))
-    previous_env, previous_state = os.environ.get("config_path"), default_pipeline.STATE
+    previous_env, previous_pipeline = os.environ.get("config_path"), pipelines.current()
     os.environ["config_path"] = str(config_file)
     config_module.reload_config()
     try:
@@ -201,7 +202,7 @@ def bench_folders(root: Path) -> Iterator[dict[str, Path]]:
         else:
             os.environ["config_path"] = previous_env
         config_module.reload_config()
-        default_pipeline.STATE = previous_state
+        pipelines.install(previous_pipeline)
 
 
 def install_configuration(name: str, options: BenchOptions, built: BuiltModels,
@@ -216,10 +217,11 @@ def install_configuration(name: str, options: BenchOptions, built: BuiltModels,
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    default_pipeline.STATE = default_pipeline.PipelineState(max_checkpoints=8)
+    pipeline = pipelines.install()
+    pipeline.state.max_checkpoints = 8
     for file_name, (kind, parts) in built.checkpoints.items():
-        default_pipeline.adopt_checkpoint(FileVersion.of(str(folders["checkpoints"] / file_name)), kind,
-                                          parts, built.tokenizers)
+        pipeline.adopt_checkpoint(FileVersion.of(str(folders["checkpoints"] / file_name)), kind,
+                                  parts, built.tokenizers)
     return manager
 
 
@@ -265,7 +267,7 @@ def scenario_requests(scenario: str, options: BenchOptions) -> tuple[list[dict[s
 
 def run_request(request: dict[str, Any]) -> dict[str, Any]:
     """One request through the pipeline; the benchmark fails on any request error."""
-    report = default_pipeline.process_request(dict(request)).report
+    report = pipelines.process_request(dict(request)).report
     if "error" in report:
         raise RuntimeError(f"benchmark request failed: {report['error']}")
     timings = dict(report["timings_ms"])

@@ -1,0 +1,273 @@
+"""A generation request as the API and the page send it: parsed, checked and resolved.
+
+Torch-free. Every check names the field (or the config key) it concerns, so a bad
+request fails with a message a client can act on, before anything is loaded.
+Model names are resolved in the model folders here, so the Ray ingress routes on
+exactly the files the pipeline will load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from modules import config as config_module
+from modules import flags
+from modules.task_types import RequestError
+
+DEMO_CHECKPOINT_NAME = "fooocus_resident_demo_random.safetensors"
+MAX_SIDE = 4096
+MAX_IMAGES = 32
+MAX_STEPS = 200
+MAX_SEED = 2 ** 63 - 1
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    performance: flags.Performance = flags.Performance.SPEED
+    width: int = 1152
+    height: int = 896
+    image_number: int = 1
+    seed: int = -1
+    base_model: str = ""
+    refiner_model: str = ""
+    refiner_switch: float = 0.8
+    vae: str = flags.DEFAULT_VAE
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    guidance_scale: float = 4.0
+    sampler: str = flags.DEFAULT_SAMPLER
+    scheduler: str = flags.DEFAULT_SCHEDULER
+    steps: int | None = None
+    output_format: str = "png"
+    styles: list[str] = field(default_factory=list)
+    sharpness: float = 2.0
+    adm_scaler_positive: float = 1.5
+    adm_scaler_negative: float = 0.8
+    adm_scaler_end: float = 0.3
+
+    @staticmethod
+    def from_dict(data: dict, cfg: config_module.Config) -> "GenerationRequest":
+        if not isinstance(data, dict):
+            raise RequestError("the request must be one JSON object")
+        if not isinstance(data.get("prompt"), str):
+            raise RequestError("field 'prompt' (a string) is required")
+        width, height = cfg.default_size
+        if "aspect_ratio" in data:
+            try:
+                width, height = flags.parse_aspect_ratio(_text(data, "aspect_ratio", ""))
+            except ValueError as error:
+                raise RequestError(f"field 'aspect_ratio': {error}") from None
+        try:
+            performance = flags.parse_performance(data.get("performance", cfg.default_performance))
+        except ValueError as error:
+            raise RequestError(str(error)) from error
+        request = GenerationRequest(
+            prompt=_prompt_text(data, "prompt", "", cfg),
+            negative_prompt=_prompt_text(data, "negative_prompt", cfg.default_prompt_negative, cfg),
+            performance=performance,
+            width=_int(data, "width", width, 64, MAX_SIDE),
+            height=_int(data, "height", height, 64, MAX_SIDE),
+            image_number=_int(data, "image_number", 1, 1, MAX_IMAGES),
+            seed=_int(data, "seed", -1, -1, MAX_SEED),
+            base_model=_text(data, "base_model", cfg.default_model),
+            refiner_model=_text(data, "refiner_model", cfg.default_refiner),
+            refiner_switch=_float(data, "refiner_switch", cfg.default_refiner_switch, 0.0, 1.0),
+            vae=_text(data, "vae", cfg.default_vae),
+            loras=_loras(data.get("loras", [[s.name, s.weight] for s in cfg.default_loras if s.enabled]), cfg),
+            guidance_scale=_float(data, "guidance_scale", cfg.default_cfg_scale, 0.0, 30.0),
+            sampler=_text(data, "sampler", cfg.default_sampler),
+            scheduler=_text(data, "scheduler", cfg.default_scheduler),
+            steps=None if data.get("steps") in (None, -1) else _int(data, "steps", 0, 1, MAX_STEPS),
+            output_format=_one_of(data, "output_format", cfg.default_output_format, flags.OUTPUT_FORMATS),
+            styles=_names(data, "styles", list(cfg.default_styles)),
+            sharpness=_float(data, "sharpness", cfg.default_sample_sharpness, 0.0, 30.0),
+            adm_scaler_positive=_float(data, "adm_scaler_positive", 1.5, 0.1, 3.0),
+            adm_scaler_negative=_float(data, "adm_scaler_negative", 0.8, 0.1, 3.0),
+            adm_scaler_end=_float(data, "adm_scaler_end", 0.3, 0.0, 1.0),
+        )
+        for side in ("width", "height"):
+            if getattr(request, side) % 8:
+                raise RequestError(f"field '{side}' must be a multiple of 8, got {getattr(request, side)}")
+        return request
+
+
+def _text(data: dict, key: str, default: str) -> str:
+    value = data.get(key, default)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RequestError(f"field '{key}' must be a string, got {value!r}")
+    return _valid_text(key, value)
+
+
+def _valid_text(key: str, value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:   # a lone surrogate ("\ud800") from a JSON escape
+        raise RequestError(f"field '{key}' is not valid text: {error.reason} at character {error.start}") from None
+    return value
+
+
+# A CLIP token is rarely over a dozen characters: a text this many times longer than the
+# token limit is refused before spending time on tokenizing it.
+CHARS_PER_TOKEN_BOUND = 32
+
+
+def _prompt_text(data: dict, key: str, default: str, cfg: config_module.Config) -> str:
+    value = _text(data, key, default)
+    if len(value) > cfg.max_prompt_tokens * CHARS_PER_TOKEN_BOUND:
+        raise RequestError(f"field '{key}' is too long ({len(value)} characters; at most "
+                           f"{cfg.max_prompt_tokens} tokens, config key max_prompt_tokens)")
+    return value
+
+
+def check_prompt_tokens(key: str, text: str, tokenizers: tuple, cfg: config_module.Config) -> None:
+    """Token limit (max_prompt_tokens): each 75 tokens is one more window the text
+    encoders and every UNet step attend over."""
+    tokenizer = next(t for t in tokenizers if t is not None)
+    count = len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+    if count > cfg.max_prompt_tokens:
+        raise RequestError(f"field '{key}' has {count} tokens; at most {cfg.max_prompt_tokens} "
+                           f"(config key max_prompt_tokens)")
+
+
+def _int(data: dict, key: str, default: int, low: int, high: int) -> int:
+    value = data.get(key, default)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value):
+        raise RequestError(f"field '{key}' must be an integer, got {value!r}")
+    if not low <= int(value) <= high:
+        raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+def _float(data: dict, key: str, default: float, low: float, high: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"field '{key}' must be a finite number, got {value!r}")
+    if not low <= float(value) <= high:
+        raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _names(data: dict, key: str, default: list[str]) -> list[str]:
+    value = data.get(key, default)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RequestError(f"field '{key}' must be a list of names, got {value!r}")
+    return list(value)
+
+
+def _one_of(data: dict, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = _text(data, key, default)
+    if value not in allowed:
+        raise RequestError(f"field '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def check_lora_weight(weight: float, where: str, cfg: config_module.Config) -> float:
+    """LoRA weights are finite and within +-max_lora_weight (NaN, inf or 1e308 give
+    black or noise images, or overflow in the merge)."""
+    limit = cfg.max_lora_weight
+    if not math.isfinite(weight) or abs(weight) > limit:
+        raise RequestError(f"{where}: weight must be a finite number between {-limit:g} and {limit:g} "
+                           f"(config key max_lora_weight), got {weight!r}")
+    return weight
+
+
+def _loras(value: Any, cfg: config_module.Config) -> list[tuple[str, float]]:
+    if not isinstance(value, list):
+        raise RequestError("field 'loras' must be a list of [file name, weight]")
+    if len(value) > cfg.max_loras_per_request:
+        raise RequestError(f"field 'loras' has {len(value)} entries; at most {cfg.max_loras_per_request} "
+                           f"(config key max_loras_per_request)")
+    loras = []
+    for index, item in enumerate(value):
+        if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str)
+                or isinstance(item[1], bool) or not isinstance(item[1], (int, float))):
+            raise RequestError(f"field 'loras': each LoRA must be [file name, weight], got {item!r}")
+        _valid_text("loras", item[0])
+        check_lora_weight(float(item[1]), f"field 'loras' item {index} ({item[0]})", cfg)
+        if item[0] not in ("", flags.NONE_NAME) and item[1] != 0:
+            loras.append((item[0], float(item[1])))
+    return loras
+
+
+_LORA_TAG = re.compile(r"<lora:([^:>]+):([^>]*)>")
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Fooocus prompt tags `<lora:name:weight>` -> (prompt without tags, loras)."""
+    loras = []
+    for name, weight in _LORA_TAG.findall(prompt):
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        try:
+            value = float(weight)
+        except ValueError:
+            raise RequestError(f"field 'prompt': tag <lora:{name}:{weight}> has no number as weight") from None
+        loras.append((name, value))
+    return _LORA_TAG.sub("", prompt).strip(), loras
+
+
+# -- model files ------------------------------------------------------------------------
+
+def resolve_checkpoint(name: str, cfg: config_module.Config) -> str:
+    if not name:
+        files = config_module.list_model_files(cfg.path_checkpoints)
+        real = [f for f in files if os.path.basename(f) != DEMO_CHECKPOINT_NAME]
+        if not files:
+            raise RequestError("no checkpoint in the checkpoints folder (config key path_checkpoints): "
+                               "put an SDXL .safetensors file there")
+        name = (real or files)[0]
+    return _resolve(name, cfg.path_checkpoints, "base_model", "checkpoints", "path_checkpoints")
+
+
+def resolve_lora(name: str, cfg: config_module.Config) -> str:
+    return _resolve(name, cfg.path_loras, "loras", "LoRA", "path_loras")
+
+
+def _resolve(name: str, folders, field: str, kind: str, key: str) -> str:
+    """The file's path; the error names the file as asked and the folder by its config
+    key (clients never see the server's absolute paths)."""
+    try:
+        return config_module.resolve_model_file(name, folders)
+    except FileNotFoundError:
+        raise RequestError(f"field '{field}': model file {name!r} not found in the {kind} folder "
+                           f"(config key {key})") from None
+
+
+def model_name(path: str, folders) -> str:
+    """A model file's name as clients use it: relative to the model folder holding it."""
+    for folder in folders:
+        relative = os.path.relpath(path, folder)
+        if not relative.startswith(os.pardir + os.sep) and relative != os.pardir and not os.path.isabs(relative):
+            return relative.replace(os.sep, "/")
+    return os.path.basename(path)
+
+
+def scrub_paths(message: str, cfg: config_module.Config) -> str:
+    """Errors go to clients: files under a model folder are named relative to it and a
+    folder itself by its config key, never by the server's absolute path."""
+    folders = [(str(f), key) for key in ("path_checkpoints", "path_loras", "path_vae", "path_embeddings")
+               for f in getattr(cfg, key)] + [(str(cfg.path_outputs), "path_outputs")]
+    for folder, key in sorted(folders, key=lambda item: -len(item[0])):
+        message = message.replace(folder + os.sep, "").replace(folder, f"<{key}>")
+    return message
+
+
+def preset_config(request: Any, cfg: config_module.Config) -> config_module.Config:
+    """The config a request's defaults come from: `cfg`, or with the request's `preset`
+    (presets/NAME.json) laid over config.txt instead of --preset's."""
+    name = request.get("preset") if isinstance(request, dict) else None
+    if name in (None, ""):
+        return cfg
+    if not isinstance(name, str):
+        raise RequestError(f"field 'preset' must be a preset name, got {name!r}")
+    return config_module.with_preset(name)
