@@ -272,27 +272,86 @@ def latent_shape(unet: ModelPatcher, vae: ModelPatcher, width: int, height: int)
     return (1, unet.model.config.in_channels, height // scale, width // scale)
 
 
+def kept_schedule(steps: int, denoise: float) -> tuple[int, int]:
+    """(total, first kept index) of an image-to-image schedule, ComfyUI/Fooocus's rule:
+    a schedule made for int(steps / denoise) steps of which the last `steps` run, so a
+    smaller denoise starts from a lower noise level with the same number of UNet calls.
+    denoise 1 is the whole schedule (today's text-to-image)."""
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    if denoise >= 0.9999:
+        return steps, 0
+    total = int(steps / denoise)
+    return total, total - steps
+
+
+def _start_at(sched, total: int, start: int, device) -> torch.Tensor:
+    """Set the scheduler to `total` steps and return the timesteps from index `start` on.
+    Schedulers that count steps (Euler, DPM++, UniPC, LCM...) are told where they begin,
+    so their sigma index (and `add_noise`) follow the kept part; second-order ones
+    (Heun, DPM2) hold two entries per step after the first."""
+    sched.set_timesteps(total, device=device)
+    first = start * getattr(sched, "order", 1)
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(first)
+    return sched.timesteps[first:]
+
+
+def _noised(sched, init: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`init` at the noise level of timestep `t` (the scheduler's own rule: x + sigma*n
+    for the sigma schedulers, sqrt(a)*x + sqrt(1-a)*n for DDPM-style ones like LCM)."""
+    return sched.add_noise(init, noise, t.reshape(1))
+
+
+def _check_img2img(shape, init_latents: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+    if init_latents is not None and tuple(init_latents.shape) != tuple(shape):
+        raise ValueError(f"init_latents has shape {tuple(init_latents.shape)}, the latents are {tuple(shape)}")
+    if mask is not None:
+        if init_latents is None:
+            raise ValueError("a mask needs init_latents (what to keep outside it)")
+        if mask.shape[-2:] != tuple(shape[-2:]):
+            raise ValueError(f"mask has size {tuple(mask.shape[-2:])}, the latents are {tuple(shape[-2:])}")
+
+
 def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int, cfg: float,
            width: int, height: int, seed: int, shape: tuple[int, int, int, int],
            switch_step: int | None = None, callback: Callable[[int, int, torch.Tensor], None] | None = None,
-           guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL) -> torch.Tensor:
+           guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL,
+           init_latents: torch.Tensor | None = None, denoise: float = 1.0,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise one image of latent `shape`; returns latents. `switch_step` hands over to stages[1].
-    `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step."""
+    `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step.
+
+    Image to image: `init_latents` (VAE-encoded and scaled, `shape`) noised to the first
+    kept timestep of the `denoise` schedule (see kept_schedule) replace pure noise.
+    Inpainting: where `mask` (latent size, 1 = repaint, 0 = keep) is 0 the latents are
+    put back to init_latents at the current noise level after every step, and to
+    init_latents exactly after the last, so any checkpoint can inpaint."""
+    _check_img2img(shape, init_latents, mask)
     sched = make_scheduler(sampler, scheduler)
     first = stages[0].unet
     device = first.load_device
     model_management.load_models_gpu([first], model_management.working_memory_bytes(
         "unet", width, height, 1, first.model_dtype()))
-    sched.set_timesteps(steps, device=device)
+    total, start = kept_schedule(steps, denoise) if init_latents is not None else (steps, 0)
+    timesteps = _start_at(sched, total, start, device) if init_latents is not None else None
+    if timesteps is None:
+        sched.set_timesteps(steps, device=device)
+        timesteps = sched.timesteps
     # Noise is drawn on the CPU so a seed gives the same image on every device; the
     # same generator then feeds the stochastic samplers, as in diffusers' pipeline.
     generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-    latents = noise.to(device) * sched.init_noise_sigma
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    if init_latents is None:
+        latents = noise * sched.init_noise_sigma
+    else:
+        init_latents = init_latents.to(device, torch.float32)
+        latents = _noised(sched, init_latents, noise, timesteps[0])
+    keep = None if mask is None else 1.0 - mask.to(device, torch.float32)
     active = 0
     denoised = latents
     with torch.inference_mode():
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(timesteps):
             if switch_step is not None and i == switch_step and len(stages) > 1 and active == 0:
                 active = 1
                 model_management.load_models_gpu([stages[1].unet], model_management.working_memory_bytes(
@@ -304,12 +363,26 @@ def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int,
             denoised = getattr(out, "pred_original_sample", None)
             if denoised is None:
                 denoised = getattr(out, "denoised", None)
+            if keep is not None:
+                last = i + 1 == len(timesteps)
+                latents, denoised = _keep_outside(sched, latents, denoised, init_latents, noise, keep,
+                                                  None if last else timesteps[i + 1])
             try:
                 if callback is not None:   # (step, steps, x0 estimate: a preview may use it)
                     callback(i + 1, steps, denoised if denoised is not None else latents)
             except SkipImage:
                 return denoised if denoised is not None else latents
     return latents
+
+
+def _keep_outside(sched, latents, denoised, init, noise, keep, next_t):
+    """Masked latent blending: outside the mask the latents become init at the next
+    step's noise level (exactly init after the last step); the x0 estimate shows init there."""
+    target = init if next_t is None else _noised(sched, init, noise, next_t)
+    latents = latents * (1.0 - keep) + target * keep
+    if denoised is not None:
+        denoised = denoised * (1.0 - keep) + init * keep
+    return latents, denoised
 
 
 # Upstream (ComfyUI's cond concatenation) also refuses to pad a conditioning to more
@@ -364,3 +437,31 @@ def decode(vae: ModelPatcher, latents: torch.Tensor, width: int, height: int) ->
         image = model.decode(scaled, return_dict=False)[0].float()
     image = (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
     return (image * 255).round().astype(np.uint8)
+
+
+def _crop_to_multiple(pixels: np.ndarray, multiple: int) -> np.ndarray:
+    """Centre crop to a multiple of the VAE's downscale, as upstream's VAE encode does:
+    the latents then decode to exactly the cropped size."""
+    height, width = pixels.shape[:2]
+    h, w = height // multiple * multiple, width // multiple * multiple
+    top, left = (height - h) // 2, (width - w) // 2
+    return pixels[top:top + h, left:left + w]
+
+
+def encode(vae: ModelPatcher, pixels: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 image -> latents (1, C, h, w) scaled by the VAE's scaling factor, the
+    inverse of `decode`. The posterior's mean is used, not a sample, so the same image
+    and seed always give the same result. Sizes not a multiple of the VAE's downscale
+    (8 for SDXL) are centre-cropped to one."""
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"encode expects an HxWx3 uint8 image, got {pixels.dtype} {pixels.shape}")
+    model = vae.model
+    pixels = _crop_to_multiple(pixels, 2 ** (len(model.config.block_out_channels) - 1))
+    height, width = pixels.shape[:2]
+    model_management.load_models_gpu([vae], model_management.working_memory_bytes(
+        "vae", width, height, 1, vae.model_dtype()))
+    image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    with torch.inference_mode():
+        posterior = model.encode(image.to(vae.load_device, vae.model_dtype()), return_dict=False)[0]
+        latents = posterior.mode().float() * model.config.scaling_factor
+    return latents

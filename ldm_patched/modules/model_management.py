@@ -943,10 +943,16 @@ def working_memory_bytes(stage: str, width: int, height: int, batch: int, dtype:
     UNet: two CFG halves through SDXL's widest activations with SDPA attention,
     about 16 KiB per latent pixel per image at fp16; VAE decode: the full-size
     feature maps of the decoder, about 1.5 KiB per output pixel at fp16.
+    Upscaler (ESRGAN-family, run in tiles): `width` x `height` is one input tile; an
+    RRDB block concatenates up to 64+4*32 channels at the tile's size and the 4x
+    upsampler holds 64-channel maps at 16x its pixels, so about 2.5 KiB per input
+    pixel at fp16 (a rough upper bound: 512x512 tiles ~ 0.7 GB).
     """
     scale = torch.tensor([], dtype=dtype).element_size() / 2
     if stage == "unet":
         return int(batch * 2 * (width // 8) * (height // 8) * 16 * 1024 * scale)
     if stage == "vae":
         return int(batch * width * height * 1536 * scale)
+    if stage == "upscaler":
+        return int(batch * width * height * 2560 * scale)
     return int(batch * 77 * 2048 * 64 * scale)
