@@ -942,9 +942,14 @@ def working_memory_bytes(stage: str, width: int, height: int, batch: int, dtype:
 
     UNet: two CFG halves through SDXL's widest activations with SDPA attention,
     about 16 KiB per latent pixel per image at fp16; VAE decode: the full-size
-    feature maps of the decoder, about 1.5 KiB per output pixel at fp16.
+    feature maps of the decoder, about 1.5 KiB per output pixel at fp16; CLIP vision
+    (image prompts, ViT-H/14 at 224x224, width/height unused): per image the hidden states
+    of all 33 layers kept for the penultimate one (257 tokens x 1280, ~22 MB) plus one
+    layer's MLP and attention scores (~5 MB), so 32 MiB per image at fp16.
     """
     scale = torch.tensor([], dtype=dtype).element_size() / 2
+    if stage == "clip_vision":
+        return int(batch * 32 * 1024 * 1024 * scale)
     if stage == "unet":
         return int(batch * 2 * (width // 8) * (height // 8) * 16 * 1024 * scale)
     if stage == "vae":
