@@ -492,6 +492,7 @@ class ImagePromptModels:
         if ip.model.clip_width != clip.model.config.hidden_size:
             raise ImagePromptError(f"{ip_version.name}: expects CLIP features {ip.model.clip_width} wide, "
                                    f"{clip_version.name} gives {clip.model.config.hidden_size}")
+        self._register_cache()
         key = (ip_version, clip_version)
         adapter = self._adapters.get(key)
         if adapter is None:
@@ -499,6 +500,14 @@ class ImagePromptModels:
                               and k[1] in self._current_versions()}
             adapter = self._adapters[key] = ImagePromptAdapter(ip, clip, ip_version, clip_version, self._tokens)
         return adapter
+
+    def _register_cache(self) -> None:
+        """Charge the cached tokens (host memory) to the host ledger; freeable in the first tier."""
+        def nbytes() -> int:
+            return sum(t.cond.numel() * t.cond.element_size() + t.uncond.numel() * t.uncond.element_size()
+                       for t in self._tokens.values())
+        model_management.get_manager().register_cache("image_prompt_tokens", model_management.HOST,
+                                                      nbytes, self._tokens.clear)
 
     def _current_versions(self) -> set[FileVersion]:
         return {v for v, _ in self._ip.values()} | {v for v, _ in self._clip.values()}
@@ -637,16 +646,20 @@ def _slot_of(unet: torch.nn.Module) -> _Slot | None:
 def install(unet: torch.nn.Module) -> _Slot:
     """Put our processor on every cross-attention layer of `unet`, once (idempotent)."""
     slot = _slot_of(unet)
-    if slot is not None:
-        return slot
     layers = cross_attention_layers(unet)
+    if slot is not None and all(isinstance(a.processor, ImagePromptAttnProcessor) and a.processor.slot is slot
+                                for a in layers):
+        return slot
+    # First time, or someone replaced processors since (set_attn_processor): wrap what is there.
+    layers_original = [a.processor.original if isinstance(a.processor, ImagePromptAttnProcessor) else a.processor
+                       for a in layers]
     for attn in layers:
         if attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_q is not None:
             raise ImagePromptError("image prompts: this UNet's cross-attention layers have norms "
                                    "the image-prompt processor does not handle")
     slot = _Slot(layers=len(layers))
-    for i, attn in enumerate(layers):
-        attn.set_processor(ImagePromptAttnProcessor(attn.processor, slot, i))
+    for i, (attn, original) in enumerate(zip(layers, layers_original)):
+        attn.set_processor(ImagePromptAttnProcessor(original, slot, i))
     unet.__dict__[_SLOT_ATTRIBUTE] = slot
     return slot
 

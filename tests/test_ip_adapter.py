@@ -70,6 +70,7 @@ def test_loads_both_files_and_registers_patchers(files, unet, manager):
     adapter.image_tokens([image(1)])
     names = {m["name"] for m in manager.status()["models"]}
     assert {adapter.ip.name, adapter.clip.name} <= names
+    assert manager.ledger(mm.HOST)["caches"]["image_prompt_tokens"] > 0
 
 
 def test_clip_vision_matches_the_original_in_both_layouts(files, tmp_path, manager):
@@ -193,6 +194,14 @@ def test_installed_processor_is_bit_exact_without_context(unet):
     ipa.install(unet)
     ipa.install(unet)   # idempotent
     assert all(isinstance(a.processor, ipa.ImagePromptAttnProcessor) for a in ipa.cross_attention_layers(unet))
+    assert torch.equal(run(unet), before)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    unet.set_attn_processor(AttnProcessor2_0())   # someone resets processors: installed again
+    ipa.install(unet)
+    assert all(isinstance(a.processor, ipa.ImagePromptAttnProcessor) for a in ipa.cross_attention_layers(unet))
+    ipa.install(unet)   # and not stacked
+    assert all(not isinstance(a.processor.original, ipa.ImagePromptAttnProcessor)
+               for a in ipa.cross_attention_layers(unet))
     assert torch.equal(run(unet), before)
 
 
