@@ -358,6 +358,15 @@ class PreparedPrompt:
     weight: float
     stop: float
 
+    def on(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s (K, V) on `like`'s device and dtype. Prepared where the UNet was
+        (it may have been offloaded then): the first step moves each layer once, for good."""
+        k, v = self.keys[index], self.values[index]
+        if k.device != like.device or k.dtype != like.dtype:
+            k, v = k.to(like.device, like.dtype), v.to(like.device, like.dtype)
+            self.keys[index], self.values[index] = k, v
+        return k, v
+
 
 @dataclass
 class PreparedImagePrompts:
@@ -614,8 +623,8 @@ class ImagePromptAttnProcessor:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         rows = _row_kinds(active.rows, batch, hidden_states.device)
         for p in prompts:
-            k_ip = split(p.keys[self.index].to(query.dtype)[rows])
-            v_ip = split(p.values[self.index].to(query.dtype)[rows])
+            k_ip = split(p.on(self.index, query)[0][rows])
+            v_ip = split(p.on(self.index, query)[1][rows])
             out = out + p.weight * F.scaled_dot_product_attention(query, k_ip, v_ip)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))

@@ -289,3 +289,15 @@ def test_nested_context_refused(files, unet, manager):
         with pytest.raises(ipa.ImagePromptError):
             with ipa.applied(unet, prepared):
                 pass
+
+
+def test_prepared_kv_follow_the_unet_device_and_dtype_once(files, unet, manager):
+    _, prepared = prepared_for(files, unet, manager)
+    like = torch.zeros(1, dtype=torch.float64)
+    k, v = prepared.prompts[0].on(0, like)
+    assert k.dtype == v.dtype == torch.float64
+    assert prepared.prompts[0].on(0, like)[0] is k   # moved once, kept
+
+
+def test_clip_vision_working_memory_estimate():
+    assert mm.working_memory_bytes("clip_vision", 224, 224, 2, torch.float16) == 2 * 32 * 1024 * 1024
