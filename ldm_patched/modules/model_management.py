@@ -947,8 +947,13 @@ def working_memory_bytes(stage: str, width: int, height: int, batch: int, dtype:
     RRDB block concatenates up to 64+4*32 channels at the tile's size and the 4x
     upsampler holds 64-channel maps at 16x its pixels, so about 2.5 KiB per input
     pixel at fp16 (a rough upper bound: 512x512 tiles ~ 0.7 GB).
+    CLIP vision (image prompts, ViT-H/14 at 224x224, width/height unused): per image the
+    hidden states of all 33 layers kept for the penultimate one (257 tokens x 1280, ~22 MB)
+    plus one layer's MLP and attention scores (~5 MB), so 32 MiB per image at fp16.
     """
     scale = torch.tensor([], dtype=dtype).element_size() / 2
+    if stage == "clip_vision":
+        return int(batch * 32 * 1024 * 1024 * scale)
     if stage == "unet":
         return int(batch * 2 * (width // 8) * (height // 8) * 16 * 1024 * scale)
     if stage == "vae":
