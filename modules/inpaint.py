@@ -170,14 +170,22 @@ def latent_mask(mask: np.ndarray | torch.Tensor, latent_h: int, latent_w: int) -
 
 def feather(mask: np.ndarray) -> np.ndarray:
     """Paste weights: 255 on the mask, 256 - 8*d at chessboard distance d outside it, 0 from
-    32 px on; the ring hides the seam, and everything beyond it stays the original."""
-    current = Image.fromarray(np.where(mask > MASK_THRESHOLD, 255, 0).astype(np.uint8))
-    soft = np.asarray(current).astype(np.int32)
+    32 px on; the ring hides the seam, and everything beyond it stays the original. Only the
+    mask's bounding box plus the ring is filtered (a small mask on a large image is cheap)."""
+    binary = mask > MASK_THRESHOLD
+    soft = np.zeros(mask.shape, np.uint8)
+    if not binary.any():
+        return soft
+    rows, cols = np.nonzero(binary)
+    top, left = max(0, rows.min() - FEATHER_RINGS), max(0, cols.min() - FEATHER_RINGS)
+    bottom, right = rows.max() + FEATHER_RINGS + 1, cols.max() + FEATHER_RINGS + 1
+    current = Image.fromarray(np.where(binary[top:bottom, left:right], 255, 0).astype(np.uint8))
+    region = np.asarray(current).astype(np.int32)
     for ring in range(1, FEATHER_RINGS):
         current = current.filter(ImageFilter.MaxFilter(3))
-        grown = (np.asarray(current) > 0) & (soft == 0)
-        soft[grown] = 256 - FEATHER_STEP * ring
-    return soft.clip(0, 255).astype(np.uint8)
+        region[(np.asarray(current) > 0) & (region == 0)] = 256 - FEATHER_STEP * ring
+    soft[top:bottom, left:right] = region.clip(0, 255)
+    return soft
 
 
 def fill_masked(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

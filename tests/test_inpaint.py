@@ -248,3 +248,27 @@ def test_head_hook_installed_once(tiny_components):
     unet = copy.deepcopy(tiny_components["unet"])
     assert inpaint.install_head_hook(unet) is inpaint.install_head_hook(unet)
     assert len(unet.conv_in._forward_hooks) == 1
+
+
+def test_quantized_diff_caches_uint8_copy_only_off_host():
+    from ldm_patched.modules.lora_adapters import QuantizedDiff
+
+    quantized = torch.arange(6, dtype=torch.uint8).reshape(2, 3)
+    patch = QuantizedDiff("file-v1", "diffusion_model.x.weight", quantized, -1.0, 1.0)
+    base = torch.zeros(2, 3)
+    out = patch.added(base, 0.5, cache=True)
+    torch.testing.assert_close(out, 0.5 * (quantized.float() / 255.0 * 2.0 - 1.0))
+    assert patch.cache_devices() == [] and patch.factor_bytes() == 6
+    meta = torch.device("meta")
+    patch.added(base.to(meta), 1.0, cache=True)
+    assert patch.cache_devices() == [meta] and patch.cached_bytes(meta) == 6
+    patch.drop_cache()
+    assert patch.cache_devices() == []
+
+
+def test_feather_falls_8_per_pixel_outside_the_mask():
+    mask = np.zeros((80, 80), np.uint8)
+    mask[40, 40] = 255
+    soft = inpaint.feather(mask)
+    assert soft[40, 40] == 255 and soft[40, 41] == 248 and soft[30, 35] == 256 - 8 * 10
+    assert soft[40, 71] == 8 and soft[40, 72] == 0 and soft[0, 0] == 0
