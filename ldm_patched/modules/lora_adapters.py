@@ -17,7 +17,7 @@ trainers write (kohya-ss sd-scripts, LyCORIS).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -343,3 +343,72 @@ class DoraFactors:
             shape = (1, -1, *([1] * (base.ndim - 2)))
         decomposed = changed * (magnitude.reshape(shape) / norm.reshape(shape))
         return base.add(decomposed - base, alpha=alpha)
+
+
+# -- Fooocus quantised diff ------------------------------------------------------------
+
+@dataclass(eq=False)
+class QuantizedDiff:
+    """A `WeightPatch` (see model_patcher) for one weight of a Fooocus `.fooocus.patch` file.
+
+    Those files store a full diff per weight, quantised to uint8 with the tensor's own
+    range: diff = q / 255 * (max - min) + min, evaluated in float32 in that order (as
+    upstream's "fooocus" patch type does), and added at the patch strength. Keeping the
+    uint8 form (a quarter of float32) is what makes a 2.6 G-parameter diff affordable to
+    keep resident; it is decoded on the weight's device at merge time.
+
+    `file` identifies the file version (content identity: a rewritten file is another
+    patch), `name` the key inside the file.
+    """
+
+    file: Any
+    name: str
+    quantized: torch.Tensor
+    low: float
+    high: float
+    # device -> the uint8 copy kept there (cache=True; never on the host, which holds the original)
+    _on_device: dict = field(default_factory=dict)
+
+    kind = "fooocus"
+
+    @property
+    def identity(self) -> Any:
+        return (self.file, self.name, self.kind)
+
+    def delta_shape(self) -> tuple[int, ...]:
+        return tuple(self.quantized.shape)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.quantized]
+
+    def nbytes(self) -> int:
+        return _nbytes(self.tensors())
+
+    def decoded(self, device: torch.device) -> torch.Tensor:
+        """The float32 diff on `device` (upstream's formula and order of operations)."""
+        q = self._on_device.get(device)
+        if q is None:
+            q = self.quantized.to(device, non_blocking=True)
+        low = torch.tensor(self.low, dtype=torch.float32, device=device)
+        high = torch.tensor(self.high, dtype=torch.float32, device=device)
+        return (q.to(torch.float32) / 255.0) * (high - low) + low
+
+    def added(self, base: torch.Tensor, alpha: float, cache: bool = False) -> torch.Tensor:
+        device = base.device
+        if cache and device.type != "cpu" and device not in self._on_device:
+            self._on_device[device] = self.quantized.to(device, non_blocking=True)
+        return _add(base, self.decoded(device), alpha)
+
+    def cached_bytes(self, device: torch.device) -> int:
+        q = self._on_device.get(device)
+        return 0 if q is None else _nbytes([q])
+
+    def cache_devices(self) -> list[torch.device]:
+        return list(self._on_device)
+
+    def factor_bytes(self) -> int:
+        """The uint8 copy `added(..., cache=True)` keeps on a device."""
+        return self.nbytes()
+
+    def drop_cache(self) -> None:
+        self._on_device.clear()
