@@ -65,6 +65,12 @@ class Config:
     path_styles: tuple[Path, ...]
     # The Fooocus V2 prompt-expansion model folder (upstream's layout).
     path_fooocus_expansion: Path
+    # Input-image models, in upstream's folders: upscalers (Upscale, Vary), the IP-Adapter
+    # and its CLIP vision encoder (Image Prompt), the inpaint patch and head (Inpaint).
+    path_upscale_models: Path
+    path_controlnet: Path
+    path_clip_vision: Path
+    path_inpaint: Path
     # Outputs go to one folder; a list in config.txt uses its first entry.
     path_outputs: Path
     # Empty string: use the first checkpoint found in path_checkpoints.
@@ -112,7 +118,9 @@ class Config:
         """Create the model and output folders (on demand, e.g. at launch); a path that
         is a file, or cannot be created, is a ConfigError naming its key."""
         folders = [(f, k) for k in ("path_checkpoints", "path_loras", "path_embeddings", "path_vae")
-                   for f in getattr(self, k)] + [(self.path_outputs, "path_outputs")]
+                   for f in getattr(self, k)] + [(self.path_outputs, "path_outputs")] + [
+            (getattr(self, k), k) for k in ("path_upscale_models", "path_controlnet", "path_clip_vision",
+                                            "path_inpaint")]
         for folder, key in folders:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -235,6 +243,10 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "path_outputs": ("outputs", _as_first_path, False),
     "path_styles": ("sdxl_styles", _as_paths, False),
     "path_fooocus_expansion": ("models/prompt_expansion/fooocus_expansion", _as_first_path, False),
+    "path_upscale_models": ("models/upscale_models", _as_first_path, False),
+    "path_controlnet": ("models/controlnet", _as_first_path, False),
+    "path_clip_vision": ("models/clip_vision", _as_first_path, False),
+    "path_inpaint": ("models/inpaint", _as_first_path, False),
     "default_model": ("", _as_str, True),
     "default_refiner": (flags.NONE_NAME, _as_str, True),
     "default_refiner_switch": (0.8, _in_range(0.0, 1.0), False),
