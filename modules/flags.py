@@ -179,3 +179,18 @@ def parse_aspect_ratio(text: str) -> tuple[int, int]:
     if width <= 0 or height <= 0:
         raise ValueError(f"bad aspect ratio {text!r}: width and height must be positive")
     return width, height
+
+
+# -- input image (upstream's UI strings) --------------------------------------------------
+
+UOV_DISABLED = "Disabled"
+VARY_SUBTLE = "Vary (Subtle)"
+VARY_STRONG = "Vary (Strong)"
+UPSCALE_15 = "Upscale (1.5x)"
+UPSCALE_2 = "Upscale (2x)"
+UPSCALE_FAST = "Upscale (Fast 2x)"
+UOV_METHODS = (UOV_DISABLED, VARY_SUBTLE, VARY_STRONG, UPSCALE_15, UPSCALE_2, UPSCALE_FAST)
+OUTPAINT_SELECTIONS = ("Left", "Right", "Top", "Bottom")
+IMAGE_PROMPT = "ImagePrompt"
+# Upstream's other image-prompt types need ControlNets this project does not run yet.
+UNSUPPORTED_IMAGE_PROMPT_TYPES = ("PyraCanny", "CPDS", "FaceSwap")

@@ -332,13 +332,8 @@ def upscale(patcher: ModelPatcher, pixels: np.ndarray, tile: int = 512, overlap:
 # -- Vary / Upscale plans ------------------------------------------------------------
 
 # upstream modules/flags.py: the uov_method strings of the UI and API
-DISABLED = "Disabled"
-VARY_SUBTLE = "Vary (Subtle)"
-VARY_STRONG = "Vary (Strong)"
-UPSCALE_15 = "Upscale (1.5x)"
-UPSCALE_2 = "Upscale (2x)"
-UPSCALE_FAST = "Upscale (Fast 2x)"
-UOV_METHODS = (DISABLED, VARY_SUBTLE, VARY_STRONG, UPSCALE_15, UPSCALE_2, UPSCALE_FAST)
+from modules.flags import (UOV_DISABLED as DISABLED, UOV_METHODS, UPSCALE_15, UPSCALE_2,  # noqa: E402
+                           UPSCALE_FAST, VARY_STRONG, VARY_SUBTLE)
 
 # upstream modules/async_worker.py (apply_vary / apply_upscale)
 VARY_DENOISE = {VARY_SUBTLE: 0.5, VARY_STRONG: 0.85}

@@ -1,0 +1,229 @@
+"""The input-image fields of a request (Fooocus's "Input Image" tab), decoded and checked.
+
+Torch-free. Request fields:
+
+* ``input_image``: the image to vary, upscale, inpaint or outpaint;
+* ``uov_method``: one of ``flags.UOV_METHODS`` ("Disabled" by default);
+* ``inpaint_mask``: white (or a sketch's opaque strokes) marks what to repaint;
+* ``outpaint_selections``: any of "Left", "Right", "Top", "Bottom";
+* ``inpaint_strength`` (0-1], ``inpaint_respective_field`` [0-1];
+* ``image_prompts``: up to four ``[image, stop, weight, type]`` (stop, weight and type
+  optional: upstream's 0.5, 0.6 and "ImagePrompt").
+
+An image is a base64 string (PNG, JPEG or WebP; a ``data:image/...;base64,`` prefix is
+fine), a path of an image file on the server, or Gradio's file object ``{"path": ...}``.
+Every error names its field. Pixels never go into the image's metadata: the report gets
+`describe()` (sizes and content hashes) instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modules import flags
+from modules.task_types import RequestError
+
+MAX_IMAGE_SIDE = 4096
+MAX_ENCODED_BYTES = 64 * 2 ** 20      # an encoded image larger than this is refused unread
+MAX_IMAGE_PROMPTS = 4                 # upstream's four image-prompt slots
+IMAGE_PROMPT_STOP, IMAGE_PROMPT_WEIGHT = 0.5, 0.6   # upstream's defaults for "ImagePrompt"
+INPAINT_STRENGTH, INPAINT_RESPECTIVE_FIELD = 1.0, 0.618
+
+
+@dataclass
+class ImagePromptInput:
+    image: np.ndarray      # HxWx3 uint8
+    stop: float
+    weight: float
+
+
+@dataclass
+class ImageInputs:
+    """What a request asks of its input images. `mode` is "" (text to image), "uov" or
+    "inpaint" (which includes outpaint); image prompts combine with any mode."""
+
+    mode: str = ""
+    image: np.ndarray | None = None          # HxWx3 uint8
+    uov_method: str = flags.UOV_DISABLED
+    mask: np.ndarray | None = None           # HxW or HxWxC uint8, as given
+    outpaint: list[str] = field(default_factory=list)
+    inpaint_strength: float = INPAINT_STRENGTH
+    inpaint_respective_field: float = INPAINT_RESPECTIVE_FIELD
+    image_prompts: list[ImagePromptInput] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        """For the report and the file metadata: what was asked, without pixels."""
+        out: dict[str, Any] = {}
+        if self.image is not None:
+            out["input_image"] = _describe(self.image)
+        if self.mode == "uov":
+            out["uov_method"] = self.uov_method
+        if self.mode == "inpaint":
+            if self.mask is not None:
+                out["inpaint_mask"] = _describe(self.mask)
+            out.update(outpaint_selections=list(self.outpaint), inpaint_strength=self.inpaint_strength,
+                       inpaint_respective_field=self.inpaint_respective_field)
+        if self.image_prompts:
+            out["image_prompts"] = [{**_describe(p.image), "stop": p.stop, "weight": p.weight,
+                                     "type": flags.IMAGE_PROMPT} for p in self.image_prompts]
+        return out
+
+
+def _describe(image: np.ndarray) -> dict[str, Any]:
+    return {"width": int(image.shape[1]), "height": int(image.shape[0]),
+            "sha256": hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]}
+
+
+def parse(data: dict) -> ImageInputs:
+    """The input-image fields of request `data` (absent fields: text to image)."""
+    inputs = ImageInputs(image_prompts=_image_prompts(data.get("image_prompts")))
+    method = data.get("uov_method", flags.UOV_DISABLED)
+    if method in (None, ""):
+        method = flags.UOV_DISABLED
+    if method not in flags.UOV_METHODS:
+        raise RequestError(f"field 'uov_method' must be one of {', '.join(flags.UOV_METHODS)}, got {method!r}")
+    inputs.uov_method = method
+    inputs.outpaint = _outpaint(data.get("outpaint_selections"))
+    has_mask = data.get("inpaint_mask") not in (None, "")
+    if method != flags.UOV_DISABLED:
+        inputs.mode = "uov"
+    elif has_mask or inputs.outpaint:
+        inputs.mode = "inpaint"
+    image = data.get("input_image")
+    if image in (None, ""):
+        if inputs.mode:
+            wanted = "uov_method" if inputs.mode == "uov" else ("inpaint_mask" if has_mask else "outpaint_selections")
+            raise RequestError(f"field 'input_image' is required with field '{wanted}'")
+        return inputs
+    if not inputs.mode:
+        raise RequestError("field 'input_image' needs something to do: a field 'uov_method' other than "
+                           "'Disabled', an 'inpaint_mask' or 'outpaint_selections'")
+    inputs.image = decode_image(image, "input_image")
+    if inputs.mode == "inpaint":
+        if has_mask:
+            inputs.mask = decode_image(data["inpaint_mask"], "inpaint_mask", keep_alpha=True)
+        inputs.inpaint_strength = _fraction(data, "inpaint_strength", INPAINT_STRENGTH, low_open=True)
+        inputs.inpaint_respective_field = _fraction(data, "inpaint_respective_field", INPAINT_RESPECTIVE_FIELD)
+    return inputs
+
+
+def _fraction(data: dict, key: str, default: float, low_open: bool = False) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"field '{key}' must be a finite number, got {value!r}")
+    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+        raise RequestError(f"field '{key}' must be between 0 and 1, got {value}")
+    return float(value)
+
+
+def _outpaint(value: Any) -> list[str]:
+    if value in (None, ""):
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RequestError(f"field 'outpaint_selections' must be a list of directions, got {value!r}")
+    by_lower = {d.lower(): d for d in flags.OUTPAINT_SELECTIONS}
+    unknown = [v for v in value if v.strip().lower() not in by_lower]
+    if unknown:
+        raise RequestError(f"field 'outpaint_selections': unknown direction(s) {unknown}; "
+                           f"choose from {', '.join(flags.OUTPAINT_SELECTIONS)}")
+    return list(dict.fromkeys(by_lower[v.strip().lower()] for v in value))
+
+
+def _image_prompts(value: Any) -> list[ImagePromptInput]:
+    if value in (None, ""):
+        return []
+    if not isinstance(value, list):
+        raise RequestError("field 'image_prompts' must be a list of [image, stop, weight, type]")
+    prompts = []
+    for index, item in enumerate(value):
+        where = f"field 'image_prompts' item {index}"
+        entry = list(item) if isinstance(item, (list, tuple)) else [item]
+        if not entry or len(entry) > 4:
+            raise RequestError(f"{where} must be [image, stop, weight, type]")
+        image, stop, weight, kind = (entry + [None] * 3)[:4]
+        if image in (None, ""):
+            continue   # an empty slot, as upstream's page sends
+        kind = flags.IMAGE_PROMPT if kind in (None, "") else kind
+        if kind in flags.UNSUPPORTED_IMAGE_PROMPT_TYPES:
+            raise RequestError(f"{where}: type {kind!r} is not supported yet; use {flags.IMAGE_PROMPT!r}")
+        if kind != flags.IMAGE_PROMPT:
+            raise RequestError(f"{where}: type must be {flags.IMAGE_PROMPT!r}, got {kind!r}")
+        prompts.append(ImagePromptInput(
+            image=decode_image(image, f"image_prompts[{index}]"),
+            stop=_number(stop, IMAGE_PROMPT_STOP, f"{where} stop", 0.0, 1.0),
+            weight=_number(weight, IMAGE_PROMPT_WEIGHT, f"{where} weight", 0.0, 2.0)))
+    if len(prompts) > MAX_IMAGE_PROMPTS:
+        raise RequestError(f"field 'image_prompts' has {len(prompts)} images; at most {MAX_IMAGE_PROMPTS}")
+    return prompts
+
+
+def _number(value: Any, default: float, where: str, low: float, high: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{where} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(f"{where} must be between {low:g} and {high:g}, got {value}")
+    return float(value)
+
+
+def decode_image(value: Any, key: str, keep_alpha: bool = False) -> np.ndarray:
+    """HxWx3 uint8 (HxWx4 with `keep_alpha` when the image has transparency) from a
+    base64 string, a data URI, a server path or Gradio's {"path": ...}."""
+    raw = _encoded_bytes(value, key)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            width, height = image.size
+            if max(width, height) > MAX_IMAGE_SIDE:
+                raise RequestError(f"field '{key}': the image is {width}x{height}; at most "
+                                   f"{MAX_IMAGE_SIDE} pixels per side")
+            alpha = keep_alpha and ("A" in image.getbands() or "transparency" in image.info)
+            pixels = np.asarray(image.convert("RGBA" if alpha else "RGB"))
+    except RequestError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RequestError(f"field '{key}': not a readable image ({type(error).__name__})") from None
+    if min(pixels.shape[:2]) < 8:
+        raise RequestError(f"field '{key}': the image is {pixels.shape[1]}x{pixels.shape[0]}; at least 8 "
+                           f"pixels per side")
+    return np.ascontiguousarray(pixels)
+
+
+def _encoded_bytes(value: Any, key: str) -> bytes:
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        value = value["path"]
+    if not isinstance(value, str):
+        raise RequestError(f"field '{key}' must be a base64 image or an image file's path, "
+                           f"got {type(value).__name__}")
+    if len(value) > MAX_ENCODED_BYTES * 4 // 3 + 4:
+        raise RequestError(f"field '{key}': the image is over {MAX_ENCODED_BYTES // 2 ** 20} MB")
+    text = value.strip()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    elif len(text) < 4096 and os.path.isfile(text):
+        return _read_file(text, key)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"field '{key}': neither base64 image data nor an existing image file") from None
+
+
+def _read_file(path: str, key: str) -> bytes:
+    try:
+        if os.path.getsize(path) > MAX_ENCODED_BYTES:
+            raise RequestError(f"field '{key}': the image file is over {MAX_ENCODED_BYTES // 2 ** 20} MB")
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise RequestError(f"field '{key}': the image file cannot be read ({error.strerror})") from None
