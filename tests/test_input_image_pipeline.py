@@ -4,8 +4,6 @@ stays resident, and what the conservative policy reloads."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import numpy as np
@@ -15,45 +13,11 @@ from PIL import Image
 from ldm_patched.modules import model_management as mm
 from modules import config
 from tests.helpers import input_image_files, pipelines
+from tests.helpers.input_image_files import INPUT, MODES, box_mask, png64
 
-SIDE = 128   # config key image_input_side: upstream's 1024 is far too slow for a tiny CPU model
+SIDE = input_image_files.IMAGE_INPUT_SIDE
 BASE = {"prompt": "a cat", "base_model": "tiny_sdxl_base.safetensors", "width": 64, "height": 64,
         "steps": 2, "seed": 5, "performance": "Speed"}
-
-
-def png64(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def picture(width: int, height: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def box_mask(width: int, height: int, box: tuple[int, int, int, int]) -> np.ndarray:
-    left, top, right, bottom = box
-    mask = np.zeros((height, width), np.uint8)
-    mask[top:bottom, left:right] = 255
-    return mask
-
-
-INPUT = picture(96, 64)
-MASK = box_mask(96, 64, (8, 8, 24, 24))
-
-# Expected (width, height), worked out by hand from upstream's rules with image_input_side 128.
-MODES = {
-    # shape ceil of 96x64 is ceil(78.4 / 64) * 64 = 128, within Vary's [128, 256]: unchanged.
-    "vary": ({"input_image": png64(INPUT), "uov_method": "Vary (Subtle)"}, (96, 64)),
-    # 1.5x is 144x96, shape ceil 128 (not below the side): exactly 1.5x.
-    "upscale": ({"input_image": png64(INPUT), "uov_method": "Upscale (1.5x)"}, (144, 96)),
-    # Fast 2x: the upscaler alone, resized to 2x; no diffusion.
-    "fast upscale": ({"input_image": png64(INPUT), "uov_method": "Upscale (Fast 2x)"}, (192, 128)),
-    "image prompt": ({"image_prompts": [[png64(INPUT), 0.5, 0.6, "ImagePrompt"]]}, (64, 64)),
-    "inpaint": ({"input_image": png64(INPUT), "inpaint_mask": png64(MASK)}, (96, 64)),
-    # Outpaint Left adds int(0.3 * 96) = 28 columns.
-    "outpaint": ({"input_image": png64(INPUT), "outpaint_selections": ["Left"]}, (124, 64)),
-}
 
 
 @pytest.fixture

@@ -4,9 +4,13 @@ CLIP vision encoder, and the inpaint patch and head."""
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from tests.helpers.ip_adapter_files import tiny_clip_vision, tiny_ip_adapter_state
@@ -84,3 +88,42 @@ def write_all(folders: dict[str, Path], unet: torch.nn.Module, inpaint_files: bo
     if inpaint_files:
         write_tiny_inpaint_patch(folders["inpaint"] / INPAINT_PATCH_FILE, unet)
         write_tiny_inpaint_head(folders["inpaint"] / INPAINT_HEAD_FILE, unet)
+
+
+# -- requests for each mode -------------------------------------------------------------------
+
+IMAGE_INPUT_SIDE = 128   # config key image_input_side for these requests (upstream's 1024 is slow on a CPU)
+
+def png64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def picture(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def box_mask(width: int, height: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    left, top, right, bottom = box
+    mask = np.zeros((height, width), np.uint8)
+    mask[top:bottom, left:right] = 255
+    return mask
+
+
+INPUT = picture(96, 64)
+MASK = box_mask(96, 64, (8, 8, 24, 24))
+
+# Expected (width, height), worked out by hand from upstream's rules with image_input_side 128.
+MODES = {
+    # shape ceil of 96x64 is ceil(78.4 / 64) * 64 = 128, within Vary's [128, 256]: unchanged.
+    "vary": ({"input_image": png64(INPUT), "uov_method": "Vary (Subtle)"}, (96, 64)),
+    # 1.5x is 144x96, shape ceil 128 (not below the side): exactly 1.5x.
+    "upscale": ({"input_image": png64(INPUT), "uov_method": "Upscale (1.5x)"}, (144, 96)),
+    # Fast 2x: the upscaler alone, resized to 2x; no diffusion.
+    "fast upscale": ({"input_image": png64(INPUT), "uov_method": "Upscale (Fast 2x)"}, (192, 128)),
+    "image prompt": ({"image_prompts": [[png64(INPUT), 0.5, 0.6, "ImagePrompt"]]}, (64, 64)),
+    "inpaint": ({"input_image": png64(INPUT), "inpaint_mask": png64(MASK)}, (96, 64)),
+    # Outpaint Left adds int(0.3 * 96) = 28 columns.
+    "outpaint": ({"input_image": png64(INPUT), "outpaint_selections": ["Left"]}, (124, 64)),
+}
