@@ -86,7 +86,9 @@ def _neighbourhoods(x: torch.Tensor, size: int) -> torch.Tensor:
     """[B, C, size*size, H, W]: each pixel's window, borders reflected."""
     b, c, h, w = x.shape
     pad = size // 2
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    # Reflection needs more pixels than the pad; a latent that small (an image under 56 px)
+    # repeats its border instead of failing.
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if pad < min(h, w) else "replicate")
     return F.unfold(padded, size).reshape(b, c, size * size, h, w)
 
 

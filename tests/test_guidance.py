@@ -112,3 +112,13 @@ def test_other_values_change_the_image_and_move_nothing_when_resident(pipeline):
         images.append(image)
     assert pipelines.process_request(dict(SMALL)).report["guidance"] == {
         "sharpness": 2.0, "adm_positive": 1.5, "adm_negative": 0.8, "adm_end": 0.3}
+
+
+def test_the_filter_takes_latents_smaller_than_its_window():
+    """A 4x4 latent (a 32 px image, e.g. Vary of a small upload) is smaller than the 13-wide
+    window: the border is repeated instead of failing; a constant input stays constant."""
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = guidance.anisotropic_filter(x, x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    flat = torch.full((1, 4, 3, 5), 0.25)
+    assert torch.allclose(guidance.anisotropic_filter(flat, flat), flat)
