@@ -60,13 +60,65 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
+# Tiny model files for the Input Image modes, written with the builders in tests/helpers;
+# a mode whose files could not be written fails its test with the reason recorded here.
+UPSCALER_FILE = "fooocus_upscaler_s409985e5.bin"
+IP_ADAPTER_FILE = "ip-adapter-plus_sdxl_vit-h.bin"
+CLIP_VISION_FILE = "clip_vision_vit_h.safetensors"
+MODEL_FILE_PROBLEMS: dict[str, str] = {}
+
+
+def _helper(name: str):
+    """A test-file builder from any module of tests/helpers (None when there is none)."""
+    import importlib
+    import pkgutil
+
+    import tests.helpers as helpers
+    for module in pkgutil.iter_modules(helpers.__path__):
+        try:
+            found = getattr(importlib.import_module(f"tests.helpers.{module.name}"), name, None)
+        except Exception:   # a helper module that does not import here has no builder for us
+            continue
+        if callable(found):
+            return found
+    return None
+
+
+def write_input_image_models(config: dict[str, str]) -> dict[str, str]:
+    """Write the tiny upscaler and IP-Adapter/CLIP-vision files; returns {what: why not}."""
+    problems = {}
+    for what, builder, paths in (
+            ("upscaler", "write_tiny_upscaler", [Path(config["path_upscale_models"]) / UPSCALER_FILE]),
+            ("image prompt", "write_tiny_ip_adapter", [Path(config["path_controlnet"]) / IP_ADAPTER_FILE,
+                                                       Path(config["path_clip_vision"]) / CLIP_VISION_FILE])):
+        write = _helper(builder)
+        if write is None:
+            problems[what] = f"tests/helpers has no {builder}() yet"
+            continue
+        try:
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            write(*[str(path) for path in paths])
+        except Exception as error:  # recorded: the tests of that mode fail with it
+            problems[what] = f"{builder}() failed: {type(error).__name__}: {error}"
+    return problems
+
+
+def need_model_files(what: str) -> None:
+    if what in MODEL_FILE_PROBLEMS:
+        pytest.fail(f"no tiny {what} model files for the server: {MODEL_FILE_PROBLEMS[what]}")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """launch.py (resident policy) over tmp folders; the demo checkpoint is written at start.
     A small default aspect ratio keeps each image to a fraction of a second on a CPU."""
     root = tmp_path_factory.mktemp("browser_server")
     config = {key: str(root / key.removeprefix("path_")) for key in
-              ("path_checkpoints", "path_loras", "path_outputs", "path_embeddings", "path_vae")}
+              ("path_checkpoints", "path_loras", "path_outputs", "path_embeddings", "path_vae",
+               "path_upscale_models", "path_controlnet", "path_clip_vision", "path_inpaint")}
+    MODEL_FILE_PROBLEMS.clear()
+    MODEL_FILE_PROBLEMS.update(write_input_image_models(config))
     config.update(default_aspect_ratio="128*128", default_performance="Speed", default_image_number=1)
     (root / "config.json").write_text(json.dumps(config))
     port = _free_port()
@@ -220,6 +272,32 @@ class PageDriver:
 
     def click(self, elem_id: str) -> None:
         self.page.locator(f"#{elem_id}").click()
+
+    def image_file(self, source: str):
+        """A gallery image as PIL opened it (pixels and the parameters in its metadata)."""
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(self.page.request.get(source).body()))
+        image.load()
+        return image
+
+    def input_image_tab(self, name: str) -> None:
+        box = self.page.locator("#fr-input-image-checkbox input[type=checkbox]")
+        if not box.is_checked():
+            box.check()
+        self.page.locator("#fr-input-image-panel").wait_for(state="visible")
+        self.page.get_by_role("tab", name=name, exact=True).click()
+
+    def upload(self, elem_id: str, path: Path) -> None:
+        """Upload a file into an image control and wait until the control shows it."""
+        self.page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+        self.page.locator(f"#{elem_id} img, #{elem_id} canvas").first.wait_for(state="visible")
+        self.page.wait_for_function(
+            "(id) => !document.querySelector(`#${id} .uploading, #${id} [data-testid=upload-progress]`)",
+            arg=elem_id)
+
+    def choose(self, elem_id: str, label: str) -> None:
+        self.page.locator(f"#{elem_id} label", has_text=label).first.click()
 
 
 @pytest.fixture
@@ -406,3 +484,125 @@ def test_preset_dropdown_applies_a_preset_without_restart(page: PageDriver) -> N
     page.tab("Models")
     base = page.page.get_by_label("Base Model (SDXL only)")
     assert base.input_value() == "realisticStockPhoto_v20.safetensors"
+
+
+# -- the Input Image panel: one generation per mode -------------------------------------------
+
+INPUT_SIDE = 128   # the default aspect ratio's size: small enough for a CPU
+
+
+@pytest.fixture
+def input_png(tmp_path: Path) -> Path:
+    """A 128x128 picture: a gradient with a dark square in the middle."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, INPUT_SIDE, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (INPUT_SIDE, 1)), np.tile(ramp[:, None], (1, INPUT_SIDE)),
+                       np.full((INPUT_SIDE, INPUT_SIDE), 128, np.uint8)], axis=2)
+    pixels[48:80, 48:80] = 20
+    path = tmp_path / "input.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def generated(page: PageDriver, prompt: str):
+    """Generate; the one finished image (a PIL image with its metadata)."""
+    page.generate(prompt)
+    assert page.wait_stage("finished", "error", "stopped") == "finished", page.stages()
+    page.wait_gallery(1)
+    sources = page.gallery_sources()
+    assert len(sources) == 1, sources
+    return page.image_file(sources[0])
+
+
+def saved_parameters(image) -> str:
+    return image.text.get("parameters", "") if hasattr(image, "text") else ""
+
+
+def draw_stroke(page: PageDriver, elem_id: str) -> None:
+    """Drag the brush across the middle of the uploaded image on the canvas."""
+    canvas = page.page.locator(f"#{elem_id} canvas").first
+    box = canvas.bounding_box()
+    assert box is not None
+    y = box["y"] + box["height"] / 2
+    page.page.mouse.move(box["x"] + box["width"] * 0.4, y)
+    page.page.mouse.down()
+    for step in range(1, 11):
+        page.page.mouse.move(box["x"] + box["width"] * (0.4 + 0.02 * step), y)
+    page.page.mouse.up()
+
+
+def test_input_image_vary_subtle(page: PageDriver, input_png: Path) -> None:
+    page.input_image_tab("Upscale or Variation")
+    page.upload("fr-uov-image", input_png)
+    page.choose("fr-uov-method", "Vary (Subtle)")
+    image = generated(page, "a lighthouse, varied")
+    assert "Vary (Subtle)" in saved_parameters(image), saved_parameters(image)
+    assert not page.console_errors, page.console_errors
+
+
+def test_input_image_upscale_fast_2x(page: PageDriver, input_png: Path) -> None:
+    need_model_files("upscaler")
+    page.input_image_tab("Upscale or Variation")
+    page.upload("fr-uov-image", input_png)
+    page.choose("fr-uov-method", "Upscale (Fast 2x)")
+    image = generated(page, "upscaled")
+    assert image.size == (2 * INPUT_SIDE, 2 * INPUT_SIDE)
+
+
+def test_input_image_image_prompt(page: PageDriver, input_png: Path) -> None:
+    need_model_files("image prompt")
+    page.input_image_tab("Image Prompt")
+    page.upload("fr-ip-image-0", input_png)
+    image = generated(page, "a lighthouse like this picture")
+    assert "ImagePrompt" in saved_parameters(image) or "image_prompts" in saved_parameters(image), \
+        saved_parameters(image)
+
+
+def test_input_image_inpaint_a_drawn_mask(page: PageDriver, input_png: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    page.input_image_tab("Inpaint or Outpaint")
+    page.upload("fr-inpaint-canvas", input_png)
+    draw_stroke(page, "fr-inpaint-canvas")
+    image = generated(page, "a red ball")
+    assert image.size == (INPUT_SIDE, INPUT_SIDE)
+    assert "inpaint_mask" in saved_parameters(image), saved_parameters(image)
+    # Outside the drawn stroke (and its feathering) the picture is kept as it was.
+    source = np.asarray(Image.open(input_png).convert("RGB"))
+    out = np.asarray(image.convert("RGB"))
+    assert (out[:16, :16] == source[:16, :16]).all() and (out[-16:, -16:] == source[-16:, -16:]).all()
+
+
+def test_input_image_outpaint_left(page: PageDriver, input_png: Path) -> None:
+    page.input_image_tab("Inpaint or Outpaint")
+    page.upload("fr-inpaint-canvas", input_png)
+    page.choose("fr-outpaint", "Left")
+    image = generated(page, "more of the scene to the left")
+    width, height = image.size
+    assert width > height, image.size   # a square picture grown to the left
+
+
+def test_input_image_panel_screenshots(page: PageDriver, input_png: Path, tmp_path: Path) -> None:
+    """The panel as upstream lays it out (upload left, options right); each tab shot."""
+    shots = []
+    for tab, elem_id in (("Upscale or Variation", "fr-uov-image"), ("Image Prompt", "fr-ip-image-0"),
+                         ("Inpaint or Outpaint", "fr-inpaint-canvas")):
+        page.input_image_tab(tab)
+        page.upload(elem_id, input_png)
+        if tab == "Image Prompt":
+            page.page.locator("#fr-ip-advanced input[type=checkbox]").check()
+            page.page.locator("#fr-ip-stop-0").wait_for(state="visible")
+        path = tmp_path / f"input_image_{elem_id}.png"
+        page.page.screenshot(path=str(path), full_page=True)
+        shots.append(path)
+    uov_image = page.page.locator("#fr-uov-image")
+    keep = os.environ.get("FOOOCUS_RESIDENT_SCREENSHOTS")
+    if keep:
+        for shot in shots:
+            shutil.copy(shot, Path(keep) / shot.name)
+    assert all(shot.stat().st_size > 0 for shot in shots)
+    assert uov_image.count() == 1
+    assert not page.page.evaluate(CLIPPED_LABELS_JS)
