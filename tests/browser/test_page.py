@@ -606,3 +606,75 @@ def test_input_image_panel_screenshots(page: PageDriver, input_png: Path, tmp_pa
     assert all(shot.stat().st_size > 0 for shot in shots)
     assert uov_image.count() == 1
     assert not page.page.evaluate(CLIPPED_LABELS_JS)
+
+
+@pytest.fixture
+def fake_server(tmp_path: Path) -> Iterator[object]:
+    """The page over a fake worker (tests/test_webui.py's): what the browser sends, without a model."""
+    from tests.test_webui import TIMEOUT, start_fake_app
+
+    fake = start_fake_app(tmp_path)
+    try:
+        yield fake
+    finally:
+        fake.pipeline.gate.set()
+        fake.app.close()
+        fake.worker.shutdown(TIMEOUT)
+
+
+def test_the_page_sends_the_drawn_mask_and_the_tab_shown(browser, fake_server, input_png: Path) -> None:
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    def decode(text: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+    source = np.asarray(Image.open(input_png).convert("RGB"))
+    driver = PageDriver(browser, fake_server.url)
+    try:
+        driver.input_image_tab("Inpaint or Outpaint")
+        driver.upload("fr-inpaint-canvas", input_png)
+        draw_stroke(driver, "fr-inpaint-canvas")
+        driver.choose("fr-outpaint", "Left")
+        press_generate(driver, "inpaint")
+        assert driver.wait_stage("finished", "error") == "finished", driver.stages()
+        request = fake_server.pipeline.requests[-1]
+        assert (decode(request["input_image"]) == source).all()
+        assert request["outpaint_selections"] == ["Left"] and "uov_method" not in request
+        mask = decode(request["inpaint_mask"])
+        assert mask.shape == source.shape[:2]
+        middle = INPUT_SIDE // 2
+        assert mask[middle, int(INPUT_SIDE * 0.45):int(INPUT_SIDE * 0.55)].min() == 255   # along the stroke
+        assert mask[:16].max() == 0 and mask[-16:].max() == 0                               # far from it
+
+        driver.input_image_tab("Upscale or Variation")
+        driver.upload("fr-uov-image", input_png)
+        driver.choose("fr-uov-method", "Upscale (1.5x)")
+        press_generate(driver, "upscale")
+        assert driver.wait_stage("finished", "error") == "finished"
+        wait_for_requests(fake_server.pipeline, 2)
+        request = fake_server.pipeline.requests[-1]
+        assert request["uov_method"] == "Upscale (1.5x)" and (decode(request["input_image"]) == source).all()
+        assert not {"inpaint_mask", "outpaint_selections", "image_prompts"} & set(request)
+
+        driver.page.locator("#fr-input-image-checkbox input[type=checkbox]").uncheck()
+        driver.page.locator("#fr-input-image-panel").wait_for(state="hidden")
+        press_generate(driver, "plain")
+        wait_for_requests(fake_server.pipeline, 3)
+        assert not {"input_image", "uov_method", "image_prompts"} & set(fake_server.pipeline.requests[-1])
+    finally:
+        driver.close()
+
+
+def wait_for_requests(pipeline, n: int) -> None:
+    from tests.test_webui import wait_until
+
+    wait_until(lambda: len(pipeline.requests) >= n, f"{n} requests at the fake worker")
+
+
+def press_generate(driver: PageDriver, prompt: str) -> None:
+    """The Generate button itself (the fake app is launched without the page's Ctrl+Enter script)."""
+    driver.page.locator("#fr-prompt textarea").fill(prompt)
+    driver.click("generate_button")
