@@ -96,6 +96,9 @@ class Config:
     max_lora_weight: float = 10.0
     max_queue_length: int = 64
     max_conditioning_cache_mb: float = 512.0
+    # The size (sqrt of width x height) Vary, small Upscales and Inpaint work at: upstream's
+    # 1024 suits SDXL; smaller models (or quick tests) want less.
+    image_input_side: int = 1024
     # From the command line, not config keys: what the pipeline is handed instead of
     # reading args_manager (--disable-image-log, --temp-path, --disable-metadata,
     # --disable-preset-download).
@@ -267,6 +270,7 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "max_lora_weight": (10.0, _as_positive_float, False),
     "max_queue_length": (64, _as_positive_int, False),
     "max_conditioning_cache_mb": (512.0, _as_positive_float, False),
+    "image_input_side": (1024, _as_positive_int, False),
     # Upstream's default list also holds "Fooocus V2", which needs the expansion model's
     # files; without a config we start with no styles, so a fresh install works offline.
     "default_styles": ([], _as_names, False),

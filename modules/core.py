@@ -24,6 +24,7 @@ from ldm_patched.modules import model_management
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules.compiled_unet import CompiledUNets, CompileSettings
 from modules import guidance as guidance_mod
+from modules import ip_adapter
 
 
 class SDXLTextEncoders(torch.nn.Module):
@@ -411,7 +412,10 @@ def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, widt
     if not stage.refiner:   # rows: negative, then positive
         all_ids = guidance_mod.scaled_size_ids(all_ids, float(t), guidance, guided)
     preds = []
+    positive_rows = [False, True] if guided else [True]
     for batch in cond_batches([c.embeds.shape[1] for c in conds]):
+        # Image prompts give the negative rows the empty image's tokens (a no-op without them).
+        ip_adapter.select_batch(unet, [positive_rows[i] for i in batch], timestep=t)
         embeds = torch.cat(_same_length([conds[i].embeds for i in batch])).to(dtype)
         pooled = torch.cat([conds[i].pooled for i in batch]).to(dtype)
         ids = all_ids[batch]
@@ -460,7 +464,7 @@ def encode(vae: ModelPatcher, pixels: np.ndarray) -> torch.Tensor:
     height, width = pixels.shape[:2]
     model_management.load_models_gpu([vae], model_management.working_memory_bytes(
         "vae", width, height, 1, vae.model_dtype()))
-    image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     with torch.inference_mode():
         posterior = model.encode(image.to(vae.load_device, vae.model_dtype()), return_dict=False)[0]
         latents = posterior.mode().float() * model.config.scaling_factor

@@ -13,6 +13,7 @@ for that before each stage.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import logging
@@ -34,7 +35,8 @@ from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraMatch, match
                                       unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import core, flags, guidance, history_log, image_output, sdxl_styles
+from modules import core, flags, guidance, history_log, image_inputs, image_output, ip_adapter, sdxl_styles, upscaler
+from modules import inpaint as inpaint_mod
 from modules.embeddings import EmbeddingCache, EmbeddingError
 from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SEED, GenerationRequest,
                                         check_lora_weight, check_prompt_tokens, model_name, preset_config,
@@ -108,6 +110,10 @@ class PipelineState:
     patched: "OrderedDict[tuple, PatchedModels]" = field(default_factory=OrderedDict)
     conditions: "OrderedDict[tuple, core.Conditioning]" = field(default_factory=OrderedDict)
     vaes: "OrderedDict[FileVersion, ModelPatcher]" = field(default_factory=OrderedDict)   # models/vae files
+    # Input-image models (each a model kind in the registry): Upscale/Vary, Image Prompt, Inpaint.
+    upscalers: upscaler.UpscalerCache = field(default_factory=upscaler.UpscalerCache)
+    image_prompts: ip_adapter.ImagePromptModels = field(default_factory=ip_adapter.ImagePromptModels)
+    inpaint: inpaint_mod.InpaintModels = field(default_factory=inpaint_mod.InpaintModels)
     max_checkpoints: int | None = None   # None: the policy's default (max_cached_checkpoints)
 
     def conditions_bytes(self) -> int:
@@ -194,6 +200,7 @@ class RequestPlan:
     positive_text: str
     negative_text: str
     seed: int
+    inputs: image_inputs.ImageInputs
 
     @property
     def image_count(self) -> int:
@@ -209,6 +216,7 @@ class RequestModels:
     patched: PatchedModels
     vae: ModelPatcher
     lora_paths: list[tuple[str, float]]
+    unet: ModelPatcher          # what samples: the LoRA set's UNet, plus the inpaint patch when used
 
     def refiner_unet(self) -> ModelPatcher | None:
         return None if self.refiner is None else (self.patched.refiner_unet or self.refiner.unet)
@@ -219,7 +227,24 @@ class RequestModels:
     def needed(self) -> list[ModelPatcher]:
         """What the request keeps resident (an out-of-memory retry frees everything else)."""
         extra = [] if self.refiner is None else [self.refiner_unet(), self.refiner_clip()]
-        return [self.patched.unet, self.patched.clip, *extra, self.vae]
+        return [self.unet, self.patched.clip, *extra, self.vae]
+
+
+@dataclass
+class ImageSource:
+    """Stage 3b: what sampling starts from. Text to image: noise at the request's size.
+    From an input image (vary, upscale, inpaint): its latents, the denoise strength, the
+    latent mask to repaint, and how a decoded image becomes the saved one."""
+
+    width: int
+    height: int
+    init_latents: torch.Tensor | None = None
+    denoise: float = 1.0
+    mask: torch.Tensor | None = None
+    finish: Callable[[np.ndarray], np.ndarray] = lambda pixels: pixels
+    direct: np.ndarray | None = None     # an image that needs no sampling (Upscale (Fast 2x))
+    head: tuple | None = None            # inpaint head: (patcher, UNet-space latent, latent mask)
+    image_prompts: ip_adapter.PreparedImagePrompts | None = None
 
 
 # -- the pipeline ----------------------------------------------------------------------
@@ -508,7 +533,8 @@ class Pipeline:
         positive_texts = self._positive_texts(plan, run)
         run.event("encoding", "Encoding the prompt", count=plan.image_count)
         stage_sets = self._encode(plan, models, positive_texts, run)
-        return self._generate(plan, models, positive_texts, stage_sets, run)
+        source = self._image_source(plan, models, run)
+        return self._generate(plan, models, positive_texts, stage_sets, source, run)
 
     def _resolve(self, request: dict, run: RequestRun) -> RequestPlan:
         """Stage 1: parse and check the request, decide the mode's settings and the seed."""
@@ -527,11 +553,15 @@ class Pipeline:
         core.make_scheduler(sampler, scheduler)  # fail on unknown names before loading anything
         styled = sdxl_styles.apply_styles(prompt, req.negative_prompt, req.styles,
                                           sdxl_styles.get_library(cfg.path_styles))
+        inputs = image_inputs.parse(request)
+        steps = req.steps or settings.steps
+        if inputs.mode == "uov" and "Upscale" in inputs.uov_method and not req.steps:
+            steps = flags.UOV_STEPS[req.performance]
         plan = RequestPlan(
             cfg=cfg, req=req, prompt=prompt, tag_loras=tag_loras, settings=settings,
             sampler=sampler, scheduler=scheduler,
             cfg_scale=settings.cfg_scale if settings.cfg_scale is not None else req.guidance_scale,
-            steps=req.steps or settings.steps, styled=styled,
+            steps=steps, styled=styled, inputs=inputs,
             positive_text=sdxl_styles.join(styled.positive), negative_text=sdxl_styles.join(styled.negative),
             seed=req.seed if req.seed >= 0 else random.randint(0, MAX_SEED - MAX_IMAGES))
         run.report.update(seed=plan.seed, performance=str(req.performance), sampler=sampler, scheduler=scheduler,
@@ -539,6 +569,7 @@ class Pipeline:
                           image_number=req.image_number, styles=list(req.styles))
         if isinstance(request.get("preset"), str) and request["preset"]:
             run.report["preset"] = request["preset"]
+        run.report.update(inputs.describe())
         return plan
 
     def _patch(self, plan: RequestPlan, run: RequestRun) -> RequestModels:
@@ -565,9 +596,30 @@ class Pipeline:
         check_prompt_tokens("prompt", plan.prompt, base.tokenizers, cfg)
         check_prompt_tokens("negative_prompt", req.negative_prompt, base.tokenizers, cfg)
         models = RequestModels(base=base, refiner=refiner, patched=patched,
-                               vae=self._vae(req, base, refiner, cfg, report), lora_paths=lora_paths)
+                               vae=self._vae(req, base, refiner, cfg, report), lora_paths=lora_paths,
+                               unet=self._inpaint_unet(plan, patched.unet, report))
         run.done.patchers = models.needed()
         return models
+
+    def _inpaint_unet(self, plan: RequestPlan, unet: ModelPatcher, report: dict) -> ModelPatcher:
+        """Inpaint with upstream's patch file (models/inpaint) when it is there: the LoRA set's
+        UNet plus the patch, a content-identified patch set like any LoRA (resident mode keeps
+        it and reaches it by diff). Without the file, inpainting works by latent blending alone."""
+        if plan.inputs.mode != "inpaint":
+            return unet
+        path = self._optional_file(plan.cfg.path_inpaint, inpaint_mod.PATCH_FILES[inpaint_mod.DEFAULT_ENGINE])
+        if path is None:
+            report["inpaint_patch"] = None
+            return unet
+        patched = unet.clone()
+        patched.add_patches(self.state.inpaint.patches(path, unet.model), inpaint_mod.PATCH_STRENGTH)
+        report["inpaint_patch"] = os.path.basename(path)
+        return patched
+
+    @staticmethod
+    def _optional_file(folder: Path, name: str) -> str | None:
+        path = Path(folder) / name
+        return str(path) if path.is_file() else None
 
     def _refiner(self, plan: RequestPlan, base: LoadedCheckpoint, report: dict) -> LoadedCheckpoint | None:
         req = plan.req
@@ -639,8 +691,7 @@ class Pipeline:
         stage_sets: dict[str, list[core.UNetStage]] = {}
         with run.timed("text_encode"):
             for text in dict.fromkeys(positive_texts[run.done.next_image:]):
-                stages = [core.UNetStage(models.patched.unet, *both(models.patched.clip, models.base.tokenizers,
-                                                                    text))]
+                stages = [core.UNetStage(models.unet, *both(models.patched.clip, models.base.tokenizers, text))]
                 if models.refiner is not None:
                     stages.append(core.UNetStage(models.refiner_unet(),
                                                  *both(models.refiner_clip(), models.refiner.tokenizers, text),
@@ -648,8 +699,128 @@ class Pipeline:
                 stage_sets[text] = stages
         return stage_sets
 
+    # -- input images -------------------------------------------------------------------
+
+    def _image_source(self, plan: RequestPlan, models: RequestModels, run: RequestRun) -> ImageSource:
+        """Stage 3b: where sampling starts (noise, or an input image's latents) and the
+        image prompts it follows. Every extra network loads through the registry."""
+        inputs, req = plan.inputs, plan.req
+        if inputs.mode == "uov":
+            source = self._vary_or_upscale(plan, models, run)
+        elif inputs.mode == "inpaint":
+            source = self._inpaint(plan, models, run)
+        else:
+            source = ImageSource(req.width, req.height)
+        if inputs.image_prompts and source.direct is None:
+            source.image_prompts = self._prepare_image_prompts(plan, models, run)
+        if inputs.mode:
+            run.report.update(width=source.width, height=source.height)
+        return source
+
+    def _vary_or_upscale(self, plan: RequestPlan, models: RequestModels, run: RequestRun) -> ImageSource:
+        """Vary: the image at its shape ceil, re-diffused at 0.5 / 0.85. Upscale: the 4x
+        upscaler, Lanczos to 1.5x / 2x, re-diffused at 0.382 (Fast 2x: not re-diffused)."""
+        inputs, cfg = plan.inputs, plan.cfg
+        image = inputs.image
+        height, width = image.shape[:2]
+        net = None
+        if "Upscale" in inputs.uov_method:
+            path = self._required_file(cfg.path_upscale_models, upscaler.DEFAULT_UPSCALER, "path_upscale_models",
+                                       upscaler.DEFAULT_UPSCALER_URL, cfg)
+            try:
+                net = self.state.upscalers.get(path)
+            except upscaler.UpscalerError as error:
+                raise RequestError(f"field 'uov_method': {error}") from None
+            run.done.patchers.append(net)
+            run.report["upscaler"] = os.path.basename(path)
+        uov = upscaler.uov_plan(inputs.uov_method, width, height,
+                                model_scale=net.model.scale if net is not None else 4, side=cfg.image_input_side)
+        with run.timed("upscale"):
+            pixels = upscaler.prepare_image(uov, image, net)
+        if not uov.diffuse:
+            return ImageSource(pixels.shape[1], pixels.shape[0], direct=pixels)
+        width, height = uov.latent_size
+        with run.timed("vae_encode"):
+            latents = core.encode(models.vae, pixels)
+        return ImageSource(width, height, init_latents=latents, denoise=uov.denoise)
+
+    def _inpaint(self, plan: RequestPlan, models: RequestModels, run: RequestRun) -> ImageSource:
+        """Inpaint / outpaint, as upstream: the crop around the mask generated at about
+        1024 px, started from the pre-filled crop, the mask's outside kept by latent
+        blending, the inpaint head when its file is there, then pasted back."""
+        inputs, cfg = plan.inputs, plan.cfg
+        image, mask = inputs.image, None
+        height, width = image.shape[:2]
+        try:
+            if inputs.mask is not None:
+                mask = inpaint_mod.mask_from_image(inputs.mask, width, height)
+            if inputs.outpaint:
+                image, mask = inpaint_mod.outpaint_canvas(image, mask, inputs.outpaint)
+            if mask is None:
+                raise RequestError("field 'inpaint_mask' is required to inpaint")
+            job = inpaint_mod.prepare(image, mask, respective_field=inputs.inpaint_respective_field,
+                                      strength=inputs.inpaint_strength, outpaint=bool(inputs.outpaint),
+                                      side=cfg.image_input_side)
+        except inpaint_mod.InpaintInputError as error:
+            raise RequestError(f"field '{error.field}': {error.reason}") from None
+        crop_h, crop_w = job.size
+        with run.timed("vae_encode"):
+            latents = core.encode(models.vae, job.fill_pixels)
+        latent_mask = inpaint_mod.latent_mask(job.mask, *latents.shape[-2:]).to(latents)
+        source = ImageSource(crop_w, crop_h, init_latents=latents, denoise=job.strength, mask=latent_mask,
+                             finish=job.paste)
+        head_path = self._optional_file(cfg.path_inpaint, inpaint_mod.HEAD_FILE)
+        if head_path is not None and models.unet is not models.patched.unet:   # the head goes with the patch
+            head = self.state.inpaint.head(head_path)
+            run.done.patchers.append(head)
+            with run.timed("vae_encode"):
+                head_latent = core.encode(models.vae, job.head_pixels)
+            source.head = (head, head_latent, latent_mask)
+            run.report["inpaint_head"] = os.path.basename(head_path)
+        run.report["output_size"] = [int(job.image.shape[1]), int(job.image.shape[0])]
+        return source
+
+    def _prepare_image_prompts(self, plan: RequestPlan, models: RequestModels,
+                               run: RequestRun) -> ip_adapter.PreparedImagePrompts:
+        """IP-Adapter Plus: each image's tokens (cached by content) and their K/V for every
+        cross-attention layer, computed once per request; no UNet weight changes."""
+        cfg = plan.cfg
+        ip_path = self._required_file(cfg.path_controlnet, ip_adapter.IP_ADAPTER_FILE, "path_controlnet",
+                                      ip_adapter.IP_ADAPTER_URL, cfg)
+        clip_path = self._required_file(cfg.path_clip_vision, ip_adapter.CLIP_VISION_FILE, "path_clip_vision",
+                                        ip_adapter.CLIP_VISION_URL, cfg)
+        try:
+            adapter = self.state.image_prompts.get(ip_path, clip_path)
+            run.done.patchers += [adapter.ip, adapter.clip]
+            with run.timed("image_prompt"):
+                tokens = adapter.image_tokens([p.image for p in plan.inputs.image_prompts])
+                prompts = [ip_adapter.ImagePrompt(t, p.weight, p.stop)
+                           for t, p in zip(tokens, plan.inputs.image_prompts)]
+                prepared = adapter.prepare(models.unet.model, prompts)
+        except ip_adapter.ImagePromptError as error:
+            raise RequestError(f"field 'image_prompts': {error}") from None
+        run.report["image_prompt_signature"] = prepared.signature
+        return prepared
+
+    def _required_file(self, folder: Path, name: str, key: str, url: str | None,
+                       cfg: config_module.Config) -> str:
+        """A model file the request cannot do without: from its folder, downloaded when
+        downloads are allowed, else an error naming the file and the folder's config key."""
+        path = Path(folder) / name
+        if path.is_file():
+            return str(path)
+        if url and cfg.downloads:
+            from modules import model_downloader
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if model_downloader.download_file(url, path):
+                return str(path)
+        raise RequestError(f"model file {name} is not in its folder (config key {key})"
+                           + (f"; download it from {url}" if url else ""))
+
+    # -- images ---------------------------------------------------------------------------
+
     def _generate(self, plan: RequestPlan, models: RequestModels, positive_texts: list[str],
-                  stage_sets: dict[str, list[core.UNetStage]], run: RequestRun) -> list[str]:
+                  stage_sets: dict[str, list[core.UNetStage]], source: ImageSource, run: RequestRun) -> list[str]:
         """Stages 4-6 per image: sample, decode, then save on the writer thread while the
         next image samples; finished files are announced to the page as they land."""
         req, steps, count = plan.req, plan.steps, plan.image_count
@@ -668,9 +839,16 @@ class Pipeline:
                 run.event("saving", f"Saved image {len(announced)}/{count}", len(announced) - 1, count,
                           steps, steps, image=announced[-1])
 
+        if source.direct is not None:   # nothing to sample: the one finished image is saved as it is
+            count = 1
         for index in range(run.done.next_image, count):
             run.check_stop()
-            latents = self._sample(plan, models, stage_sets[positive_texts[index]], tweaks, index, run,
+            if source.direct is not None:
+                writes.append(self.writer.submit(save_image, source.direct, self._image_parameters(
+                    plan, positive_texts[index], index, run), plan.cfg, req.output_format))
+                run.done.next_image = index + 1
+                continue
+            latents = self._sample(plan, models, stage_sets[positive_texts[index]], tweaks, source, index, run,
                                    on_step_extra=lambda: announce(wait=False), skipped=skipped)
             if skipped and skipped[-1] == index:   # Skip: the unfinished image is dropped
                 run.done.next_image = index + 1
@@ -678,7 +856,7 @@ class Pipeline:
                 continue
             run.event("decoding", f"Decoding image {index + 1}/{count}", index, count, steps, steps)
             with run.timed("vae_decode"):
-                pixels = core.decode(models.vae, latents, req.width, req.height)
+                pixels = source.finish(core.decode(models.vae, latents, source.width, source.height))
             writes.append(self.writer.submit(save_image, pixels, self._image_parameters(plan, positive_texts[index],
                                                                                         index, run),
                                              plan.cfg, req.output_format))
@@ -699,8 +877,8 @@ class Pipeline:
         return [s.path for s in saved]
 
     def _sample(self, plan: RequestPlan, models: RequestModels, stages: list[core.UNetStage],
-                tweaks: guidance.Guidance, index: int, run: RequestRun, on_step_extra: Callable[[], None],
-                skipped: list[int]) -> torch.Tensor:
+                tweaks: guidance.Guidance, source: ImageSource, index: int, run: RequestRun,
+                on_step_extra: Callable[[], None], skipped: list[int]) -> torch.Tensor:
         """Stage 4: one image's latents; Stop and Skip are honoured between steps."""
         req, count = plan.req, plan.image_count
         control = run.control
@@ -720,11 +898,20 @@ class Pipeline:
                                            preview=preview))
 
         switch = round(plan.steps * req.refiner_switch) if models.refiner is not None else None
-        with run.timed("sampling"):
+        shape = (tuple(source.init_latents.shape) if source.init_latents is not None
+                 else core.latent_shape(models.unet, models.vae, source.width, source.height))
+        with run.timed("sampling"), contextlib.ExitStack() as extras:
+            if source.image_prompts is not None:
+                extras.enter_context(ip_adapter.applied(models.unet.model, source.image_prompts))
+            if source.head is not None:
+                head, head_latent, head_mask = source.head
+                extras.enter_context(inpaint_mod.head_applied(models.unet, head, head_latent, head_mask,
+                                                              load_with=[models.unet]))
             return core.sample(stages, sampler=plan.sampler, scheduler=plan.scheduler, steps=plan.steps,
-                               cfg=plan.cfg_scale, width=req.width, height=req.height, seed=plan.seed + index,
-                               shape=core.latent_shape(models.patched.unet, models.vae, req.width, req.height),
-                               switch_step=switch, callback=on_step, guidance=tweaks)
+                               cfg=plan.cfg_scale, width=source.width, height=source.height,
+                               seed=plan.seed + index, shape=shape, switch_step=switch, callback=on_step,
+                               guidance=tweaks, init_latents=source.init_latents, denoise=source.denoise,
+                               mask=source.mask)
 
     def _image_parameters(self, plan: RequestPlan, positive_text: str, index: int, run: RequestRun) -> dict:
         """What the image file's metadata records (enough to make it again)."""

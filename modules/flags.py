@@ -194,3 +194,6 @@ OUTPAINT_SELECTIONS = ("Left", "Right", "Top", "Bottom")
 IMAGE_PROMPT = "ImagePrompt"
 # Upstream's other image-prompt types need ControlNets this project does not run yet.
 UNSUPPORTED_IMAGE_PROMPT_TYPES = ("PyraCanny", "CPDS", "FaceSwap")
+# Upscale runs fewer steps than text to image (upstream's StepsUOV); denoise keeps the last of them.
+UOV_STEPS = {Performance.QUALITY: 36, Performance.SPEED: 18, Performance.EXTREME_SPEED: 8,
+             Performance.LIGHTNING: 4, Performance.HYPER_SD: 4}

@@ -73,7 +73,7 @@ class InpaintInputError(ValueError):
     """A request's inpaint input that cannot be used; `field` names the request field."""
 
     def __init__(self, field_name: str, reason: str) -> None:
-        self.field = field_name
+        self.field, self.reason = field_name, reason
         super().__init__(f"{field_name}: {reason}")
 
 

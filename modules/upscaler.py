@@ -34,7 +34,7 @@ from ldm_patched.modules.file_version import FileReadError, FileVersion, read_sa
 from ldm_patched.modules.model_patcher import ModelPatcher
 
 DEFAULT_UPSCALER = "fooocus_upscaler_s409985e5.bin"
-UPSCALE_MODELS_FOLDER = "models/upscale_models"
+DEFAULT_UPSCALER_URL = "https://huggingface.co/lllyasviel/misc/resolve/main/fooocus_upscaler_s409985e5.bin"
 EXTENSIONS = (".pth", ".bin", ".pt", ".safetensors")
 
 
@@ -324,7 +324,7 @@ def upscale(patcher: ModelPatcher, pixels: np.ndarray, tile: int = 512, overlap:
     """HxWx3 uint8 -> (scale*H)x(scale*W)x3 uint8 through the upscaler."""
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"upscale expects an HxWx3 uint8 image, got {pixels.dtype} {pixels.shape}")
-    image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 255.0
+    image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 255.0
     out = upscale_tensor(patcher, image, tile, overlap)
     return (out[0].clamp(0, 1).permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
 
@@ -384,21 +384,23 @@ class UovPlan:
         return tuple(v // LATENT_MULTIPLE * LATENT_MULTIPLE for v in self.target)  # type: ignore[return-value]
 
 
-def uov_plan(method: str, width: int, height: int, model_scale: int = 4) -> UovPlan:
+def uov_plan(method: str, width: int, height: int, model_scale: int = 4, side: int = VARY_MIN_SIDE) -> UovPlan:
     """The plan for `method` on a width x height input (upstream's exact strings).
-    `model_scale`: the upscaler's factor (4 for Fooocus's), which sizes small results."""
+    `model_scale`: the upscaler's factor (4 for Fooocus's), which sizes small results.
+    `side`: the size SDXL works best at (upstream's 1024): Vary's shape ceil is clamped
+    to [side, 2 side] and smaller Upscale results are enlarged to it."""
     if method not in UOV_METHODS:
         raise ValueError(f"uov_method {method!r} is not one of: {', '.join(UOV_METHODS)}")
     if method == DISABLED:
         return UovPlan(method, False, 1.0, 1.0, False, (width, height))
     if method in VARY_DENOISE:
-        ceil = min(max(shape_ceil(width, height), VARY_MIN_SIDE), VARY_MAX_SIDE)
+        ceil = min(max(shape_ceil(width, height), side), side * VARY_MAX_SIDE // VARY_MIN_SIDE)
         return UovPlan(method, False, 1.0, VARY_DENOISE[method], True, size_for_shape_ceil(width, height, ceil))
     f = UPSCALE_FACTOR[method]
     ceil = shape_ceil(width * f, height * f)
-    if ceil < UPSCALE_MIN_SIDE:   # sized from the upscaled (4x) image, as upstream
-        target = size_for_shape_ceil(width * model_scale, height * model_scale, UPSCALE_MIN_SIDE)
-        ceil = UPSCALE_MIN_SIDE
+    if ceil < side:   # sized from the upscaled (4x) image, as upstream
+        target = size_for_shape_ceil(width * model_scale, height * model_scale, side)
+        ceil = side
     else:
         target = (int(width * f), int(height * f))
     diffuse = method != UPSCALE_FAST and ceil <= UPSCALE_MAX_DIFFUSE_SIDE

@@ -68,7 +68,8 @@ def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
     from modules import config
     from tests.helpers import pipelines
 
-    folders = {name: tmp_path / name for name in ("checkpoints", "loras", "outputs", "vae")}
+    folders = {name: tmp_path / name for name in ("checkpoints", "loras", "outputs", "vae", "upscale_models",
+                                                  "controlnet", "clip_vision", "inpaint")}
     for folder in folders.values():
         folder.mkdir()
     shutil.copy(tiny_checkpoint, folders["checkpoints"] / "tiny_sdxl_base.safetensors")
@@ -76,7 +77,9 @@ def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
     config_file.write_text(json.dumps({"path_checkpoints": str(folders["checkpoints"]),
                                        "path_loras": str(folders["loras"]),
                                        "path_outputs": str(folders["outputs"]),
-                                       "path_vae": str(folders["vae"])}))
+                                       "path_vae": str(folders["vae"]),
+                                       **{f"path_{name}": str(folders[name])
+                                          for name in ("upscale_models", "controlnet", "clip_vision", "inpaint")}}))
     monkeypatch.setenv("config_path", str(config_file))
     config.reload_config()
 

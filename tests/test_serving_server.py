@@ -79,8 +79,17 @@ def server(tmp_path_factory) -> Iterator[Server]:
     cwd, system_temp = root / "cwd", root / "system_temp"
     cwd.mkdir()
     system_temp.mkdir()
+    from ldm_patched.modules.demo_model import build_tiny_sdxl
+    from tests.helpers.input_image_files import IMAGE_INPUT_SIDE, write_all
+
+    models = {name: root / name for name in ("upscale_models", "controlnet", "clip_vision", "inpaint")}
+    for folder in models.values():
+        folder.mkdir()
+    write_all(models, build_tiny_sdxl(seed=0)["unet"])
     config_file = root / "config.json"
-    config_file.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    config_file.write_text(json.dumps({**{k: str(v) for k, v in paths.items()},
+                                       **{f"path_{k}": str(v) for k, v in models.items()},
+                                       "image_input_side": IMAGE_INPUT_SIDE}))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("path_", "default_"))}
     env.update(config_path=str(config_file), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
@@ -180,6 +189,22 @@ def test_a_lora_rewritten_keeping_size_and_mtime_is_read_again(server: Server, t
     assert report["model_management"]["lora_files_read"] == 1
     pixels = [np.asarray(Image.open(g[0]).convert("RGB")) for g in (first, second)]
     assert not np.array_equal(*pixels)
+
+
+def test_every_input_image_mode_through_generate(server: Server, tmp_path: Path) -> None:
+    """Vary, Upscale, Image Prompt, Inpaint and Outpaint through `/generate`: an image of
+    the mode's size each (sizes worked out in tests/test_input_image_pipeline.py)."""
+    from tests.helpers.input_image_files import MODES
+
+    api = client(server, tmp_path)
+    for mode, (extra, size) in MODES.items():
+        gallery, report = api.predict({**REQUEST, **extra}, api_name="/generate")
+        assert "error" not in report, (mode, report)
+        with Image.open(gallery[0]) as image:
+            assert image.size == size, mode
+    gallery, report = api.predict({**REQUEST, "input_image": "garbage", "uov_method": "Vary (Strong)"},
+                                  api_name="/generate")
+    assert gallery == [] and "field 'input_image'" in report["error"]
 
 
 def test_sigterm_during_a_batch_leaves_only_whole_images_and_exits_0(server: Server, tmp_path: Path) -> None:
