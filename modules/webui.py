@@ -823,7 +823,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                     unload_choice = gr.Dropdown([], label="Resident model", elem_id="fr-unload-choice")
                     unload_btn = gr.Button("Unload this model", size="sm", elem_id="fr-unload")
                 with gr.Accordion("Report", open=False):
-                    report = gr.JSON(label="Report")
+                    report = gr.JSON(label="Report", elem_id="fr-report")
                 history_link = gr.HTML(t2i_page.history_link_html(cfg), elem_id="fr-history")
                 with gr.Accordion("Load parameters", open=False, elem_id="fr-load-params"):
                     param_image = gr.File(label="Image with parameters", file_types=["image"], type="filepath",

@@ -60,48 +60,27 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-# Tiny model files for the Input Image modes, written with the builders in tests/helpers;
-# a mode whose files could not be written fails its test with the reason recorded here.
-UPSCALER_FILE = "fooocus_upscaler_s409985e5.bin"
-IP_ADAPTER_FILE = "ip-adapter-plus_sdxl_vit-h.bin"
-CLIP_VISION_FILE = "clip_vision_vit_h.safetensors"
+# Tiny model files for the Input Image modes (tests/helpers/input_image_files.py's builders,
+# for the demo checkpoint's UNet); a mode whose files could not be written fails its test
+# with the reason recorded here.
 MODEL_FILE_PROBLEMS: dict[str, str] = {}
 
 
-def _helper(name: str):
-    """A test-file builder from any module of tests/helpers (None when there is none)."""
-    import importlib
-    import pkgutil
-
-    import tests.helpers as helpers
-    for module in pkgutil.iter_modules(helpers.__path__):
-        try:
-            found = getattr(importlib.import_module(f"tests.helpers.{module.name}"), name, None)
-        except Exception:   # a helper module that does not import here has no builder for us
-            continue
-        if callable(found):
-            return found
-    return None
-
-
 def write_input_image_models(config: dict[str, str]) -> dict[str, str]:
-    """Write the tiny upscaler and IP-Adapter/CLIP-vision files; returns {what: why not}."""
-    problems = {}
-    for what, builder, paths in (
-            ("upscaler", "write_tiny_upscaler", [Path(config["path_upscale_models"]) / UPSCALER_FILE]),
-            ("image prompt", "write_tiny_ip_adapter", [Path(config["path_controlnet"]) / IP_ADAPTER_FILE,
-                                                       Path(config["path_clip_vision"]) / CLIP_VISION_FILE])):
-        write = _helper(builder)
-        if write is None:
-            problems[what] = f"tests/helpers has no {builder}() yet"
-            continue
-        try:
-            for path in paths:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            write(*[str(path) for path in paths])
-        except Exception as error:  # recorded: the tests of that mode fail with it
-            problems[what] = f"{builder}() failed: {type(error).__name__}: {error}"
-    return problems
+    """Write the tiny upscaler, IP-Adapter/CLIP-vision and inpaint files; returns {what: why not}."""
+    try:
+        from ldm_patched.modules.demo_model import build_tiny_sdxl
+        from tests.helpers.input_image_files import write_all
+
+        folders = {name: Path(config[f"path_{name}"]) for name in
+                   ("upscale_models", "controlnet", "clip_vision", "inpaint")}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        write_all(folders, build_tiny_sdxl(seed=0)["unet"])
+    except Exception as error:  # recorded: the tests of the modes that need them fail with it
+        why = f"{type(error).__name__}: {error}"
+        return {"upscaler": why, "image prompt": why}
+    return {}
 
 
 def need_model_files(what: str) -> None:
@@ -119,7 +98,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                "path_upscale_models", "path_controlnet", "path_clip_vision", "path_inpaint")}
     MODEL_FILE_PROBLEMS.clear()
     MODEL_FILE_PROBLEMS.update(write_input_image_models(config))
-    config.update(default_aspect_ratio="128*128", default_performance="Speed", default_image_number=1)
+    config.update(default_aspect_ratio="128*128", default_performance="Speed", default_image_number=1,
+                  image_input_side=128)   # upstream's 1024 is slow on a CPU
     (root / "config.json").write_text(json.dumps(config))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("path_", "default_"))}
@@ -291,7 +271,12 @@ class PageDriver:
     def upload(self, elem_id: str, path: Path) -> None:
         """Upload a file into an image control and wait until the control shows it."""
         self.page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
-        self.page.locator(f"#{elem_id} img, #{elem_id} canvas").first.wait_for(state="visible")
+        if self.page.locator(f"#{elem_id} canvas").count():
+            # The image editor has its picture once it turns to the brush and may be panned.
+            self.page.locator(f'#{elem_id} button[aria-label="Brush"].highlight').wait_for(state="visible")
+            self.page.locator(f'#{elem_id} button[aria-label="Pan"]:not([disabled])').wait_for(state="visible")
+        else:
+            self.page.locator(f"#{elem_id} img").first.wait_for(state="visible")
         self.page.wait_for_function(
             "(id) => !document.querySelector(`#${id} .uploading, #${id} [data-testid=upload-progress]`)",
             arg=elem_id)
@@ -488,26 +473,28 @@ def test_preset_dropdown_applies_a_preset_without_restart(page: PageDriver) -> N
 
 # -- the Input Image panel: one generation per mode -------------------------------------------
 
-INPUT_SIDE = 128   # the default aspect ratio's size: small enough for a CPU
+INPUT_SIZE = (96, 64)   # (width, height): not the default 128x128, so a mode's size shows
 
 
 @pytest.fixture
 def input_png(tmp_path: Path) -> Path:
-    """A 128x128 picture: a gradient with a dark square in the middle."""
+    """A 96x64 picture: a gradient with a dark square in the middle."""
     import numpy as np
     from PIL import Image
 
-    ramp = np.linspace(0, 255, INPUT_SIDE, dtype=np.uint8)
-    pixels = np.stack([np.tile(ramp, (INPUT_SIDE, 1)), np.tile(ramp[:, None], (1, INPUT_SIDE)),
-                       np.full((INPUT_SIDE, INPUT_SIDE), 128, np.uint8)], axis=2)
-    pixels[48:80, 48:80] = 20
+    width, height = INPUT_SIZE
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, :, 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+    pixels[:, :, 1] = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
+    pixels[:, :, 2] = 128
+    pixels[24:40, 40:56] = 20
     path = tmp_path / "input.png"
     Image.fromarray(pixels).save(path)
     return path
 
 
 def generated(page: PageDriver, prompt: str):
-    """Generate; the one finished image (a PIL image with its metadata)."""
+    """Generate; the one finished image (a PIL image)."""
     page.generate(prompt)
     assert page.wait_stage("finished", "error", "stopped") == "finished", page.stages()
     page.wait_gallery(1)
@@ -516,8 +503,13 @@ def generated(page: PageDriver, prompt: str):
     return page.image_file(sources[0])
 
 
-def saved_parameters(image) -> str:
-    return image.text.get("parameters", "") if hasattr(image, "text") else ""
+def report_mentions(page: PageDriver, *fragments: str) -> None:
+    """Wait until the page's report (its Report accordion, opened) shows every fragment."""
+    if not page.page.locator("#fr-report").is_visible():
+        page.page.get_by_text("Report", exact=True).first.click()
+    page.page.wait_for_function(
+        "(fs) => { const t = document.querySelector('#fr-report')?.textContent || '';"
+        " return fs.every(f => t.includes(f)); }", arg=list(fragments), timeout=30_000)
 
 
 def draw_stroke(page: PageDriver, elem_id: str) -> None:
@@ -538,7 +530,8 @@ def test_input_image_vary_subtle(page: PageDriver, input_png: Path) -> None:
     page.upload("fr-uov-image", input_png)
     page.choose("fr-uov-method", "Vary (Subtle)")
     image = generated(page, "a lighthouse, varied")
-    assert "Vary (Subtle)" in saved_parameters(image), saved_parameters(image)
+    assert image.size == INPUT_SIZE     # the picture's size, not the aspect ratio's 128x128
+    report_mentions(page, "uov_method", "Vary (Subtle)")
     assert not page.console_errors, page.console_errors
 
 
@@ -548,16 +541,15 @@ def test_input_image_upscale_fast_2x(page: PageDriver, input_png: Path) -> None:
     page.upload("fr-uov-image", input_png)
     page.choose("fr-uov-method", "Upscale (Fast 2x)")
     image = generated(page, "upscaled")
-    assert image.size == (2 * INPUT_SIDE, 2 * INPUT_SIDE)
+    assert image.size == (2 * INPUT_SIZE[0], 2 * INPUT_SIZE[1])
 
 
 def test_input_image_image_prompt(page: PageDriver, input_png: Path) -> None:
     need_model_files("image prompt")
     page.input_image_tab("Image Prompt")
     page.upload("fr-ip-image-0", input_png)
-    image = generated(page, "a lighthouse like this picture")
-    assert "ImagePrompt" in saved_parameters(image) or "image_prompts" in saved_parameters(image), \
-        saved_parameters(image)
+    generated(page, "a lighthouse like this picture")
+    report_mentions(page, "image_prompts")
 
 
 def test_input_image_inpaint_a_drawn_mask(page: PageDriver, input_png: Path) -> None:
@@ -568,12 +560,12 @@ def test_input_image_inpaint_a_drawn_mask(page: PageDriver, input_png: Path) -> 
     page.upload("fr-inpaint-canvas", input_png)
     draw_stroke(page, "fr-inpaint-canvas")
     image = generated(page, "a red ball")
-    assert image.size == (INPUT_SIDE, INPUT_SIDE)
-    assert "inpaint_mask" in saved_parameters(image), saved_parameters(image)
+    assert image.size == INPUT_SIZE
+    report_mentions(page, "inpaint_mask")
     # Outside the drawn stroke (and its feathering) the picture is kept as it was.
     source = np.asarray(Image.open(input_png).convert("RGB"))
-    out = np.asarray(image.convert("RGB"))
-    assert (out[:16, :16] == source[:16, :16]).all() and (out[-16:, -16:] == source[-16:, -16:]).all()
+    kept = (np.asarray(image.convert("RGB")) == source).all(axis=2)
+    assert 0.1 < kept.mean() < 1.0, kept.mean()
 
 
 def test_input_image_outpaint_left(page: PageDriver, input_png: Path) -> None:
@@ -581,8 +573,7 @@ def test_input_image_outpaint_left(page: PageDriver, input_png: Path) -> None:
     page.upload("fr-inpaint-canvas", input_png)
     page.choose("fr-outpaint", "Left")
     image = generated(page, "more of the scene to the left")
-    width, height = image.size
-    assert width > height, image.size   # a square picture grown to the left
+    assert image.size == (INPUT_SIZE[0] + int(0.3 * INPUT_SIZE[0]), INPUT_SIZE[1])   # upstream's 30% more
 
 
 def test_input_image_panel_screenshots(page: PageDriver, input_png: Path, tmp_path: Path) -> None:
@@ -645,9 +636,9 @@ def test_the_page_sends_the_drawn_mask_and_the_tab_shown(browser, fake_server, i
         assert request["outpaint_selections"] == ["Left"] and "uov_method" not in request
         mask = decode(request["inpaint_mask"])
         assert mask.shape == source.shape[:2]
-        middle = INPUT_SIDE // 2
-        assert mask[middle, int(INPUT_SIDE * 0.45):int(INPUT_SIDE * 0.55)].min() == 255   # along the stroke
-        assert mask[:16].max() == 0 and mask[-16:].max() == 0                               # far from it
+        width, height = INPUT_SIZE
+        assert mask[height // 2, int(width * 0.45):int(width * 0.55)].min() == 255   # along the stroke
+        assert set(np.unique(mask)) == {0, 255} and (mask == 0).mean() > 0.3         # and not beyond it
 
         driver.input_image_tab("Upscale or Variation")
         driver.upload("fr-uov-image", input_png)
