@@ -342,7 +342,18 @@ def load_config(env: Mapping[str, str] = os.environ, *, preset: str | None = Non
         raw["path_outputs"] = (output_path, "--output-path")
 
     values = {k: parse(raw[k][0], k, raw[k][1]) for k, (_, parse, _) in _KEYS.items()}
+    _check_default_loras(values, raw)
     return Config(config_path=config_path, **values, **(cli or {}))
+
+
+def _check_default_loras(values: dict[str, Any], raw: dict[str, tuple[Any, str]]) -> None:
+    """The default LoRAs obey the same weight limit as a request's, at start: otherwise every
+    request that keeps the defaults would fail naming a field the client never sent."""
+    limit = values["max_lora_weight"]
+    for lora in values["default_loras"]:
+        if abs(lora.weight) > limit:
+            raise ConfigError(f"config key 'default_loras' from {raw['default_loras'][1]}: {lora.name} has weight "
+                              f"{lora.weight:g}, beyond max_lora_weight ({limit:g})")
 
 
 # --- process-wide cached instance ------------------------------------------------

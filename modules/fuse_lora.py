@@ -16,9 +16,9 @@ import os
 import sys
 
 import torch
-from safetensors import safe_open
 
 from ldm_patched.modules.checkpoint import CheckpointError, load_checkpoint, original_state_dict, save_checkpoint
+from ldm_patched.modules.file_version import SafetensorsReader
 from ldm_patched.modules.lora import (LoraError, LoraFileCache, match_lora, text_encoder_lora_names,
                                       unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
@@ -50,10 +50,10 @@ def _file_dtype(path: str) -> torch.dtype:
     """The dtype the base file stores its UNet in; the fused file keeps it."""
     if not path.endswith(".safetensors"):
         return torch.float16
-    with safe_open(path, framework="pt") as handle:
-        for key in handle.keys():
+    with SafetensorsReader(path) as reader:   # the header only: never a map of the file
+        for key in reader.keys():
             if key.startswith("model.diffusion_model."):
-                return handle.get_tensor(key).dtype
+                return reader.dtype(key)
     return torch.float16
 
 

@@ -43,6 +43,16 @@ def test_out_of_range_values_fail_at_start_naming_the_key(tmp_path, key, value):
         load_config({"config_path": str(path)})
 
 
+def test_default_lora_weights_beyond_the_limit_fail_at_start(tmp_path):
+    path = write(tmp_path, json.dumps({"default_loras": [["style.safetensors", 25.0]], "max_lora_weight": 10}))
+    with pytest.raises(ConfigError) as caught:
+        load_config({"config_path": str(path)})
+    message = str(caught.value)
+    assert "default_loras" in message and "style.safetensors" in message and str(path) in message
+    within = write(tmp_path, json.dumps({"default_loras": [["style.safetensors", -10.0]], "max_lora_weight": 10}))
+    assert load_config({"config_path": str(within)}).default_loras[0].weight == -10.0
+
+
 def test_env_nan_names_the_variable(tmp_path):
     with pytest.raises(ConfigError, match="environment variable default_cfg_scale"):
         load_config({"config_path": str(tmp_path / "none"), "default_cfg_scale": "NaN"})

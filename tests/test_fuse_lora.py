@@ -36,6 +36,30 @@ def test_fused_checkpoint_draws_like_base_plus_lora(pipeline, tiny_components, t
     assert np.abs(pixels(plain.images[0]) - pixels(runtime.images[0])).max() > 2  # the LoRA matters
 
 
+def test_fusing_never_maps_the_files(pipeline, tiny_components, tmp_path, monkeypatch):
+    """Issue 9 item 1: every file is read into private memory; a map of a file that changes
+    on disk while it is read can crash the process (SIGBUS)."""
+    import mmap
+    import sys
+
+    import safetensors
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a file was memory-mapped")
+
+    folders = pipeline(mm.Policy.CONSERVATIVE)
+    lora = kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    mapping_reader = safetensors.safe_open
+    for module in list(sys.modules.values()):   # every name safetensors' mapping reader is bound to
+        if getattr(module, "safe_open", None) is mapping_reader:
+            monkeypatch.setattr(module, "safe_open", refuse)
+    out = tmp_path / "fused.safetensors"
+    assert fuse_lora.main([str(folders["checkpoints"] / SMALL["base_model"]), "--lora", str(lora),
+                           "-o", str(out)]) == 0
+    assert out.is_file()
+
+
 def test_performance_lora_fused_into_the_checkpoint_is_not_added_again(pipeline, tiny_components):
     folders = pipeline(mm.Policy.RESIDENT)
     lcm = kohya_lora(tiny_components, folders["loras"] / "sdxl_lcm_lora.safetensors")

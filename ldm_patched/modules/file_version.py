@@ -168,6 +168,10 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def dtype(self, key: str) -> torch.dtype:
+        """A tensor's dtype, from the header (nothing read)."""
+        return self._entries[key].dtype
+
     def check_unchanged(self) -> None:
         """Refuse a file that was rewritten while it was read (its tensors may mix two versions)."""
         now = FileVersion.from_stat(self.path, os.fstat(self._fd))
