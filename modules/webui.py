@@ -45,7 +45,7 @@ from typing import Any
 import gradio as gr
 
 from modules import config as config_module
-from modules import flags, resident_memory, t2i_page
+from modules import flags, input_image_page, resident_memory, t2i_page
 from modules.async_worker import AsyncTask, TaskProgress, Worker
 from modules.runtime import get_worker
 
@@ -105,6 +105,7 @@ class UIValues:
     adm_scaler_positive: float = 1.5
     adm_scaler_negative: float = 0.8
     adm_scaler_end: float = 0.3
+    input_image: input_image_page.InputImageValues | None = None
 
     def to_request(self) -> dict:
         width, height = flags.parse_aspect_ratio(self.aspect_ratio)
@@ -135,6 +136,8 @@ class UIValues:
             request["output_format"] = self.output_format
         if self.base_model:
             request["base_model"] = self.base_model
+        if self.input_image is not None:
+            request.update(self.input_image.to_fields())
         return request
 
 
@@ -444,6 +447,55 @@ class LoraSlot:
 
 
 @dataclass
+class ImagePromptControls:
+    image: gr.Image
+    stop: gr.Slider
+    weight: gr.Slider
+    kind: gr.Radio
+
+
+@dataclass
+class InputImageControls:
+    """The Input Image panel (upstream's layout); ``tab`` is a hidden textbox the tabs
+    set in the browser, so the request follows the tab shown when Generate is pressed."""
+
+    enabled: gr.Checkbox
+    tab: gr.Textbox
+    uov_image: gr.Image
+    uov_method: gr.Radio
+    image_prompts: list[ImagePromptControls]
+    inpaint_canvas: gr.ImageMask
+    inpaint_mask_upload: gr.Image
+    outpaint: gr.CheckboxGroup
+    inpaint_strength: gr.Slider
+    inpaint_respective_field: gr.Slider
+
+    def components(self) -> set[gr.components.Component]:
+        out: set[gr.components.Component] = {
+            self.enabled, self.tab, self.uov_image, self.uov_method, self.inpaint_canvas,
+            self.inpaint_mask_upload, self.outpaint, self.inpaint_strength, self.inpaint_respective_field}
+        for slot in self.image_prompts:
+            out |= {slot.image, slot.stop, slot.weight, slot.kind}
+        return out
+
+    def values(self, data: Mapping[Any, Any]) -> input_image_page.InputImageValues:
+        return input_image_page.InputImageValues(
+            enabled=bool(data[self.enabled]),
+            tab=data[self.tab] or input_image_page.TAB_UOV,
+            uov_image=data[self.uov_image],
+            uov_method=data[self.uov_method],
+            image_prompts=tuple(input_image_page.ImagePromptSlot(
+                data[s.image], float(data[s.stop]), float(data[s.weight]), data[s.kind] or flags.IMAGE_PROMPT)
+                for s in self.image_prompts),
+            inpaint_canvas=data[self.inpaint_canvas],
+            inpaint_mask_upload=data[self.inpaint_mask_upload],
+            outpaint=tuple(data[self.outpaint] or ()),
+            inpaint_strength=float(data[self.inpaint_strength]),
+            inpaint_respective_field=float(data[self.inpaint_respective_field]),
+        )
+
+
+@dataclass
 class Controls:
     """The page's input components, in one place."""
 
@@ -466,6 +518,7 @@ class Controls:
     styles: gr.CheckboxGroup | None = None
     sharpness: gr.Slider | None = None
     adm: tuple[gr.Slider, gr.Slider, gr.Slider] | None = None   # positive, negative, end
+    input_image: InputImageControls | None = None
 
     def components(self) -> set[gr.components.Component]:
         out: set[gr.components.Component] = {
@@ -478,6 +531,8 @@ class Controls:
             assert extra is not None
             out.add(extra)
         out |= {c for c in (self.styles, self.sharpness, *(self.adm or ())) if c is not None}
+        if self.input_image is not None:
+            out |= self.input_image.components()
         return out
 
     def values(self, data: Mapping[Any, Any]) -> UIValues:
@@ -500,6 +555,7 @@ class Controls:
             guidance_scale=float(data[self.guidance_scale]),
             vae=data[self.vae] if self.vae is not None else flags.DEFAULT_VAE,
             output_format=data[self.output_format] if self.output_format is not None else "png",
+            input_image=self.input_image.values(data) if self.input_image is not None else None,
             **self._t2i_values(data),
         )
 
@@ -639,6 +695,77 @@ def _lock_updates(performance: str, user_defaults: dict[str, Any]) -> tuple[Any,
             refiner, gr.update(visible=False) if not locked.refiner else gr.skip(), note)
 
 
+
+INPUT_IMAGE_TABS = (("Upscale or Variation", input_image_page.TAB_UOV, "fr-uov-tab"),
+                    ("Image Prompt", input_image_page.TAB_IP, "fr-ip-tab"),
+                    ("Inpaint or Outpaint", input_image_page.TAB_INPAINT, "fr-inpaint-tab"))
+
+
+def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Column, list[gr.Tab], gr.Checkbox, list[gr.Column]]:
+    """Upstream's Input Image panel: one tab per mode, the image upload left and its
+    options right (Image Prompt: four slots, their Stop At/Weight behind an Advanced box).
+    Returns the controls, the panel, the tabs, the image-prompt Advanced box and the
+    slots' advanced columns, for the caller to wire."""
+    with gr.Column(visible=False, elem_id="fr-input-image-panel") as panel:
+        tab_value = gr.Textbox(value=input_image_page.TAB_UOV, visible=False, elem_id="fr-input-image-tab")
+        tabs: list[gr.Tab] = []
+        with gr.Tabs(elem_id="fr-input-image-tabs"):
+            with gr.Tab(INPUT_IMAGE_TABS[0][0], elem_id=INPUT_IMAGE_TABS[0][2]) as uov_tab:
+                with gr.Row():
+                    with gr.Column(min_width=200):
+                        uov_image = gr.Image(label="Image to vary or upscale", type="numpy", format="png",
+                                             sources=["upload", "clipboard"], height=300, elem_id="fr-uov-image")
+                    with gr.Column(min_width=200):
+                        uov_method = gr.Radio(list(flags.UOV_METHODS), value=flags.UOV_DISABLED,
+                                              label="Upscale or Variation", elem_id="fr-uov-method")
+                tabs.append(uov_tab)
+            with gr.Tab(INPUT_IMAGE_TABS[1][0], elem_id=INPUT_IMAGE_TABS[1][2]) as ip_tab:
+                slots: list[ImagePromptControls] = []
+                advanced_columns: list[gr.Column] = []
+                with gr.Row(elem_classes=["fr-ip-row"]):
+                    for i in range(input_image_page.IMAGE_PROMPT_SLOTS):
+                        with gr.Column(min_width=150):
+                            image = gr.Image(label=f"Image Prompt {i + 1}", show_label=False, type="numpy",
+                                             format="png", sources=["upload", "clipboard"], height=220,
+                                             elem_id=f"fr-ip-image-{i}")
+                            with gr.Column(visible=False, elem_id=f"fr-ip-advanced-{i}") as advanced_col:
+                                stop = gr.Slider(0.0, 1.0, value=input_image_page.IMAGE_PROMPT_STOP, step=0.001,
+                                                 label="Stop At", elem_id=f"fr-ip-stop-{i}")
+                                weight = gr.Slider(0.0, 2.0, value=input_image_page.IMAGE_PROMPT_WEIGHT,
+                                                   step=0.001, label="Weight", elem_id=f"fr-ip-weight-{i}")
+                                kind = gr.Radio([flags.IMAGE_PROMPT], value=flags.IMAGE_PROMPT, label="Type",
+                                                container=False, elem_id=f"fr-ip-type-{i}")
+                            advanced_columns.append(advanced_col)
+                            slots.append(ImagePromptControls(image, stop, weight, kind))
+                ip_advanced = gr.Checkbox(label="Advanced", value=False, container=False, elem_id="fr-ip-advanced")
+                tabs.append(ip_tab)
+            with gr.Tab(INPUT_IMAGE_TABS[2][0], elem_id=INPUT_IMAGE_TABS[2][2]) as inpaint_tab:
+                with gr.Row():
+                    with gr.Column(scale=3, min_width=240):
+                        canvas = gr.ImageMask(label="Image to inpaint or outpaint (draw where it should change)",
+                                              type="numpy", format="png", height=420, sources=["upload", "clipboard"],
+                                              brush=gr.Brush(colors=["#FFFFFF"], color_mode="fixed"),
+                                              elem_id="fr-inpaint-canvas")
+                    with gr.Column(scale=2, min_width=200):
+                        outpaint = gr.CheckboxGroup(list(flags.OUTPAINT_SELECTIONS), value=[],
+                                                    label="Outpaint Direction", elem_id="fr-outpaint")
+                        mask_upload = gr.Image(label="Mask (optional, white repaints)", type="numpy",
+                                               format="png", sources=["upload", "clipboard"], height=200,
+                                               image_mode="RGBA", elem_id="fr-inpaint-mask-upload")
+                        with gr.Accordion("Inpaint settings", open=False, elem_id="fr-inpaint-advanced"):
+                            strength = gr.Slider(0.0, 1.0, value=input_image_page.INPAINT_STRENGTH, step=0.001,
+                                                 label="Inpaint Denoising Strength", elem_id="fr-inpaint-strength")
+                            respective = gr.Slider(0.0, 1.0, value=input_image_page.INPAINT_RESPECTIVE_FIELD,
+                                                   step=0.001, label="Inpaint Respective Field",
+                                                   elem_id="fr-inpaint-respective-field")
+                tabs.append(inpaint_tab)
+    controls = InputImageControls(enabled=enabled, tab=tab_value, uov_image=uov_image,
+                                  uov_method=uov_method, image_prompts=slots, inpaint_canvas=canvas,
+                                  inpaint_mask_upload=mask_upload, outpaint=outpaint, inpaint_strength=strength,
+                                  inpaint_respective_field=respective)
+    return controls, panel, tabs, ip_advanced, advanced_columns
+
+
 def build_app(worker: Worker | None = None, cfg: config_module.Config | None = None,
               demo_warning: Callable[[], str | None] = _demo_warning,
               model_status: Callable[[], dict] | None = None,
@@ -681,7 +808,13 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate_button")
                         stop_btn = gr.Button("Stop", variant="stop", visible=False, elem_id="stop_button")
                         skip_btn = gr.Button("Skip", visible=False, elem_id="skip_button")
-                advanced_checkbox = gr.Checkbox(label="Advanced", value=False, elem_id="fr-advanced-checkbox")
+                with gr.Row(elem_classes=["fr-check-row"]):
+                    input_image_checkbox = gr.Checkbox(label="Input Image", value=False, container=False,
+                                                       elem_id="fr-input-image-checkbox")
+                    advanced_checkbox = gr.Checkbox(label="Advanced", value=False, container=False,
+                                                    elem_id="fr-advanced-checkbox")
+                input_image, input_image_panel, input_image_tabs, ip_advanced, ip_advanced_columns = (
+                    _input_image_panel(input_image_checkbox))
                 with gr.Accordion("Resident memory", open=False, elem_id="fr-memory"):
                     memory_html = gr.HTML(elem_id="fr-memory-panel")
                     with gr.Row():
@@ -690,7 +823,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                     unload_choice = gr.Dropdown([], label="Resident model", elem_id="fr-unload-choice")
                     unload_btn = gr.Button("Unload this model", size="sm", elem_id="fr-unload")
                 with gr.Accordion("Report", open=False):
-                    report = gr.JSON(label="Report")
+                    report = gr.JSON(label="Report", elem_id="fr-report")
                 history_link = gr.HTML(t2i_page.history_link_html(cfg), elem_id="fr-history")
                 with gr.Accordion("Load parameters", open=False, elem_id="fr-load-params"):
                     param_image = gr.File(label="Image with parameters", file_types=["image"], type="filepath",
@@ -767,7 +900,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                             random_seed=random_seed, base_model=base_model, refiner_model=refiner_model,
                             refiner_switch=refiner_switch, loras=slots, sampler=sampler, scheduler=scheduler,
                             guidance_scale=guidance, vae=vae, output_format=output_format, styles=styles,
-                            sharpness=sharpness, adm=adm)
+                            sharpness=sharpness, adm=adm, input_image=input_image)
         follow_outputs = [progress, gallery, report, banner, generate_btn, stop_btn, skip_btn, seed]
 
         # -- page events (private) ----------------------------------------------------------
@@ -811,6 +944,15 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
 
         advanced_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[advanced_checkbox],
                                  outputs=[advanced_column], api_visibility="private", queue=False)
+        input_image_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[input_image_checkbox],
+                                    outputs=[input_image_panel], api_visibility="private", queue=False)
+        for (_, tab_name, _), tab in zip(INPUT_IMAGE_TABS, input_image_tabs):
+            # In the browser: the tab shown is the mode sent, with no round trip to race Generate.
+            tab.select(None, inputs=None, outputs=[input_image.tab], js=f"() => {json.dumps(tab_name)}",
+                       api_visibility="private", queue=False)
+        ip_advanced.change(lambda on: [gr.update(visible=bool(on))] * len(ip_advanced_columns),
+                           inputs=[ip_advanced], outputs=ip_advanced_columns, api_visibility="private",
+                           queue=False)
         random_seed.change(lambda on: gr.update(visible=not on), inputs=[random_seed], outputs=[seed],
                            api_visibility="private", queue=False)
         performance.change(lambda p: _lock_updates(p, user_defaults), inputs=[performance],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import socket
@@ -346,7 +348,7 @@ def _inputs(app: object, dep: dict, values: dict[str, object], owner: str) -> li
         if component["type"] == "browserstate":
             data.append(owner)
         else:
-            data.append(values.get(props.get("label"), props.get("value")))
+            data.append(values.get(props.get("elem_id"), values.get(props.get("label"), props.get("value"))))
     return data
 
 
@@ -402,6 +404,51 @@ def test_page_generate_event_submits_the_request_built_from_the_controls(fake_ap
     assert len(gallery) == 1 and report == {"mode": "conservative", "n": 1}
 
 
+def upload_png(fake: FakeApp, pixels: np.ndarray) -> dict:
+    """Upload a PNG the way the browser does; the FileData an image control then sends."""
+    import httpx
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    response = httpx.post(fake.url + "gradio_api/upload", timeout=TIMEOUT,
+                          files=[("files", ("in.png", buffer.getvalue(), "image/png"))])
+    assert response.status_code == 200, response.text
+    return {"path": response.json()[0], "orig_name": "in.png", "meta": {"_type": "gradio.FileData"}}
+
+
+def test_page_sends_the_input_image_fields_of_the_tab_shown(fake_app: FakeApp) -> None:
+    image = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    uploaded = upload_png(fake_app, image)
+    layer = np.zeros((24, 32, 4), np.uint8)
+    layer[2:6, 10:20] = 255
+    canvas = {"background": upload_png(fake_app, np.dstack([image, np.full((24, 32), 255, np.uint8)])),
+              "layers": [upload_png(fake_app, layer)], "composite": None}
+    base = {"Prompt": "with an image", "Random": False, "Seed": "5", "fr-uov-image": uploaded,
+            "fr-uov-method": "Vary (Subtle)", "fr-ip-image-1": uploaded, "fr-inpaint-canvas": canvas,
+            "fr-outpaint": ["Left"]}
+    for owner, values in (("off", {**base, "fr-input-image-checkbox": False}),
+                          ("uov", {**base, "fr-input-image-checkbox": True, "fr-input-image-tab": "uov"}),
+                          ("ip", {**base, "fr-input-image-checkbox": True, "fr-input-image-tab": "ip"}),
+                          ("inpaint", {**base, "fr-input-image-checkbox": True, "fr-input-image-tab": "inpaint"})):
+        final = page_event(fake_app, "generate_button", owner, values)[-1]
+        assert final["msg"] == "process_completed" and final["success"], final
+    off, uov, ip, inpaint = fake_app.pipeline.requests
+    decode = lambda text: np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))  # noqa: E731
+    input_fields = {"input_image", "uov_method", "inpaint_mask", "outpaint_selections", "inpaint_strength",
+                    "inpaint_respective_field", "image_prompts"}
+    assert not input_fields & set(off) and off["prompt"] == "with an image"
+    assert {k for k in uov if k in input_fields} == {"input_image", "uov_method"}
+    assert uov["uov_method"] == "Vary (Subtle)" and (decode(uov["input_image"]) == image).all()
+    assert {k for k in ip if k in input_fields} == {"image_prompts"}
+    assert len(ip["image_prompts"]) == 1 and ip["image_prompts"][0][1:] == [0.5, 0.6, "ImagePrompt"]
+    assert (decode(ip["image_prompts"][0][0]) == image).all()
+    assert {k for k in inpaint if k in input_fields} == {"input_image", "inpaint_mask", "outpaint_selections",
+                                                         "inpaint_strength", "inpaint_respective_field"}
+    assert (decode(inpaint["input_image"]) == image).all() and inpaint["outpaint_selections"] == ["Left"]
+    assert (decode(inpaint["inpaint_mask"]) == np.where(layer[:, :, 3] > 0, 255, 0)).all()
+    assert (inpaint["inpaint_strength"], inpaint["inpaint_respective_field"]) == (1.0, 0.618)
+
+
 def test_a_foreign_page_stop_leaves_the_job_alone(fake_app: FakeApp) -> None:
     # "block" is not a page control: submit the blocking job for alice's page through the worker.
     task = fake_app.worker.submit({"prompt": "mine", "block": True}, owner=webui.page_owner("alice"))
@@ -446,7 +493,8 @@ def test_page_has_the_controls_and_the_demo_banner(tmp_path: Path) -> None:
     lora_dropdowns = [p for p in props if str(p.get("label", "")).startswith("LoRA ")]
     assert len(lora_dropdowns) == webui.LORA_SLOTS
     assert all(any(c[0] == "style.safetensors" for c in p["choices"]) for p in lora_dropdowns)
-    weights = [p for p in props if p.get("label") == "Weight"]
+    weights = [p for p in props if "fr-lora-weight" in (p.get("elem_classes") or [])]
+    assert len(weights) == webui.LORA_SLOTS
     assert all((p["minimum"], p["maximum"]) == webui.LORA_WEIGHT_RANGE for p in weights)
     banners = [p for p in props if "random demo weights" in str(p.get("value", ""))]
     assert len(banners) == 1 and banners[0]["visible"] is True

@@ -60,14 +60,46 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
+# Tiny model files for the Input Image modes (tests/helpers/input_image_files.py's builders,
+# for the demo checkpoint's UNet); a mode whose files could not be written fails its test
+# with the reason recorded here.
+MODEL_FILE_PROBLEMS: dict[str, str] = {}
+
+
+def write_input_image_models(config: dict[str, str]) -> dict[str, str]:
+    """Write the tiny upscaler, IP-Adapter/CLIP-vision and inpaint files; returns {what: why not}."""
+    try:
+        from ldm_patched.modules.demo_model import build_tiny_sdxl
+        from tests.helpers.input_image_files import write_all
+
+        folders = {name: Path(config[f"path_{name}"]) for name in
+                   ("upscale_models", "controlnet", "clip_vision", "inpaint")}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        write_all(folders, build_tiny_sdxl(seed=0)["unet"])
+    except Exception as error:  # recorded: the tests of the modes that need them fail with it
+        why = f"{type(error).__name__}: {error}"
+        return {"upscaler": why, "image prompt": why}
+    return {}
+
+
+def need_model_files(what: str) -> None:
+    if what in MODEL_FILE_PROBLEMS:
+        pytest.fail(f"no tiny {what} model files for the server: {MODEL_FILE_PROBLEMS[what]}")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """launch.py (resident policy) over tmp folders; the demo checkpoint is written at start.
     A small default aspect ratio keeps each image to a fraction of a second on a CPU."""
     root = tmp_path_factory.mktemp("browser_server")
     config = {key: str(root / key.removeprefix("path_")) for key in
-              ("path_checkpoints", "path_loras", "path_outputs", "path_embeddings", "path_vae")}
-    config.update(default_aspect_ratio="128*128", default_performance="Speed", default_image_number=1)
+              ("path_checkpoints", "path_loras", "path_outputs", "path_embeddings", "path_vae",
+               "path_upscale_models", "path_controlnet", "path_clip_vision", "path_inpaint")}
+    MODEL_FILE_PROBLEMS.clear()
+    MODEL_FILE_PROBLEMS.update(write_input_image_models(config))
+    config.update(default_aspect_ratio="128*128", default_performance="Speed", default_image_number=1,
+                  image_input_side=128)   # upstream's 1024 is slow on a CPU
     (root / "config.json").write_text(json.dumps(config))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("path_", "default_"))}
@@ -220,6 +252,37 @@ class PageDriver:
 
     def click(self, elem_id: str) -> None:
         self.page.locator(f"#{elem_id}").click()
+
+    def image_file(self, source: str):
+        """A gallery image as PIL opened it (pixels and the parameters in its metadata)."""
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(self.page.request.get(source).body()))
+        image.load()
+        return image
+
+    def input_image_tab(self, name: str) -> None:
+        box = self.page.locator("#fr-input-image-checkbox input[type=checkbox]")
+        if not box.is_checked():
+            box.check()
+        self.page.locator("#fr-input-image-panel").wait_for(state="visible")
+        self.page.get_by_role("tab", name=name, exact=True).click()
+
+    def upload(self, elem_id: str, path: Path) -> None:
+        """Upload a file into an image control and wait until the control shows it."""
+        self.page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+        if self.page.locator(f"#{elem_id} canvas").count():
+            # The image editor has its picture once it turns to the brush and may be panned.
+            self.page.locator(f'#{elem_id} button[aria-label="Brush"].highlight').wait_for(state="visible")
+            self.page.locator(f'#{elem_id} button[aria-label="Pan"]:not([disabled])').wait_for(state="visible")
+        else:
+            self.page.locator(f"#{elem_id} img").first.wait_for(state="visible")
+        self.page.wait_for_function(
+            "(id) => !document.querySelector(`#${id} .uploading, #${id} [data-testid=upload-progress]`)",
+            arg=elem_id)
+
+    def choose(self, elem_id: str, label: str) -> None:
+        self.page.locator(f"#{elem_id} label", has_text=label).first.click()
 
 
 @pytest.fixture
@@ -406,3 +469,203 @@ def test_preset_dropdown_applies_a_preset_without_restart(page: PageDriver) -> N
     page.tab("Models")
     base = page.page.get_by_label("Base Model (SDXL only)")
     assert base.input_value() == "realisticStockPhoto_v20.safetensors"
+
+
+# -- the Input Image panel: one generation per mode -------------------------------------------
+
+INPUT_SIZE = (96, 64)   # (width, height): not the default 128x128, so a mode's size shows
+
+
+@pytest.fixture
+def input_png(tmp_path: Path) -> Path:
+    """A 96x64 picture: a gradient with a dark square in the middle."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = INPUT_SIZE
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, :, 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+    pixels[:, :, 1] = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
+    pixels[:, :, 2] = 128
+    pixels[24:40, 40:56] = 20
+    path = tmp_path / "input.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def generated(page: PageDriver, prompt: str):
+    """Generate; the one finished image (a PIL image)."""
+    page.generate(prompt)
+    assert page.wait_stage("finished", "error", "stopped") == "finished", page.stages()
+    page.wait_gallery(1)
+    sources = page.gallery_sources()
+    assert len(sources) == 1, sources
+    return page.image_file(sources[0])
+
+
+def report_mentions(page: PageDriver, *fragments: str) -> None:
+    """Wait until the page's report (its Report accordion, opened) shows every fragment."""
+    if not page.page.locator("#fr-report").is_visible():
+        page.page.get_by_text("Report", exact=True).first.click()
+    page.page.wait_for_function(
+        "(fs) => { const t = document.querySelector('#fr-report')?.textContent || '';"
+        " return fs.every(f => t.includes(f)); }", arg=list(fragments), timeout=30_000)
+
+
+def draw_stroke(page: PageDriver, elem_id: str) -> None:
+    """Drag the brush across the middle of the uploaded image on the canvas."""
+    canvas = page.page.locator(f"#{elem_id} canvas").first
+    box = canvas.bounding_box()
+    assert box is not None
+    y = box["y"] + box["height"] / 2
+    page.page.mouse.move(box["x"] + box["width"] * 0.4, y)
+    page.page.mouse.down()
+    for step in range(1, 11):
+        page.page.mouse.move(box["x"] + box["width"] * (0.4 + 0.02 * step), y)
+    page.page.mouse.up()
+
+
+def test_input_image_vary_subtle(page: PageDriver, input_png: Path) -> None:
+    page.input_image_tab("Upscale or Variation")
+    page.upload("fr-uov-image", input_png)
+    page.choose("fr-uov-method", "Vary (Subtle)")
+    image = generated(page, "a lighthouse, varied")
+    assert image.size == INPUT_SIZE     # the picture's size, not the aspect ratio's 128x128
+    report_mentions(page, "uov_method", "Vary (Subtle)")
+    assert not page.console_errors, page.console_errors
+
+
+def test_input_image_upscale_fast_2x(page: PageDriver, input_png: Path) -> None:
+    need_model_files("upscaler")
+    page.input_image_tab("Upscale or Variation")
+    page.upload("fr-uov-image", input_png)
+    page.choose("fr-uov-method", "Upscale (Fast 2x)")
+    image = generated(page, "upscaled")
+    assert image.size == (2 * INPUT_SIZE[0], 2 * INPUT_SIZE[1])
+
+
+def test_input_image_image_prompt(page: PageDriver, input_png: Path) -> None:
+    need_model_files("image prompt")
+    page.input_image_tab("Image Prompt")
+    page.upload("fr-ip-image-0", input_png)
+    generated(page, "a lighthouse like this picture")
+    report_mentions(page, "image_prompts")
+
+
+def test_input_image_inpaint_a_drawn_mask(page: PageDriver, input_png: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    page.input_image_tab("Inpaint or Outpaint")
+    page.upload("fr-inpaint-canvas", input_png)
+    draw_stroke(page, "fr-inpaint-canvas")
+    image = generated(page, "a red ball")
+    assert image.size == INPUT_SIZE
+    report_mentions(page, "inpaint_mask")
+    # Outside the drawn stroke (and its feathering) the picture is kept as it was.
+    source = np.asarray(Image.open(input_png).convert("RGB"))
+    kept = (np.asarray(image.convert("RGB")) == source).all(axis=2)
+    assert 0.1 < kept.mean() < 1.0, kept.mean()
+
+
+def test_input_image_outpaint_left(page: PageDriver, input_png: Path) -> None:
+    page.input_image_tab("Inpaint or Outpaint")
+    page.upload("fr-inpaint-canvas", input_png)
+    page.choose("fr-outpaint", "Left")
+    image = generated(page, "more of the scene to the left")
+    assert image.size == (INPUT_SIZE[0] + int(0.3 * INPUT_SIZE[0]), INPUT_SIZE[1])   # upstream's 30% more
+
+
+def test_input_image_panel_screenshots(page: PageDriver, input_png: Path, tmp_path: Path) -> None:
+    """The panel as upstream lays it out (upload left, options right); each tab shot."""
+    shots = []
+    for tab, elem_id in (("Upscale or Variation", "fr-uov-image"), ("Image Prompt", "fr-ip-image-0"),
+                         ("Inpaint or Outpaint", "fr-inpaint-canvas")):
+        page.input_image_tab(tab)
+        page.upload(elem_id, input_png)
+        if tab == "Image Prompt":
+            page.page.locator("#fr-ip-advanced input[type=checkbox]").check()
+            page.page.locator("#fr-ip-stop-0").wait_for(state="visible")
+        path = tmp_path / f"input_image_{elem_id}.png"
+        page.page.screenshot(path=str(path), full_page=True)
+        shots.append(path)
+    uov_image = page.page.locator("#fr-uov-image")
+    keep = os.environ.get("FOOOCUS_RESIDENT_SCREENSHOTS")
+    if keep:
+        for shot in shots:
+            shutil.copy(shot, Path(keep) / shot.name)
+    assert all(shot.stat().st_size > 0 for shot in shots)
+    assert uov_image.count() == 1
+    assert not page.page.evaluate(CLIPPED_LABELS_JS)
+
+
+@pytest.fixture
+def fake_server(tmp_path: Path) -> Iterator[object]:
+    """The page over a fake worker (tests/test_webui.py's): what the browser sends, without a model."""
+    from tests.test_webui import TIMEOUT, start_fake_app
+
+    fake = start_fake_app(tmp_path)
+    try:
+        yield fake
+    finally:
+        fake.pipeline.gate.set()
+        fake.app.close()
+        fake.worker.shutdown(TIMEOUT)
+
+
+def test_the_page_sends_the_drawn_mask_and_the_tab_shown(browser, fake_server, input_png: Path) -> None:
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    def decode(text: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+    source = np.asarray(Image.open(input_png).convert("RGB"))
+    driver = PageDriver(browser, fake_server.url)
+    try:
+        driver.input_image_tab("Inpaint or Outpaint")
+        driver.upload("fr-inpaint-canvas", input_png)
+        draw_stroke(driver, "fr-inpaint-canvas")
+        driver.choose("fr-outpaint", "Left")
+        press_generate(driver, "inpaint")
+        assert driver.wait_stage("finished", "error") == "finished", driver.stages()
+        request = fake_server.pipeline.requests[-1]
+        assert (decode(request["input_image"]) == source).all()
+        assert request["outpaint_selections"] == ["Left"] and "uov_method" not in request
+        mask = decode(request["inpaint_mask"])
+        assert mask.shape == source.shape[:2]
+        width, height = INPUT_SIZE
+        assert mask[height // 2, int(width * 0.45):int(width * 0.55)].min() == 255   # along the stroke
+        assert set(np.unique(mask)) == {0, 255} and (mask == 0).mean() > 0.3         # and not beyond it
+
+        driver.input_image_tab("Upscale or Variation")
+        driver.upload("fr-uov-image", input_png)
+        driver.choose("fr-uov-method", "Upscale (1.5x)")
+        press_generate(driver, "upscale")
+        assert driver.wait_stage("finished", "error") == "finished"
+        wait_for_requests(fake_server.pipeline, 2)
+        request = fake_server.pipeline.requests[-1]
+        assert request["uov_method"] == "Upscale (1.5x)" and (decode(request["input_image"]) == source).all()
+        assert not {"inpaint_mask", "outpaint_selections", "image_prompts"} & set(request)
+
+        driver.page.locator("#fr-input-image-checkbox input[type=checkbox]").uncheck()
+        driver.page.locator("#fr-input-image-panel").wait_for(state="hidden")
+        press_generate(driver, "plain")
+        wait_for_requests(fake_server.pipeline, 3)
+        assert not {"input_image", "uov_method", "image_prompts"} & set(fake_server.pipeline.requests[-1])
+    finally:
+        driver.close()
+
+
+def wait_for_requests(pipeline, n: int) -> None:
+    from tests.test_webui import wait_until
+
+    wait_until(lambda: len(pipeline.requests) >= n, f"{n} requests at the fake worker")
+
+
+def press_generate(driver: PageDriver, prompt: str) -> None:
+    """The Generate button itself (the fake app is launched without the page's Ctrl+Enter script)."""
+    driver.page.locator("#fr-prompt textarea").fill(prompt)
+    driver.click("generate_button")

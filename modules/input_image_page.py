@@ -1,0 +1,237 @@
+"""Plain (Gradio-free) helpers behind the page's "Input Image" panel; modules/webui.py
+wires them to the controls.
+
+The panel follows upstream Fooocus: a checkbox opens it, and its selected tab decides
+what the request asks for:
+
+* "Upscale or Variation" (``TAB_UOV``): ``input_image`` + ``uov_method``;
+* "Image Prompt" (``TAB_IP``): ``image_prompts`` (filled slots only);
+* "Inpaint or Outpaint" (``TAB_INPAINT``): ``input_image`` + ``inpaint_mask`` (the
+  strokes drawn on the canvas, merged with an uploaded mask) and/or
+  ``outpaint_selections``, with ``inpaint_strength`` and ``inpaint_respective_field``.
+
+With the checkbox off no input-image field is sent. Images go into the request as
+base64 PNG strings (modules/image_inputs.py decodes them). A value the page cannot
+turn into a request raises ValueError with a message for the user.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from modules import flags
+
+TAB_UOV, TAB_IP, TAB_INPAINT = "uov", "ip", "inpaint"
+TABS = (TAB_UOV, TAB_IP, TAB_INPAINT)
+IMAGE_PROMPT_SLOTS = 4
+IMAGE_PROMPT_STOP, IMAGE_PROMPT_WEIGHT = 0.5, 0.6        # upstream's defaults for "ImagePrompt"
+INPAINT_STRENGTH, INPAINT_RESPECTIVE_FIELD = 1.0, 0.618   # upstream's defaults
+MASK_THRESHOLD = 127   # an uploaded mask's grey above this repaints
+
+
+@dataclass(frozen=True)
+class ImagePromptSlot:
+    image: Any = None        # numpy array, PIL image, file path or None (empty slot)
+    stop: float = IMAGE_PROMPT_STOP
+    weight: float = IMAGE_PROMPT_WEIGHT
+    kind: str = flags.IMAGE_PROMPT
+
+
+@dataclass(frozen=True)
+class InputImageValues:
+    """What the Input Image panel holds; ``to_fields`` gives the request's fields."""
+
+    enabled: bool = False
+    tab: str = TAB_UOV
+    uov_image: Any = None
+    uov_method: str = flags.UOV_DISABLED
+    image_prompts: tuple[ImagePromptSlot, ...] = ()
+    inpaint_canvas: Any = None          # the ImageEditor's {"background", "layers", "composite"}
+    inpaint_mask_upload: Any = None     # an optional mask image (white repaints)
+    outpaint: tuple[str, ...] = ()
+    inpaint_strength: float = INPAINT_STRENGTH
+    inpaint_respective_field: float = INPAINT_RESPECTIVE_FIELD
+
+    def to_fields(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        if self.tab == TAB_UOV:
+            return uov_fields(self.uov_image, self.uov_method)
+        if self.tab == TAB_IP:
+            return image_prompt_fields(self.image_prompts)
+        if self.tab == TAB_INPAINT:
+            return inpaint_fields(self.inpaint_canvas, self.inpaint_mask_upload, self.outpaint,
+                                  self.inpaint_strength, self.inpaint_respective_field)
+        raise ValueError(f"unknown Input Image tab {self.tab!r}")
+
+
+# -- each tab -----------------------------------------------------------------------------
+
+def uov_fields(image: Any, method: str | None) -> dict[str, Any]:
+    """Upscale or Variation: nothing with "Disabled" (as upstream: text to image)."""
+    method = method or flags.UOV_DISABLED
+    if method not in flags.UOV_METHODS:
+        raise ValueError(f"Upscale or Variation: unknown method {method!r}")
+    if method == flags.UOV_DISABLED:
+        return {}
+    pixels = to_rgb(image)
+    if pixels is None:
+        raise ValueError(f"Upscale or Variation: upload an image to {method}")
+    return {"input_image": encode_png(pixels), "uov_method": method}
+
+
+def image_prompt_fields(slots: tuple[ImagePromptSlot, ...] | list[ImagePromptSlot]) -> dict[str, Any]:
+    """Image Prompt: one ``[image, stop, weight, type]`` per filled slot; none: no field."""
+    prompts = []
+    for slot in slots:
+        pixels = to_rgb(slot.image)
+        if pixels is None:
+            continue
+        prompts.append([encode_png(pixels), float(slot.stop), float(slot.weight), slot.kind or flags.IMAGE_PROMPT])
+    return {"image_prompts": prompts} if prompts else {}
+
+
+def inpaint_fields(canvas: Any, mask_upload: Any, outpaint: tuple[str, ...] | list[str] | None,
+                   strength: float = INPAINT_STRENGTH,
+                   respective_field: float = INPAINT_RESPECTIVE_FIELD) -> dict[str, Any]:
+    """Inpaint or Outpaint: the canvas's image, the mask drawn on it (merged with an
+    uploaded mask) and the outpaint directions."""
+    directions = [d for d in flags.OUTPAINT_SELECTIONS if d in (outpaint or ())]
+    image = canvas_image(canvas)
+    mask_upload_pixels = to_gray(mask_upload)
+    if image is None:
+        if directions or mask_upload_pixels is not None or drawn_mask(canvas) is not None:
+            raise ValueError("Inpaint or Outpaint: upload the image to inpaint or outpaint first")
+        return {}
+    mask = merge_masks(image.shape[:2], drawn_mask(canvas), mask_upload_pixels)
+    if mask is None and not directions:
+        raise ValueError("Inpaint or Outpaint: draw on the image where it should change, upload a mask, "
+                         "or choose an outpaint direction")
+    fields: dict[str, Any] = {"input_image": encode_png(image)}
+    if mask is not None:
+        fields["inpaint_mask"] = encode_png(mask)
+    if directions:
+        fields["outpaint_selections"] = directions
+    fields["inpaint_strength"] = float(strength)
+    fields["inpaint_respective_field"] = float(respective_field)
+    return fields
+
+
+# -- images -------------------------------------------------------------------------------
+
+def to_array(value: Any) -> np.ndarray | None:
+    """An image as Gradio gives it (numpy array, PIL image, file path, {"path": ...}) as an
+    HxW or HxWxC uint8 array; None for no image."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("path")
+        if value is None:
+            return None
+    if isinstance(value, str):
+        if not value:
+            return None
+        from PIL import Image
+        with Image.open(value) as image:
+            image.load()
+            value = image.convert("RGBA") if "A" in image.getbands() else image.convert("RGB")
+    array = np.asarray(value)
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
+            array = array * 255.0
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise ValueError(f"not an image (array of shape {array.shape})")
+    return array
+
+
+def to_rgb(value: Any) -> np.ndarray | None:
+    array = to_array(value)
+    if array is None:
+        return None
+    if array.ndim == 2:
+        return np.repeat(array[:, :, None], 3, axis=2)
+    if array.shape[2] == 4:   # transparent pixels become white, as a pasted PNG looks
+        alpha = array[:, :, 3:4].astype(np.float32) / 255.0
+        rgb = array[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def to_gray(value: Any) -> np.ndarray | None:
+    """A mask image as HxW uint8 (an RGBA mask: its colour where opaque, else black)."""
+    array = to_array(value)
+    if array is None:
+        return None
+    if array.ndim == 2:
+        return array
+    gray = array[:, :, :3].max(axis=2) if array.shape[2] >= 3 else array[:, :, 0]
+    if array.shape[2] == 4:
+        gray = np.minimum(gray, array[:, :, 3])
+    return gray.astype(np.uint8)
+
+
+def canvas_image(canvas: Any) -> np.ndarray | None:
+    """The image under the strokes: the editor's background."""
+    if canvas is None:
+        return None
+    if isinstance(canvas, dict):
+        return to_rgb(canvas.get("background"))
+    return to_rgb(canvas)
+
+
+def drawn_mask(canvas: Any) -> np.ndarray | None:
+    """Where the user drew: 255 where any layer has an opaque (or, without alpha, a
+    non-black) pixel, else 0. None when nothing was drawn."""
+    if not isinstance(canvas, dict):
+        return None
+    mask = None
+    for layer in canvas.get("layers") or ():
+        array = to_array(layer)
+        if array is None:
+            continue
+        if array.ndim == 3 and array.shape[2] == 4:
+            drawn = array[:, :, 3] > 0
+        elif array.ndim == 3:
+            drawn = array.max(axis=2) > 0
+        else:
+            drawn = array > 0
+        mask = drawn if mask is None else _fit(mask, drawn.shape) | drawn
+    if mask is None or not mask.any():
+        return None
+    return mask.astype(np.uint8) * 255
+
+
+def merge_masks(shape: tuple[int, int], *masks: np.ndarray | None) -> np.ndarray | None:
+    """The union of the masks at the image's size (HxW uint8, 255 repaints); None if empty."""
+    merged = None
+    for mask in masks:
+        if mask is None:
+            continue
+        binary = _fit(mask > MASK_THRESHOLD, shape)
+        merged = binary if merged is None else merged | binary
+    if merged is None or not merged.any():
+        return None
+    return merged.astype(np.uint8) * 255
+
+
+def _fit(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A boolean mask resized (nearest) to HxW ``shape``."""
+    height, width = shape[:2]
+    if mask.shape[:2] == (height, width):
+        return mask
+    from PIL import Image
+    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+    return np.asarray(image) > MASK_THRESHOLD
+
+
+def encode_png(pixels: np.ndarray) -> str:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
