@@ -1,6 +1,7 @@
 """Dry run of the benchmark harness (default suite): the entry point the CUDA benchmark
 uses, on tiny models on the CPU, every configuration and scenario, two counted
-requests each, plus the diffusers peer and the compiled configuration (aot_eager).
+requests each (fooocus_session: one round of its five modes), plus the diffusers peer
+and the compiled configuration (aot_eager).
 Checks the output files and the counts that make the comparison meaningful; never times."""
 
 import json
@@ -10,6 +11,7 @@ import pytest
 from ldm_patched.modules import model_management
 from tests.benchmarks import harness, models
 from tests.benchmarks.checks import (assert_compiled_runs_without_recompiling, assert_conservative_repatches,
+                                     assert_conservative_session_reloads, assert_resident_session_loads_nothing,
                                      assert_resident_steady_state_is_free, requests_of)
 
 SUMMARY_FIELDS = ("timings_ms", "counts", "peak_allocated_bytes", "ratio_total", "ratio_model_management",
@@ -40,7 +42,9 @@ def test_every_scenario_and_configuration_has_every_metric(dry_run):
             assert all(set(v) == {"median", "p90"} for v in summary["timings_ms"].values())
             assert set(summary["counts"]) == set(harness.COUNTS)
             assert all(set(v) == {"sum", "median"} for v in summary["counts"].values())
-            assert len(summary["requests"]) == 2
+            assert len(summary["requests"]) == results["options"]["counted_requests"][scenario]
+    assert results["options"]["counted_requests"] == {**{s: 2 for s in harness.SCENARIOS},
+                                                      harness.SESSION: len(harness.SESSION_MODES)}
     assert results["results"]["steady"]["conservative"]["ratio_total"] == pytest.approx(1.0)
     for key in ("cpu", "torch", "date", "git_commit"):
         assert results["machine"][key]
@@ -131,3 +135,33 @@ def test_cpu_configurations_go_through_the_real_flags():
     assert settings["conservative"].always_offload_from_vram
     assert all(s.vram_state is model_management.VRAMState.DISABLED for s in settings.values())
     assert harness.configuration_flags("conservative --always-gpu", "cuda") == ["--always-gpu"]
+
+
+def test_fooocus_session_goes_round_its_modes_at_the_run_side(dry_run):
+    results, markdown = dry_run
+    side, given = results["options"]["side"], results["options"]["session_input_side"]
+    expected = {"text-to-image": side, "vary": side, "upscale": 2 * given, "image prompt": side, "inpaint": given}
+    for name, summary in results["results"][harness.SESSION].items():
+        assert [r["mode"] for r in summary["requests"]] == list(harness.SESSION_MODES), name
+        assert [r["mode"] for r in summary["warmup"]] == list(harness.SESSION_MODES), name
+        assert set(summary["per_mode"]) == set(harness.SESSION_MODES)
+        for request in summary["requests"]:
+            # Vary generates at side, Upscale (2x) doubles the input, Inpaint pastes into it
+            size = expected[request["mode"]]
+            assert request["image_size"] == [size, size], (name, request["mode"], request["image_size"])
+        modes = {r["mode"]: r for r in summary["requests"]}
+        assert modes["upscale"]["timings_ms"]["input_image"] > 0 and modes["image prompt"]["timings_ms"]["input_image"] > 0
+        assert modes["text-to-image"]["timings_ms"]["input_image"] == 0
+    assert harness.SESSION_HEADER in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| inpaint |")]
+    assert len(rows) == len(results["results"][harness.SESSION])
+
+
+def test_resident_fooocus_session_loads_nothing_and_switches_only_the_inpaint_patch(dry_run):
+    assert_resident_session_loads_nothing(dry_run[0])
+
+
+def test_conservative_fooocus_session_reloads_every_request(dry_run):
+    # On the CPU bytes moved are 0 in every configuration (load device = offload device):
+    # what tells upstream's per-request reload apart here is models_loaded.
+    assert_conservative_session_reloads(dry_run[0])

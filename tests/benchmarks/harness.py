@@ -13,8 +13,14 @@ run and the dry run in the default test suite. Per run:
    checkpoints under the file ids of empty placeholder files, so requests resolve
    them by name and no disk reload is ever part of a measurement;
 3. each scenario: an uncounted warm-up (one pass over the scenario's distinct requests:
-   1, or 2 for the switch scenarios), then N counted requests through
-   `Pipeline.process_request`; every number comes from the request's report.
+   1, 2 for the switch scenarios, 5 for `fooocus_session`), then N counted requests
+   through `Pipeline.process_request` (`fooocus_session`: N rounded up to whole rounds of
+   its 5 modes); every number comes from the request's report.
+
+`fooocus_session` is a user's session through Fooocus's input-image modes: text to image,
+Vary (Subtle), Upscale (2x), Image Prompt, Inpaint (a box mask), each a request, on
+tiny input-image networks written for `bench_base`'s UNet (`tests/helpers/
+input_image_files.py`) and a deterministic random input picture of side/2 x side/2.
 
 Two comparisons ride along in the same run:
 
@@ -58,7 +64,7 @@ from ldm_patched.modules.file_version import FileVersion
 from modules import config as config_module
 from modules import compiled_unet, core, flags
 from tests.benchmarks import models
-from tests.helpers import pipelines
+from tests.helpers import input_image_files, pipelines
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LORA_FILE = flags.LCM_LORA.file_name
@@ -75,14 +81,22 @@ CONFIGURATIONS: dict[str, list[str]] = {
 BASELINE = "conservative"
 COMPILED = "resident --compile-unet"
 EAGER = "resident"
-SCENARIOS = ("steady", "lora_switch", "base_switch", "refiner")
+SCENARIOS = ("steady", "lora_switch", "base_switch", "refiner", "fooocus_session")
+SESSION = "fooocus_session"
+# fooocus_session's cycle, in order; each counted request is labelled with its mode.
+SESSION_MODES = ("text-to-image", "vary", "upscale", "image prompt", "inpaint")
+MODE_KEY = "_bench_mode"   # a label in the harness's request dicts, removed before the pipeline sees them
+INPUT_IMAGE_FOLDERS = ("upscale_models", "controlnet", "clip_vision", "inpaint")
 # The compiled configuration runs what compares it with eager (per-step time, switches);
 # every extra scenario would only add compiles of more modules and shapes.
 CONFIGURATION_SCENARIOS: dict[str, tuple[str, ...]] = {COMPILED: ("steady", "lora_switch")}
 PEER = "diffusers StableDiffusionXLPipeline"
-TIMINGS = ("total", "model_management", "text_encode", "sampling", "vae_decode", "save_images", "other")
-COUNTS = ("bytes_to_device", "bytes_to_offload", "weights_patched", "weights_restored", "models_loaded",
-          "models_unloaded", "lora_files_read", "text_encodes")
+TIMINGS = ("total", "model_management", "text_encode", "sampling", "vae_decode", "save_images", "input_image",
+           "other")
+# The report's input-image stages, summed as `input_image` (0 for text to image).
+INPUT_IMAGE_STAGES = ("upscale", "vae_encode", "image_prompt")
+COUNTS = ("bytes_to_device", "bytes_to_offload", "weights_patched", "weights_restored", "weights_from_variants",
+          "models_loaded", "models_unloaded", "lora_files_read", "text_encodes")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
 NEGATIVE = "blurry, low quality"
 
@@ -91,7 +105,8 @@ NEGATIVE = "blurry, low quality"
 class BenchOptions:
     size: str = "mid"
     device: str = "cpu"
-    repeats: int = 10                       # counted requests per scenario (after one warm-up)
+    repeats: int = 10                       # counted requests per scenario (after one warm-up pass;
+                                            # fooocus_session: rounded up to whole rounds of its modes)
     out_dir: Path | None = None             # default: $BENCH_OUT or <repo>/bench_out
     seed: int = 1234
     scenarios: tuple[str, ...] = SCENARIOS
@@ -110,6 +125,9 @@ class BenchOptions:
 
     def backend(self) -> str:
         return self.compile_backend or ("inductor" if self.device == "cuda" else "aot_eager")
+
+    def request_side(self) -> int:
+        return self.side or self.spec().side
 
 
 def runs(name: str, scenario: str) -> bool:
@@ -178,19 +196,29 @@ def build_models(options: BenchOptions, folders: dict[str, Path]) -> BuiltModels
     factor_dtype = torch.float16 if device.type == "cuda" else torch.float32
     keys = models.write_lcm_shaped_lora(checkpoints["bench_base.safetensors"][1]["unet"], lora_path,
                                         options.lora_rank or spec.lora_rank, factor_dtype)
+    # fooocus_session's networks (upscaler, IP-Adapter + CLIP vision, inpaint patch + head),
+    # shaped for bench_base's UNet; the builders read only its shapes (any device) and
+    # write float32 CPU tensors, as the loaders cast to the configuration's dtypes.
+    if SESSION in options.scenarios:
+        input_image_files.write_all(folders, checkpoints["bench_base.safetensors"][1]["unet"])
     return BuiltModels(checkpoints=checkpoints, tokenizers=load_tokenizers(), lora_keys=keys,
                        lora_bytes=lora_path.stat().st_size, dtypes=dtypes,
                        parameters={n: models.parameter_count(p) for n, (_, p) in checkpoints.items()})
 
 
 @contextmanager
-def bench_folders(root: Path) -> Iterator[dict[str, Path]]:
-    """checkpoints/loras/outputs under `root`, made the process's config for the run."""
-    folders = {name: root / name for name in ("checkpoints", "loras", "outputs")}
+def bench_folders(root: Path, side: int | None = None) -> Iterator[dict[str, Path]]:
+    """checkpoints/loras/outputs and the input-image model folders under `root`, made the
+    process's config for the run; `side`: config key image_input_side (the run's request
+    side, so Vary, Upscale and Inpaint work at the size text to image does)."""
+    folders = {name: root / name for name in ("checkpoints", "loras", "outputs", *INPUT_IMAGE_FOLDERS)}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     config_file = root / "config.txt"
-    config_file.write_text(json.dumps({f"path_{n}": str(p) for n, p in folders.items()}))
+    config: dict[str, Any] = {f"path_{n}": str(p) for n, p in folders.items()}
+    if side is not None:
+        config["image_input_side"] = side
+    config_file.write_text(json.dumps(config))
     previous_env, previous_pipeline = os.environ.get("config_path"), pipelines.current()
     os.environ["config_path"] = str(config_file)
     config_module.reload_config()
@@ -252,37 +280,85 @@ def scenario_cycle(scenario: str, options: BenchOptions) -> list[dict[str, Any]]
     if scenario == "refiner":
         return [{**base_request(options, speed), "refiner_model": "bench_refiner.safetensors",
                  "refiner_switch": 0.5}]
+    if scenario == SESSION:
+        return session_cycle(options)
     raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
 
 
-def scenario_requests(scenario: str, options: BenchOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(uncounted warm-up, `repeats` counted requests).
+def session_input_side(options: BenchOptions) -> int:
+    """The input picture's side: side/2 (mid 128, sdxl 512), at least 64. Vary keeps an
+    input whose shape ceil (a multiple of 64) is already image_input_side, so a 32 px input
+    at the tiny size would be re-diffused at 32 px: a 4x4 latent, smaller than the
+    sharpness filter's 13-wide window (it fails). Tiny therefore uses 64 (Upscale (2x): 128)."""
+    return max(options.request_side() // 2, 64)
 
-    The warm-up is one pass over the cycle (one request; two for the switch scenarios),
-    so every model of the scenario has been through its states once and the first
-    counted request is already a switch, whatever ran before."""
+
+def session_cycle(options: BenchOptions) -> list[dict[str, Any]]:
+    """fooocus_session: Fooocus's default performance (Speed, steps capped as elsewhere),
+    one request per mode of SESSION_MODES. The input is a deterministic random picture of
+    side/2 x side/2 (`session_input_side`): Vary generates at its shape ceil clamped to
+    image_input_side (= side), Upscale (2x) gives side x side, Inpaint's crop around the
+    box is generated at side and pasted back into the input."""
+    half = session_input_side(options)
+    image = input_image_files.png64(input_image_files.picture(half, half, seed=options.seed))
+    mask = input_image_files.png64(input_image_files.box_mask(half, half, (half // 4, half // 4,
+                                                                            half // 2, half // 2)))
+    extras = {"text-to-image": {},
+              "vary": {"input_image": image, "uov_method": "Vary (Subtle)"},
+              "upscale": {"input_image": image, "uov_method": "Upscale (2x)"},
+              "image prompt": {"image_prompts": [[image, 0.5, 0.6, "ImagePrompt"]]},
+              "inpaint": {"input_image": image, "inpaint_mask": mask}}
+    speed = base_request(options, flags.Performance.SPEED)
+    return [{**speed, **extras[mode], MODE_KEY: mode} for mode in SESSION_MODES]
+
+
+def counted_requests(scenario: str, options: BenchOptions) -> int:
+    """`repeats`; for fooocus_session rounded up to whole rounds, so every mode is counted
+    equally often (a dry run with repeats=2 counts one round of 5)."""
+    if scenario != SESSION:
+        return options.repeats
+    modes = len(SESSION_MODES)
+    return max(1, -(-options.repeats // modes)) * modes
+
+
+def scenario_requests(scenario: str, options: BenchOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(uncounted warm-up, counted requests).
+
+    The warm-up is one pass over the cycle (one request; two for the switch scenarios,
+    five for fooocus_session), so every model of the scenario has been through its states
+    once and the first counted request is already a switch, whatever ran before."""
     cycle = scenario_cycle(scenario, options)
-    return [dict(r) for r in cycle], [dict(cycle[i % len(cycle)]) for i in range(options.repeats)]
+    return [dict(r) for r in cycle], [dict(cycle[i % len(cycle)])
+                                      for i in range(counted_requests(scenario, options))]
 
 
 def run_request(request: dict[str, Any]) -> dict[str, Any]:
     """One request through the pipeline; the benchmark fails on any request error."""
-    report = pipelines.process_request(dict(request)).report
+    request = dict(request)
+    mode = request.pop(MODE_KEY, None)
+    report = pipelines.process_request(request).report
     if "error" in report:
         raise RuntimeError(f"benchmark request failed: {report['error']}")
     timings = dict(report["timings_ms"])
+    timings["input_image"] = sum(timings.get(k, 0.0) for k in INPUT_IMAGE_STAGES)
     # Whatever the stages do not cover: request parsing, end-of-request trim, the report.
     timings["other"] = timings["total"] - sum(timings[k] for k in TIMINGS[1:-1])
     compiled = report["compile"]
-    return {"performance": report["performance"], "base_model": report["base_model"],
+    return {"mode": mode, "performance": report["performance"], "base_model": report["base_model"],
             "refiner_model": report.get("refiner_model"), "lora_on": bool(report["loras"]),
-            "timings_ms": timings, "steps": report["steps"],
+            "timings_ms": timings, "steps": report["steps"], "image_size": _image_size(report["images"][0]),
             "step_ms": timings["sampling"] / report["steps"], "image": report["images"][0],
             "compile": {k: compiled[k] for k in ("ran_compiled", "graphs_compiled", "recompilations",
                                                  "compile_ms")},
             "model_management": {k: int(report["model_management"][k]) for k in COUNTS},
             "peak_allocated_bytes": int(report["vram"]["peak_allocated_bytes"]),
             "resident_bytes": int(report["vram"]["resident_bytes"])}
+
+
+def _image_size(path: str) -> list[int]:
+    """(width, height) of a written image (its header only); the files go with the run's folder."""
+    with Image.open(path) as image:
+        return list(image.size)
 
 
 # -- statistics -----------------------------------------------------------------------------
@@ -307,6 +383,18 @@ def summarize(requests: list[dict[str, Any]]) -> dict[str, Any]:
             "compile": compile_totals(requests),
             "peak_allocated_bytes": max(r["peak_allocated_bytes"] for r in requests),
             "requests": requests}
+
+
+def per_mode_summaries(requests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """fooocus_session's counted requests summarized per mode (their raw numbers stay in
+    the scenario's `requests`)."""
+    out = {}
+    for mode in SESSION_MODES:
+        of_mode = [r for r in requests if r["mode"] == mode]
+        if of_mode:
+            out[mode] = {k: v for k, v in summarize(of_mode).items() if k != "requests"}
+            out[mode]["count"] = len(of_mode)
+    return out
 
 
 def compile_totals(requests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -355,7 +443,8 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> 
     out.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {"machine": machine_info(options.device), "options": _options_json(options),
                                 "results": {}}
-    with tempfile.TemporaryDirectory(prefix="fooocus_bench_") as tmp, bench_folders(Path(tmp)) as folders:
+    with tempfile.TemporaryDirectory(prefix="fooocus_bench_") as tmp, \
+            bench_folders(Path(tmp), side=options.request_side()) as folders:
         built = build_models(options, folders)
         document["models"] = {"parameters": built.parameters, "dtypes": {k: str(v) for k, v in
                                                                           asdict(built.dtypes).items()},
@@ -396,6 +485,8 @@ def _run_configuration(name: str, options: BenchOptions, built: BuiltModels, fol
         warmup, counted = scenario_requests(scenario, options)
         warmed = [run_request(r) for r in warmup]
         summary = summarize([run_request(r) for r in counted])
+        if scenario == SESSION:   # the modes cost very different amounts: also summarized one by one
+            summary["per_mode"] = per_mode_summaries(summary["requests"])
         summary["warmup"] = warmed
         summary["warmup_compile"] = compile_totals(warmed)
         document["results"].setdefault(scenario, {})[name] = summary
@@ -409,6 +500,9 @@ def _options_json(options: BenchOptions) -> dict[str, Any]:
             "scenarios": list(options.scenarios), "configurations": list(options.configurations),
             "flags": {n: configuration_flags(n, options.device) for n in options.configurations},
             "side": options.side or spec.side, "speed_steps": options.speed_steps or spec.speed_steps,
+            "counted_requests": {s: counted_requests(s, options) for s in options.scenarios},
+            "session_input_side": session_input_side(options),
+            "session_modes": list(SESSION_MODES),
             "peer": options.peer, "compile_backend": options.backend(),
             "extreme_speed_steps": flags.performance_settings(flags.Performance.EXTREME_SPEED).steps}
 
@@ -572,13 +666,40 @@ def markdown_report(document: dict[str, Any]) -> str:
     if any(v is not None for v in switch.values()):
         lines.append("LoRA switch-on, median total minus steady-state median total (ms): "
                      + ", ".join(f"{n} {v:.1f}" for n, v in switch.items() if v is not None))
-    lines += ["", *peer_table(document), "", *compile_table(document)]
+    lines += ["", *session_table(document), "", *peer_table(document), "", *compile_table(document)]
     return "\n".join(lines) + "\n"
 
 
 PEER_HEADER = "| steady, Extreme Speed | total ms (med / p90) | vs peer | max pixel diff vs peer |"
 COMPILE_HEADER = ("| scenario | configuration | step ms (med / p90) | sampling ms | requests compiled "
                   "| graphs compiled (warm-up / counted) | recompilations (counted) | compile ms (warm-up) |")
+
+
+SESSION_HEADER = ("| fooocus_session mode | configuration | total ms (med / p90) | model mgmt ms (med / p90) "
+                  "| input-image ms | sampling ms | MiB to device (sum) | MiB offloaded (sum) | loaded (med) "
+                  "| patched (med / sum) | from variants (sum) | restored (sum) |")
+
+
+def session_table(document: dict[str, Any]) -> list[str]:
+    """fooocus_session per mode and configuration; counts are per request (med) or over
+    the mode's counted requests (sum)."""
+    per_config = document["results"].get(SESSION, {})
+    lines = [SESSION_HEADER, "|" + " --- |" * SESSION_HEADER.count(" | ") + " --- |"]
+    for mode in SESSION_MODES:
+        for name, summary in per_config.items():
+            s = summary.get("per_mode", {}).get(mode)
+            if s is None:
+                continue
+            t, c = s["timings_ms"], s["counts"]
+            lines.append(
+                f"| {mode} | {name} | {t['total']['median']:.1f} / {t['total']['p90']:.1f} "
+                f"| {t['model_management']['median']:.2f} / {t['model_management']['p90']:.2f} "
+                f"| {t['input_image']['median']:.1f} | {t['sampling']['median']:.1f} "
+                f"| {_mib(c['bytes_to_device']['sum'])} | {_mib(c['bytes_to_offload']['sum'])} "
+                f"| {c['models_loaded']['median']:g} "
+                f"| {c['weights_patched']['median']:g} / {c['weights_patched']['sum']} "
+                f"| {c['weights_from_variants']['sum']} | {c['weights_restored']['sum']} |")
+    return lines if len(lines) > 2 else []
 
 
 def peer_table(document: dict[str, Any]) -> list[str]:

@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from tests.benchmarks.checks import assert_resident_steady_state_is_free, assert_conservative_repatches
+from tests.benchmarks.checks import (assert_conservative_repatches, assert_conservative_session_reloads,
+                                     assert_resident_session_loads_nothing, assert_resident_steady_state_is_free)
 from tests.benchmarks.harness import BenchOptions, run_benchmark
 
 
@@ -23,3 +24,5 @@ def test_cpu_proxy_side_by_side(monkeypatch):
                                          repeats=int(os.environ.get("BENCH_REPEATS", "10"))))
     assert_resident_steady_state_is_free(results)
     assert_conservative_repatches(results)
+    assert_resident_session_loads_nothing(results)
+    assert_conservative_session_reloads(results)

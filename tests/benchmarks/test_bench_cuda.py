@@ -15,6 +15,7 @@ import os
 import pytest
 
 from tests.benchmarks.checks import (assert_compiled_runs_without_recompiling, assert_conservative_repatches,
+                                     assert_conservative_session_reloads, assert_resident_session_loads_nothing,
                                      assert_resident_steady_state_is_free)
 from tests.benchmarks.harness import COMPILED, BenchOptions, run_benchmark
 
@@ -30,5 +31,7 @@ def test_cuda_sdxl_side_by_side(monkeypatch):
     assert results["models"]["dtypes"]["unet"] == "torch.float16"
     assert_resident_steady_state_is_free(results)
     assert_conservative_repatches(results)
+    assert_resident_session_loads_nothing(results)
+    assert_conservative_session_reloads(results)
     assert_compiled_runs_without_recompiling(results, COMPILED)
     assert results["peer"]["requests"]   # diffusers' pipeline ran in the same run

@@ -1,6 +1,10 @@
 """Tiny model files for the input-image features, written under upstream's file names and
 in the layouts real files use (see each builder): the upscaler, the IP-Adapter with its
-CLIP vision encoder, and the inpaint patch and head."""
+CLIP vision encoder, and the inpaint patch and head.
+
+The builders that take a UNet read only its shapes (`named_parameters()`, `attn_processors`,
+layer sizes) and build float32 tensors on the CPU, so the UNet may be on any device, in any
+dtype (the benchmark's is on CUDA in fp16); the loaders cast to the serving dtype."""
 
 from __future__ import annotations
 
@@ -62,10 +66,10 @@ def write_tiny_ip_adapter(ip_path: str | Path, clip_path: str | Path, unet: torc
 def write_tiny_inpaint_patch(path: str | Path, unet: torch.nn.Module, seed: int = 0) -> dict:
     """Upstream's patch pickle: {"diffusion_model.<original key>": (uint8 diff, min, max)}."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = dict(unet.named_parameters())
+    shapes = {name: tuple(param.shape) for name, param in unet.named_parameters()}   # shapes only: any device
     data = {}
     for original, ours in INPAINT_PATCH_KEYS.items():
-        quantized = torch.randint(0, 256, tuple(shapes[ours].shape), dtype=torch.uint8, generator=generator)
+        quantized = torch.randint(0, 256, shapes[ours], dtype=torch.uint8, generator=generator)
         low = -0.01 * (1 + torch.rand((), generator=generator))
         high = 0.01 * (1 + torch.rand((), generator=generator))
         data["diffusion_model." + original] = (quantized, low.to(torch.float16), high.to(torch.float16))
