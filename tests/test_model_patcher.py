@@ -208,3 +208,58 @@ def test_kept_variants_return_to_a_set_bit_identically_without_a_merge():
     assert (result.patched, result.from_variants, result.restored) == (2, 2, 1)   # B had only 0.weight
     for key, value in snapshot(module).items():
         assert torch.equal(value, merged_a[key]), key
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operators a block runs (each one is at least one kernel launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _half_model(layers: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(layers)]).half()
+
+
+def test_a_new_set_is_written_with_one_multi_tensor_copy_and_the_same_values():
+    """Issue 12 item 2: a merge writes every key of a batch with one copy launch, not a copy
+    per key; the weights equal a per-key merge (original as float32 + addmm, cast) bit for bit."""
+    model = _half_model(12)
+    keys = [f"{i}.weight" for i in range(12)]
+    patches = lora_for(model, keys, "style")
+    originals = snapshot(model)
+    patcher = ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    patcher.add_patches(patches, 0.7)
+    counter = _OpCounter()
+    with counter:
+        result = patcher.patch_model()
+    assert result.patched == 12
+    assert counter.ops.get("_foreach_copy_") == 1 and counter.ops.get("copy_", 0) == 0, counter.ops
+    for key in keys:
+        factors = patches[key].factors
+        expected = torch.addmm(originals[key].float(), factors.up.float(), factors.down.float(),
+                               alpha=0.7 * factors.scale).to(torch.float16)
+        assert torch.equal(model.get_parameter(key), expected), key
+    patcher.unpatch_model()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in originals.items())
+
+
+def test_a_batch_of_writes_is_bounded_in_bytes(monkeypatch):
+    from ldm_patched.modules import model_patcher
+
+    model = _half_model(6)
+    keys = [f"{i}.weight" for i in range(6)]
+    monkeypatch.setattr(model_patcher, "WRITE_BATCH_BYTES", 2 * 16 * 16 * 4)   # two float32 results
+    patcher = ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    patcher.add_patches(lora_for(model, keys, "style"), 1.0)
+    counter = _OpCounter()
+    with counter:
+        patcher.patch_model()
+    assert counter.ops.get("_foreach_copy_") == 3, counter.ops

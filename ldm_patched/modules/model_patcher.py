@@ -408,6 +408,7 @@ class ModelPatcher:
         backup_device = torch.device(backup_device) if backup_device is not None else self.offload_device
         patched = restored = copied = 0
         state.signature = IN_PROGRESS
+        writes = _PendingWrites(state)
         for key in set(state.applied) | set(wanted.keys):
             now, want = state.applied.get(key), wanted.keys.get(key)
             if now == want:
@@ -420,23 +421,22 @@ class ModelPatcher:
                 continue
             if now is not None:
                 restored += 1
-            if self._copy_variant(state, key, want):
+            if self._copy_variant(state, key, want, writes):
                 copied += 1
             else:
-                self._merge_key(state, key, want, backup_device, backup_dtype, cache_factors)
+                self._merge_key(state, key, want, backup_device, backup_dtype, cache_factors, writes)
             patched += 1
+        writes.flush()
         state.signature = wanted
         telemetry.count(weights_patched=patched, weights_restored=restored, weights_from_variants=copied)
         return PatchResult(patched=patched, restored=restored, from_variants=copied)
 
-    def _copy_variant(self, state: WeightState, key: str, want: KeySignature) -> bool:
+    def _copy_variant(self, state: WeightState, key: str, want: KeySignature, writes: "_PendingWrites") -> bool:
         """Write a kept merged value of `key` for `want`, if there is one (a device copy)."""
         variant = state.variants.get((key, want))
         if variant is None or key not in state.backups:
             return False
-        state.applied[key] = WRITING
-        state.param(self.model, key).data.copy_(variant, non_blocking=True)
-        state.applied[key] = want
+        writes.add(key, state.param(self.model, key), variant, want)
         return True
 
     def unpatch_model(self, device_to: torch.device | None = None) -> PatchResult:
@@ -456,7 +456,7 @@ class ModelPatcher:
         return PatchResult(restored=restored)
 
     def _merge_key(self, state: WeightState, key: str, want: KeySignature, backup_device: torch.device,
-                   backup_dtype: torch.dtype | None, cache_factors: bool) -> None:
+                   backup_dtype: torch.dtype | None, cache_factors: bool, writes: "_PendingWrites") -> None:
         param = state.param(self.model, key)
         original = state.backups.get(key)
         if original is None:
@@ -471,13 +471,53 @@ class ModelPatcher:
             merged = entry.patch.added(merged, entry.strength_patch, cache_factors)
             if cache_factors:
                 state.cached_patches[id(entry.patch)] = entry.patch
-        param.data.copy_(merged)
-        state.applied[key] = want
+        writes.add(key, param, merged, want)
 
     def _restore_key(self, state: WeightState, key: str, keep_backup: bool) -> None:
         original = state.backups[key] if keep_backup else state.backups.pop(key)
         state.param(self.model, key).data.copy_(original, non_blocking=True)
         del state.applied[key]
+
+
+# Merged values waiting for their copy into the weights, at most this many bytes at a time
+# (float32 results of a whole SDXL LoRA at once would be gigabytes).
+WRITE_BATCH_BYTES = 256 * 2 ** 20
+
+
+class _PendingWrites:
+    """Weight writes issued together: one multi-tensor copy (`torch._foreach_copy_`) per
+    batch instead of a copy kernel per key.
+
+    Why: a LoRA switch is launch-bound (each key was a GEMM, a cast-and-copy and the
+    bookkeeping); the multi-tensor copy writes many keys per launch. The values are
+    exactly what a per-key `copy_` writes (the same conversion of the same merged
+    tensor), so pixels stay bit-identical across policies (DESIGN.md invariant 1). A key
+    stays marked WRITING until its copy is issued: a failure in between leaves it dirty,
+    and the next diff restores it from its backup."""
+
+    def __init__(self, state: WeightState, limit_bytes: int | None = None) -> None:
+        self.state = state
+        self.limit_bytes = WRITE_BATCH_BYTES if limit_bytes is None else limit_bytes
+        self.targets: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.keys: list[tuple[str, KeySignature]] = []
+        self.bytes = 0
+
+    def add(self, key: str, param: torch.nn.Parameter, value: torch.Tensor, want: KeySignature) -> None:
+        self.state.applied[key] = WRITING
+        self.targets.append(param.data)
+        self.values.append(value)
+        self.keys.append((key, want))
+        self.bytes += _nbytes(value)
+        if self.bytes >= self.limit_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.targets:
+            torch._foreach_copy_(self.targets, self.values, non_blocking=True)
+            for key, want in self.keys:
+                self.state.applied[key] = want
+        self.targets, self.values, self.keys, self.bytes = [], [], [], 0
 
 
 def _copy_for_backup(param: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
