@@ -8,8 +8,8 @@ import torch
 
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules.model_patcher import weight_state
-from tests.test_default_pipeline import SMALL, pixels
-from tests.test_lora import kohya_lora
+from tests.helpers.pipelines import SMALL, pixels
+from tests.helpers.lora_files import kohya_lora
 from tests.helpers import pipelines
 
 pytestmark = pytest.mark.cuda

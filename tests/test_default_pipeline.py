@@ -16,18 +16,10 @@ from ldm_patched.modules.lora import read_lora_file, match_lora, text_encoder_lo
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import core, default_pipeline
 from modules.task_types import TaskControl
-from tests.test_lora import kohya_lora
+from tests.helpers.lora_files import kohya_lora
 from tests.helpers import pipelines
+from tests.helpers.pipelines import BASE, SMALL, pixels
 from modules import generation_request
-
-BASE = "tiny_sdxl_base.safetensors"
-SMALL = {"base_model": BASE, "prompt": "a cat", "negative_prompt": "blurry", "width": 64, "height": 64, "steps": 3, "seed": 7,
-         "sampler": "euler", "scheduler": "normal", "guidance_scale": 5.0}
-
-
-def pixels(path: str) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
-
 
 def layer_lora(components, path, layers: tuple[str, ...], rank: int = 2) -> str:
     """A kohya LoRA over the UNet layers whose names contain one of `layers` (no text encoder)."""

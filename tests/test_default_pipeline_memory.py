@@ -7,8 +7,8 @@ import torch
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules.lora import LoraPatch
 from modules import core
-from tests.test_default_pipeline import BASE, SMALL, pixels
-from tests.test_lora import kohya_lora
+from tests.helpers.pipelines import BASE, SMALL, pixels
+from tests.helpers.lora_files import kohya_lora
 from tests.helpers import pipelines
 
 

@@ -9,8 +9,8 @@ from safetensors import safe_open
 
 from ldm_patched.modules import model_management as mm
 from modules import default_pipeline, fuse_lora
-from tests.test_default_pipeline import SMALL, pixels
-from tests.test_lora import kohya_lora
+from tests.helpers.pipelines import SMALL, pixels
+from tests.helpers.lora_files import kohya_lora
 from tests.helpers import pipelines
 
 

@@ -17,7 +17,7 @@ from modules.core import SDXLTextEncoders
 
 CPU = torch.device("cpu")
 
-from tests.helpers.lora_files import TE_LAYERS, UNET_LAYERS, kohya_lora, peft_lora  # noqa: F401 (re-exported)
+from tests.helpers.lora_files import TE_LAYERS, UNET_LAYERS, diffusers_fused, kohya_lora, peft_lora
 from tests.helpers.lora_files import find_text_layers, find_unet_layers
 
 
@@ -45,22 +45,6 @@ def apply_ours(components, path: str, strength: float):
     unet.patch_model()
     clip.patch_model()
     return unet, clip, match
-
-
-def diffusers_fused(components, path: str, strength: float):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    from ldm_patched.modules.checkpoint import load_tokenizers
-
-    tok, tok2 = load_tokenizers()
-    parts = copy.deepcopy(components)
-    pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
-                                     text_encoder_2=parts["text_encoder_2"], tokenizer=tok, tokenizer_2=tok2,
-                                     unet=parts["unet"], scheduler=EulerDiscreteScheduler())
-    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
-    pipe.fuse_lora(lora_scale=strength)
-    pipe.unload_lora_weights()
-    return pipe
 
 
 def assert_same_weights(ours: torch.nn.Module, theirs: torch.nn.Module, changed_at_least: int, original):

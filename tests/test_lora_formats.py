@@ -16,7 +16,7 @@ from ldm_patched.modules.model_patcher import ModelPatcher
 from modules.core import SDXLTextEncoders
 from tests.helpers.lora_files import (ENCODERS, TE_SCHEMES, UNET_LAYERS, UNET_SCHEMES, find_text_layers,
                                       find_unet_layers, lora_factors, lora_tensors, processor_name, rand, write)
-from tests.test_lora import diffusers_fused
+from tests.helpers.lora_files import diffusers_fused
 
 CPU = torch.device("cpu")
 ALL_TE_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",

@@ -20,7 +20,7 @@ with warnings.catch_warnings():   # ray.serve's pydantic models warn (v1-style F
 from PIL import Image  # noqa: E402
 
 from modules import config  # noqa: E402
-from tests.test_lora import kohya_lora  # noqa: E402
+from tests.helpers.lora_files import kohya_lora  # noqa: E402
 
 SMALL = {"prompt": "a lighthouse", "negative_prompt": "", "performance": "Speed", "steps": 1,
          "width": 64, "height": 64, "guidance_scale": 3.0}

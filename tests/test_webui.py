@@ -24,10 +24,11 @@ from PIL import Image
 from modules import config as config_module
 from modules import flags, webui
 from modules.async_worker import TaskControl, Worker
+from tests.helpers.webui import (STATUS, TIMEOUT, FakeApp, FakePipeline, FakeResult, free_port, start_fake_app,
+                                 wait_until)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT_S = 120.0
-TIMEOUT = 10.0
 
 REPORT_FIELDS = {
     "timings_ms": {"total", "model_management", "text_encode", "sampling", "vae_decode"},
@@ -35,12 +36,6 @@ REPORT_FIELDS = {
                          "weights_patched", "weights_restored", "lora_files_read"},
     "vram": {"budget_bytes", "resident_bytes", "peak_allocated_bytes"},
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_http(url: str, deadline_s: float, alive: Callable[[], bool] = lambda: True) -> None:
@@ -169,74 +164,6 @@ def test_auth_file_is_read_and_bad_entries_are_named(tmp_path: Path) -> None:
 
 # -- the app with a fake worker: endpoints and page wiring ----------------------------------
 
-@dataclass
-class FakeResult:
-    images: list[str]
-    report: dict
-
-
-@dataclass
-class FakePipeline:
-    """Writes one PNG per image; "block" requests wait for the gate (or a Stop) first."""
-
-    image_dir: Path
-    requests: list[dict] = field(default_factory=list)
-    order: list[str] = field(default_factory=list)
-    gate: threading.Event = field(default_factory=threading.Event)
-    started: threading.Event = field(default_factory=threading.Event)
-
-    def __call__(self, request: dict, control: TaskControl, progress: Callable | None) -> FakeResult:
-        self.requests.append(request)
-        self.order.append(f"run:{request.get('prompt')}")
-        if request.get("block"):
-            self.started.set()
-            while not (self.gate.is_set() or control.stop.is_set()):
-                self.gate.wait(0.01)   # bounded by the test's gate/stop, checked often
-        if control.stop.is_set():
-            return FakeResult([], {"stopped": True})
-        if request.get("prompt") == "fail":
-            return FakeResult([], {"error": "fake failure"})
-        path = self.image_dir / f"img{len(self.requests)}.png"
-        Image.new("RGB", (16, 8), (255, 0, 0)).save(path)
-        return FakeResult([str(path)], {"mode": "conservative", "n": len(self.requests)})
-
-
-@dataclass
-class FakeApp:
-    url: str
-    pipeline: FakePipeline
-    app: object  # gr.Blocks
-    worker: Worker
-    freed: list[str]
-
-    def __iter__(self) -> Iterator[object]:  # `url, pipeline = fake_app`
-        return iter((self.url, self.pipeline))
-
-
-STATUS = {"models": [{"name": "a.safetensors:unet", "device": "cpu", "bytes": 2 ** 20}], "mode": "conservative"}
-
-
-def start_fake_app(tmp_path: Path, **launch: object) -> FakeApp:
-    pipeline = FakePipeline(tmp_path)
-    worker = Worker(handler=pipeline, status=lambda: dict(STATUS))
-    cfg = config_module.load_config({"config_path": str(tmp_path / "no_config.json"),
-                                     "path_checkpoints": str(tmp_path / "ckpt"),
-                                     "path_loras": str(tmp_path / "loras"),
-                                     "path_outputs": str(tmp_path / "out")})
-    freed: list[str] = []
-
-    def free_memory() -> dict:
-        freed.append("free")
-        pipeline.order.append("free")
-        return {"unloaded": ["a.safetensors:unet"], "freed_bytes": 2 ** 20}
-
-    app = webui.build_app(worker=worker, cfg=cfg, demo_warning=lambda: "demo weights in use",
-                          free_memory=free_memory, reconnect_grace_s=0)
-    port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch)
-    return FakeApp(f"http://127.0.0.1:{port}/", pipeline, app, worker, freed)
-
-
 @pytest.fixture
 def fake_app(tmp_path: Path) -> Iterator[FakeApp]:
     fake = start_fake_app(tmp_path)
@@ -315,15 +242,6 @@ def test_free_memory_waits_for_the_running_request(fake_app: FakeApp, tmp_path: 
     assert freed["unloaded"] == ["a.safetensors:unet"] and freed["freed_bytes"] == 2 ** 20
     assert running.result(TIMEOUT)[1]["n"] == 1
     assert fake_app.pipeline.order == ["run:running", "free"]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    """Poll a condition that another process/thread makes true (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        threading.Event().wait(0.02)
 
 
 # -- driving the page's own events the way the browser does ---------------------------------
@@ -750,7 +668,7 @@ def test_launch_serves_generate_end_to_end(server: Server, tmp_path: Path) -> No
 @pytest.mark.parametrize("performance", ["Quality", "Speed", "Extreme Speed", "Lightning", "Hyper-SD"])
 def test_every_performance_mode_through_the_api(server: Server, tmp_path: Path, performance: str) -> None:
     from ldm_patched.modules.demo_model import build_tiny_sdxl
-    from tests.test_lora import kohya_lora
+    from tests.helpers.lora_files import kohya_lora
 
     # LoRA files under the names Fooocus expects, shaped for the demo checkpoint (seed 0).
     for name in ("sdxl_lcm_lora.safetensors", "sdxl_lightning_4step_lora.safetensors",

@@ -66,7 +66,7 @@ def tiny_folder(root: Path, sets: int) -> tuple[dict, list[list[list]]]:
     from ldm_patched.modules.checkpoint import original_state_dict, save_checkpoint
     from ldm_patched.modules.demo_model import build_tiny_sdxl
     from tests import ray_fleet
-    from tests.test_lora import kohya_lora
+    from tests.helpers.lora_files import kohya_lora
 
     components = build_tiny_sdxl(seed=0)
     checkpoint = save_checkpoint(root / "tiny_sdxl_base.safetensors", original_state_dict(**components))

@@ -602,7 +602,7 @@ def test_input_image_panel_screenshots(page: PageDriver, input_png: Path, tmp_pa
 @pytest.fixture
 def fake_server(tmp_path: Path) -> Iterator[object]:
     """The page over a fake worker (tests/test_webui.py's): what the browser sends, without a model."""
-    from tests.test_webui import TIMEOUT, start_fake_app
+    from tests.helpers.webui import TIMEOUT, start_fake_app
 
     fake = start_fake_app(tmp_path)
     try:
@@ -660,7 +660,7 @@ def test_the_page_sends_the_drawn_mask_and_the_tab_shown(browser, fake_server, i
 
 
 def wait_for_requests(pipeline, n: int) -> None:
-    from tests.test_webui import wait_until
+    from tests.helpers.webui import wait_until
 
     wait_until(lambda: len(pipeline.requests) >= n, f"{n} requests at the fake worker")
 

@@ -9,6 +9,8 @@ LyCORIS (`hada_`, `lokr_`, `a1`..`b2`, `dora_scale`, `lycoris_`), diffusers/peft
 
 from __future__ import annotations
 
+import copy
+import os
 import zlib
 from typing import Callable, Iterable
 
@@ -180,3 +182,21 @@ def lycoris_file(components, path, kind: str, unet_layers: tuple[str, ...] = UNE
         for inner, _, shape in find_text_layers(components[encoder], te_layers):
             tensors.update(adapter_tensors(kind, TE_SCHEMES["kohya"](encoder, inner), shape, rank, has_bias=True))
     return write(tensors, path)
+
+
+def diffusers_fused(components, path: str, strength: float):
+    """diffusers' own pipeline on copies of `components` with the LoRA file loaded and fused
+    (the peer oracle for our merge)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from ldm_patched.modules.checkpoint import load_tokenizers
+
+    tok, tok2 = load_tokenizers()
+    parts = copy.deepcopy(components)
+    pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                     text_encoder_2=parts["text_encoder_2"], tokenizer=tok, tokenizer_2=tok2,
+                                     unet=parts["unet"], scheduler=EulerDiscreteScheduler())
+    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
+    pipe.fuse_lora(lora_scale=strength)
+    pipe.unload_lora_weights()
+    return pipe

@@ -7,8 +7,21 @@ a default pipeline is made on first use.
 
 from __future__ import annotations
 
+import numpy as np
+from PIL import Image
+
 from modules.default_pipeline import Pipeline
 from modules.task_types import RequestResult
+
+# A small request on conftest's tiny base checkpoint, and how tests read an image back.
+BASE = "tiny_sdxl_base.safetensors"
+SMALL = {"base_model": BASE, "prompt": "a cat", "negative_prompt": "blurry", "width": 64, "height": 64, "steps": 3, "seed": 7,
+         "sampler": "euler", "scheduler": "normal", "guidance_scale": 5.0}
+
+
+def pixels(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
 
 _current: Pipeline | None = None
 

@@ -1,0 +1,102 @@
+"""The web app with a fake worker (its endpoints and page wiring without the pipeline),
+shared by tests/test_webui.py and the browser suite."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from modules import config as config_module
+from modules import webui
+from modules.async_worker import TaskControl, Worker
+
+TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class FakeResult:
+    images: list[str]
+    report: dict
+
+
+@dataclass
+class FakePipeline:
+    """Writes one PNG per image; "block" requests wait for the gate (or a Stop) first."""
+
+    image_dir: Path
+    requests: list[dict] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, request: dict, control: TaskControl, progress: Callable | None) -> FakeResult:
+        self.requests.append(request)
+        self.order.append(f"run:{request.get('prompt')}")
+        if request.get("block"):
+            self.started.set()
+            while not (self.gate.is_set() or control.stop.is_set()):
+                self.gate.wait(0.01)   # bounded by the test's gate/stop, checked often
+        if control.stop.is_set():
+            return FakeResult([], {"stopped": True})
+        if request.get("prompt") == "fail":
+            return FakeResult([], {"error": "fake failure"})
+        path = self.image_dir / f"img{len(self.requests)}.png"
+        Image.new("RGB", (16, 8), (255, 0, 0)).save(path)
+        return FakeResult([str(path)], {"mode": "conservative", "n": len(self.requests)})
+
+
+@dataclass
+class FakeApp:
+    url: str
+    pipeline: FakePipeline
+    app: object  # gr.Blocks
+    worker: Worker
+    freed: list[str]
+
+    def __iter__(self) -> Iterator[object]:  # `url, pipeline = fake_app`
+        return iter((self.url, self.pipeline))
+
+
+STATUS = {"models": [{"name": "a.safetensors:unet", "device": "cpu", "bytes": 2 ** 20}], "mode": "conservative"}
+
+
+def start_fake_app(tmp_path: Path, **launch: object) -> FakeApp:
+    pipeline = FakePipeline(tmp_path)
+    worker = Worker(handler=pipeline, status=lambda: dict(STATUS))
+    cfg = config_module.load_config({"config_path": str(tmp_path / "no_config.json"),
+                                     "path_checkpoints": str(tmp_path / "ckpt"),
+                                     "path_loras": str(tmp_path / "loras"),
+                                     "path_outputs": str(tmp_path / "out")})
+    freed: list[str] = []
+
+    def free_memory() -> dict:
+        freed.append("free")
+        pipeline.order.append("free")
+        return {"unloaded": ["a.safetensors:unet"], "freed_bytes": 2 ** 20}
+
+    app = webui.build_app(worker=worker, cfg=cfg, demo_warning=lambda: "demo weights in use",
+                          free_memory=free_memory, reconnect_grace_s=0)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch)
+    return FakeApp(f"http://127.0.0.1:{port}/", pipeline, app, worker, freed)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Poll a condition that another process/thread makes true (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        threading.Event().wait(0.02)
