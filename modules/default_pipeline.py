@@ -530,10 +530,12 @@ class Pipeline:
         plan = self._resolve(request, run)
         run.event("loading", "Loading models", count=plan.image_count)
         models = self._patch(plan, run)
+        source = self._image_source(plan, models, run)
+        if source.direct is not None:   # Upscale (Fast 2x): nothing to sample, no prompt to encode
+            return self._generate(plan, models, [plan.positive_text], {}, source, run)
         positive_texts = self._positive_texts(plan, run)
         run.event("encoding", "Encoding the prompt", count=plan.image_count)
         stage_sets = self._encode(plan, models, positive_texts, run)
-        source = self._image_source(plan, models, run)
         return self._generate(plan, models, positive_texts, stage_sets, source, run)
 
     def _resolve(self, request: dict, run: RequestRun) -> RequestPlan:
@@ -613,6 +615,8 @@ class Pipeline:
             return unet
         patched = unet.clone()
         patched.add_patches(self.state.inpaint.patches(path, unet.model), inpaint_mod.PATCH_STRENGTH)
+        # The parsed patch file stays in host memory for the next inpaint: on the host ledger.
+        self.manager.register_cache("inpaint_patches", model_management.HOST, self.state.inpaint.nbytes)
         report["inpaint_patch"] = os.path.basename(path)
         return patched
 

@@ -62,6 +62,22 @@ def test_inpaint_keeps_the_pixels_away_from_the_mask(served):
     assert report["inpaint_head"] == input_image_files.INPAINT_HEAD_FILE
 
 
+def test_the_parsed_inpaint_patch_is_charged_to_the_host_ledger(served):
+    served(mm.Policy.RESIDENT)
+    assert "error" not in run(MODES["inpaint"][0])[1]
+    status = pipelines.current().model_status()
+    host = status.get("host") or status["device_ledger"]   # the CPU device is the host
+    unet = dict(pipelines.current().state.checkpoints).popitem()[1].unet.model
+    quantized = sum(unet.get_parameter(name).numel() for name in input_image_files.INPAINT_PATCH_KEYS.values())
+    assert host["caches"]["inpaint_patches"] >= quantized   # one uint8 per patched weight, at least
+
+
+def test_fast_upscale_encodes_no_prompt(served):
+    served(mm.Policy.RESIDENT)
+    images, report = run(MODES["fast upscale"][0])
+    assert len(images) == 1 and report["model_management"]["text_encodes"] == 0
+
+
 def test_inpaint_without_the_patch_files_works_by_blending_alone(served):
     served(mm.Policy.RESIDENT, inpaint_files=False)
     images, report = run(MODES["inpaint"][0])
