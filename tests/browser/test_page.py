@@ -268,10 +268,17 @@ class PageDriver:
         self.page.locator("#fr-input-image-panel").wait_for(state="visible")
         self.page.get_by_role("tab", name=name, exact=True).click()
 
+    # Image editors (a brush canvas) show an upload differently from plain image controls. Known by
+    # id, not by looking for their canvas: right after a tab switch the canvas may not exist yet.
+    EDITORS = ("fr-inpaint-canvas",)
+
     def upload(self, elem_id: str, path: Path) -> None:
         """Upload a file into an image control and wait until the control shows it."""
+        editor = elem_id in self.EDITORS
+        if editor:
+            self.page.locator(f"#{elem_id} canvas").first.wait_for(state="attached")
         self.page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
-        if self.page.locator(f"#{elem_id} canvas").count():
+        if editor:
             # The image editor has its picture once it turns to the brush and may be panned.
             self.page.locator(f'#{elem_id} button[aria-label="Brush"].highlight').wait_for(state="visible")
             self.page.locator(f'#{elem_id} button[aria-label="Pan"]:not([disabled])').wait_for(state="visible")
