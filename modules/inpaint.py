@@ -32,6 +32,7 @@ Pipeline order: `outpaint_canvas` (if any direction) -> `prepare` -> VAE-encode
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import struct
@@ -44,7 +45,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from ldm_patched.modules import model_management
-from ldm_patched.modules.file_version import FileReadError, FileVersion
+from ldm_patched.modules.file_version import FileReadError, FileVersion, read_file
 from ldm_patched.modules.lora_adapters import QuantizedDiff
 from ldm_patched.modules.model_patcher import ModelPatcher
 from ldm_patched.modules.sdxl_layout import invert_key_map, unet_key_map
@@ -313,21 +314,18 @@ def _load_torch_file(path: str) -> tuple[FileVersion, Any]:
     """A torch pickle read into private memory (no mmap), with the version read; refused if
     it changed while read. Only tensors and containers are unpickled (weights_only)."""
     try:
-        with open(path, "rb") as handle:
-            version = FileVersion.from_stat(path, os.fstat(handle.fileno()))
-            head = handle.read(16)
-            if _looks_like_safetensors(head, version.size):
-                raise InpaintError(path, "is a safetensors file (a LoRA or a checkpoint?), "
-                                         "not a Fooocus inpaint file (a torch pickle)")
-            handle.seek(0)
-            try:
-                data = torch.load(handle, map_location="cpu", weights_only=True)
-            except Exception as error:   # unpickling errors have many types
-                raise InpaintError(path, f"is not a readable PyTorch file ({type(error).__name__})") from None
-            if FileVersion.from_stat(path, os.fstat(handle.fileno())) != version:
-                raise InpaintError(path, "changed on disk while it was being read; try again")
+        version, raw = read_file(path)
+    except FileReadError as error:
+        raise InpaintError(path, error.reason) from error
     except OSError as error:
         raise InpaintError(path, f"cannot be read: {error.strerror or error}") from error
+    if _looks_like_safetensors(raw[:16], version.size):
+        raise InpaintError(path, "is a safetensors file (a LoRA or a checkpoint?), "
+                                 "not a Fooocus inpaint file (a torch pickle)")
+    try:
+        data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as error:   # unpickling errors have many types
+        raise InpaintError(path, f"is not a readable PyTorch file ({type(error).__name__})") from None
     return version, data
 
 

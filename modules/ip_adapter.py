@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_patched.modules import model_management
-from ldm_patched.modules.file_version import FileReadError, FileVersion, read_safetensors
+from ldm_patched.modules.file_version import FileReadError, FileVersion, read_file, read_safetensors
 from ldm_patched.modules.model_patcher import ModelPatcher
 
 IP_ADAPTER_FILE = "ip-adapter-plus_sdxl_vit-h.bin"
@@ -73,20 +73,6 @@ class ImagePromptError(ValueError):
 
 # -- reading files ------------------------------------------------------------------------
 
-def _read_private(path: str) -> tuple[FileVersion, bytes]:
-    """The whole file in process memory, refused if it changed while being read."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        version = FileVersion.from_stat(path, os.fstat(fd))
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read()
-        if FileVersion.from_stat(path, os.fstat(fd)) != version:
-            raise ImagePromptError(f"{os.path.basename(path)}: the file changed on disk while it was read")
-        return version, data
-    finally:
-        os.close(fd)
-
-
 def _read_state(path: str) -> tuple[FileVersion, dict]:
     """A .safetensors file (our own private reader) or a torch pickle (weights only)."""
     name = os.path.basename(path)
@@ -94,7 +80,7 @@ def _read_state(path: str) -> tuple[FileVersion, dict]:
         if path.endswith(".safetensors"):
             version, tensors, _ = read_safetensors(path)
             return version, tensors
-        version, data = _read_private(path)
+        version, data = read_file(path)
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (FileReadError, OSError) as error:
         raise ImagePromptError(f"{name}: cannot be read ({error})") from error

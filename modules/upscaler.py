@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ldm_patched.modules import model_management
-from ldm_patched.modules.file_version import FileReadError, FileVersion, read_safetensors
+from ldm_patched.modules.file_version import FileReadError, FileVersion, read_file, read_safetensors
 from ldm_patched.modules.model_patcher import ModelPatcher
 
 DEFAULT_UPSCALER = "fooocus_upscaler_s409985e5.bin"
@@ -127,22 +127,8 @@ def _spandrel():
 
 # -- reading a file -----------------------------------------------------------------
 
-def _read_bytes(path: str) -> tuple[FileVersion, bytes]:
-    """The whole file in private memory, refused if it changed while being read."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        before = FileVersion.from_stat(path, os.fstat(fd))
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read()
-        if FileVersion.from_stat(path, os.fstat(fd)) != before or len(data) != before.size:
-            raise FileReadError(path, "the file changed on disk while it was being read; try again")
-        return before, data
-    finally:
-        os.close(fd)
-
-
 def _pickled_state_dict(path: str) -> tuple[FileVersion, dict]:
-    file, data = _read_bytes(path)
+    file, data = read_file(path)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,

@@ -172,3 +172,12 @@ def test_reader_matches_safetensors_for_every_dtype(tmp_path):
     assert set(ours) == set(reference)
     for key, tensor in reference.items():
         assert ours[key].dtype == tensor.dtype and torch.equal(ours[key], tensor)
+
+
+def test_read_file_gives_the_bytes_and_the_version_read(tmp_path):
+    from ldm_patched.modules.file_version import read_file
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 40)
+    version, data = read_file(str(path))
+    assert data == path.read_bytes() and version == FileVersion.of(str(path))

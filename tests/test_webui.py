@@ -24,8 +24,8 @@ from PIL import Image
 from modules import config as config_module
 from modules import flags, webui
 from modules.async_worker import TaskControl, Worker
-from tests.helpers.webui import (STATUS, TIMEOUT, FakeApp, FakePipeline, FakeResult, free_port, start_fake_app,
-                                 wait_until)
+from tests.helpers.webui import (STATUS, TIMEOUT, FakeApp, FakePipeline, FakeResult, free_port, running_fake_app,
+                                 start_fake_app, wait_until)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT_S = 120.0
@@ -166,13 +166,8 @@ def test_auth_file_is_read_and_bad_entries_are_named(tmp_path: Path) -> None:
 
 @pytest.fixture
 def fake_app(tmp_path: Path) -> Iterator[FakeApp]:
-    fake = start_fake_app(tmp_path)
-    try:
+    with running_fake_app(tmp_path) as fake:
         yield fake
-    finally:
-        fake.pipeline.gate.set()
-        fake.app.close()  # type: ignore[attr-defined]
-        fake.worker.shutdown(TIMEOUT)
 
 
 def test_api_lists_exactly_generate_model_status_and_free_memory(fake_app: FakeApp, tmp_path: Path) -> None:

@@ -190,6 +190,21 @@ class SafetensorsReader:
         self.close()
 
 
+def read_file(path: str) -> tuple[FileVersion, bytes]:
+    """The whole file in private memory (a torch pickle, say), with the version read;
+    FileReadError if it changed while being read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        version = FileVersion.from_stat(path, os.fstat(fd))
+        data = bytearray(version.size)
+        _read_exact(fd, 0, version.size, memoryview(data), path)
+        if FileVersion.from_stat(path, os.fstat(fd)) != version:
+            raise FileReadError(path, "the file changed on disk while it was being read; try again")
+        return version, bytes(data)
+    finally:
+        os.close(fd)
+
+
 def read_safetensors(path: str) -> tuple[FileVersion, dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a .safetensors file in private memory, with the version read."""
     with SafetensorsReader(path) as reader:

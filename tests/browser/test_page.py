@@ -608,16 +608,11 @@ def test_input_image_panel_screenshots(page: PageDriver, input_png: Path, tmp_pa
 
 @pytest.fixture
 def fake_server(tmp_path: Path) -> Iterator[object]:
-    """The page over a fake worker (tests/test_webui.py's): what the browser sends, without a model."""
-    from tests.helpers.webui import TIMEOUT, start_fake_app
+    """The page over a fake worker (tests/helpers/webui.py): what the browser sends, without a model."""
+    from tests.helpers.webui import running_fake_app
 
-    fake = start_fake_app(tmp_path)
-    try:
+    with running_fake_app(tmp_path) as fake:
         yield fake
-    finally:
-        fake.pipeline.gate.set()
-        fake.app.close()
-        fake.worker.shutdown(TIMEOUT)
 
 
 def test_the_page_sends_the_drawn_mask_and_the_tab_shown(browser, fake_server, input_png: Path) -> None:

@@ -3,6 +3,7 @@ shared by tests/test_webui.py and the browser suite."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -100,3 +101,15 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOU
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         threading.Event().wait(0.02)
+
+
+@contextlib.contextmanager
+def running_fake_app(tmp_path: Path, **launch: object) -> Iterator[FakeApp]:
+    """`start_fake_app`, closed afterwards (a blocked request is released first)."""
+    fake = start_fake_app(tmp_path, **launch)
+    try:
+        yield fake
+    finally:
+        fake.pipeline.gate.set()
+        fake.app.close()  # type: ignore[attr-defined]
+        fake.worker.shutdown(TIMEOUT)
