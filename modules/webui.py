@@ -709,7 +709,7 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
     with gr.Column(visible=False, elem_id="fr-input-image-panel") as panel:
         tab_value = gr.Textbox(value=input_image_page.TAB_UOV, visible=False, elem_id="fr-input-image-tab")
         tabs: list[gr.Tab] = []
-        with gr.Tabs(elem_id="fr-input-image-tabs"):
+        with gr.Tabs(elem_id="fr-input-image-tabs", overflow_behavior="wrap"):
             with gr.Tab(INPUT_IMAGE_TABS[0][0], elem_id=INPUT_IMAGE_TABS[0][2]) as uov_tab:
                 with gr.Row():
                     with gr.Column(min_width=200):
@@ -832,7 +832,8 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                     param_btn = gr.Button("Load parameters", size="sm", elem_id="fr-param-load")
                     param_note = gr.Markdown("", elem_id="fr-param-note")
             with gr.Column(scale=1, visible=False, min_width=300, elem_id="fr-advanced-column") as advanced_column:
-                with gr.Tabs():
+                # Wrap, not "menu": on a phone every tab stays one tap away instead of hiding in a "..." menu.
+                with gr.Tabs(elem_id="fr-advanced-tabs", overflow_behavior="wrap"):
                     with gr.Tab("Settings"):
                         preset = gr.Dropdown(t2i_page.preset_choices(), value=_initial_preset(),
                                              label="Preset", elem_id="fr-preset", allow_custom_value=False)

@@ -444,6 +444,24 @@ def test_screenshots_have_no_clipped_labels(browser, server: Server, tmp_path: P
         driver.close()
 
 
+@pytest.mark.parametrize(("width", "height"), [(320, 640), (390, 844)])
+def test_every_tab_stays_in_the_tab_bar_on_a_phone(browser, server: Server, width: int, height: int) -> None:
+    """A tab that does not fit must wrap to a second row, not hide in a "..." menu a test (or a user)
+    cannot find by its name; the CI browser's fonts pushed "Advanced" into the menu at 390 px."""
+    driver = PageDriver(browser, server.url, width, height)
+    try:
+        driver.advanced()
+        driver.page.locator("#fr-input-image-checkbox input[type=checkbox]").check()
+        for bar, names in (("#fr-advanced-tabs", ["Settings", "Styles", "Models", "Advanced"]),
+                           ("#fr-input-image-tabs", ["Upscale or Variation", "Image Prompt", "Inpaint or Outpaint"])):
+            tabs = driver.page.locator(f"{bar} [role=tab]")
+            tabs.first.wait_for()
+            visible = [t.text_content().strip() for t in tabs.all() if t.is_visible()]
+            assert visible == names, (bar, visible)
+    finally:
+        driver.close()
+
+
 def test_styles_tab_search_selection_and_the_history_log_link(page: PageDriver, server: Server) -> None:
     page.tab("Styles")
     search = page.page.locator("#fr-style-search textarea, #fr-style-search input").first
