@@ -540,9 +540,13 @@ def report_mentions(page: PageDriver, *fragments: str) -> None:
 def draw_stroke(page: PageDriver, elem_id: str) -> None:
     """Drag the brush across the middle of the uploaded image on the canvas."""
     canvas = page.page.locator(f"#{elem_id} canvas").first
+    # Mouse coordinates are the viewport's: a canvas below the fold takes no stroke.
+    canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     assert box is not None
     y = box["y"] + box["height"] / 2
+    viewport = page.page.viewport_size
+    assert viewport is not None and 0 < y < viewport["height"], (box, viewport)
     page.page.mouse.move(box["x"] + box["width"] * 0.4, y)
     page.page.mouse.down()
     for step in range(1, 11):
