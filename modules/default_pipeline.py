@@ -300,6 +300,7 @@ class Pipeline:
         name = os.path.basename(file.path)
         encoders = core.SDXLTextEncoders(components.get("text_encoder"), components["text_encoder_2"])
         vae = components.get("vae")
+        _install_image_prompt_processors(components["unet"])
         checkpoint = LoadedCheckpoint(
             file=file, kind=kind,
             unet=ModelPatcher(components["unet"], device, offload, name=f"{name}:unet"),
@@ -981,6 +982,17 @@ class Pipeline:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+def _install_image_prompt_processors(unet: torch.nn.Module) -> None:
+    """Image-prompt processors go on every UNet when it is adopted, inactive (bit-exact with
+    the originals) until a request applies image prompts. Installed later, at the first
+    image prompt, they would change the module under every graph `--compile-unet` had
+    compiled, and each shape would compile again."""
+    try:
+        ip_adapter.install(unet)
+    except ip_adapter.ImagePromptError as error:   # a UNet they cannot serve: image prompts say why
+        log.info("[Fooocus-Resident] image prompts unavailable for this UNet: %s", error)
+
 
 def _finished_writes(writes: list[concurrent.futures.Future]) -> list[str]:
     paths = []

@@ -343,15 +343,20 @@ class PreparedPrompt:
     values: list[torch.Tensor]
     weight: float
     stop: float
+    weight_tensor: torch.Tensor | None = None
 
-    def on(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `index`'s (K, V) on `like`'s device and dtype. Prepared where the UNet was
-        (it may have been offloaded then): the first step moves each layer once, for good."""
-        k, v = self.keys[index], self.values[index]
-        if k.device != like.device or k.dtype != like.dtype:
-            k, v = k.to(like.device, like.dtype), v.to(like.device, like.dtype)
-            self.keys[index], self.values[index] = k, v
-        return k, v
+    def to(self, device: torch.device, dtype: torch.dtype) -> "PreparedPrompt":
+        """Keys, values and weight on the UNet's device and dtype. Prepared where the UNet
+        was (it may have been offloaded then): the first step moves them once, for good.
+        The weight is a tensor so that a compiled UNet reads it as an input: a float would
+        be a constant of the graph, and each new weight a recompilation."""
+        if self.keys[0].device != device or self.keys[0].dtype != dtype:
+            self.keys = [k.to(device, dtype) for k in self.keys]
+            self.values = [v.to(device, dtype) for v in self.values]
+        w = self.weight_tensor
+        if w is None or w.device != device or w.dtype != dtype:
+            self.weight_tensor = torch.tensor(self.weight, device=device, dtype=dtype)
+        return self
 
 
 @dataclass
@@ -553,16 +558,20 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
 
 @dataclass
 class _Active:
-    """What one `applied` context contributes, read by every processor of its UNet."""
+    """What one `applied` context contributes, read by every processor of its UNet.
+
+    `live` (the prompts that act on the next UNet call) and `rows` are decided here, in
+    `select_batch`, outside the UNet: a compiled UNet then sees only a list of tensors and
+    a few booleans, so the sampling progress (a new float every step) never becomes a guard
+    of its graph."""
 
     prompts: list[PreparedPrompt]
-    progress: Callable[[], float] | None
     rows: list[bool] | None = None          # per conditioning block: True = positive
-    timestep_progress: float = 0.0          # upstream's 1 - t/999, from select_batch
+    live: list[PreparedPrompt] = field(default_factory=list)
 
-    def live(self) -> list[PreparedPrompt]:
-        now = self.progress() if self.progress is not None else self.timestep_progress
-        return [p for p in self.prompts if p.weight != 0.0 and now < p.stop]
+    def select(self, progress: float, device: torch.device, dtype: torch.dtype) -> None:
+        """The prompts still acting at `progress` (upstream's 1 - t/999), moved to the UNet."""
+        self.live = [p.to(device, dtype) for p in self.prompts if p.weight != 0.0 and progress < p.stop]
 
 
 @dataclass
@@ -588,12 +597,11 @@ class ImagePromptAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         active = self.slot.active
-        prompts = active.live() if active is not None else []
-        if not prompts or encoder_hidden_states is None:
+        if active is None or not active.live or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        return self._with_prompts(attn, hidden_states, encoder_hidden_states, attention_mask, prompts, active)
+        return self._with_prompts(attn, hidden_states, encoder_hidden_states, attention_mask, active)
 
-    def _with_prompts(self, attn, hidden_states, context, attention_mask, prompts, active):
+    def _with_prompts(self, attn, hidden_states, context, attention_mask, active):
         batch = hidden_states.shape[0]
         residual = hidden_states
         query = attn.to_q(hidden_states)
@@ -608,10 +616,10 @@ class ImagePromptAttnProcessor:
             attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         rows = _row_kinds(active.rows, batch, hidden_states.device)
-        for p in prompts:
-            k_ip = split(p.on(self.index, query)[0][rows])
-            v_ip = split(p.on(self.index, query)[1][rows])
-            out = out + p.weight * F.scaled_dot_product_attention(query, k_ip, v_ip)
+        for p in active.live:
+            k_ip = split(p.keys[self.index][rows])
+            v_ip = split(p.values[self.index][rows])
+            out = out + p.weight_tensor * F.scaled_dot_product_attention(query, k_ip, v_ip)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -659,12 +667,15 @@ def install(unet: torch.nn.Module) -> _Slot:
     return slot
 
 
+def _device_and_dtype(unet: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    weight = next(unet.parameters())
+    return weight.device, weight.dtype
+
+
 @contextmanager
-def applied(unet: torch.nn.Module, prepared: PreparedImagePrompts,
-            progress: Callable[[], float] | None = None) -> Iterator[_Active]:
-    """Image prompts act on `unet` inside this block. `progress()` gives the fraction of
-    sampling done (a prompt stops once it reaches the prompt's stop); without it, upstream's
-    1 - t/999 from the timestep `select_batch` was last given."""
+def applied(unet: torch.nn.Module, prepared: PreparedImagePrompts) -> Iterator[_Active]:
+    """Image prompts act on `unet` inside this block, from the start of sampling until each
+    prompt's stop; `select_batch` tells the progress (upstream's 1 - t/999) before each call."""
     slot = install(unet)
     if slot.active is not None:
         raise ImagePromptError("image prompts are already applied to this UNet")
@@ -672,7 +683,8 @@ def applied(unet: torch.nn.Module, prepared: PreparedImagePrompts,
         if len(p.keys) != slot.layers:
             raise ImagePromptError(f"image prompts were prepared for {len(p.keys)} layers, "
                                    f"this UNet has {slot.layers}")
-    slot.active = _Active(list(prepared.prompts), progress)
+    slot.active = _Active(list(prepared.prompts))
+    slot.active.select(0.0, *_device_and_dtype(unet))
     try:
         yield slot.active
     finally:
@@ -689,4 +701,4 @@ def select_batch(unet: torch.nn.Module, rows: Sequence[bool], timestep: float | 
         return
     slot.active.rows = [bool(r) for r in rows]
     if timestep is not None:
-        slot.active.timestep_progress = 1.0 - float(timestep) / 999.0
+        slot.active.select(1.0 - float(timestep) / 999.0, *_device_and_dtype(unet))

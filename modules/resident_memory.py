@@ -107,8 +107,9 @@ def _model_rows(status: dict) -> str:
             continue
         name = str(model.get("name", "?"))
         checkpoint, _, part = name.rpartition(":")
-        loras = model.get("loras")
-        lora_text = (", ".join(map(str, loras)) if isinstance(loras, list) and loras
+        sources = model.get("patch_sources")
+        lora_text = (", ".join(f"{name} ({strength:g})" for name, strength in sources.items())
+                     if isinstance(sources, dict) and sources
                      else f"{model.get('patched_keys', 0)} keys patched" if model.get("patched_keys")
                      else "none")
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in (

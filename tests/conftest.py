@@ -95,6 +95,24 @@ def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
     config.reload_config()
 
 
+@pytest.fixture
+def use_compiler(monkeypatch):
+    """`use_compiler(**CompileSettings)`: a compiled-UNet holder for one test (as `--compile-unet`
+    would make); dynamo's caches are reset afterwards."""
+    import torch
+
+    from modules import compiled_unet, core
+
+    def install(**settings) -> compiled_unet.CompiledUNets:
+        holder = compiled_unet.CompiledUNets(compiled_unet.CompileSettings(**settings))
+        monkeypatch.setattr(core, "UNET_COMPILER", holder)
+        return holder
+
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):   # restored after
+        yield install
+    torch._dynamo.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `cuda`-marked tests, with the reason, where no CUDA device is present."""
     cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]

@@ -8,41 +8,19 @@ the eager pipeline is the oracle for the pixels."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import args_manager
 from ldm_patched.modules import model_management as mm
-from modules import compiled_unet, core
+from modules import compiled_unet
 from tests.unet_lora_files import unet_lora
 from tests.helpers import pipelines
+from tests.helpers.pipelines import graphs_compiled, pixels
 
 BASE = "tiny_sdxl_base.safetensors"
 REQUEST = {"base_model": BASE, "prompt": "a cat", "negative_prompt": "blurry", "width": 64, "height": 64,
            "steps": 1, "seed": 11, "sampler": "euler", "scheduler": "normal", "guidance_scale": 5.0}
 # The first request, then ten switches, with returns to earlier sets (and to none).
 LORA_SETS = [[], ["a"], ["b"], ["a", "b"], ["a"], [], ["b"], ["a"], ["a", "b"], [], ["b"]]
-
-
-def graphs_compiled() -> int:
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
-
-
-def pixels(path: str) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
-
-
-@pytest.fixture
-def use_compiler(monkeypatch):
-    """Install a compiled-UNet holder for one test; dynamo's caches are reset afterwards."""
-    def install(**settings) -> compiled_unet.CompiledUNets:
-        holder = compiled_unet.CompiledUNets(compiled_unet.CompileSettings(**settings))
-        monkeypatch.setattr(core, "UNET_COMPILER", holder)
-        return holder
-
-    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):   # restored after
-        yield install
-    torch._dynamo.reset()
 
 
 def write_loras(folders, tiny_components) -> dict[str, str]:

@@ -185,3 +185,28 @@ def test_input_image_models_show_in_the_model_status(served):
     for suffix in (":upscaler", ":ip_adapter", ":clip_vision", ":inpaint_head"):
         assert any(n.endswith(suffix) for n in names), names
     json.dumps(pipelines.current().model_status())   # JSON-able for /model_status
+
+
+def test_every_mode_runs_compiled_and_a_second_round_recompiles_nothing(served, use_compiler):
+    """`--compile-unet` with the input-image features: the image-prompt processors, the inpaint
+    head and patch, and img2img's partial schedules all run through the compiled UNet. The
+    first round may compile a graph per shape and per feature; the second compiles nothing,
+    and every image equals the eager one."""
+    diffusion = [m for m in MODES if m != "fast upscale"]
+    use_compiler(enabled=False)
+    served(mm.Policy.RESIDENT)
+    eager = {m: pipelines.pixels(run(MODES[m][0])[0][0]) for m in diffusion}
+
+    use_compiler(enabled=True, backend="aot_eager")
+    served(mm.Policy.RESIDENT)   # a fresh registry: the UNet loads anew
+    first = {m: run(MODES[m][0]) for m in diffusion}
+    assert all("error" not in report for _, report in first.values()), first
+    after_first = pipelines.graphs_compiled()
+    for mode in diffusion:
+        images, report = run(MODES[mode][0])
+        assert "error" not in report, (mode, report)
+        compile_report = report["compile"]
+        assert compile_report["ran_compiled"] and compile_report["eager_calls"] == 0, (mode, compile_report)
+        assert compile_report["graphs_compiled"] == 0, (mode, compile_report)
+        assert np.abs(pipelines.pixels(images[0]) - eager[mode]).max() <= 1, mode
+    assert pipelines.graphs_compiled() == after_first

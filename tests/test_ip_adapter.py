@@ -209,29 +209,29 @@ def test_context_changes_output_weight_zero_does_not_and_weights_untouched(files
     baseline = run(unet)
     weights = {k: v.clone() for k, v in unet.state_dict().items()}
     _, prepared = prepared_for(files, unet, manager)
-    with ipa.applied(unet, prepared, progress=lambda: 0.0):
+    with ipa.applied(unet, prepared):
         changed = run(unet)
     assert not torch.allclose(changed, baseline)
     _, zero = prepared_for(files, unet, manager, weight=0.0)
-    with ipa.applied(unet, zero, progress=lambda: 0.0):
+    with ipa.applied(unet, zero):
         assert torch.equal(run(unet), baseline)
     assert torch.equal(run(unet), baseline)   # context left
     assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items())
 
 
 def test_stop_at_honoured(files, unet, manager):
+    """A prompt acts while upstream's progress 1 - t/999 (from select_batch) is below its stop."""
     baseline = run(unet)
     _, prepared = prepared_for(files, unet, manager, stop=0.5)
-    now = {"p": 0.49}
-    with ipa.applied(unet, prepared, progress=lambda: now["p"]):
-        assert not torch.equal(run(unet), baseline)
-        now["p"] = 0.5
-        assert torch.equal(run(unet), baseline)
-    # without a progress callable: upstream's 1 - t/999 from select_batch
     with ipa.applied(unet, prepared):
+        assert not torch.equal(run(unet), baseline)                   # before any step: progress 0
         ipa.select_batch(unet, [False, True], timestep=999.0)
         assert not torch.equal(run(unet), baseline)
-        ipa.select_batch(unet, [False, True], timestep=400.0)   # progress 0.6 > stop
+        ipa.select_batch(unet, [False, True], timestep=999.0 * 0.51)   # progress 0.49
+        assert not torch.equal(run(unet), baseline)
+        ipa.select_batch(unet, [False, True], timestep=999.0 * 0.5)    # progress 0.5: stopped
+        assert torch.equal(run(unet), baseline)
+        ipa.select_batch(unet, [False, True], timestep=400.0)          # progress 0.6 > stop
         assert torch.equal(run(unet), baseline)
 
 
@@ -243,7 +243,7 @@ def test_separate_batches_match_the_cfg_batch(files, unet, manager):
     halves = [{k: (v[i:i + 1] if torch.is_tensor(v) and v.ndim else v) for k, v in inputs.items()} for i in (0, 1)]
     for h, i in zip(halves, (0, 1)):
         h["added_cond_kwargs"] = {k: v[i:i + 1] for k, v in inputs["added_cond_kwargs"].items()}
-    with torch.inference_mode(), ipa.applied(unet, prepared, progress=lambda: 0.0):
+    with torch.inference_mode(), ipa.applied(unet, prepared):
         ipa.select_batch(unet, [False, True])
         joint = unet(**inputs).sample
         ipa.select_batch(unet, [False])
@@ -271,7 +271,7 @@ def test_matches_diffusers_ip_adapter_processor(files, unet, manager):
         embeds = torch.cat([uncond, cond])[:, None]   # [batch, images, tokens, width]
         want = oracle(**{**inputs, "added_cond_kwargs": {**inputs["added_cond_kwargs"],
                                                           "image_embeds": [embeds]}}).sample
-    with ipa.applied(unet, prepared, progress=lambda: 0.0):
+    with ipa.applied(unet, prepared):
         got = run(unet)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert not torch.allclose(run(unet), want, atol=1e-3)
@@ -293,10 +293,12 @@ def test_nested_context_refused(files, unet, manager):
 
 def test_prepared_kv_follow_the_unet_device_and_dtype_once(files, unet, manager):
     _, prepared = prepared_for(files, unet, manager)
-    like = torch.zeros(1, dtype=torch.float64)
-    k, v = prepared.prompts[0].on(0, like)
-    assert k.dtype == v.dtype == torch.float64
-    assert prepared.prompts[0].on(0, like)[0] is k   # moved once, kept
+    prompt = prepared.prompts[0]
+    prompt.to(torch.device("cpu"), torch.float64)
+    k, weight = prompt.keys[0], prompt.weight_tensor
+    assert k.dtype == prompt.values[0].dtype == weight.dtype == torch.float64 and weight.item() == prompt.weight
+    prompt.to(torch.device("cpu"), torch.float64)
+    assert prompt.keys[0] is k and prompt.weight_tensor is weight   # moved once, kept
 
 
 def test_clip_vision_working_memory_estimate():

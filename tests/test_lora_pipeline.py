@@ -117,3 +117,22 @@ def test_refiner_takes_the_loras_that_fit_it(pipeline, tiny_components, tiny_ref
     assert based.abs().max() > 0 and torch.allclose(refined, based, atol=1e-6)
     without = run({**request, "loras": [["unet.safetensors", 1.0]]}).report
     assert without["refiner_loras"] == []
+
+
+def test_the_memory_panel_names_the_lora_files_patched_into_each_resident_model(pipeline, tiny_components):
+    from modules import resident_memory
+
+    folders = pipeline(mm.Policy.RESIDENT)
+    kohya_lora(tiny_components, folders["loras"] / "detail.safetensors", unet_layers=("attn2.to_k",),
+               te_layers=("mlp.fc1",))
+    kohya_lora(tiny_components, folders["loras"] / "style.safetensors", unet_layers=("ff.net.2",), te_layers=())
+    run({**SMALL, "loras": [["detail.safetensors", 0.5], ["style.safetensors", -1.25]]})
+    status = pipelines.current().model_status()
+    sources = {m["name"].rpartition(":")[2]: m["patch_sources"] for m in status["models"]}
+    assert sources["unet"] == {"detail.safetensors": 0.5, "style.safetensors": -1.25}
+    assert sources["text_encoders"] == {"detail.safetensors": 0.5}   # style has no text-encoder layers
+    assert "detail.safetensors (0.5), style.safetensors (-1.25)" in resident_memory.panel_html(status, None)
+
+    run(dict(SMALL))
+    status = pipelines.current().model_status()
+    assert all(m["patch_sources"] == {} for m in status["models"])

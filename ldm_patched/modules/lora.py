@@ -90,6 +90,10 @@ class LoraPatch:
     def identity(self) -> Hashable:
         return (self.file, self.name, self.role)
 
+    @property
+    def source(self) -> str:
+        return os.path.basename(self.file.path)
+
     def added(self, base: torch.Tensor, alpha: float, cache: bool = False) -> torch.Tensor:
         device = base.device
         prepared = self._on_device.get(device)

@@ -17,6 +17,7 @@ trainers write (kohya-ss sd-scripts, LyCORIS).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -374,6 +375,10 @@ class QuantizedDiff:
     @property
     def identity(self) -> Any:
         return (self.file, self.name, self.kind)
+
+    @property
+    def source(self) -> str:
+        return os.path.basename(self.file.path)
 
     def delta_shape(self) -> tuple[int, ...]:
         return tuple(self.quantized.shape)

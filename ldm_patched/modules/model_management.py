@@ -805,6 +805,8 @@ class ModelManager:
                 {"name": e.patcher.name, "device": str(e.device), "bytes": e.resident_bytes(),
                  "weights_bytes": sum(e.weights.values()), "extra_bytes": dict_str(e.extras),
                  "signature": e.signature.digest, "patched_keys": len(e.signature.keys),
+                 # Names only when they describe the weights as they are (applied == wanted).
+                 "patch_sources": e.patcher.patch_sources() if e.patcher.is_applied() else {},
                  "last_used": e.last_used}
                 for e in list(self.loaded)
             ],

@@ -31,6 +31,11 @@ class WeightPatch(Protocol):
         """Content identity: equal identities always produce equal changes."""
         ...
 
+    @property
+    def source(self) -> str:
+        """What a person calls where this change comes from (a file name), for status pages."""
+        ...
+
     def added(self, base: torch.Tensor, alpha: float, cache: bool = False) -> torch.Tensor:
         """A new float32 tensor: `base` (float32, the weight's shape and device) plus `alpha`
         times this change. `base` is not modified. With `cache`, factors copied to that
@@ -213,6 +218,15 @@ class ModelPatcher:
         if taken:
             self._signature = None
         return taken
+
+    def patch_sources(self) -> dict[str, float]:
+        """Where this patcher's changes come from (file names), each with its strength: what
+        a status page shows of a patch set."""
+        sources: dict[str, float] = {}
+        for entries in self.patches.values():
+            for entry in entries:
+                sources.setdefault(entry.patch.source, float(entry.strength_patch))
+        return dict(sorted(sources.items()))
 
     def weight_signature(self) -> PatchSignature:
         if self._signature is None:

@@ -23,6 +23,12 @@ def pixels(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
 
 
+def graphs_compiled() -> int:
+    """Dynamo's own process-wide count of graphs compiled: the oracle for "nothing recompiled"."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 _current: Pipeline | None = None
 
 
