@@ -75,6 +75,24 @@ class LoadedCheckpoint:
     tokenizers: tuple
     fused_loras: list[str]
     lora_names: dict[str, dict[str, str]] = field(default_factory=dict)
+    part_bytes: dict[int, int] = field(default_factory=dict)   # id(module) -> its bytes, measured once
+
+    def parts(self) -> list[ModelPatcher]:
+        return [p for p in (self.unet, self.clip, self.vae) if p is not None]
+
+    def idle_bytes_on(self, device: torch.device, manager: model_management.ModelManager) -> int:
+        """Bytes of the parts on `device` that the registry does not hold (never loaded yet,
+        or evicted to their offload device): memory the cache keeps that no ledger counts.
+        A part's device is its first tensor's (modules move whole), so this is O(parts)."""
+        total = 0
+        for part in self.parts():
+            first = next(part.model.parameters(), None)
+            if first is None or first.device != device or manager.holds(part.model):
+                continue
+            if id(part.model) not in self.part_bytes:
+                self.part_bytes[id(part.model)] = part.model_size()
+            total += self.part_bytes[id(part.model)]
+        return total
 
     def lora_targets(self) -> dict[str, tuple[dict[str, str], torch.nn.Module]]:
         if not self.lora_names:
@@ -311,6 +329,11 @@ class Pipeline:
         )
         checkpoints = self.state.checkpoints
         checkpoints[file] = checkpoint
+        if manager.normalize(model_management.HOST) != manager.device:
+            # With an accelerator, evicting a part moves it to the host, where the cache keeps
+            # it. CPU-only, the host is the device, and its budget is for the models it holds:
+            # cached parts that budget cannot free would keep it over itself.
+            manager.register_cache("checkpoints", model_management.HOST, self.idle_checkpoint_bytes)
         while len(checkpoints) > (self.state.max_checkpoints or max_cached_checkpoints(manager)):
             self._drop_checkpoint(next(iter(checkpoints.values())))
         return checkpoint
@@ -340,6 +363,14 @@ class Pipeline:
         for old in [c for f, c in self.state.checkpoints.items() if f.path == file.path and f != file]:
             log.info("[Fooocus-Resident] %s changed on disk: dropping the loaded version", file.name)
             self._drop_checkpoint(old)
+
+    def idle_checkpoint_bytes(self) -> int:
+        """Host memory of the cached checkpoints' parts no ledger holds: charged to the host
+        ledger, where pinned backups and file caches are planned (on a CPU-only machine the
+        host is the device, and this is part of its budget)."""
+        manager = self.manager
+        host = manager.normalize(model_management.HOST)
+        return sum(c.idle_bytes_on(host, manager) for c in list(self.state.checkpoints.values()))
 
     def _drop_checkpoint(self, checkpoint: LoadedCheckpoint) -> None:
         state = self.state

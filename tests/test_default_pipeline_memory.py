@@ -103,3 +103,36 @@ def test_lora_files_and_conditionings_are_charged(pipeline, tiny_components):
     assert caches["lora_files"] == pipelines.current().state.lora_files.nbytes() > 0
     assert caches["conditionings"] > 0
     assert manager.used_bytes() == sum(e.bytes_on(manager.device) for e in manager.loaded) + sum(caches.values())
+
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def test_cached_checkpoint_parts_the_registry_does_not_hold_are_charged_to_the_host(tiny_components):
+    """A checkpoint read into host memory, or evicted back there, is memory the checkpoint
+    cache keeps: it counts on the host ledger, and stops counting while the registry holds
+    it on the accelerator (the meta stand-in)."""
+    import copy
+
+    from ldm_patched.modules.file_version import FileVersion
+    from modules.default_pipeline import Pipeline
+    from tests.helpers.patching import META, meta_settings
+
+    mm.configure(meta_settings(budget=1 << 40))
+    try:
+        parts = {name: copy.deepcopy(tiny_components[name]) for name in ("unet", "vae", "text_encoder_2")}
+        checkpoint = Pipeline().adopt_checkpoint(FileVersion("base.safetensors", 1, 1), "sdxl", parts, (None, None))
+        manager = mm.get_manager()
+        every_part = sum(_tensor_bytes(m) for m in parts.values())
+        assert manager.ledger(mm.HOST)["caches"]["checkpoints"] == every_part > 0
+
+        manager.load_models([checkpoint.unet])
+        assert next(checkpoint.unet.model.parameters()).device == META
+        assert manager.ledger(mm.HOST)["caches"]["checkpoints"] == every_part - _tensor_bytes(parts["unet"])
+
+        manager.unload_all()   # evicted to its offload device, the host: idle in the cache again
+        assert manager.ledger(mm.HOST)["caches"]["checkpoints"] == every_part
+    finally:
+        mm.configure(mm.MemorySettings())

@@ -700,6 +700,10 @@ class ModelManager:
                 self.make_room(device, 1 << 62, keep=keep_loaded)
         return sum(before[d] - self.used_bytes(d) for d in before)
 
+    def holds(self, module: torch.nn.Module) -> bool:
+        """True when `module` is registered: its bytes are on a ledger already."""
+        return any(entry.module is module for entry in self.loaded)
+
     def forget(self, module: torch.nn.Module) -> None:
         """Drop a module from the registry (its checkpoint is being discarded)."""
         for entry in list(self.loaded):
