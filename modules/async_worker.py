@@ -99,6 +99,11 @@ class TaskProgress:
     version: int = 0  # bumps on every update; lets waiters see "something changed"
 
 
+# An image's part of the bar that its sampling steps fill; decoding and saving it is the
+# rest, so the bar reaches 100 % when the request has finished, not while it still decodes.
+SAMPLING_SHARE = 0.9
+
+
 def progress_percent(event: ProgressLike) -> float:
     """Overall percentage of a request from one per-step event.
 
@@ -108,7 +113,7 @@ def progress_percent(event: ProgressLike) -> float:
     steps = max(int(event.steps), 1)
     index = min(max(int(event.image_index), 0), count - 1)
     step = min(max(int(event.step), 0), steps)
-    return min(100.0, max(0.0, 100.0 * (index + step / steps) / count))
+    return max(0.0, 100.0 * (index + SAMPLING_SHARE * step / steps) / count)
 
 
 _task_ids = itertools.count(1)

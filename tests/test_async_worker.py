@@ -263,7 +263,7 @@ def test_progress_events_update_task_and_wake_waiters(worker: Worker, recorder: 
     snap = task.wait_for_update(0, TIMEOUT)
     while snap.text != "p: step 1" and not task.done():
         snap = task.wait_for_update(snap.version, TIMEOUT)
-    assert snap.percent == pytest.approx(12.5)
+    assert snap.percent == pytest.approx(100 * 0.9 * (1 / 4) / 2)   # step 1 of 4, image 1 of 2
     assert (snap.image_index, snap.image_count, snap.step, snap.steps) == (0, 2, 1, 4)
     gate.set()
     task.result(TIMEOUT)
@@ -290,10 +290,11 @@ def test_wait_for_update_times_out_without_change() -> None:
 
 @pytest.mark.parametrize(("event", "want"), [
     (ProgressEvent(0, 1, 0, 10, ""), 0.0),
-    (ProgressEvent(0, 1, 5, 10, ""), 50.0),
-    (ProgressEvent(1, 2, 5, 10, ""), 75.0),
-    (ProgressEvent(1, 2, 10, 10, ""), 100.0),
-    (ProgressEvent(5, 2, 99, 10, ""), 100.0),   # out-of-range values are clamped
+    (ProgressEvent(0, 1, 5, 10, ""), 45.0),     # sampling fills 90 % of an image's part
+    (ProgressEvent(1, 2, 5, 10, ""), 72.5),
+    (ProgressEvent(0, 2, 10, 10, ""), 45.0),    # image 1 decodes: image 2 has not begun
+    (ProgressEvent(1, 2, 10, 10, ""), 95.0),    # the last image decodes: not 100 % before "finished"
+    (ProgressEvent(5, 2, 99, 10, ""), 95.0),    # out-of-range values are clamped
     (ProgressEvent(0, 0, 0, 0, ""), 0.0),       # degenerate counts don't divide by zero
 ])
 def test_progress_percent(event: ProgressEvent, want: float) -> None:
