@@ -402,6 +402,11 @@ PAGE_CSS = """
 .fr-mem-table { width: 100%; font-size: var(--text-sm); display: block; overflow-x: auto; }
 .fr-mem-warning { color: #d33; font-weight: 600; }
 #fr-generate-col { min-width: 110px !important; }
+/* Upstream's "Input Image" / "Advanced" are small inline boxes under the prompt, not half-row cards. */
+.fr-check-row { gap: 16px !important; justify-content: flex-start !important; flex-direction: row !important;
+                flex-wrap: nowrap !important; }
+.fr-check-row > * { flex: 0 0 auto !important; min-width: 0 !important; width: auto !important; margin: 0 !important;
+                    border: none !important; box-shadow: none !important; background: none !important; }
 /* Dropdown values stop before the arrow instead of running under it. */
 input[role="combobox"] { padding-right: calc(2 * var(--size-5) + 4px) !important; text-overflow: ellipsis; }
 @media (max-width: 480px) {
