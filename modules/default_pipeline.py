@@ -560,7 +560,7 @@ class Pipeline:
     def _run(self, request: dict, run: RequestRun) -> list[str]:
         """The stages of a request, in order."""
         plan = self._resolve(request, run)
-        run.event("loading", "Loading models", count=plan.image_count)
+        run.event("loading", loading_message(plan), count=plan.image_count)
         models = self._patch(plan, run)
         source = self._image_source(plan, models, run)
         if source.direct is not None:   # Upscale (Fast 2x): nothing to sample, no prompt to encode
@@ -1013,6 +1013,16 @@ class Pipeline:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+def loading_message(plan: RequestPlan) -> str:
+    """What the loading stage says: the models this request asks for, by file name."""
+    req = plan.req
+    text = f"Loading {os.path.basename(req.base_model)}"
+    if req.refiner_model and req.refiner_model != flags.NONE_NAME:
+        text += f" and refiner {os.path.basename(req.refiner_model)}"
+    loras = len(req.loras) + len(plan.tag_loras)
+    return text + (f" with {loras} LoRA{'s' if loras > 1 else ''}" if loras else "")
+
 
 def _install_image_prompt_processors(unet: torch.nn.Module) -> None:
     """Image-prompt processors go on every UNet when it is adopted, inactive (bit-exact with

@@ -201,6 +201,7 @@ def test_stop_keeps_the_images_already_finished(pipeline):
     assert np.array_equal(pixels(result.images[0]), pixels(alone.images[0]))
     stages = [e.stage for e in events]
     assert stages[:2] == ["loading", "encoding"] and "decoding" in stages
+    assert events[0].message == f"Loading {BASE}"   # the loading stage names the checkpoint
     previews = [e.preview for e in events if e.preview is not None]
     assert previews and previews[0].dtype == np.uint8 and previews[0].ndim == 3 and previews[0].shape[2] == 3
 
