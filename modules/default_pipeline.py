@@ -366,17 +366,16 @@ class Pipeline:
 
     def idle_checkpoint_bytes(self) -> int:
         """Host memory of the cached checkpoints' parts no ledger holds: charged to the host
-        ledger, where pinned backups and file caches are planned (on a CPU-only machine the
-        host is the device, and this is part of its budget)."""
+        ledger, where pinned backups and file caches are planned (only where an accelerator
+        is the device; see `adopt_checkpoint`)."""
         manager = self.manager
         host = manager.normalize(model_management.HOST)
         return sum(c.idle_bytes_on(host, manager) for c in list(self.state.checkpoints.values()))
 
     def _drop_checkpoint(self, checkpoint: LoadedCheckpoint) -> None:
         state = self.state
-        for patcher in (checkpoint.unet, checkpoint.clip, checkpoint.vae):
-            if patcher is not None:
-                self.manager.forget(patcher.model)
+        for patcher in checkpoint.parts():
+            self.manager.forget(patcher.model)
         del state.checkpoints[checkpoint.file]
         state.patched = OrderedDict((k, v) for k, v in state.patched.items()
                                     if v.checkpoint is not checkpoint and k[2] != id(checkpoint))

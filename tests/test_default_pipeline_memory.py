@@ -1,12 +1,17 @@
 """Requests under memory pressure: out-of-memory retried once, caches on the ledgers,
 a refiner that is the base checkpoint (DESIGN.md §3, issue 8)."""
 
+import copy
+
 import pytest
 import torch
 
 from ldm_patched.modules import model_management as mm
+from ldm_patched.modules.file_version import FileVersion
 from ldm_patched.modules.lora import LoraPatch
 from modules import core
+from modules.default_pipeline import Pipeline
+from tests.helpers.patching import META, meta_settings
 from tests.helpers.pipelines import BASE, SMALL, pixels
 from tests.helpers.lora_files import kohya_lora
 from tests.helpers import pipelines
@@ -114,12 +119,6 @@ def test_cached_checkpoint_parts_the_registry_does_not_hold_are_charged_to_the_h
     """A checkpoint read into host memory, or evicted back there, is memory the checkpoint
     cache keeps: it counts on the host ledger, and stops counting while the registry holds
     it on the accelerator (the meta stand-in)."""
-    import copy
-
-    from ldm_patched.modules.file_version import FileVersion
-    from modules.default_pipeline import Pipeline
-    from tests.helpers.patching import META, meta_settings
-
     mm.configure(meta_settings(budget=1 << 40))
     try:
         parts = {name: copy.deepcopy(tiny_components[name]) for name in ("unet", "vae", "text_encoder_2")}

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules.lora import read_lora_file
+from modules import resident_memory
 from modules.fuse_lora import fuse
 from tests.helpers.lora_files import TE_SCHEMES, find_text_layers, kohya_lora, lora_tensors, lycoris_file, write
 from tests.helpers import pipelines
@@ -120,8 +121,6 @@ def test_refiner_takes_the_loras_that_fit_it(pipeline, tiny_components, tiny_ref
 
 
 def test_the_memory_panel_names_the_lora_files_patched_into_each_resident_model(pipeline, tiny_components):
-    from modules import resident_memory
-
     folders = pipeline(mm.Policy.RESIDENT)
     kohya_lora(tiny_components, folders["loras"] / "detail.safetensors", unet_layers=("attn2.to_k",),
                te_layers=("mlp.fc1",))
