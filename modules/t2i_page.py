@@ -48,7 +48,7 @@ def loaded_fields(image_path: str | None, pasted: str | None) -> dict[str, Any]:
     """Request fields from an uploaded image's metadata, else from pasted JSON. Raises
     parameters.ParameterError saying what is wrong."""
     if image_path:
-        return parameters.from_image(image_path)
+        return parameters.read_parameters(image_path)
     if pasted and pasted.strip():
         return parameters.from_json(pasted)
     raise parameters.ParameterError("upload an image or paste parameters (JSON) first")

@@ -44,7 +44,8 @@ def test_shipped_presets_parse_and_name_upstreams_files(tmp_path):
 
 
 def test_unknown_keys_are_ignored_with_one_log_line(presets_dir, tmp_path, caplog):
-    write(presets_dir, "mine", {"default_cfg_scale": 6.5, "default_max_lora_number": 5, "lora_downloads": {}})
+    write(presets_dir, "mine", {"default_cfg_scale": 6.5, "default_max_lora_number": 5,
+                                "default_inpaint_engine_version": "None"})
     env = {"config_path": str(tmp_path / "absent.txt")}
     with caplog.at_level(logging.INFO, logger="fooocus_resident.presets"):
         first = load_config(env, preset="mine")
@@ -52,7 +53,7 @@ def test_unknown_keys_are_ignored_with_one_log_line(presets_dir, tmp_path, caplo
     assert first.default_cfg_scale == 6.5
     lines = [r.getMessage() for r in caplog.records if "ignoring keys" in r.getMessage()]
     assert lines == ["[Fooocus-Resident] preset mine: ignoring keys this version does not use: "
-                     "default_max_lora_number, lora_downloads"]
+                     "default_inpaint_engine_version, default_max_lora_number"]
 
 
 def test_unknown_or_escaping_preset_names_list_the_presets(presets_dir, tmp_path):

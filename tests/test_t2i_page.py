@@ -56,7 +56,7 @@ def set_values(labels: list, updates: tuple) -> dict:
 def test_styles_tab_lists_the_styles_folder_and_search_keeps_the_selection(tmp_path, monkeypatch):
     app, cfg = build(tmp_path, monkeypatch)
     by_id = {c["props"].get("elem_id"): c["props"] for c in components(app).values()}
-    assert [c[0] for c in by_id["fr-styles"]["choices"]] == ["Fooocus V2", "Sharp Lines", "Soft Glow",
+    assert [c[0] for c in by_id["fr-styles"]["choices"]] == ["Fooocus V2", "Random Style", "Sharp Lines", "Soft Glow",
                                                              "Fooocus Photograph", "Fooocus Negative"]
     search, labels = handler(app, "fr-style-search", "change")
     update = search("soft", ["Sharp Lines"])
