@@ -193,13 +193,6 @@ def search(names: Sequence[str], query: str) -> list[str]:
     return [n for n in names if all(w in n.casefold() for w in words)]
 
 
-def selected_first(names: Sequence[str], selected: Sequence[str]) -> list[str]:
-    """The list as the Styles tab shows it: the selected styles on top in the order they
-    were chosen, then the others in library order (upstream's style sorter)."""
-    chosen = [n for n in selected if n in names]
-    return chosen + [n for n in names if n not in chosen]
-
-
 def check_names(names: Sequence[str], library: StyleLibrary) -> list[str]:
     """The requested names in display form (duplicates dropped); an unknown name raises
     StyleError saying which, what is close, and where styles are read from."""
