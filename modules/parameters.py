@@ -351,7 +351,9 @@ def from_a1111(text: str, cfg=None, source: str = "the image's metadata") -> dic
         for index, item in enumerate(params["Lora weights"].split(", ")):
             name, _, weight = item.rpartition(": ")
             upstream[f"lora_combined_{index + 1}"] = f"{name} : {weight}"
-    fields.update(from_json({k: v for k, v in upstream.items() if v is not None}, source, cfg))
+    known = {k: v for k, v in upstream.items() if v is not None}
+    if known:
+        fields.update(from_json(known, source, cfg))
     fields.update(_a1111_sampler(params))
     if "Raw prompt" in params:   # written by Fooocus: its styles are in the full prompt
         fields["styles"] = _styles_in(full_positive, full_negative, fields["prompt"], fields["negative_prompt"], cfg)

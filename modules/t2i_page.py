@@ -29,6 +29,14 @@ def filtered_styles(query: str, selected: list[str] | None, cfg: config_module.C
     return selected + [name for name in matches if name not in selected]
 
 
+def default_styles(cfg: config_module.Config) -> list[str]:
+    """The styles ticked when the page opens: the config's (or --preset's) default styles that
+    exist, without Fooocus V2 while its model is not there (every Generate would fail)."""
+    names = style_names(cfg)
+    chosen = [n for n in cfg.default_styles if n in names]
+    return chosen if expansion_ready(cfg) else [n for n in chosen if n != sdxl_styles.FOOOCUS_V2]
+
+
 def file_url(path: str | os.PathLike) -> str:
     """The URL Gradio serves a file of an allowed folder at."""
     return f"/gradio_api/file={os.path.abspath(path)}"
@@ -64,10 +72,8 @@ def preset_fields(name: str, on_progress: Callable[[str, int, int | None], None]
     sampler or scheduler the sampling code lacks) is left out and the note says so."""
     cfg = config_module.with_preset(name)
     notes = [f"Preset {name} applied."]
-    failed = presets.download_models(cfg, on_progress)
-    if failed:
-        notes += failed
-    else:
+    if cfg.downloads and presets.missing_downloads(cfg):
+        notes += presets.download_models(cfg, on_progress)
         cfg = config_module.with_preset(name)   # a fetched default model replaces an older fallback
     fields = parameters.from_config(cfg)
     if sdxl_styles.FOOOCUS_V2 in fields["styles"] and not expansion_ready(cfg):

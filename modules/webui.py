@@ -892,7 +892,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                         all_styles = t2i_page.style_names(cfg)
                         style_search = gr.Textbox(label="Search styles", max_lines=1, elem_id="fr-style-search",
                                                   placeholder="Type to filter the styles")
-                        chosen = [n for n in cfg.default_styles if n in all_styles]
+                        chosen = t2i_page.default_styles(cfg)
                         styles = gr.CheckboxGroup(chosen + [n for n in all_styles if n not in chosen], value=chosen,
                                                   label="Styles", elem_id="fr-styles")
                         style_samples = gr.HTML(t2i_page.style_samples_html(cfg), elem_id="fr-style-samples-holder",

@@ -1,6 +1,7 @@
 """The page's Styles tab, preset dropdown, history-log link and "load parameters" box,
 driven through the app's own event handlers (no browser)."""
 
+import dataclasses
 import html
 import json
 import re
@@ -12,7 +13,7 @@ from modules import history_log, model_downloader, presets, webui
 from modules.async_worker import Worker
 
 
-def build(tmp_path: Path, monkeypatch, styles: list | None = None, downloads: bool = False):
+def build(tmp_path: Path, monkeypatch, styles: list | None = None, downloads: bool = False, **env_extra: str):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "juggernautXL_v8Rundiffusion.safetensors").write_bytes(b"x")
     (tmp_path / "styles").mkdir(exist_ok=True)
@@ -22,7 +23,7 @@ def build(tmp_path: Path, monkeypatch, styles: list | None = None, downloads: bo
         {"name": "Fooocus Photograph", "prompt": "photo of {prompt}", "negative_prompt": ""},
         {"name": "Fooocus Negative", "prompt": "", "negative_prompt": "bad"}]))
     env = {"config_path": str(tmp_path / "none.txt"), "path_checkpoints": str(tmp_path / "ckpt"),
-           "path_styles": str(tmp_path / "styles"), "path_outputs": str(tmp_path / "out")}
+           "path_styles": str(tmp_path / "styles"), "path_outputs": str(tmp_path / "out"), **env_extra}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(args_manager.args, "disable_preset_download", not downloads, raising=False)
@@ -84,6 +85,19 @@ def test_styles_tab_lists_the_styles_folder_and_search_keeps_the_selection(tmp_p
     clicked, _ = handler(app, "fr-styles", "input")                    # a click: the chosen go on top, in order
     assert clicked("", ["Fooocus Negative", "Sharp Lines"])["choices"][:4] == ["Fooocus Negative", "Sharp Lines",
                                                                             "Fooocus V2", "Random Style"]
+
+
+def test_fooocus_v2_is_ticked_at_start_only_when_its_model_is_there(tmp_path, monkeypatch):
+    from modules import t2i_page
+    app, cfg = build(tmp_path, monkeypatch, default_styles=json.dumps(["Fooocus V2", "Sharp Lines"]))
+    by_id = {c["props"].get("elem_id"): c["props"] for c in components(app).values()}
+    assert by_id["fr-styles"]["value"] == ["Sharp Lines"]          # no expansion model: every run would fail
+    folder = tmp_path / "expansion"
+    folder.mkdir()
+    for name in ("config.json", "positive.txt", "tokenizer.json", "pytorch_model.bin"):
+        (folder / name).write_text("x")
+    with_model = dataclasses.replace(cfg, path_fooocus_expansion=folder)
+    assert t2i_page.default_styles(with_model) == ["Fooocus V2", "Sharp Lines"]
 
 
 def test_a_styles_sample_picture_is_the_hover_preview(tmp_path, monkeypatch):
