@@ -600,7 +600,9 @@ class Pipeline:
                                             library=library, wildcards=wildcards.WildcardFolder(cfg.path_wildcards),
                                             wildcards_in_order=req.read_wildcards_in_order)
         if isinstance(request.get("preset"), str) and request["preset"]:   # its model files, when allowed
-            run.report.setdefault("warnings", []).extend(presets.download_models(cfg))
+            failed = presets.download_models(cfg)
+            if failed:
+                run.report["warnings"] = failed
         inputs = image_inputs.parse(request)
         steps = req.steps or settings.steps
         if inputs.mode == "uov" and "Upscale" in inputs.uov_method and not req.steps:
