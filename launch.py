@@ -159,6 +159,12 @@ def main(argv: list[str]) -> int:
             return 2
 
     # --disable-preset-download means "no downloads at all".
+    if cfg.downloads:   # the preset's model files (checkpoint_downloads...), fetched at start as upstream does
+        from modules import presets
+
+        for problem in presets.download_models(cfg):
+            log.warning("%s", problem)
+        cfg = config.reload_config()   # a fetched default model replaces a previous_default_models fallback
     ensure_checkpoint(cfg, allow_download=not args.disable_preset_download,
                       always_download=args.always_download_new_model)
 

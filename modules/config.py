@@ -26,6 +26,7 @@ and ``reload_config()`` rebuilds it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from modules import flags, presets
+
+log = logging.getLogger("fooocus_resident.config")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_EXTENSIONS: tuple[str, ...] = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -90,6 +93,20 @@ class Config:
     default_styles: tuple[str, ...]
     default_sample_sharpness: float
     default_output_format: str = "png"
+    # Image metadata (upstream's keys): the scheme written, and whether images carry it at all.
+    default_metadata_scheme: str = "fooocus"
+    default_save_metadata_to_images: bool = True
+    # Steps for every performance mode unless a request sets its own; -1: the mode's.
+    default_overwrite_step: int = -1
+    # Wildcard files (name.txt, one choice per line) for __name__ in prompts.
+    path_wildcards: Path = REPO_ROOT / "wildcards"
+    # A preset's model files: (file name, URL) pairs, fetched when downloads are allowed,
+    # and older default models used instead of a missing default_model (upstream's keys).
+    checkpoint_downloads: tuple[tuple[str, str], ...] = ()
+    lora_downloads: tuple[tuple[str, str], ...] = ()
+    embeddings_downloads: tuple[tuple[str, str], ...] = ()
+    vae_downloads: tuple[tuple[str, str], ...] = ()
+    previous_default_models: tuple[str, ...] = ()
     # Limits on what one request may ask (issue 9): each error names the field and the key.
     max_prompt_tokens: int = 3000
     max_loras_per_request: int = 32
@@ -106,6 +123,7 @@ class Config:
     temp_path: Path | None = None
     metadata: bool = True
     downloads: bool = True
+    always_download_new_model: bool = False
 
     @property
     def temp_root(self) -> Path:
@@ -175,6 +193,31 @@ def _as_positive_int(value: Any, key: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _fail(key, source, value, "an integer >= 1")
     return value
+
+
+def _as_bool(value: Any, key: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, source, value, "true or false")
+    return value
+
+
+def _as_overwrite_step(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or 1 <= value <= 200):
+        raise _fail(key, source, value, "-1 (the performance mode's steps) or an integer from 1 to 200")
+    return value
+
+
+def _as_downloads(value: Any, key: str, source: str) -> tuple[tuple[str, str], ...]:
+    """{file name: URL}: names stay inside their model folder, URLs are http(s)."""
+    if not isinstance(value, dict):
+        raise _fail(key, source, value, "an object of file name: URL")
+    for name, url in value.items():
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts:
+            raise _fail(key, source, name, "a file name inside its model folder")
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise _fail(key, source, url, f"an http(s) URL for {name}")
+    return tuple(value.items())
 
 
 def _as_paths(value: Any, key: str, source: str) -> tuple[Path, ...]:
@@ -265,6 +308,16 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "default_image_number": (2, _as_positive_int, False),
     "default_aspect_ratio": (flags.DEFAULT_ASPECT_RATIO, _as_aspect_ratio, True),
     "default_output_format": ("png", _one_of(flags.OUTPUT_FORMATS), True),
+    "default_metadata_scheme": ("fooocus", _one_of(flags.METADATA_SCHEMES), True),
+    # Upstream's default is false; ours keeps parameters in every image (--disable-metadata turns them off).
+    "default_save_metadata_to_images": (True, _as_bool, False),
+    "default_overwrite_step": (-1, _as_overwrite_step, False),
+    "path_wildcards": ("wildcards", _as_first_path, False),
+    "checkpoint_downloads": ({}, _as_downloads, False),
+    "lora_downloads": ({}, _as_downloads, False),
+    "embeddings_downloads": ({}, _as_downloads, False),
+    "vae_downloads": ({}, _as_downloads, False),
+    "previous_default_models": ([], _as_names, False),
     "max_prompt_tokens": (3000, _as_positive_int, False),
     "max_loras_per_request": (32, _as_positive_int, False),
     "max_lora_weight": (10.0, _as_positive_float, False),
@@ -272,7 +325,7 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "max_conditioning_cache_mb": (512.0, _as_positive_float, False),
     "image_input_side": (1024, _as_positive_int, False),
     # Upstream's default list also holds "Fooocus V2", which needs the expansion model's
-    # files; without a config we start with no styles, so a fresh install works offline.
+    # files; without a config or preset we start with no styles, so a fresh install works offline.
     "default_styles": ([], _as_names, False),
     "default_sample_sharpness": (2.0, _as_float, False),
 }
@@ -343,7 +396,37 @@ def load_config(env: Mapping[str, str] = os.environ, *, preset: str | None = Non
 
     values = {k: parse(raw[k][0], k, raw[k][1]) for k, (_, parse, _) in _KEYS.items()}
     _check_default_loras(values, raw)
+    if not (cli or {}).get("always_download_new_model"):
+        values["default_model"] = _available_default_model(values)
     return Config(config_path=config_path, **values, **(cli or {}))
+
+
+_fallbacks_logged: set[tuple[str, str]] = set()
+
+
+def _available_default_model(values: dict[str, Any]) -> str:
+    """As upstream: a default model that is not there, when one of previous_default_models
+    is, is replaced by that one (unless --always-download-new-model), so an older install
+    keeps working without a new download."""
+    name, folders = values["default_model"], values["path_checkpoints"]
+    if not name or _exists(name, folders):
+        return name
+    for older in values["previous_default_models"]:
+        if _exists(older, folders):
+            if (name, older) not in _fallbacks_logged:
+                _fallbacks_logged.add((name, older))
+                log.info("default model %s is not there but %s is: using it (--always-download-new-model "
+                         "downloads the new one)", name, older)
+            return older
+    return name
+
+
+def _exists(name: str, folders: Iterable[Path]) -> bool:
+    try:
+        resolve_model_file(name, folders)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _check_default_loras(values: dict[str, Any], raw: dict[str, tuple[Any, str]]) -> None:
@@ -375,7 +458,8 @@ def _cli_settings(a) -> dict:
     return {"image_log": not getattr(a, "disable_image_log", False),
             "temp_path": Path(temp).expanduser().absolute() if temp else None,
             "metadata": not getattr(a, "disable_metadata", False),
-            "downloads": not getattr(a, "disable_preset_download", False)}
+            "downloads": not getattr(a, "disable_preset_download", False),
+            "always_download_new_model": bool(getattr(a, "always_download_new_model", False))}
 
 
 def with_preset(name: str) -> Config:

@@ -35,7 +35,8 @@ from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraMatch, match
                                       unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import core, flags, guidance, history_log, image_inputs, image_output, ip_adapter, sdxl_styles, upscaler
+from modules import core, flags, guidance, history_log, image_inputs, image_output, ip_adapter, parameters
+from modules import presets, sdxl_styles, upscaler, wildcards
 from modules import inpaint as inpaint_mod
 from modules.embeddings import EmbeddingCache, EmbeddingError
 from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SEED, GenerationRequest,
@@ -214,9 +215,8 @@ class RequestPlan:
     scheduler: str
     cfg_scale: float
     steps: int
-    styled: sdxl_styles.StyledPrompt
-    positive_text: str
-    negative_text: str
+    prompts: sdxl_styles.PromptOptions
+    image_texts: list[sdxl_styles.ImageTexts]   # per image, before Fooocus V2's expansion
     seed: int
     inputs: image_inputs.ImageInputs
 
@@ -491,6 +491,16 @@ class Pipeline:
                                    state.conditions.clear)
         return cond
 
+    def encode_texts(self, clip: ModelPatcher, tokenizers: tuple, texts: tuple[str, ...], pool_top_k: int,
+                     counts: dict, embedding_folders=(), max_cache_bytes: int = 512 * 2 ** 20) -> core.Conditioning:
+        """Upstream's conditioning of several texts: each encoded on its own (and cached),
+        their token states concatenated, the pooled outputs of the first `pool_top_k` summed."""
+        conds = [self.encode(clip, tokenizers, text, counts, embedding_folders, max_cache_bytes) for text in texts]
+        if len(conds) == 1:
+            return conds[0]
+        pooled = sum(c.pooled for c in conds[:max(pool_top_k, 1)])
+        return core.Conditioning(embeds=torch.cat([c.embeds for c in conds], dim=1), pooled=pooled)
+
     # -- one request ----------------------------------------------------------------------
 
     def process_request(self, request: dict, control: TaskControl | None = None,
@@ -563,7 +573,7 @@ class Pipeline:
         models = self._patch(plan, run)
         source = self._image_source(plan, models, run)
         if source.direct is not None:   # Upscale (Fast 2x): nothing to sample, no prompt to encode
-            return self._generate(plan, models, [plan.positive_text], {}, source, run)
+            return self._generate(plan, models, plan.image_texts[:1], {}, source, run)
         positive_texts = self._positive_texts(plan, run)
         run.event("encoding", "Encoding the prompt", count=plan.image_count)
         stage_sets = self._encode(plan, models, positive_texts, run)
@@ -584,19 +594,27 @@ class Pipeline:
         sampler = settings.sampler or req.sampler
         scheduler = settings.scheduler or req.scheduler
         core.make_scheduler(sampler, scheduler)  # fail on unknown names before loading anything
-        styled = sdxl_styles.apply_styles(prompt, req.negative_prompt, req.styles,
-                                          sdxl_styles.get_library(cfg.path_styles))
+        library = sdxl_styles.get_library(cfg.path_styles)
+        prompts = sdxl_styles.PromptOptions(prompt=prompt, negative_prompt=req.negative_prompt,
+                                            styles=tuple(sdxl_styles.check_names(req.styles, library)),
+                                            library=library, wildcards=wildcards.WildcardFolder(cfg.path_wildcards),
+                                            wildcards_in_order=req.read_wildcards_in_order)
+        if isinstance(request.get("preset"), str) and request["preset"]:   # its model files, when allowed
+            failed = presets.download_models(cfg)
+            if failed:
+                run.report["warnings"] = failed
         inputs = image_inputs.parse(request)
         steps = req.steps or settings.steps
         if inputs.mode == "uov" and "Upscale" in inputs.uov_method and not req.steps:
             steps = flags.UOV_STEPS[req.performance]
+        seed = req.seed if req.seed >= 0 else random.randint(0, MAX_SEED - MAX_IMAGES)
         plan = RequestPlan(
             cfg=cfg, req=req, prompt=prompt, tag_loras=tag_loras, settings=settings,
             sampler=sampler, scheduler=scheduler,
             cfg_scale=settings.cfg_scale if settings.cfg_scale is not None else req.guidance_scale,
-            steps=steps, styled=styled, inputs=inputs,
-            positive_text=sdxl_styles.join(styled.positive), negative_text=sdxl_styles.join(styled.negative),
-            seed=req.seed if req.seed >= 0 else random.randint(0, MAX_SEED - MAX_IMAGES))
+            steps=steps, prompts=prompts, inputs=inputs, seed=seed,
+            # Each image's wildcards, arrays and Random Style come from its own seed, as upstream.
+            image_texts=[sdxl_styles.image_texts(prompts, seed + i, i) for i in range(req.image_number)])
         run.report.update(seed=plan.seed, performance=str(req.performance), sampler=sampler, scheduler=scheduler,
                           steps=plan.steps, cfg=plan.cfg_scale, width=req.width, height=req.height,
                           image_number=req.image_number, styles=list(req.styles))
@@ -700,30 +718,33 @@ class Pipeline:
         raise RequestError(f"performance '{settings.performance}' needs the LoRA file {lora.file_name} in the "
                            f"LoRA folder (config key path_loras; download it from {lora.url})")
 
-    def _positive_texts(self, plan: RequestPlan, run: RequestRun) -> list[str]:
-        """Per image: the styled prompt, with the Fooocus V2 expansion of that image's seed
-        when the style asks for it (as upstream, the expansion comes last)."""
-        count = plan.image_count
-        if not plan.styled.expansion:
-            return [plan.positive_text] * count
-        from modules import expansion
-        expander = expansion.get_expansion(plan.cfg.path_fooocus_expansion, plan.cfg.downloads)
-        with run.timed("prompt_expansion"):
-            expanded = [expander(plan.prompt, plan.seed + i) for i in range(count)]
-        run.report["prompt_expansions"] = expanded
-        return [sdxl_styles.join([*plan.styled.positive, text]) for text in expanded]
+    def _positive_texts(self, plan: RequestPlan, run: RequestRun) -> list[sdxl_styles.ImageTexts]:
+        """Per image: its texts, with the Fooocus V2 expansion of that image's prompt and seed
+        when the style asks for it (as upstream, the expansion is the last text). The report
+        lists what each image's prompt became."""
+        texts = plan.image_texts
+        if plan.prompts.expansion:
+            from modules import expansion
+            expander = expansion.get_expansion(plan.cfg.path_fooocus_expansion, plan.cfg.downloads)
+            with run.timed("prompt_expansion"):
+                texts = [t.expanded(expander(t.prompt, plan.seed + i)) for i, t in enumerate(texts)]
+            run.report["prompt_expansions"] = [t.expansion for t in texts]
+        run.report["prompts"] = [{"prompt": t.log_prompt, "negative_prompt": t.log_negative_prompt,
+                                  "styles": list(t.styles), "full_prompt": list(t.positive),
+                                  "full_negative_prompt": list(t.negative)} for t in texts]
+        return texts
 
-    def _encode(self, plan: RequestPlan, models: RequestModels, positive_texts: list[str],
-                run: RequestRun) -> dict[str, list[core.UNetStage]]:
-        """Stage 3: each different prompt text once, for the base and the refiner."""
+    def _encode(self, plan: RequestPlan, models: RequestModels, positive_texts: list[sdxl_styles.ImageTexts],
+                run: RequestRun) -> dict[sdxl_styles.ImageTexts, list[core.UNetStage]]:
+        """Stage 3: each different image's texts once, for the base and the refiner."""
         folders, limit = plan.cfg.path_embeddings, int(plan.cfg.max_conditioning_cache_mb * 2 ** 20)
-        negative = plan.negative_text
 
-        def both(clip: ModelPatcher, tokenizers: tuple, text: str) -> tuple[core.Conditioning, core.Conditioning]:
-            return (self.encode(clip, tokenizers, text, run.counts, folders, limit),
-                    self.encode(clip, tokenizers, negative, run.counts, folders, limit))
+        def both(clip: ModelPatcher, tokenizers: tuple,
+                 text: sdxl_styles.ImageTexts) -> tuple[core.Conditioning, core.Conditioning]:
+            return (self.encode_texts(clip, tokenizers, text.positive, text.positive_top_k, run.counts, folders, limit),
+                    self.encode_texts(clip, tokenizers, text.negative, text.negative_top_k, run.counts, folders, limit))
 
-        stage_sets: dict[str, list[core.UNetStage]] = {}
+        stage_sets: dict[sdxl_styles.ImageTexts, list[core.UNetStage]] = {}
         with run.timed("text_encode"):
             for text in dict.fromkeys(positive_texts[run.done.next_image:]):
                 stages = [core.UNetStage(models.unet, *both(models.patched.clip, models.base.tokenizers, text))]
@@ -854,8 +875,9 @@ class Pipeline:
 
     # -- images ---------------------------------------------------------------------------
 
-    def _generate(self, plan: RequestPlan, models: RequestModels, positive_texts: list[str],
-                  stage_sets: dict[str, list[core.UNetStage]], source: ImageSource, run: RequestRun) -> list[str]:
+    def _generate(self, plan: RequestPlan, models: RequestModels, positive_texts: list[sdxl_styles.ImageTexts],
+                  stage_sets: dict[sdxl_styles.ImageTexts, list[core.UNetStage]], source: ImageSource,
+                  run: RequestRun) -> list[str]:
         """Stages 4-6 per image: sample, decode, then save on the writer thread while the
         next image samples; finished files are announced to the page as they land."""
         req, steps, count = plan.req, plan.steps, plan.image_count
@@ -948,14 +970,28 @@ class Pipeline:
                                guidance=tweaks, init_latents=source.init_latents, denoise=source.denoise,
                                mask=source.mask)
 
-    def _image_parameters(self, plan: RequestPlan, positive_text: str, index: int, run: RequestRun) -> dict:
-        """What the image file's metadata records (enough to make it again)."""
-        data = asdict(plan.req)
-        data.update(prompt=plan.prompt, performance=str(plan.req.performance))
-        return {**data, "full_prompt": positive_text, "full_negative_prompt": plan.negative_text,
-                "seed": plan.seed + index, "sampler": plan.sampler, "scheduler": plan.scheduler,
-                "steps": plan.steps, "cfg": plan.cfg_scale, "base_model": run.report["base_model"],
-                "loras": run.report["loras"]}
+    def _image_parameters(self, plan: RequestPlan, texts: sdxl_styles.ImageTexts, index: int,
+                          run: RequestRun) -> parameters.ImageMetadata:
+        """What the image file's metadata records (upstream's fields: enough to make it again)."""
+        req, report, cfg = plan.req, run.report, plan.cfg
+        tweaks = sampling_guidance(req, plan.settings)
+        loras = [(entry["file"], entry["weight"]) for entry in report.get("loras", [])]
+        refiner = report.get("refiner_model")
+        refiner = None if not refiner or refiner.startswith("disabled") else refiner
+        files = {}
+        if req.metadata_scheme == "a1111":   # its hashes need the files
+            named = [("base_model", report["base_model"], cfg.path_checkpoints),
+                     ("refiner_model", refiner, cfg.path_checkpoints),
+                     *((parameters.stem(name), name, cfg.path_loras) for name, _ in loras)]
+            files = {role: config_module.resolve_model_file(name, folders) for role, name, folders in named if name}
+        return parameters.image_metadata(
+            texts, expansion=plan.prompts.expansion, performance=str(req.performance), steps=plan.steps,
+            width=report.get("width", req.width), height=report.get("height", req.height),
+            guidance_scale=plan.cfg_scale, sharpness=tweaks.sharpness,
+            adm=(tweaks.adm_positive, tweaks.adm_negative, tweaks.adm_end), base_model=report["base_model"],
+            refiner_model=refiner, refiner_switch=req.refiner_switch, sampler=plan.sampler,
+            scheduler=plan.scheduler, vae=req.vae, seed=plan.seed + index, loras=loras,
+            scheme=req.metadata_scheme, save=req.save_metadata_to_images, model_files=files)
 
     def _finish_report(self, run: RequestRun, summary: model_management.RequestSummary, started: float,
                        images: list[str]) -> None:
@@ -1090,17 +1126,21 @@ def _switch_served(counters) -> str:
 
 # -- outputs ------------------------------------------------------------------------------
 
-def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config,
+def save_image(pixels: np.ndarray, metadata: parameters.ImageMetadata, cfg: config_module.Config,
                fmt: str = "png") -> image_output.SavedImage:
     """The image file under outputs/<date>/ (the temp folder without the image log, or
     when the output folder cannot be written), with the generation parameters in its
-    metadata unless --disable-metadata. Runs on the writer thread."""
+    metadata (the size recorded is the one saved) unless --disable-metadata or the request's
+    save_metadata_to_images is off. Runs on the writer thread."""
     now = datetime.datetime.now()
     day = now.strftime("%Y-%m-%d")
     fallback = cfg.temp_root / day
     folder = Path(cfg.path_outputs) / day if cfg.image_log else fallback
-    stem = f"{now.strftime('%Y-%m-%d_%H-%M-%S')}_{parameters['seed']}"
-    saved = image_output.save(pixels, parameters, fmt, folder, fallback, stem, metadata=cfg.metadata)
+    metadata = metadata.sized(pixels.shape[1], pixels.shape[0])
+    embedded = (image_output.Metadata(metadata.text(image_output.metadata_room(fmt)), metadata.scheme)
+                if cfg.metadata and metadata.save else None)
+    stem = f"{now.strftime('%Y-%m-%d_%H-%M-%S')}_{metadata.fields['seed']}"
+    saved = image_output.save(pixels, embedded, fmt, folder, fallback, stem)
     if cfg.image_log and not saved.warning:   # the history log lists what is in the day's folder
-        history_log.append(str(folder), saved.path, parameters)
+        history_log.append(str(folder), saved.path, metadata.fields)
     return saved

@@ -145,6 +145,46 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "lcm", "turbo", "align_your_steps", "tcd", "edm_playground_v2.5",
 )
 
+# The names AUTOMATIC1111 (and Civitai) give our samplers, as upstream's metadata writes them
+# ("" where it has none); with the karras scheduler " Karras" is appended except for these.
+A1111_SAMPLER_NAMES: dict[str, str] = {
+    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "heunpp2": "", "dpm_2": "DPM2",
+    "dpm_2_ancestral": "DPM2 a", "lms": "LMS", "dpm_fast": "DPM fast", "dpm_adaptive": "DPM adaptive",
+    "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_sde_gpu": "DPM++ SDE",
+    "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
+    "dpmpp_3m_sde": "", "dpmpp_3m_sde_gpu": "", "ddpm": "", "lcm": "LCM", "tcd": "TCD", "restart": "Restart",
+    "ddim": "DDIM", "uni_pc": "UniPC", "uni_pc_bh2": "",
+}
+A1111_NO_KARRAS: tuple[str, ...] = ("euler", "euler_ancestral", "heun", "dpm_fast", "dpm_adaptive", "ddim",
+                                    "uni_pc")
+
+
+def a1111_sampler(sampler: str, scheduler: str) -> str:
+    """The A1111 name of a sampler/scheduler pair ("DPM++ 2M SDE Karras"); ours when it has none."""
+    name = A1111_SAMPLER_NAMES.get(sampler) or sampler
+    if name != sampler and scheduler == "karras" and sampler not in A1111_NO_KARRAS:
+        name += " Karras"
+    return name
+
+
+def sampler_from_a1111(name: str) -> tuple[str, str | None]:
+    """(sampler, scheduler or None) for an A1111 sampler name; "DPM++ 2M Karras" gives the
+    karras scheduler. The first of our names with that A1111 name wins (as upstream reads it).
+    Raises ValueError for a name we do not know."""
+    text = name.strip()
+    scheduler = None
+    if text.endswith(" Karras"):
+        text, scheduler = text[: -len(" Karras")], "karras"
+    if text in SAMPLER_NAMES:
+        return text, scheduler
+    for ours, theirs in A1111_SAMPLER_NAMES.items():
+        if theirs and theirs.casefold() == text.casefold():
+            return ours, scheduler
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+METADATA_SCHEMES: tuple[str, ...] = ("fooocus", "a1111")   # upstream's MetadataScheme values
+
 DEFAULT_SAMPLER = "dpmpp_2m_sde_gpu"
 DEFAULT_SCHEDULER = "karras"
 

@@ -49,6 +49,10 @@ class GenerationRequest:
     adm_scaler_positive: float = 1.5
     adm_scaler_negative: float = 0.8
     adm_scaler_end: float = 0.3
+    # Upstream's metadata and prompt options (Developer Debug Mode there).
+    metadata_scheme: str = "fooocus"
+    save_metadata_to_images: bool = True
+    read_wildcards_in_order: bool = False
 
     @staticmethod
     def from_dict(data: dict, cfg: config_module.Config) -> "GenerationRequest":
@@ -82,13 +86,16 @@ class GenerationRequest:
             guidance_scale=_float(data, "guidance_scale", cfg.default_cfg_scale, 0.0, 30.0),
             sampler=_text(data, "sampler", cfg.default_sampler),
             scheduler=_text(data, "scheduler", cfg.default_scheduler),
-            steps=None if data.get("steps") in (None, -1) else _int(data, "steps", 0, 1, MAX_STEPS),
+            steps=_steps(data, cfg),
             output_format=_one_of(data, "output_format", cfg.default_output_format, flags.OUTPUT_FORMATS),
             styles=_names(data, "styles", list(cfg.default_styles)),
             sharpness=_float(data, "sharpness", cfg.default_sample_sharpness, 0.0, 30.0),
             adm_scaler_positive=_float(data, "adm_scaler_positive", 1.5, 0.1, 3.0),
             adm_scaler_negative=_float(data, "adm_scaler_negative", 0.8, 0.1, 3.0),
             adm_scaler_end=_float(data, "adm_scaler_end", 0.3, 0.0, 1.0),
+            metadata_scheme=_one_of(data, "metadata_scheme", cfg.default_metadata_scheme, flags.METADATA_SCHEMES),
+            save_metadata_to_images=_bool(data, "save_metadata_to_images", cfg.default_save_metadata_to_images),
+            read_wildcards_in_order=_bool(data, "read_wildcards_in_order", False),
         )
         for side in ("width", "height"):
             if getattr(request, side) % 8:
@@ -153,6 +160,23 @@ def _float(data: dict, key: str, default: float, low: float, high: float) -> flo
     if not low <= float(value) <= high:
         raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
     return float(value)
+
+
+def _bool(data: dict, key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise RequestError(f"field '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _steps(data: dict, cfg: config_module.Config) -> int | None:
+    """The request's steps (-1: the performance mode's); without them, config/preset
+    default_overwrite_step (-1 there too: the mode's)."""
+    if data.get("steps") is None:
+        return cfg.default_overwrite_step if cfg.default_overwrite_step > 0 else None
+    if data["steps"] == -1:
+        return None
+    return _int(data, "steps", 0, 1, MAX_STEPS)
 
 
 def _names(data: dict, key: str, default: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Callable, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,16 @@ class _ProgressBar:
 
 
 def download_file(url: str, dest_path: str | os.PathLike[str], timeout_s: float = DEFAULT_TIMEOUT_S,
-                  progress_stream: TextIO | None = None) -> bool:
+                  progress_stream: TextIO | None = None,
+                  on_progress: Callable[[int, int | None], None] | None = None) -> bool:
     """Download ``url`` to ``dest_path``; True on success, False on any failure.
 
     A connectivity check (at most 3 s) runs first; then ``timeout_s`` bounds
     the connect and every single read (a stalled server fails after that long
     without data). With an HTTP(S) proxy configured in the environment the
     check goes to the proxy. An existing ``dest_path`` is left alone and
-    counts as success. Progress goes to ``progress_stream`` (default stderr).
+    counts as success. Progress goes to ``progress_stream`` (default stderr) and, when
+    given, to ``on_progress(bytes so far, total bytes or None)`` (the page's bar).
     """
     dest = os.fspath(dest_path)
     if os.path.isfile(dest):
@@ -148,6 +150,8 @@ def download_file(url: str, dest_path: str | os.PathLike[str], timeout_s: float 
                     break
                 out.write(chunk)
                 bar.update(len(chunk))
+                if on_progress is not None:
+                    on_progress(bar.done, total)
             bar.close()
         if total is not None and bar.done != total:
             raise OSError(f"incomplete download: {bar.done} of {total} bytes")

@@ -4,10 +4,12 @@ A preset is a JSON object of config keys (``default_model``, ``default_loras``,
 ``default_cfg_scale``, ``default_sample_sharpness``, ``default_styles``...) laid
 over config.txt: by ``--preset NAME`` at start, by a request's ``preset`` field,
 or by the page's preset dropdown (no restart). Keys this project does not know
-(upstream's ``checkpoint_downloads``, ``default_max_lora_number``...) are ignored,
-with one log line per preset file version naming them.
+(upstream's ``default_max_lora_number``, ``default_inpaint_engine_version``...) are
+accepted and ignored, with one log line per preset file version naming them.
 
-This module only finds and reads files; modules/config.py parses the values.
+This module finds and reads the files (modules/config.py parses the values) and
+fetches a preset's model files (``checkpoint_downloads``, ``lora_downloads``,
+``embeddings_downloads``, ``vae_downloads``) when downloads are allowed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger("fooocus_resident.presets")
 
@@ -75,3 +77,40 @@ def read(name: str, known_keys: Iterable[str], folder: Path | None = None) -> tu
             log.info("[Fooocus-Resident] preset %s: ignoring keys this version does not use: %s",
                      name, ", ".join(unknown))
     return {k: v for k, v in data.items() if k in known}, path
+
+
+# (config key of the downloads, config key of the folders they go to)
+DOWNLOAD_KEYS = (("checkpoint_downloads", "path_checkpoints"), ("lora_downloads", "path_loras"),
+                 ("embeddings_downloads", "path_embeddings"), ("vae_downloads", "path_vae"))
+
+
+def missing_downloads(cfg) -> list[tuple[str, str, Path]]:
+    """(file name, URL, destination) of each listed model file no folder of its kind holds.
+    A preset whose default model fell back to one of its previous_default_models downloads
+    no checkpoint (as upstream)."""
+    out = []
+    for key, folders_key in DOWNLOAD_KEYS:
+        if key == "checkpoint_downloads" and cfg.default_model in cfg.previous_default_models:
+            continue
+        folders = getattr(cfg, folders_key)
+        for name, url in getattr(cfg, key):
+            if not any((Path(folder) / name).is_file() for folder in folders):
+                out.append((name, url, Path(folders[0]) / name))
+    return out
+
+
+def download_models(cfg, on_progress: Callable[[str, int, int | None], None] | None = None) -> list[str]:
+    """Fetch the missing model files a preset (or config.txt) lists, unless downloads are off
+    (--disable-preset-download). Returns one message per file that could not be fetched.
+    `on_progress(file name, bytes so far, total or None)` follows each download."""
+    if not cfg.downloads:
+        return []
+    from modules import model_downloader
+
+    failed = []
+    for name, url, dest in missing_downloads(cfg):
+        log.info("[Fooocus-Resident] downloading %s for the preset", name)
+        report = None if on_progress is None else (lambda done, total, name=name: on_progress(name, done, total))
+        if not model_downloader.download_file(url, dest, on_progress=report):
+            failed.append(f"could not download {name} from {url}")
+    return failed

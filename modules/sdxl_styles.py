@@ -1,33 +1,53 @@
-"""Prompt styles in upstream Fooocus's ``sdxl_styles/*.json`` format.
+"""Prompt styles in upstream Fooocus's ``sdxl_styles/*.json`` format, and the texts
+each image's prompt becomes (upstream's rules for multi-line prompts, wildcards,
+arrays, styles and "Random Style").
 
 A style file is a JSON list of objects with ``name``, ``prompt`` (a template in
 which ``{prompt}`` stands for the user's prompt) and ``negative_prompt``. Every
-``*.json`` file of each styles folder (config key ``path_styles``) is read, so
-upstream's files can be dropped in next to ours. Names are matched the way
-upstream's page shows them ("sai-3d-model" is offered as "SAI 3D Model"),
-case-insensitively; the first folder, then the first file (by name), that
-defines a name wins.
+``*.json`` file of each styles folder (config key ``path_styles``, a list) is read,
+so upstream's files can be dropped in next to ours, or its folder named in the list.
+Names are shown the way upstream shows them ("sai-3d-model" is "SAI 3D Model") and
+matched case-insensitively.
 
-The folder is re-read when a file in it changes, so a new style file is usable
-without a restart. "Fooocus V2" is not a file style: it is the prompt
-expansion (modules/expansion.py), and is listed first.
+Order, as upstream: the folders in their listed order, each folder's files by name,
+except upstream's own six style files (``UPSTREAM_FILES``), which are read last, in
+upstream's order. A name defined again later takes the later template and keeps its
+first place in the list. So with ``path_styles = ["sdxl_styles", "<Fooocus>/sdxl_styles"]``
+an upstream install's templates win over ours for the names both have (our "Fooocus
+Enhance", "Fooocus Sharp"... are our own templates under upstream's names, there so
+that upstream's presets work on a fresh install).
+
+The list offered is "Fooocus V2" (the prompt expansion, modules/expansion.py), then
+"Random Style" (a file style drawn per image from the image's seed), then the file
+styles. Files are re-read when one changes, so a new style file needs no restart.
+A style's hover preview is ``samples/<name, lower case, spaces as _>.jpg`` in a
+styles folder, as upstream names them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
 import os
+import random
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from modules import wildcards
+
 log = logging.getLogger("fooocus_resident.styles")
 
 FOOOCUS_V2 = "Fooocus V2"
+RANDOM_STYLE = "Random Style"
 PLACEHOLDER = "{prompt}"
+# Upstream's own style files, read after every other file in this order (its sdxl_styles.py).
+UPSTREAM_FILES = ("sdxl_styles_fooocus.json", "sdxl_styles_sai.json", "sdxl_styles_mre.json",
+                  "sdxl_styles_twri.json", "sdxl_styles_diva.json", "sdxl_styles_marc_k3nt3l.json")
+SAMPLES_FOLDER = "samples"
 
 
 class StyleError(ValueError):
@@ -39,32 +59,44 @@ class Style:
     name: str
     prompt: str
     negative_prompt: str
-    source: str   # the file that defined it
+    source: str   # the file that defined it (the last one, when several did)
 
 
 @dataclass
 class StyleLibrary:
-    """The styles of a set of folders, by display name (in load order)."""
+    """The styles of a set of folders, by display name (in list order)."""
 
     styles: dict[str, Style] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)   # unreadable file -> why
     folders: tuple[Path, ...] = ()
 
     def names(self) -> list[str]:
-        """Every selectable name, Fooocus V2 first (as upstream's list)."""
-        return [FOOOCUS_V2, *(s.name for s in self.styles.values())]
+        """Every selectable name: Fooocus V2, Random Style, then the file styles (upstream's list)."""
+        return [FOOOCUS_V2, RANDOM_STYLE, *(s.name for s in self.styles.values())]
 
     def find(self, name: str) -> Style | None:
-        return self.styles.get(_fold(display_name(name)))  # type: ignore[arg-type]
+        return self.styles.get(_fold(display_name(name)))
+
+    def sample(self, name: str) -> Path | None:
+        """The hover preview of `name`: samples/<name>.jpg in the folder of the file that
+        defines it, else in any styles folder; None when there is none."""
+        style = self.find(name)
+        first = [Path(style.source).parent] if style is not None else []
+        file_name = name.lower().replace(" ", "_") + ".jpg"
+        for folder in (*first, *self.folders):
+            path = Path(folder) / SAMPLES_FOLDER / file_name
+            if path.is_file():
+                return path
+        return None
 
 
 def display_name(raw: str) -> str:
-    """Upstream's display form of a style name: dashes as spaces, words capitalised,
-    with "3D", "SAI", "MRE" and "(S" kept upper-case."""
-    words = raw.replace("-", " ").split()
-    shown = " ".join(w[:1].upper() + w[1:].lower() if w else w for w in words)
+    """Upstream's display form of a style name: dashes as spaces, each word capitalised,
+    then "3d", "Sai", "Mre" and "(s" upper-cased wherever they occur."""
+    words = raw.replace("-", " ").split(" ")
+    shown = " ".join(w[:1].upper() + w[1:].lower() for w in words)
     for lower, upper in (("3d", "3D"), ("Sai", "SAI"), ("Mre", "MRE"), ("(s", "(S")):
-        shown = " ".join(upper if w == lower else w for w in shown.split(" "))
+        shown = shown.replace(lower, upper)
     return shown
 
 
@@ -93,11 +125,15 @@ def _parse_file(path: Path) -> list[Style]:
 
 
 def _style_files(folders: Iterable[Path]) -> list[Path]:
+    """Every folder's ``*.json`` files (subfolders too) by name, upstream's own files last."""
     files = []
     for folder in folders:
         if folder.is_dir():
-            files += sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and p.is_file())
-    return files
+            found = [Path(root, name) for root, _, names in os.walk(folder, followlinks=True)
+                     for name in names if name.lower().endswith(".json") and not name.startswith(".")]
+            files += sorted(found, key=lambda p: p.relative_to(folder).as_posix().casefold())
+    last = [p for name in UPSTREAM_FILES for p in files if p.name == name]
+    return [p for p in files if p not in last] + last
 
 
 def _versions(files: Sequence[Path]) -> tuple:
@@ -115,6 +151,7 @@ def load_library(folders: Sequence[Path]) -> StyleLibrary:
     """Read every style file of `folders`. An unreadable file is skipped with a warning
     (and named when a requested style is not found); the others still load."""
     library = StyleLibrary(folders=tuple(folders))
+    reserved = {_fold(FOOOCUS_V2), _fold(RANDOM_STYLE)}
     for path in _style_files(folders):
         try:
             styles = _parse_file(path)
@@ -124,8 +161,8 @@ def load_library(folders: Sequence[Path]) -> StyleLibrary:
             continue
         for style in styles:
             key = _fold(style.name)
-            if key != _fold(FOOOCUS_V2):
-                library.styles.setdefault(key, style)
+            if key not in reserved:
+                library.styles[key] = style   # a later file's template wins; the place stays
     return library
 
 
@@ -146,7 +183,7 @@ def get_library(folders: Sequence[Path]) -> StyleLibrary:
 
 
 def style_names(folders: Sequence[Path]) -> list[str]:
-    """Display names of every style (Fooocus V2 first), for the page and the API."""
+    """Display names of every style (Fooocus V2 and Random Style first), for the page and the API."""
     return get_library(folders).names()
 
 
@@ -161,8 +198,8 @@ def check_names(names: Sequence[str], library: StyleLibrary) -> list[str]:
     StyleError saying which, what is close, and where styles are read from."""
     wanted: list[str] = []
     for name in names:
-        if _fold(name) == _fold(FOOOCUS_V2):
-            shown = FOOOCUS_V2
+        if _fold(name) in (_fold(FOOOCUS_V2), _fold(RANDOM_STYLE)):
+            shown = FOOOCUS_V2 if _fold(name) == _fold(FOOOCUS_V2) else RANDOM_STYLE
         else:
             style = library.find(name)
             if style is None:
@@ -170,57 +207,129 @@ def check_names(names: Sequence[str], library: StyleLibrary) -> list[str]:
             shown = style.name
         if shown not in wanted:
             wanted.append(shown)
+    if RANDOM_STYLE in wanted and not library.styles:
+        raise StyleError(f"style {RANDOM_STYLE!r} in field 'styles' needs at least one style file "
+                         f"({_where(library)})")
     return wanted
+
+
+def _where(library: StyleLibrary) -> str:
+    return "read from " + (", ".join(str(f) for f in library.folders) or "(no styles folder configured)")
 
 
 def _unknown_message(name: str, library: StyleLibrary) -> str:
     known = [s.name for s in library.styles.values()]
     close = difflib.get_close_matches(display_name(name), known, n=3, cutoff=0.6)
-    where = ", ".join(str(f) for f in library.folders) or "(no styles folder configured)"
     message = f"unknown style {name!r} in field 'styles'"
     if close:
         message += f"; did you mean {', '.join(map(repr, close))}?"
-    message += f" ({len(known) + 1} styles known, read from {where}"
+    message += f" ({len(known) + 2} styles known, {_where(library)}"
     if library.skipped:
         message += "; skipped unreadable files: " + ", ".join(os.path.basename(p) for p in library.skipped)
     return message + ")"
 
 
+# -- one image's texts --------------------------------------------------------------------
+
+def tidy(text: str) -> str:
+    """Upstream's clean-up of a prompt line: runs of spaces folded, commas, dots, spaces and
+    line ends stripped at both ends."""
+    while "  " in text:
+        text = text.replace("  ", " ")
+    return text.strip(",. \r\n")
+
+
+def prompt_lines(text: str) -> list[str]:
+    """A prompt's non-empty lines, tidied; [""] for an empty prompt. Line 1 is the prompt,
+    the others are extra prompts encoded after it (upstream's multi-line prompts)."""
+    return [line for line in (tidy(l) for l in text.splitlines()) if line] or [""]
+
+
 @dataclass(frozen=True)
-class StyledPrompt:
-    """A prompt after styles: the positive and negative texts (in upstream's order) and
-    whether Fooocus V2 expansion was asked for."""
+class ImageTexts:
+    """What one image's prompt became (upstream's "task"): the texts the text encoders see,
+    each encoded on its own and concatenated; the pooled outputs of the first `*_top_k`
+    texts are summed (Fooocus V2's text, appended last, adds tokens but no pooled output)."""
 
-    positive: list[str]
-    negative: list[str]
-    expansion: bool
+    prompt: str                       # line 1 after wildcards and arrays
+    negative_prompt: str
+    extra_positive: tuple[str, ...]   # the other lines, after wildcards
+    extra_negative: tuple[str, ...]
+    styles: tuple[str, ...]           # the file styles applied, Random Style resolved
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    positive_top_k: int
+    negative_top_k: int
+    expansion: str = ""
+
+    @property
+    def log_prompt(self) -> str:
+        """The prompt as upstream records it: every line, wildcards and arrays resolved."""
+        return "\n".join((self.prompt, *self.extra_positive))
+
+    @property
+    def log_negative_prompt(self) -> str:
+        return "\n".join((self.negative_prompt, *self.extra_negative))
+
+    def expanded(self, text: str) -> "ImageTexts":
+        """With Fooocus V2's expansion of the prompt as the last positive text."""
+        return dataclasses.replace(self, positive=(*self.positive, text), expansion=text)
 
 
-def apply_styles(prompt: str, negative: str, names: Sequence[str], library: StyleLibrary) -> StyledPrompt:
-    """Upstream's order: each file style's template with the prompt put in; the plain prompt
-    first when no template had a ``{prompt}`` slot; the user's negative last. Multi-line
-    templates give one text per line. Empty texts are dropped (the prompt stays)."""
-    names = check_names(names, library)
+@dataclass(frozen=True)
+class PromptOptions:
+    """A request's prompt settings, shared by its images."""
+
+    prompt: str
+    negative_prompt: str
+    styles: tuple[str, ...]           # checked names (check_names), Fooocus V2 included
+    library: StyleLibrary
+    wildcards: wildcards.WildcardFolder
+    wildcards_in_order: bool = False
+
+    @property
+    def expansion(self) -> bool:
+        """Fooocus V2 asked for, on a prompt that is not empty (upstream skips it then)."""
+        return FOOOCUS_V2 in self.styles and prompt_lines(self.prompt)[0] != ""
+
+
+def image_texts(options: PromptOptions, seed: int, index: int) -> ImageTexts:
+    """Image `index`'s texts, in upstream's order: random.Random(seed) draws the wildcards
+    of the prompt, the negative prompt and the extra lines in that order, then Random
+    Style picks; each style's template (split into lines) takes the prompt, the prompt
+    itself goes first when no template had a ``{prompt}`` slot, the negative prompt
+    follows the styles' negatives, then the extra lines; empty texts are dropped."""
+    rng = random.Random(seed)
+    in_order, folder = options.wildcards_in_order, options.wildcards
+
+    def resolve(line: str) -> str:
+        return wildcards.apply_wildcards(line, rng, index, in_order, folder)
+
+    positives, negatives = prompt_lines(options.prompt), prompt_lines(options.negative_prompt)
+    prompt = wildcards.apply_arrays(resolve(positives[0]), index)
+    negative = resolve(negatives[0])
+    extra_positive = tuple(resolve(line) for line in positives[1:])
+    extra_negative = tuple(resolve(line) for line in negatives[1:])
+    styles: list[str] = []
     positive: list[str] = []
-    negatives: list[str] = []
+    negative_texts: list[str] = []
     placed = False
-    for name in names:
+    for name in options.styles:
         if name == FOOOCUS_V2:
             continue
-        style = library.find(name)
-        assert style is not None
+        style = (rng.choice(list(options.library.styles.values())) if name == RANDOM_STYLE
+                 else options.library.find(name))
+        assert style is not None, name   # names were checked
+        styles.append(style.name)
         placed = placed or PLACEHOLDER in style.prompt
         positive += style.prompt.replace(PLACEHOLDER, prompt).splitlines()
-        negatives += style.negative_prompt.splitlines()
+        negative_texts += style.negative_prompt.splitlines()
     if not placed:
-        positive = [prompt, *positive]
-    negatives.append(negative)
-    positive = [p.strip() for p in positive if p.strip()] or [prompt]
-    negatives = [n.strip() for n in negatives if n.strip()]
-    return StyledPrompt(positive=positive, negative=negatives, expansion=FOOOCUS_V2 in names)
-
-
-def join(texts: Sequence[str]) -> str:
-    """The texts as one prompt for the encoders (upstream encodes them one by one and
-    concatenates; we join them, so long results use the 75-token windows)."""
-    return ", ".join(t for t in texts if t)
+        positive.insert(0, prompt)
+    negative_texts.append(negative)
+    positive = [t for t in (*positive, *extra_positive) if t != ""] or [prompt]
+    negative_texts = [t for t in (*negative_texts, *extra_negative) if t != ""] or [negative]
+    return ImageTexts(prompt=prompt, negative_prompt=negative, extra_positive=extra_positive,
+                      extra_negative=extra_negative, styles=tuple(styles), positive=tuple(positive),
+                      negative=tuple(negative_texts), positive_top_k=len(positive),
+                      negative_top_k=len(negative_texts))

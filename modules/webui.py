@@ -153,9 +153,10 @@ def _banner_text(warning: str | None) -> str:
 
 
 def allowed_paths(cfg: config_module.Config) -> list[str]:
-    """Folders the server may serve files from (images written there, and the temp
-    folder used without the image log or when the output folder cannot be written)."""
-    return [str(cfg.path_outputs), str(cfg.temp_root)]
+    """Folders the server may serve files from (images written there, the temp folder used
+    without the image log or when the output folder cannot be written, and the styles'
+    preview pictures)."""
+    return [str(cfg.path_outputs), str(cfg.temp_root), *t2i_page.samples_folders(cfg)]
 
 
 # -- plain helpers: seeds, labels, locks ----------------------------------------------------
@@ -409,6 +410,12 @@ PAGE_CSS = """
                     border: none !important; box-shadow: none !important; background: none !important; }
 /* Dropdown values stop before the arrow instead of running under it. */
 input[role="combobox"] { padding-right: calc(2 * var(--size-5) + 4px) !important; text-overflow: ellipsis; }
+/* A style's preview picture follows the mouse over the Styles list (upstream's hover preview). */
+#fr-style-samples-holder { display: none !important; }
+#fr-style-preview { position: fixed; display: none; width: 128px; height: 128px; pointer-events: none; z-index: 100;
+                    background-size: cover; background-position: center; border: 1px solid lightgrey;
+                    border-radius: 5px; transform: translate(-140px, 20px); }
+#fr-style-preview.fr-lower { transform: translate(-140px, -140px); }
 @media (max-width: 480px) {
   input[role="combobox"] { font-size: 11px; }
   .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
@@ -424,6 +431,29 @@ PAGE_JS = """
       const button = document.getElementById('generate_button');
       if (button && button.offsetParent !== null) { e.preventDefault(); button.click(); }
     }
+  });
+  // Hover preview of a style: its samples/<name>.jpg, when a styles folder has one.
+  const preview = document.createElement('div');
+  preview.id = 'fr-style-preview';
+  document.body.appendChild(preview);
+  document.addEventListener('mouseover', (e) => {
+    const label = e.target.closest ? e.target.closest('#fr-styles label') : null;
+    let url = null;
+    if (label) {
+      const holder = document.getElementById('fr-style-samples');
+      let samples = {};
+      try { samples = JSON.parse((holder && holder.dataset.samples) || '{}'); } catch (err) { samples = {}; }
+      const input = label.querySelector('input');
+      url = samples[((input && input.getAttribute('title')) || label.textContent || '').trim()] || null;
+    }
+    preview.style.display = url ? 'block' : 'none';
+    preview.style.backgroundImage = url ? `url("${url}")` : '';
+  });
+  document.addEventListener('mousemove', (e) => {
+    if (preview.style.display !== 'block') return;
+    preview.style.left = `${e.clientX}px`;
+    preview.style.top = `${e.clientY}px`;
+    preview.classList.toggle('fr-lower', e.clientY > window.innerHeight / 2);
   });
   const theme = '__THEME__';
   if (theme === 'dark' || theme === 'light') {
@@ -627,8 +657,11 @@ class FieldTargets:
         size = f"{fields['width']}*{fields['height']}" if "width" in fields and "height" in fields else None
         out.append(gr.update(value=size) if size in aspect_values else gr.skip())
         styles = fields.get("styles")
-        out.append(gr.update(choices=style_names, value=[s for s in styles if s in style_names])
-                   if isinstance(styles, list) else gr.skip())
+        if isinstance(styles, list):   # the selected ones on top, in their order, as after a click
+            chosen = [s for s in styles if s in style_names]
+            out.append(gr.update(choices=chosen + [s for s in style_names if s not in chosen], value=chosen))
+        else:
+            out.append(gr.skip())
         out += [value(k) for k in self.ADM]
         if isinstance(fields.get("seed"), int) and fields["seed"] >= 0:
             out += [gr.update(value=False), gr.update(value=str(fields["seed"]), visible=True)]
@@ -842,6 +875,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                     with gr.Tab("Settings"):
                         preset = gr.Dropdown(t2i_page.preset_choices(), value=_initial_preset(),
                                              label="Preset", elem_id="fr-preset", allow_custom_value=False)
+                        preset_note = gr.Markdown("", elem_id="fr-preset-note")
                         performance = gr.Radio(flags.Performance.values(), value=cfg.default_performance.value,
                                                label="Performance")
                         performance_note = gr.Markdown("")
@@ -858,8 +892,11 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                         all_styles = t2i_page.style_names(cfg)
                         style_search = gr.Textbox(label="Search styles", max_lines=1, elem_id="fr-style-search",
                                                   placeholder="Type to filter the styles")
-                        styles = gr.CheckboxGroup(all_styles, value=[n for n in cfg.default_styles if n in all_styles],
+                        chosen = t2i_page.default_styles(cfg)
+                        styles = gr.CheckboxGroup(chosen + [n for n in all_styles if n not in chosen], value=chosen,
                                                   label="Styles", elem_id="fr-styles")
+                        style_samples = gr.HTML(t2i_page.style_samples_html(cfg), elem_id="fr-style-samples-holder",
+                                                container=False)
                     with gr.Tab("Models"):
                         base_model = gr.Dropdown(checkpoints, value=_default_base_model(cfg, checkpoints),
                                                  label="Base Model (SDXL only)", allow_custom_value=True)
@@ -980,9 +1017,14 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
 
         # -- styles, presets, history log, loading parameters back ----------------------------
 
-        style_search.change(lambda query, chosen: gr.update(choices=t2i_page.filtered_styles(query, chosen, cfg)),
-                            inputs=[style_search, styles], outputs=[styles], api_visibility="private",
+        def on_styles(query: str, chosen: list[str]) -> Any:
+            return gr.update(choices=t2i_page.filtered_styles(query, chosen, cfg))
+
+        # A search filters; a click moves the selected styles to the top, in the order chosen.
+        style_search.change(on_styles, inputs=[style_search, styles], outputs=[styles], api_visibility="private",
                             queue=False)
+        styles.input(on_styles, inputs=[style_search, styles], outputs=[styles], api_visibility="private",
+                     queue=False)
         field_targets = FieldTargets(prompt=prompt, negative_prompt=negative, performance=performance,
                                      aspect_ratio=aspect_ratio, image_number=image_number, base_model=base_model,
                                      refiner_model=refiner_model, refiner_switch=refiner_switch,
@@ -998,16 +1040,20 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                     user_defaults[name] = fields[key]
             return (*field_targets.updates(fields, aspect_values, t2i_page.style_names(cfg)), note)
 
-        def on_preset(name: str | None) -> tuple[Any, ...]:
+        def on_preset(name: str | None, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
             if not name:
                 return (*[gr.skip()] * len(field_targets.outputs()), "")
+
+            def downloading(file: str, done: int, total: int | None) -> None:
+                progress((done, total), desc=f"Downloading {file}", unit="bytes")
+
             try:
-                fields = t2i_page.preset_fields(name)
+                fields, note = t2i_page.preset_fields(name, downloading, supported_samplers(), supported_schedulers())
             except ValueError as error:
                 return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
             if not fields.get("prompt"):
                 fields.pop("prompt", None)      # an empty preset prompt keeps what was typed
-            return apply_fields(fields, f"Preset {name} applied.")
+            return apply_fields(fields, note)
 
         def on_load_parameters(image: str | None, pasted: str | None) -> tuple[Any, ...]:
             from modules import parameters
@@ -1015,14 +1061,16 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                 fields = t2i_page.loaded_fields(image, pasted)
             except parameters.ParameterError as error:
                 return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
-            return apply_fields(fields, f"Loaded {len(fields)} parameters.")
+            notes = t2i_page.unavailable(fields, supported_samplers(), supported_schedulers())
+            return apply_fields(fields, " ".join([f"Loaded {len(fields)} parameters.", *notes]))
 
-        preset.change(on_preset, inputs=[preset], outputs=[*field_targets.outputs(), param_note],
-                      api_visibility="private", queue=False)
+        # Queued: a preset's model downloads show their progress on the page.
+        preset.change(on_preset, inputs=[preset], outputs=[*field_targets.outputs(), preset_note],
+                      api_visibility="private", show_progress="minimal")
         param_btn.click(on_load_parameters, inputs=[param_image, param_json],
                         outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
-        app.load(lambda: t2i_page.history_link_html(cfg), inputs=None, outputs=[history_link],
-                 api_visibility="private", queue=False)
+        app.load(lambda: (t2i_page.history_link_html(cfg), t2i_page.style_samples_html(cfg)), inputs=None,
+                 outputs=[history_link, style_samples], api_visibility="private", queue=False)
 
         # -- the Resident memory panel ---------------------------------------------------------
 

@@ -85,7 +85,10 @@ def test_env_plain_string_for_path_key(tmp_path: Path) -> None:
     ("key", "value"),
     [("default_cfg_scale", "high"), ("default_image_number", "0"), ("default_sampler", "warp_drive"),
      ("default_performance", "Turbo"), ("path_checkpoints", "[]"), ("default_loras", '[["a"]]'),
-     ("default_aspect_ratio", "square")],
+     ("default_aspect_ratio", "square"), ("default_metadata_scheme", "exif"),
+     ("default_save_metadata_to_images", '"yes"'), ("default_overwrite_step", "0"),
+     ("checkpoint_downloads", '{"../../etc/x.safetensors": "https://h/x"}'),
+     ("lora_downloads", '{"a.safetensors": "file:///etc/passwd"}'), ("previous_default_models", '"old"')],
 )
 def test_bad_env_value_names_key_and_source(tmp_path: Path, key: str, value: str) -> None:
     with pytest.raises(ConfigError) as exc:

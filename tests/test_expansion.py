@@ -87,7 +87,9 @@ def test_requests_use_one_expansion_per_image_seed(pipeline, tiny_expansion, mon
     model = expansion.get_expansion(tiny_expansion, allow_download=False)
     assert (first, second) == (model("a cat", 11), model("a cat", 12))
     meta = [json.loads(Image.open(p).text["parameters"]) for p in result.images]
-    assert [m["full_prompt"] for m in meta] == ["a cat, " + first, "a cat, " + second]
+    # As upstream, the expansion (which starts with the prompt) is encoded as a text of its own.
+    assert [m["full_prompt"] for m in meta] == [["a cat", first], ["a cat", second]]
+    assert [m["prompt_expansion"] for m in meta] == [first, second]
     again = pipelines.process_request({**SMALL, "image_number": 2})
     assert again.report["prompt_expansions"] == [first, second]
     moved = again.report["model_management"]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ldm_patched.modules import model_management as mm
 from modules import config as config_module
-from modules import image_output, webui
+from modules import image_output, parameters, webui
 from tests.helpers import pipelines
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +43,8 @@ def test_every_output_format_with_its_parameters_readable_back(pipeline, fmt, pi
         assert path.endswith(extension)
         with Image.open(path) as image:
             assert image.format == pil_format and image.size == (64, 64)
-        parameters = image_output.read_parameters(path)
-        assert parameters["seed"] == seed and parameters["prompt"] == SMALL["prompt"]
-        assert parameters["output_format"] == fmt
+        fields = parameters.read_parameters(path)
+        assert fields["seed"] == seed and fields["prompt"] == SMALL["prompt"]
 
 
 def test_png_pixels_are_exact_and_the_default_format_comes_from_the_config(pipeline, monkeypatch):
@@ -61,12 +60,13 @@ def test_png_pixels_are_exact_and_the_default_format_comes_from_the_config(pipel
 
 def test_png_encoder_output_decodes_to_the_pixels_with_metadata():
     pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
-    data = image_output.encode(pixels, "png", {"prompt": "ü ☕"})
+    # Text beyond Latin-1 (an a1111-scheme prompt) goes into an iTXt chunk.
+    data = image_output.encode(pixels, "png", image_output.Metadata("ü ☕, a cat\nSteps: 2", "a1111"))
     from io import BytesIO
     with Image.open(BytesIO(data)) as image:
         image.load()
         assert np.array_equal(np.asarray(image.convert("RGB")), pixels)
-        assert json.loads(image.text["parameters"]) == {"prompt": "ü ☕"}
+        assert image.text["parameters"] == "ü ☕, a cat\nSteps: 2" and image.text["fooocus_scheme"] == "a1111"
     with Image.open(BytesIO(image_output.encode(pixels, "png", None))) as image:
         image.load()
         assert "parameters" not in image.text

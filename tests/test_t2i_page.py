@@ -1,29 +1,32 @@
 """The page's Styles tab, preset dropdown, history-log link and "load parameters" box,
 driven through the app's own event handlers (no browser)."""
 
+import dataclasses
+import html
 import json
+import re
 from pathlib import Path
 
-import gradio as gr
-
+import args_manager
 from modules import config as config_module
-from modules import history_log, presets, webui
+from modules import history_log, model_downloader, presets, webui
 from modules.async_worker import Worker
 
 
-def build(tmp_path: Path, monkeypatch, styles: list | None = None):
+def build(tmp_path: Path, monkeypatch, styles: list | None = None, downloads: bool = False, **env_extra: str):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "juggernautXL_v8Rundiffusion.safetensors").write_bytes(b"x")
-    (tmp_path / "styles").mkdir()
+    (tmp_path / "styles").mkdir(exist_ok=True)
     (tmp_path / "styles" / "mine.json").write_text(json.dumps(styles or [
         {"name": "Sharp Lines", "prompt": "{prompt}, sharp", "negative_prompt": ""},
         {"name": "Soft Glow", "prompt": "{prompt}, glow", "negative_prompt": ""},
         {"name": "Fooocus Photograph", "prompt": "photo of {prompt}", "negative_prompt": ""},
         {"name": "Fooocus Negative", "prompt": "", "negative_prompt": "bad"}]))
     env = {"config_path": str(tmp_path / "none.txt"), "path_checkpoints": str(tmp_path / "ckpt"),
-           "path_styles": str(tmp_path / "styles"), "path_outputs": str(tmp_path / "out")}
+           "path_styles": str(tmp_path / "styles"), "path_outputs": str(tmp_path / "out"), **env_extra}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(args_manager.args, "disable_preset_download", not downloads, raising=False)
     cfg = config_module.load_config(env)
     return webui.build_app(worker=Worker(handler=lambda *a: None), cfg=cfg, demo_warning=lambda: None,
                            model_status=dict), cfg
@@ -44,6 +47,23 @@ def handler(app, elem_id: str, trigger: str):
     raise AssertionError(f"no {trigger} event on #{elem_id}")
 
 
+def ancestors(app, elem_id: str) -> list[dict]:
+    """The components around the one with `elem_id` in the page's layout, outermost first."""
+    comps = components(app)
+
+    def walk(node, path):
+        here = comps.get(node["id"], {})
+        if here.get("props", {}).get("elem_id") == elem_id:
+            return path
+        for child in node.get("children", []):
+            found = walk(child, path + [here])
+            if found is not None:
+                return found
+        return None
+
+    return walk(app.config["layout"], []) or []
+
+
 def set_values(labels: list, updates: tuple) -> dict:
     """Label -> value of each update that sets one (skips left out)."""
     out = {}
@@ -56,12 +76,41 @@ def set_values(labels: list, updates: tuple) -> dict:
 def test_styles_tab_lists_the_styles_folder_and_search_keeps_the_selection(tmp_path, monkeypatch):
     app, cfg = build(tmp_path, monkeypatch)
     by_id = {c["props"].get("elem_id"): c["props"] for c in components(app).values()}
-    assert [c[0] for c in by_id["fr-styles"]["choices"]] == ["Fooocus V2", "Sharp Lines", "Soft Glow",
+    assert [c[0] for c in by_id["fr-styles"]["choices"]] == ["Fooocus V2", "Random Style", "Sharp Lines", "Soft Glow",
                                                              "Fooocus Photograph", "Fooocus Negative"]
     search, labels = handler(app, "fr-style-search", "change")
     update = search("soft", ["Sharp Lines"])
     assert update["choices"] == ["Sharp Lines", "Soft Glow"]          # the selection stays listed
     assert search("", [])["choices"][0] == "Fooocus V2"
+    clicked, _ = handler(app, "fr-styles", "input")                    # a click: the chosen go on top, in order
+    assert clicked("", ["Fooocus Negative", "Sharp Lines"])["choices"][:4] == ["Fooocus Negative", "Sharp Lines",
+                                                                            "Fooocus V2", "Random Style"]
+
+
+def test_fooocus_v2_is_ticked_at_start_only_when_its_model_is_there(tmp_path, monkeypatch):
+    from modules import t2i_page
+    app, cfg = build(tmp_path, monkeypatch, default_styles=json.dumps(["Fooocus V2", "Sharp Lines"]))
+    by_id = {c["props"].get("elem_id"): c["props"] for c in components(app).values()}
+    assert by_id["fr-styles"]["value"] == ["Sharp Lines"]          # no expansion model: every run would fail
+    folder = tmp_path / "expansion"
+    folder.mkdir()
+    for name in ("config.json", "positive.txt", "tokenizer.json", "pytorch_model.bin"):
+        (folder / name).write_text("x")
+    with_model = dataclasses.replace(cfg, path_fooocus_expansion=folder)
+    assert t2i_page.default_styles(with_model) == ["Fooocus V2", "Sharp Lines"]
+
+
+def test_a_styles_sample_picture_is_the_hover_preview(tmp_path, monkeypatch):
+    samples = tmp_path / "styles" / "samples"
+    samples.mkdir(parents=True)
+    (samples / "soft_glow.jpg").write_bytes(b"jpeg")      # upstream's name: lower case, spaces as _
+    app, cfg = build(tmp_path, monkeypatch)
+    holder = next(c["props"]["value"] for c in components(app).values()
+                  if c["props"].get("elem_id") == "fr-style-samples-holder")
+    data = html.unescape(re.search(r'data-samples="([^"]*)"', holder).group(1))
+    assert json.loads(data) == {"Soft Glow": f"/gradio_api/file={samples / 'soft_glow.jpg'}"}
+    assert str(samples) in webui.allowed_paths(cfg)
+    assert "fr-style-samples" in webui.launch_options()["js"]       # the page script reads that map
 
 
 def test_ui_styles_and_guidance_go_into_the_request():
@@ -77,6 +126,8 @@ def test_ui_styles_and_guidance_go_into_the_request():
 
 def test_preset_dropdown_applies_a_preset_without_restart(tmp_path, monkeypatch):
     app, cfg = build(tmp_path, monkeypatch)
+    assert not any(a.get("type") == "accordion" and not a["props"].get("open", True)
+                   for a in ancestors(app, "fr-preset-note"))        # its note shows outside any closed box
     by_id = {c["props"].get("elem_id"): c["props"] for c in components(app).values()}
     assert {"default", "lightning", "realistic"} <= {c[0] for c in by_id["fr-preset"]["choices"]}
     apply, labels = handler(app, "fr-preset", "change")
@@ -84,13 +135,35 @@ def test_preset_dropdown_applies_a_preset_without_restart(tmp_path, monkeypatch)
     values = set_values(labels, updates)
     assert values["Base Model (SDXL only)"] == ["realisticStockPhoto_v20.safetensors"]
     assert values["Guidance Scale"] == [3.0] and values["Aspect Ratios"] == ["896*1152"]
-    assert values["Styles"] == [["Fooocus Photograph", "Fooocus Negative"]]
+    assert values["Styles"] == [["Fooocus Photograph", "Fooocus Negative"]]   # no expansion model: no Fooocus V2
     assert values["LoRA 1"] == ["SDXL_FILM_PHOTOGRAPHY_STYLE_V1.safetensors"] and values["LoRA 2"] == ["None"]
     assert "Prompt" not in values                         # an empty preset prompt keeps the typed one
-    assert updates[-1] == "Preset realistic applied."
+    assert labels[-1] == "fr-preset-note" and updates[-1].startswith("Preset realistic applied.")
+    assert "Fooocus V2 is left out" in updates[-1]
     lightning = set_values(labels, apply("lightning"))
     assert lightning["Performance"] == ["Lightning"]
     assert apply("no-such")[-1].startswith("Error: unknown preset 'no-such'")
+    playground = apply("playground_v2.5")
+    if "edm_playground_v2.5" not in webui.supported_schedulers():
+        assert "Scheduler" not in set_values(labels, playground) and "edm_playground_v2.5" in playground[-1]
+
+
+def test_a_presets_model_files_download_when_allowed(tmp_path, monkeypatch):
+    app, cfg = build(tmp_path, monkeypatch, downloads=True)
+    fetched = []
+
+    def fake_download(url, dest, on_progress=None, **_):
+        fetched.append((url, Path(dest)))
+        on_progress(3, 4)
+        return False   # e.g. offline: the note says so and the preset still applies
+
+    monkeypatch.setattr(model_downloader, "download_file", fake_download)
+    apply, labels = handler(app, "fr-preset", "change")
+    updates = apply("anime")
+    assert fetched == [("https://huggingface.co/mashb1t/fav_models/resolve/main/fav/animaPencilXL_v500.safetensors",
+                        tmp_path / "ckpt" / "animaPencilXL_v500.safetensors")]
+    assert "could not download animaPencilXL_v500.safetensors" in updates[-1]
+    assert set_values(labels, updates)["Base Model (SDXL only)"] == ["animaPencilXL_v500.safetensors"]
 
 
 def test_load_parameters_from_pasted_json_sets_the_controls(tmp_path, monkeypatch):
@@ -106,6 +179,10 @@ def test_load_parameters_from_pasted_json_sets_the_controls(tmp_path, monkeypatc
     assert values["Styles"] == [["Soft Glow"]]            # a style this install lacks is left out
     assert values["Aspect Ratios"] == ["1152*896"] and values["LoRA 1"] == ["x.safetensors"]
     assert load(None, "{broken")[-1].startswith("Error:") and load(None, "")[-1].startswith("Error:")
+    a1111 = set_values(labels, load(None, "a harbour\nNegative prompt: rain\nSteps: 20, Sampler: Euler a, "
+                                         "CFG scale: 7, Seed: 99, Size: 1152x896"))
+    assert a1111["Prompt"] == ["a harbour"] and a1111["Negative prompt"] == ["rain"] and a1111["Seed"] == ["99"]
+    assert a1111["Sampler"] == ["euler_ancestral"] and a1111["Guidance Scale"] == [7.0]
 
 
 def test_history_log_link_points_at_todays_log(tmp_path, monkeypatch):

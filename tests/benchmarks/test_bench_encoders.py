@@ -37,9 +37,9 @@ def _pillow(fmt: str, **options):
 def _candidates() -> dict:
     found = {"pillow png level 1": _pillow("PNG", compress_level=1),
              "pillow png level 0": _pillow("PNG", compress_level=0),
-             "ours: png (" + image_output.png_encoder() + ", + tEXt)": lambda p: image_output.encode(p, "png", {}),
-             "ours: jpeg q95 (pillow)": lambda p: image_output.encode(p, "jpeg", {}),
-             "ours: webp q90 method 0 (pillow)": lambda p: image_output.encode(p, "webp", {})}
+             "ours: png (" + image_output.png_encoder() + ", + tEXt)": lambda p: image_output.encode(p, "png", image_output.Metadata("{}")),
+             "ours: jpeg q95 (pillow)": lambda p: image_output.encode(p, "jpeg", image_output.Metadata("{}")),
+             "ours: webp q90 method 0 (pillow)": lambda p: image_output.encode(p, "webp", image_output.Metadata("{}"))}
     try:
         import cv2
         found["opencv png level 0"] = lambda p: cv2.imencode(".png", p[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 0])[1]

@@ -83,6 +83,20 @@ def write_input_image_models(config: dict[str, str]) -> dict[str, str]:
     return {}
 
 
+PREVIEW_STYLE = "Moss Green Glaze"
+
+
+def write_preview_style(folder: Path) -> str:
+    """A style in upstream's file format with its hover preview, samples/<name>.jpg as upstream names it."""
+    from PIL import Image
+
+    (folder / "samples").mkdir(parents=True)
+    (folder / "preview_styles.json").write_text(json.dumps(
+        [{"name": PREVIEW_STYLE, "prompt": "{prompt}, moss green glaze", "negative_prompt": ""}]))
+    Image.new("RGB", (16, 16), (40, 120, 60)).save(folder / "samples" / "moss_green_glaze.jpg")
+    return str(folder)
+
+
 def need_model_files(what: str) -> None:
     if what in MODEL_FILE_PROBLEMS:
         pytest.fail(f"no tiny {what} model files for the server: {MODEL_FILE_PROBLEMS[what]}")
@@ -100,6 +114,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     MODEL_FILE_PROBLEMS.update(write_input_image_models(config))
     config.update(default_aspect_ratio="128*128", default_performance="Speed", default_image_number=1,
                   image_input_side=128)   # upstream's 1024 is slow on a CPU
+    config["path_styles"] = [str(REPO_ROOT / "sdxl_styles"), write_preview_style(root / "styles")]
     (root / "config.json").write_text(json.dumps(config))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("path_", "default_"))}
@@ -479,6 +494,26 @@ def test_styles_tab_search_selection_and_the_history_log_link(page: PageDriver, 
     log = page.page.request.get(server.url.rstrip("/") + href)
     assert log.ok and "<!DOCTYPE html>" in log.text()
     assert "a lighthouse" in log.text() and "Fooocus Sharp" in log.text()
+
+
+def test_a_style_shows_its_preview_on_hover_and_a_preset_note_shows(page: PageDriver, server: Server) -> None:
+    page.tab("Styles")
+    label = page.page.locator("#fr-styles label", has_text=PREVIEW_STYLE)
+    label.scroll_into_view_if_needed()
+    label.hover()
+    preview = page.page.locator("#fr-style-preview")
+    preview.wait_for(state="visible")
+    url = preview.evaluate("(el) => el.style.backgroundImage.slice(5, -2)")
+    assert url.endswith("moss_green_glaze.jpg"), url
+    picture = page.page.request.get(server.url.rstrip("/") + url)
+    assert picture.ok and picture.body()[:2] == b"\xff\xd8"          # the JPEG itself is served
+    page.page.locator("#fr-style-search textarea, #fr-style-search input").first.hover()
+    preview.wait_for(state="hidden")
+    page.tab("Settings")
+    page.page.locator("#fr-preset input").click()
+    page.page.get_by_role("option", name="lightning", exact=True).click()
+    note = page.page.locator("#fr-preset-note")
+    note.get_by_text("Preset lightning applied.").wait_for(state="visible", timeout=30_000)
 
 
 def test_preset_dropdown_applies_a_preset_without_restart(page: PageDriver) -> None:
