@@ -771,6 +771,536 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
     return controls, panel, tabs, ip_advanced, advanced_columns
 
 
+# -- the page's panels: each builds its components (in page order) and returns them ----------
+
+@dataclass
+class AppContext:
+    """What the page's event handlers and the API endpoints use from outside the page."""
+
+    cfg: config_module.Config
+    worker: Callable[[], Worker]
+    status: Callable[[], dict]
+    demo_warning: Callable[[], str | None]
+    free_memory: Callable[[], dict]
+    unload_model: Callable[[str], dict]
+    followers: Followers
+
+
+@dataclass
+class ProgressPanel:
+    progress: gr.HTML
+    gallery: gr.Gallery
+
+
+@dataclass
+class PromptPanel:
+    prompt: gr.Textbox
+    generate: gr.Button
+    stop: gr.Button
+    skip: gr.Button
+    input_image_checkbox: gr.Checkbox
+    advanced_checkbox: gr.Checkbox
+
+
+@dataclass
+class InputImagePanel:
+    controls: InputImageControls
+    panel: gr.Column
+    tabs: list[gr.Tab]
+    ip_advanced: gr.Checkbox
+    ip_advanced_columns: list[gr.Column]
+
+
+@dataclass
+class MemoryPanel:
+    html: gr.HTML
+    free: gr.Button
+    refresh: gr.Button
+    unload_choice: gr.Dropdown
+    unload: gr.Button
+
+    def outputs(self) -> list[Any]:
+        return [self.html, self.unload_choice]
+
+
+@dataclass
+class ReportPanel:
+    report: gr.JSON
+    history_link: gr.HTML
+
+
+@dataclass
+class LoadParametersPanel:
+    image: gr.File
+    json: gr.Textbox
+    load: gr.Button
+    note: gr.Markdown
+
+
+@dataclass
+class SettingsTab:
+    preset: gr.Dropdown
+    performance: gr.Radio
+    performance_note: gr.Markdown
+    aspect_ratio: gr.Radio
+    image_number: gr.Slider
+    output_format: gr.Radio
+    negative: gr.Textbox
+    random_seed: gr.Checkbox
+    seed: gr.Textbox
+
+
+@dataclass
+class StylesTab:
+    search: gr.Textbox
+    styles: gr.CheckboxGroup
+
+
+@dataclass
+class ModelsTab:
+    base_model: gr.Dropdown
+    refiner_model: gr.Dropdown
+    refiner_switch: gr.Slider
+    loras: list[LoraSlot]
+    refresh: gr.Button
+
+
+@dataclass
+class AdvancedTab:
+    guidance: gr.Slider
+    sampler: gr.Dropdown
+    scheduler: gr.Dropdown
+    vae: gr.Dropdown
+    sharpness: gr.Slider
+    adm: tuple[gr.Slider, gr.Slider, gr.Slider]
+
+
+@dataclass
+class Page:
+    """Every panel of the page, for the event wiring."""
+
+    owner: gr.BrowserState
+    banner: gr.Markdown
+    shown: ProgressPanel
+    prompt: PromptPanel
+    input_image: InputImagePanel
+    memory: MemoryPanel
+    report: ReportPanel
+    params: LoadParametersPanel
+    advanced_column: gr.Column
+    settings: SettingsTab
+    styles: StylesTab
+    models: ModelsTab
+    advanced: AdvancedTab
+
+    def controls(self) -> Controls:
+        s, m, a = self.settings, self.models, self.advanced
+        return Controls(prompt=self.prompt.prompt, negative_prompt=s.negative, performance=s.performance,
+                        aspect_ratio=s.aspect_ratio, image_number=s.image_number, seed=s.seed,
+                        random_seed=s.random_seed, base_model=m.base_model, refiner_model=m.refiner_model,
+                        refiner_switch=m.refiner_switch, loras=m.loras, sampler=a.sampler, scheduler=a.scheduler,
+                        guidance_scale=a.guidance, vae=a.vae, output_format=s.output_format,
+                        styles=self.styles.styles, sharpness=a.sharpness, adm=a.adm,
+                        input_image=self.input_image.controls)
+
+    def field_targets(self) -> FieldTargets:
+        s, m, a = self.settings, self.models, self.advanced
+        return FieldTargets(prompt=self.prompt.prompt, negative_prompt=s.negative, performance=s.performance,
+                            aspect_ratio=s.aspect_ratio, image_number=s.image_number, base_model=m.base_model,
+                            refiner_model=m.refiner_model, refiner_switch=m.refiner_switch,
+                            guidance_scale=a.guidance, sampler=a.sampler, scheduler=a.scheduler, vae=a.vae,
+                            styles=self.styles.styles, sharpness=a.sharpness, adm=a.adm,
+                            random_seed=s.random_seed, seed=s.seed, loras=m.loras)
+
+    def follow_outputs(self) -> list[Any]:
+        """The components of FOLLOW_OUTPUTS, in its order."""
+        p = self.prompt
+        return [self.shown.progress, self.shown.gallery, self.report.report, self.banner, p.generate, p.stop,
+                p.skip, self.settings.seed]
+
+
+def _progress_panel() -> ProgressPanel:
+    progress = gr.HTML(progress_html(TaskProgress(text="Idle", stage="idle")), elem_id="fr-progress")
+    gallery = gr.Gallery(label="Images", columns=2, format="png", height="60vh", elem_id="fr-gallery",
+                         object_fit="contain")
+    return ProgressPanel(progress, gallery)
+
+
+def _prompt_panel(cfg: config_module.Config) -> PromptPanel:
+    """The prompt, Generate/Stop/Skip, and the Input Image / Advanced boxes under them."""
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", value=cfg.default_prompt, lines=3, scale=5, min_width=200,
+                            placeholder="Type prompt here (Ctrl+Enter generates)", elem_id="fr-prompt")
+        with gr.Column(scale=1, min_width=110, elem_id="fr-generate-col"):
+            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate_button")
+            stop_btn = gr.Button("Stop", variant="stop", visible=False, elem_id="stop_button")
+            skip_btn = gr.Button("Skip", visible=False, elem_id="skip_button")
+    with gr.Row(elem_classes=["fr-check-row"]):
+        input_image_checkbox = gr.Checkbox(label="Input Image", value=False, container=False,
+                                           elem_id="fr-input-image-checkbox")
+        advanced_checkbox = gr.Checkbox(label="Advanced", value=False, container=False,
+                                        elem_id="fr-advanced-checkbox")
+    return PromptPanel(prompt, generate_btn, stop_btn, skip_btn, input_image_checkbox, advanced_checkbox)
+
+
+def _memory_panel() -> MemoryPanel:
+    with gr.Accordion("Resident memory", open=False, elem_id="fr-memory"):
+        memory_html = gr.HTML(elem_id="fr-memory-panel")
+        with gr.Row():
+            free_btn = gr.Button("Free memory", size="sm", elem_id="fr-free-memory")
+            memory_refresh_btn = gr.Button("Refresh", size="sm", elem_id="fr-memory-refresh")
+        unload_choice = gr.Dropdown([], label="Resident model", elem_id="fr-unload-choice")
+        unload_btn = gr.Button("Unload this model", size="sm", elem_id="fr-unload")
+    return MemoryPanel(memory_html, free_btn, memory_refresh_btn, unload_choice, unload_btn)
+
+
+def _report_panel(cfg: config_module.Config) -> ReportPanel:
+    with gr.Accordion("Report", open=False):
+        report = gr.JSON(label="Report", elem_id="fr-report")
+    history_link = gr.HTML(t2i_page.history_link_html(cfg), elem_id="fr-history")
+    return ReportPanel(report, history_link)
+
+
+def _load_parameters_panel() -> LoadParametersPanel:
+    with gr.Accordion("Load parameters", open=False, elem_id="fr-load-params"):
+        param_image = gr.File(label="Image with parameters", file_types=["image"], type="filepath",
+                              elem_id="fr-param-image")
+        param_json = gr.Textbox(label="or paste parameters (JSON)", lines=3, elem_id="fr-param-json")
+        param_btn = gr.Button("Load parameters", size="sm", elem_id="fr-param-load")
+        param_note = gr.Markdown("", elem_id="fr-param-note")
+    return LoadParametersPanel(param_image, param_json, param_btn, param_note)
+
+
+def _settings_tab(cfg: config_module.Config) -> SettingsTab:
+    with gr.Tab("Settings"):
+        preset = gr.Dropdown(t2i_page.preset_choices(), value=_initial_preset(),
+                             label="Preset", elem_id="fr-preset", allow_custom_value=False)
+        performance = gr.Radio(flags.Performance.values(), value=cfg.default_performance.value,
+                               label="Performance")
+        performance_note = gr.Markdown("")
+        aspect_ratio = gr.Radio(_aspect_choices(cfg), value=cfg.default_aspect_ratio,
+                                label="Aspect Ratios", elem_id="fr-aspect-ratios")
+        image_number = gr.Slider(1, MAX_IMAGE_NUMBER, value=cfg.default_image_number, step=1,
+                                 label="Image Number")
+        output_format = gr.Radio(list(OUTPUT_FORMATS), value="png", label="Output Format")
+        negative = gr.Textbox(label="Negative prompt", value=cfg.default_prompt_negative, lines=2,
+                              placeholder="Describe what you do not want to see")
+        random_seed = gr.Checkbox(label="Random", value=True, elem_id="fr-random-seed")
+        seed = gr.Textbox(label="Seed", value="0", max_lines=1, visible=False, elem_id="fr-seed")
+    return SettingsTab(preset, performance, performance_note, aspect_ratio, image_number, output_format,
+                       negative, random_seed, seed)
+
+
+def _styles_tab(cfg: config_module.Config) -> StylesTab:
+    with gr.Tab("Styles", elem_id="fr-styles-tab"):
+        all_styles = t2i_page.style_names(cfg)
+        style_search = gr.Textbox(label="Search styles", max_lines=1, elem_id="fr-style-search",
+                                  placeholder="Type to filter the styles")
+        styles = gr.CheckboxGroup(all_styles, value=[n for n in cfg.default_styles if n in all_styles],
+                                  label="Styles", elem_id="fr-styles")
+    return StylesTab(style_search, styles)
+
+
+def _lora_slots(cfg: config_module.Config) -> list[LoraSlot]:
+    lora_files = _lora_choices(cfg)
+    slots: list[LoraSlot] = []
+    defaults = list(cfg.default_loras)
+    for i in range(LORA_SLOTS):
+        d = defaults[i] if i < len(defaults) else None
+        with gr.Row(elem_classes=["fr-lora-row"]):
+            slots.append(LoraSlot(
+                enabled=gr.Checkbox(value=d.enabled if d else True, label="Enable",
+                                    elem_classes=["fr-lora-enable"], min_width=80, scale=0),
+                name=gr.Dropdown(lora_files, value=d.name if d else flags.NONE_NAME,
+                                 label=f"LoRA {i + 1}", allow_custom_value=True,
+                                 elem_classes=["fr-lora-name"], min_width=160, scale=3),
+                weight=gr.Slider(*LORA_WEIGHT_RANGE, value=d.weight if d else 1.0, step=0.01,
+                                 label="Weight", elem_classes=["fr-lora-weight"],
+                                 min_width=120, scale=2),
+            ))
+    return slots
+
+
+def _models_tab(cfg: config_module.Config) -> ModelsTab:
+    checkpoints = _checkpoint_choices(cfg)
+    with gr.Tab("Models"):
+        base_model = gr.Dropdown(checkpoints, value=_default_base_model(cfg, checkpoints),
+                                 label="Base Model (SDXL only)", allow_custom_value=True)
+        refiner_choices = [flags.NONE_NAME] + checkpoints
+        refiner_value = (cfg.default_refiner if cfg.default_refiner in refiner_choices
+                         else flags.NONE_NAME)
+        refiner_model = gr.Dropdown(refiner_choices, value=refiner_value, label="Refiner",
+                                    allow_custom_value=True)
+        refiner_switch = gr.Slider(0.1, 1.0, value=cfg.default_refiner_switch, step=0.01,
+                                   label="Refiner Switch At",
+                                   visible=refiner_value != flags.NONE_NAME)
+        slots = _lora_slots(cfg)
+        refresh_btn = gr.Button("Refresh All Files", size="sm")
+    return ModelsTab(base_model, refiner_model, refiner_switch, slots, refresh_btn)
+
+
+def _advanced_tab(cfg: config_module.Config) -> AdvancedTab:
+    with gr.Tab("Advanced"):
+        guidance = gr.Slider(1.0, 30.0, value=cfg.default_cfg_scale, step=0.01,
+                             label="Guidance Scale")
+        sampler = gr.Dropdown(supported_samplers(), value=cfg.default_sampler, label="Sampler")
+        scheduler = gr.Dropdown(supported_schedulers(), value=cfg.default_scheduler,
+                                label="Scheduler")
+        vae = gr.Dropdown(_vae_choices(cfg), value=cfg.default_vae, label="VAE",
+                          allow_custom_value=True)
+        sharpness = gr.Slider(0.0, 30.0, value=cfg.default_sample_sharpness, step=0.001,
+                              label="Image Sharpness", elem_id="fr-sharpness")
+        adm = (gr.Slider(0.1, 3.0, value=1.5, step=0.001, label="Positive ADM Guidance Scaler"),
+               gr.Slider(0.1, 3.0, value=0.8, step=0.001, label="Negative ADM Guidance Scaler"),
+               gr.Slider(0.0, 1.0, value=0.3, step=0.001, label="ADM Guidance End At Step"))
+    return AdvancedTab(guidance, sampler, scheduler, vae, sharpness, adm)
+
+
+def _page(cfg: config_module.Config, warning: str | None) -> Page:
+    """Lay the page out: results and prompt on the left, the Advanced tabs on the right."""
+    owner = gr.BrowserState(None, storage_key="fooocus-resident-owner")
+    banner = gr.Markdown(_banner_text(warning), visible=bool(warning), elem_id="demo-banner")
+    with gr.Row():
+        with gr.Column(scale=2, min_width=300):
+            shown = _progress_panel()
+            prompt = _prompt_panel(cfg)
+            input_image = InputImagePanel(*_input_image_panel(prompt.input_image_checkbox))
+            memory = _memory_panel()
+            report = _report_panel(cfg)
+            params = _load_parameters_panel()
+        with gr.Column(scale=1, visible=False, min_width=300, elem_id="fr-advanced-column") as advanced_column:
+            # Wrap, not "menu": on a phone every tab stays one tap away instead of hiding in a "..." menu.
+            with gr.Tabs(elem_id="fr-advanced-tabs", overflow_behavior="wrap"):
+                settings = _settings_tab(cfg)
+                styles = _styles_tab(cfg)
+                models = _models_tab(cfg)
+                advanced = _advanced_tab(cfg)
+    return Page(owner, banner, shown, prompt, input_image, memory, report, params, advanced_column,
+                settings, styles, models, advanced)
+
+
+# -- event wiring, per panel (all page events are private) -------------------------------------
+
+def _wire_generation(app: gr.Blocks, page: Page, ctx: AppContext) -> Any:
+    """Generate, Stop, Skip, and a (re)loaded page following its task; returns the Generate event."""
+    controls = page.controls()
+    owner, follow_outputs = page.owner, page.follow_outputs()
+
+    async def on_generate(data: dict) -> AsyncIterator[tuple[Any, ...]]:
+        try:
+            request = controls.values(data).to_request()
+        except (ValueError, TypeError) as error:
+            yield _update(progress=progress_html(TaskProgress(text=f"Error: {error}", stage="error")),
+                          report={"error": str(error)})
+            return
+        task = ctx.worker().submit(request, owner=page_owner(data[owner]))
+        async for update in follow_task(task, ctx.worker(), ctx.demo_warning, ctx.followers):
+            yield update
+
+    generate_event = page.prompt.generate.click(
+        on_generate, inputs=controls.components() | {owner}, outputs=follow_outputs,
+        api_visibility="private", concurrency_limit=None, show_progress="hidden")
+
+    def on_stop(who: str | None) -> None:
+        ctx.worker().stop_owned(page_owner(who))
+
+    def on_skip(who: str | None) -> None:
+        ctx.worker().skip_owned(page_owner(who))
+
+    page.prompt.stop.click(on_stop, inputs=[owner], outputs=None, api_visibility="private", queue=False)
+    page.prompt.skip.click(on_skip, inputs=[owner], outputs=None, api_visibility="private", queue=False)
+
+    async def on_load(who: str | None) -> AsyncIterator[tuple[Any, ...]]:
+        """Give a new browser its owner token; a reloaded page follows its running task."""
+        if not who:
+            who = uuid.uuid4().hex
+        yield (who, *_update())
+        tasks = ctx.worker().tasks_of(page_owner(who))
+        if tasks:
+            async for update in follow_task(tasks[-1], ctx.worker(), ctx.demo_warning, ctx.followers):
+                yield (gr.skip(), *update)
+
+    app.load(on_load, inputs=[owner], outputs=[owner, *follow_outputs], api_visibility="private",
+             concurrency_limit=None, show_progress="hidden")
+    return generate_event
+
+
+def _wire_prompt_panel(page: Page) -> None:
+    """The Advanced and Input Image boxes show their panels."""
+    prompt = page.prompt
+    prompt.advanced_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[prompt.advanced_checkbox],
+                                    outputs=[page.advanced_column], api_visibility="private", queue=False)
+    prompt.input_image_checkbox.change(lambda on: gr.update(visible=bool(on)),
+                                       inputs=[prompt.input_image_checkbox], outputs=[page.input_image.panel],
+                                       api_visibility="private", queue=False)
+
+
+def _wire_input_image_panel(panel: InputImagePanel) -> None:
+    for (_, tab_name, _), tab in zip(INPUT_IMAGE_TABS, panel.tabs):
+        # In the browser: the tab shown is the mode sent, with no round trip to race Generate.
+        tab.select(None, inputs=None, outputs=[panel.controls.tab], js=f"() => {json.dumps(tab_name)}",
+                   api_visibility="private", queue=False)
+    panel.ip_advanced.change(lambda on: [gr.update(visible=bool(on))] * len(panel.ip_advanced_columns),
+                             inputs=[panel.ip_advanced], outputs=panel.ip_advanced_columns,
+                             api_visibility="private", queue=False)
+
+
+def _wire_settings_tab(page: Page, user_defaults: dict[str, Any]) -> None:
+    """The seed box follows Random; a performance mode locks what it overrides."""
+    settings, advanced, models = page.settings, page.advanced, page.models
+    settings.random_seed.change(lambda on: gr.update(visible=not on), inputs=[settings.random_seed],
+                                outputs=[settings.seed], api_visibility="private", queue=False)
+    settings.performance.change(lambda p: _lock_updates(p, user_defaults), inputs=[settings.performance],
+                                outputs=[advanced.sampler, advanced.scheduler, advanced.guidance,
+                                         models.refiner_model, models.refiner_switch, settings.performance_note],
+                                api_visibility="private", queue=False)
+
+
+def _wire_models_tab(models: ModelsTab, advanced: AdvancedTab, cfg: config_module.Config) -> None:
+    """The switch shows with a refiner; Refresh All Files lists the folders again."""
+    models.refiner_model.change(lambda r: gr.update(visible=bool(r) and r != flags.NONE_NAME),
+                                inputs=[models.refiner_model], outputs=[models.refiner_switch],
+                                api_visibility="private", queue=False)
+
+    def on_refresh() -> tuple[Any, ...]:
+        fresh = config_module.list_model_files(cfg.path_checkpoints)
+        loras = _lora_choices(cfg)
+        return (gr.update(choices=fresh), gr.update(choices=[flags.NONE_NAME] + fresh),
+                gr.update(choices=_vae_choices(cfg)), *[gr.update(choices=loras) for _ in models.loras])
+
+    models.refresh.click(on_refresh, inputs=None,
+                         outputs=[models.base_model, models.refiner_model, advanced.vae,
+                                  *[s.name for s in models.loras]],
+                         api_visibility="private", queue=False)
+
+
+def _wire_styles_tab(styles: StylesTab, cfg: config_module.Config) -> None:
+    styles.search.change(lambda query, chosen: gr.update(choices=t2i_page.filtered_styles(query, chosen, cfg)),
+                         inputs=[styles.search, styles.styles], outputs=[styles.styles],
+                         api_visibility="private", queue=False)
+
+
+def _wire_presets_and_parameters(app: gr.Blocks, page: Page, cfg: config_module.Config,
+                                 user_defaults: dict[str, Any]) -> None:
+    """A preset, or parameters loaded back, set the controls; the history-log link is today's."""
+    field_targets = page.field_targets()
+    aspect_values = {value for _, value in _aspect_choices(cfg)}
+    param_note = page.params.note
+
+    def apply_fields(fields: dict, note: str) -> tuple[Any, ...]:
+        # The performance handler restores these defaults; a preset's are the new defaults.
+        for key, name in (("sampler", "sampler"), ("scheduler", "scheduler"), ("guidance_scale", "guidance")):
+            if key in fields and note.startswith("Preset"):
+                user_defaults[name] = fields[key]
+        return (*field_targets.updates(fields, aspect_values, t2i_page.style_names(cfg)), note)
+
+    def on_preset(name: str | None) -> tuple[Any, ...]:
+        if not name:
+            return (*[gr.skip()] * len(field_targets.outputs()), "")
+        try:
+            fields = t2i_page.preset_fields(name)
+        except ValueError as error:
+            return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
+        if not fields.get("prompt"):
+            fields.pop("prompt", None)      # an empty preset prompt keeps what was typed
+        return apply_fields(fields, f"Preset {name} applied.")
+
+    def on_load_parameters(image: str | None, pasted: str | None) -> tuple[Any, ...]:
+        from modules import parameters
+        try:
+            fields = t2i_page.loaded_fields(image, pasted)
+        except parameters.ParameterError as error:
+            return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
+        return apply_fields(fields, f"Loaded {len(fields)} parameters.")
+
+    page.settings.preset.change(on_preset, inputs=[page.settings.preset],
+                                outputs=[*field_targets.outputs(), param_note],
+                                api_visibility="private", queue=False)
+    page.params.load.click(on_load_parameters, inputs=[page.params.image, page.params.json],
+                           outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
+    app.load(lambda: t2i_page.history_link_html(cfg), inputs=None, outputs=[page.report.history_link],
+             api_visibility="private", queue=False)
+
+
+def _wire_memory_panel(app: gr.Blocks, memory: MemoryPanel, generate_event: Any, ctx: AppContext) -> None:
+    """Free, Unload and Refresh act on the worker thread; the panel redraws after each run."""
+
+    def render_memory(note: str = "") -> tuple[str, Any]:
+        snapshot = ctx.status()
+        names = resident_memory.resident_names(snapshot)
+        panel = resident_memory.panel_html(snapshot, ctx.worker().last_report)
+        if note:
+            panel = f'<p class="fr-mem-note">{html.escape(note)}</p>' + panel
+        return panel, gr.update(choices=[(_short_model_label(n), n) for n in names],
+                                value=names[0] if names else None)
+
+    async def on_free() -> tuple[str, Any]:
+        freed = await asyncio.wrap_future(ctx.worker().call(ctx.free_memory))
+        return render_memory(f"Freed {freed.get('freed_bytes', 0) / 2**20:.1f} MB "
+                             f"({len(freed.get('unloaded', []))} model(s))")
+
+    async def on_unload(name: str | None) -> tuple[str, Any]:
+        if not name:
+            return render_memory("Choose a resident model to unload")
+        try:
+            await asyncio.wrap_future(ctx.worker().call(lambda: ctx.unload_model(name)))
+        except ValueError as error:
+            return render_memory(str(error))
+        return render_memory(f"Unloaded {name}")
+
+    memory_outputs = memory.outputs()
+    memory.free.click(on_free, outputs=memory_outputs, api_visibility="private", concurrency_limit=None)
+    memory.unload.click(on_unload, inputs=[memory.unload_choice], outputs=memory_outputs,
+                        api_visibility="private", concurrency_limit=None)
+    memory.refresh.click(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
+    generate_event.then(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
+    app.load(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
+
+
+def _api_endpoints(ctx: AppContext) -> None:
+    """``/generate``, ``/model_status`` and ``/free_memory``: API-only events on hidden components."""
+    api_request = gr.JSON(visible=False, label="request")
+    api_gallery = gr.File(file_count="multiple", visible=False, label="gallery")
+    api_report = gr.JSON(visible=False, label="report")
+    api_status = gr.JSON(visible=False, label="model_status")
+    api_freed = gr.JSON(visible=False, label="freed")
+
+    async def generate(request: dict, caller: gr.Request) -> tuple[list[str], dict]:
+        """Run one request (DESIGN.md §4) and wait for it: returns (image files, report).
+
+        The task belongs to the caller's session; if the call is cancelled or the
+        client goes away, the task is stopped (a queued one never runs)."""
+        if not isinstance(request, dict):
+            return [], {"error": "the request must be one JSON object"}
+        task = ctx.worker().submit(request, owner=api_owner(getattr(caller, "session_hash", None)))
+        try:
+            result = await task_result(task)
+        except asyncio.CancelledError:
+            ctx.worker().stop(task)
+            raise
+        return list(result.images), result.report
+
+    def model_status_api() -> dict:
+        """The registry as the worker last published it, plus the last request's summary."""
+        snapshot = ctx.status()
+        snapshot["last_request"] = resident_memory.summary_line(ctx.worker().last_report)
+        return snapshot
+
+    async def free_memory_api() -> dict:
+        """Unload every model no request is using; waits for a running request."""
+        freed = await asyncio.wrap_future(ctx.worker().call(ctx.free_memory))
+        return {**freed, "status": ctx.status()}
+
+    # No triggers: API-only events. The worker serialises the work, so the
+    # endpoints themselves may take any number of concurrent callers.
+    gr.on([], generate, inputs=[api_request], outputs=[api_gallery, api_report],
+          api_name="generate", concurrency_limit=None, show_progress="hidden")
+    gr.on([], model_status_api, inputs=None, outputs=[api_status], api_name="model_status",
+          concurrency_limit=None, show_progress="hidden")
+    gr.on([], free_memory_api, inputs=None, outputs=[api_freed], api_name="free_memory",
+          concurrency_limit=None, show_progress="hidden")
+
+
 def build_app(worker: Worker | None = None, cfg: config_module.Config | None = None,
               demo_warning: Callable[[], str | None] = _demo_warning,
               model_status: Callable[[], dict] | None = None,
@@ -791,314 +1321,22 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
     def status() -> dict:
         return model_status() if model_status is not None else the_worker().status_snapshot()
 
-    followers = Followers(the_worker, reconnect_grace_s)
-    checkpoints = _checkpoint_choices(cfg)
-    lora_files = _lora_choices(cfg)
-    warning = demo_warning()
+    ctx = AppContext(cfg, the_worker, status, demo_warning, free_memory, unload_model,
+                     Followers(the_worker, reconnect_grace_s))
     user_defaults = {"sampler": cfg.default_sampler, "scheduler": cfg.default_scheduler,
                      "guidance": cfg.default_cfg_scale}
 
     with gr.Blocks(title="Fooocus-Resident", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as app:
-        owner = gr.BrowserState(None, storage_key="fooocus-resident-owner")
-        banner = gr.Markdown(_banner_text(warning), visible=bool(warning), elem_id="demo-banner")
-        with gr.Row():
-            with gr.Column(scale=2, min_width=300):
-                progress = gr.HTML(progress_html(TaskProgress(text="Idle", stage="idle")), elem_id="fr-progress")
-                gallery = gr.Gallery(label="Images", columns=2, format="png", height="60vh", elem_id="fr-gallery",
-                                     object_fit="contain")
-                with gr.Row():
-                    prompt = gr.Textbox(label="Prompt", value=cfg.default_prompt, lines=3, scale=5, min_width=200,
-                                        placeholder="Type prompt here (Ctrl+Enter generates)", elem_id="fr-prompt")
-                    with gr.Column(scale=1, min_width=110, elem_id="fr-generate-col"):
-                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate_button")
-                        stop_btn = gr.Button("Stop", variant="stop", visible=False, elem_id="stop_button")
-                        skip_btn = gr.Button("Skip", visible=False, elem_id="skip_button")
-                with gr.Row(elem_classes=["fr-check-row"]):
-                    input_image_checkbox = gr.Checkbox(label="Input Image", value=False, container=False,
-                                                       elem_id="fr-input-image-checkbox")
-                    advanced_checkbox = gr.Checkbox(label="Advanced", value=False, container=False,
-                                                    elem_id="fr-advanced-checkbox")
-                input_image, input_image_panel, input_image_tabs, ip_advanced, ip_advanced_columns = (
-                    _input_image_panel(input_image_checkbox))
-                with gr.Accordion("Resident memory", open=False, elem_id="fr-memory"):
-                    memory_html = gr.HTML(elem_id="fr-memory-panel")
-                    with gr.Row():
-                        free_btn = gr.Button("Free memory", size="sm", elem_id="fr-free-memory")
-                        memory_refresh_btn = gr.Button("Refresh", size="sm", elem_id="fr-memory-refresh")
-                    unload_choice = gr.Dropdown([], label="Resident model", elem_id="fr-unload-choice")
-                    unload_btn = gr.Button("Unload this model", size="sm", elem_id="fr-unload")
-                with gr.Accordion("Report", open=False):
-                    report = gr.JSON(label="Report", elem_id="fr-report")
-                history_link = gr.HTML(t2i_page.history_link_html(cfg), elem_id="fr-history")
-                with gr.Accordion("Load parameters", open=False, elem_id="fr-load-params"):
-                    param_image = gr.File(label="Image with parameters", file_types=["image"], type="filepath",
-                                          elem_id="fr-param-image")
-                    param_json = gr.Textbox(label="or paste parameters (JSON)", lines=3, elem_id="fr-param-json")
-                    param_btn = gr.Button("Load parameters", size="sm", elem_id="fr-param-load")
-                    param_note = gr.Markdown("", elem_id="fr-param-note")
-            with gr.Column(scale=1, visible=False, min_width=300, elem_id="fr-advanced-column") as advanced_column:
-                # Wrap, not "menu": on a phone every tab stays one tap away instead of hiding in a "..." menu.
-                with gr.Tabs(elem_id="fr-advanced-tabs", overflow_behavior="wrap"):
-                    with gr.Tab("Settings"):
-                        preset = gr.Dropdown(t2i_page.preset_choices(), value=_initial_preset(),
-                                             label="Preset", elem_id="fr-preset", allow_custom_value=False)
-                        performance = gr.Radio(flags.Performance.values(), value=cfg.default_performance.value,
-                                               label="Performance")
-                        performance_note = gr.Markdown("")
-                        aspect_ratio = gr.Radio(_aspect_choices(cfg), value=cfg.default_aspect_ratio,
-                                                label="Aspect Ratios", elem_id="fr-aspect-ratios")
-                        image_number = gr.Slider(1, MAX_IMAGE_NUMBER, value=cfg.default_image_number, step=1,
-                                                 label="Image Number")
-                        output_format = gr.Radio(list(OUTPUT_FORMATS), value="png", label="Output Format")
-                        negative = gr.Textbox(label="Negative prompt", value=cfg.default_prompt_negative, lines=2,
-                                              placeholder="Describe what you do not want to see")
-                        random_seed = gr.Checkbox(label="Random", value=True, elem_id="fr-random-seed")
-                        seed = gr.Textbox(label="Seed", value="0", max_lines=1, visible=False, elem_id="fr-seed")
-                    with gr.Tab("Styles", elem_id="fr-styles-tab"):
-                        all_styles = t2i_page.style_names(cfg)
-                        style_search = gr.Textbox(label="Search styles", max_lines=1, elem_id="fr-style-search",
-                                                  placeholder="Type to filter the styles")
-                        styles = gr.CheckboxGroup(all_styles, value=[n for n in cfg.default_styles if n in all_styles],
-                                                  label="Styles", elem_id="fr-styles")
-                    with gr.Tab("Models"):
-                        base_model = gr.Dropdown(checkpoints, value=_default_base_model(cfg, checkpoints),
-                                                 label="Base Model (SDXL only)", allow_custom_value=True)
-                        refiner_choices = [flags.NONE_NAME] + checkpoints
-                        refiner_value = (cfg.default_refiner if cfg.default_refiner in refiner_choices
-                                         else flags.NONE_NAME)
-                        refiner_model = gr.Dropdown(refiner_choices, value=refiner_value, label="Refiner",
-                                                    allow_custom_value=True)
-                        refiner_switch = gr.Slider(0.1, 1.0, value=cfg.default_refiner_switch, step=0.01,
-                                                   label="Refiner Switch At",
-                                                   visible=refiner_value != flags.NONE_NAME)
-                        slots: list[LoraSlot] = []
-                        defaults = list(cfg.default_loras)
-                        for i in range(LORA_SLOTS):
-                            d = defaults[i] if i < len(defaults) else None
-                            with gr.Row(elem_classes=["fr-lora-row"]):
-                                slots.append(LoraSlot(
-                                    enabled=gr.Checkbox(value=d.enabled if d else True, label="Enable",
-                                                        elem_classes=["fr-lora-enable"], min_width=80, scale=0),
-                                    name=gr.Dropdown(lora_files, value=d.name if d else flags.NONE_NAME,
-                                                     label=f"LoRA {i + 1}", allow_custom_value=True,
-                                                     elem_classes=["fr-lora-name"], min_width=160, scale=3),
-                                    weight=gr.Slider(*LORA_WEIGHT_RANGE, value=d.weight if d else 1.0, step=0.01,
-                                                     label="Weight", elem_classes=["fr-lora-weight"],
-                                                     min_width=120, scale=2),
-                                ))
-                        refresh_btn = gr.Button("Refresh All Files", size="sm")
-                    with gr.Tab("Advanced"):
-                        guidance = gr.Slider(1.0, 30.0, value=cfg.default_cfg_scale, step=0.01,
-                                             label="Guidance Scale")
-                        sampler = gr.Dropdown(supported_samplers(), value=cfg.default_sampler, label="Sampler")
-                        scheduler = gr.Dropdown(supported_schedulers(), value=cfg.default_scheduler,
-                                                label="Scheduler")
-                        vae = gr.Dropdown(_vae_choices(cfg), value=cfg.default_vae, label="VAE",
-                                          allow_custom_value=True)
-                        sharpness = gr.Slider(0.0, 30.0, value=cfg.default_sample_sharpness, step=0.001,
-                                              label="Image Sharpness", elem_id="fr-sharpness")
-                        adm = (gr.Slider(0.1, 3.0, value=1.5, step=0.001, label="Positive ADM Guidance Scaler"),
-                               gr.Slider(0.1, 3.0, value=0.8, step=0.001, label="Negative ADM Guidance Scaler"),
-                               gr.Slider(0.0, 1.0, value=0.3, step=0.001, label="ADM Guidance End At Step"))
-
-        controls = Controls(prompt=prompt, negative_prompt=negative, performance=performance,
-                            aspect_ratio=aspect_ratio, image_number=image_number, seed=seed,
-                            random_seed=random_seed, base_model=base_model, refiner_model=refiner_model,
-                            refiner_switch=refiner_switch, loras=slots, sampler=sampler, scheduler=scheduler,
-                            guidance_scale=guidance, vae=vae, output_format=output_format, styles=styles,
-                            sharpness=sharpness, adm=adm, input_image=input_image)
-        follow_outputs = [progress, gallery, report, banner, generate_btn, stop_btn, skip_btn, seed]
-
-        # -- page events (private) ----------------------------------------------------------
-
-        async def on_generate(data: dict) -> AsyncIterator[tuple[Any, ...]]:
-            try:
-                request = controls.values(data).to_request()
-            except (ValueError, TypeError) as error:
-                yield _update(progress=progress_html(TaskProgress(text=f"Error: {error}", stage="error")),
-                              report={"error": str(error)})
-                return
-            task = the_worker().submit(request, owner=page_owner(data[owner]))
-            async for update in follow_task(task, the_worker(), demo_warning, followers):
-                yield update
-
-        generate_event = generate_btn.click(
-            on_generate, inputs=controls.components() | {owner}, outputs=follow_outputs,
-            api_visibility="private", concurrency_limit=None, show_progress="hidden")
-
-        def on_stop(who: str | None) -> None:
-            the_worker().stop_owned(page_owner(who))
-
-        def on_skip(who: str | None) -> None:
-            the_worker().skip_owned(page_owner(who))
-
-        stop_btn.click(on_stop, inputs=[owner], outputs=None, api_visibility="private", queue=False)
-        skip_btn.click(on_skip, inputs=[owner], outputs=None, api_visibility="private", queue=False)
-
-        async def on_load(who: str | None) -> AsyncIterator[tuple[Any, ...]]:
-            """Give a new browser its owner token; a reloaded page follows its running task."""
-            if not who:
-                who = uuid.uuid4().hex
-            yield (who, *_update())
-            tasks = the_worker().tasks_of(page_owner(who))
-            if tasks:
-                async for update in follow_task(tasks[-1], the_worker(), demo_warning, followers):
-                    yield (gr.skip(), *update)
-
-        app.load(on_load, inputs=[owner], outputs=[owner, *follow_outputs], api_visibility="private",
-                 concurrency_limit=None, show_progress="hidden")
-
-        advanced_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[advanced_checkbox],
-                                 outputs=[advanced_column], api_visibility="private", queue=False)
-        input_image_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[input_image_checkbox],
-                                    outputs=[input_image_panel], api_visibility="private", queue=False)
-        for (_, tab_name, _), tab in zip(INPUT_IMAGE_TABS, input_image_tabs):
-            # In the browser: the tab shown is the mode sent, with no round trip to race Generate.
-            tab.select(None, inputs=None, outputs=[input_image.tab], js=f"() => {json.dumps(tab_name)}",
-                       api_visibility="private", queue=False)
-        ip_advanced.change(lambda on: [gr.update(visible=bool(on))] * len(ip_advanced_columns),
-                           inputs=[ip_advanced], outputs=ip_advanced_columns, api_visibility="private",
-                           queue=False)
-        random_seed.change(lambda on: gr.update(visible=not on), inputs=[random_seed], outputs=[seed],
-                           api_visibility="private", queue=False)
-        performance.change(lambda p: _lock_updates(p, user_defaults), inputs=[performance],
-                           outputs=[sampler, scheduler, guidance, refiner_model, refiner_switch, performance_note],
-                           api_visibility="private", queue=False)
-        refiner_model.change(lambda r: gr.update(visible=bool(r) and r != flags.NONE_NAME),
-                             inputs=[refiner_model], outputs=[refiner_switch], api_visibility="private",
-                             queue=False)
-
-        def on_refresh() -> tuple[Any, ...]:
-            fresh = config_module.list_model_files(cfg.path_checkpoints)
-            loras = _lora_choices(cfg)
-            return (gr.update(choices=fresh), gr.update(choices=[flags.NONE_NAME] + fresh),
-                    gr.update(choices=_vae_choices(cfg)), *[gr.update(choices=loras) for _ in slots])
-
-        refresh_btn.click(on_refresh, inputs=None,
-                          outputs=[base_model, refiner_model, vae, *[s.name for s in slots]],
-                          api_visibility="private", queue=False)
-
-        # -- styles, presets, history log, loading parameters back ----------------------------
-
-        style_search.change(lambda query, chosen: gr.update(choices=t2i_page.filtered_styles(query, chosen, cfg)),
-                            inputs=[style_search, styles], outputs=[styles], api_visibility="private",
-                            queue=False)
-        field_targets = FieldTargets(prompt=prompt, negative_prompt=negative, performance=performance,
-                                     aspect_ratio=aspect_ratio, image_number=image_number, base_model=base_model,
-                                     refiner_model=refiner_model, refiner_switch=refiner_switch,
-                                     guidance_scale=guidance, sampler=sampler, scheduler=scheduler, vae=vae,
-                                     styles=styles, sharpness=sharpness, adm=adm, random_seed=random_seed,
-                                     seed=seed, loras=slots)
-        aspect_values = {value for _, value in _aspect_choices(cfg)}
-
-        def apply_fields(fields: dict, note: str) -> tuple[Any, ...]:
-            # The performance handler restores these defaults; a preset's are the new defaults.
-            for key, name in (("sampler", "sampler"), ("scheduler", "scheduler"), ("guidance_scale", "guidance")):
-                if key in fields and note.startswith("Preset"):
-                    user_defaults[name] = fields[key]
-            return (*field_targets.updates(fields, aspect_values, t2i_page.style_names(cfg)), note)
-
-        def on_preset(name: str | None) -> tuple[Any, ...]:
-            if not name:
-                return (*[gr.skip()] * len(field_targets.outputs()), "")
-            try:
-                fields = t2i_page.preset_fields(name)
-            except ValueError as error:
-                return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
-            if not fields.get("prompt"):
-                fields.pop("prompt", None)      # an empty preset prompt keeps what was typed
-            return apply_fields(fields, f"Preset {name} applied.")
-
-        def on_load_parameters(image: str | None, pasted: str | None) -> tuple[Any, ...]:
-            from modules import parameters
-            try:
-                fields = t2i_page.loaded_fields(image, pasted)
-            except parameters.ParameterError as error:
-                return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
-            return apply_fields(fields, f"Loaded {len(fields)} parameters.")
-
-        preset.change(on_preset, inputs=[preset], outputs=[*field_targets.outputs(), param_note],
-                      api_visibility="private", queue=False)
-        param_btn.click(on_load_parameters, inputs=[param_image, param_json],
-                        outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
-        app.load(lambda: t2i_page.history_link_html(cfg), inputs=None, outputs=[history_link],
-                 api_visibility="private", queue=False)
-
-        # -- the Resident memory panel ---------------------------------------------------------
-
-        def render_memory(note: str = "") -> tuple[str, Any]:
-            snapshot = status()
-            names = resident_memory.resident_names(snapshot)
-            panel = resident_memory.panel_html(snapshot, the_worker().last_report)
-            if note:
-                panel = f'<p class="fr-mem-note">{html.escape(note)}</p>' + panel
-            return panel, gr.update(choices=[(_short_model_label(n), n) for n in names],
-                                    value=names[0] if names else None)
-
-        async def on_free() -> tuple[str, Any]:
-            freed = await asyncio.wrap_future(the_worker().call(free_memory))
-            return render_memory(f"Freed {freed.get('freed_bytes', 0) / 2**20:.1f} MB "
-                                 f"({len(freed.get('unloaded', []))} model(s))")
-
-        async def on_unload(name: str | None) -> tuple[str, Any]:
-            if not name:
-                return render_memory("Choose a resident model to unload")
-            try:
-                await asyncio.wrap_future(the_worker().call(lambda: unload_model(name)))
-            except ValueError as error:
-                return render_memory(str(error))
-            return render_memory(f"Unloaded {name}")
-
-        memory_outputs = [memory_html, unload_choice]
-        free_btn.click(on_free, outputs=memory_outputs, api_visibility="private", concurrency_limit=None)
-        unload_btn.click(on_unload, inputs=[unload_choice], outputs=memory_outputs, api_visibility="private",
-                         concurrency_limit=None)
-        memory_refresh_btn.click(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
-        generate_event.then(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
-        app.load(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
-
-        # -- API ------------------------------------------------------------------------------
-
-        api_request = gr.JSON(visible=False, label="request")
-        api_gallery = gr.File(file_count="multiple", visible=False, label="gallery")
-        api_report = gr.JSON(visible=False, label="report")
-        api_status = gr.JSON(visible=False, label="model_status")
-        api_freed = gr.JSON(visible=False, label="freed")
-
-        async def generate(request: dict, caller: gr.Request) -> tuple[list[str], dict]:
-            """Run one request (DESIGN.md §4) and wait for it: returns (image files, report).
-
-            The task belongs to the caller's session; if the call is cancelled or the
-            client goes away, the task is stopped (a queued one never runs)."""
-            if not isinstance(request, dict):
-                return [], {"error": "the request must be one JSON object"}
-            task = the_worker().submit(request, owner=api_owner(getattr(caller, "session_hash", None)))
-            try:
-                result = await task_result(task)
-            except asyncio.CancelledError:
-                the_worker().stop(task)
-                raise
-            return list(result.images), result.report
-
-        def model_status_api() -> dict:
-            """The registry as the worker last published it, plus the last request's summary."""
-            snapshot = status()
-            snapshot["last_request"] = resident_memory.summary_line(the_worker().last_report)
-            return snapshot
-
-        async def free_memory_api() -> dict:
-            """Unload every model no request is using; waits for a running request."""
-            freed = await asyncio.wrap_future(the_worker().call(free_memory))
-            return {**freed, "status": status()}
-
-        # No triggers: API-only events. The worker serialises the work, so the
-        # endpoints themselves may take any number of concurrent callers.
-        gr.on([], generate, inputs=[api_request], outputs=[api_gallery, api_report],
-              api_name="generate", concurrency_limit=None, show_progress="hidden")
-        gr.on([], model_status_api, inputs=None, outputs=[api_status], api_name="model_status",
-              concurrency_limit=None, show_progress="hidden")
-        gr.on([], free_memory_api, inputs=None, outputs=[api_freed], api_name="free_memory",
-              concurrency_limit=None, show_progress="hidden")
+        page = _page(cfg, demo_warning())
+        generate_event = _wire_generation(app, page, ctx)
+        _wire_prompt_panel(page)
+        _wire_input_image_panel(page.input_image)
+        _wire_settings_tab(page, user_defaults)
+        _wire_models_tab(page.models, page.advanced, cfg)
+        _wire_styles_tab(page.styles, cfg)
+        _wire_presets_and_parameters(app, page, cfg, user_defaults)
+        _wire_memory_panel(app, page.memory, generate_event, ctx)
+        _api_endpoints(ctx)
 
     app.queue(default_concurrency_limit=None)
     return app
