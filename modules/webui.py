@@ -58,7 +58,8 @@ PROGRESS_POLL_S = 0.1  # how often a page follower looks at its task's progress
 RECONNECT_GRACE_S = 60.0  # a page's task outlives the page this long, so a reload can reconnect
 MAX_SEED = 2 ** 63 - 1
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-CACHE_CLEANUP = (3600, 3600)  # Gradio's temp copies: checked every hour, deleted after an hour
+CACHE_CLEANUP = (3600, 3600)
+GALLERY_HEIGHT = "60vh"  # the live preview (PAGE_CSS) covers the gallery at this height  # Gradio's temp copies: checked every hour, deleted after an hour
 
 
 def supported_samplers() -> list[str]:
@@ -189,11 +190,28 @@ class LockedControls:
     scheduler: str | None
     guidance_scale: float | None
     refiner: bool   # False: the mode turns the refiner off
+    # True: the mode ignores the negative prompt (cfg 1), sharpness and ADM guidance.
+    ignores_guidance_extras: bool = False
 
     @staticmethod
     def of(performance: str) -> "LockedControls":
         s = flags.performance_settings(performance)
-        return LockedControls(s.sampler, s.scheduler, s.cfg_scale, s.refiner_enabled)
+        return LockedControls(s.sampler, s.scheduler, s.cfg_scale, s.refiner_enabled, s.is_distilled)
+
+    @property
+    def locks_nothing(self) -> bool:
+        return self == LockedControls(None, None, None, True)
+
+    def shown(self, current: Mapping[str, Any]) -> dict[str, Any]:
+        """The MODE_VALUES the page shows in this mode, given the controls' ``current`` ones."""
+        return {"sampler": self.sampler or current["sampler"], "scheduler": self.scheduler or current["scheduler"],
+                "guidance": self.guidance_scale if self.guidance_scale is not None else current["guidance"],
+                "refiner": current["refiner"] if self.refiner else flags.NONE_NAME,
+                "refiner_switch": current["refiner_switch"]}
+
+
+# The controls a performance mode may override, as the performance handler reads and restores them.
+MODE_VALUES = ("sampler", "scheduler", "guidance", "refiner", "refiner_switch")
 
 
 def display_report(report: dict) -> dict:
@@ -380,6 +398,13 @@ def auth_pairs(cli_auth: tuple[str, str] | None, auth_file: Path | None) -> list
 
 PAGE_CSS = """
 #fr-gallery { min-height: 46vh; }
+/* The rows share the gallery's height (200 px each at least, then it scrolls): one result is drawn whole. */
+#fr-gallery .grid-container { height: 100%; box-sizing: border-box; grid-template-rows: none;
+                              grid-auto-rows: minmax(200px, 1fr); }
+#fr-gallery .thumbnail-lg { aspect-ratio: auto; }
+/* The live preview lies over the gallery (the bottom of #fr-main-view) instead of taking room above it. */
+#fr-main-view { position: relative; }
+#fr-progress { position: static !important; }
 .fr-progress progress { width: 100%; height: 10px; accent-color: var(--color-accent); }
 .fr-progress-text { font-size: var(--text-md); margin-top: 2px; }
 .fr-stage-error progress { accent-color: #d33; }
@@ -387,7 +412,9 @@ PAGE_CSS = """
 .fr-stage-stopped progress { accent-color: #d80; }
 .fr-stage-stopped .fr-progress-text { color: #b60; font-weight: 600; }
 .fr-stage-finished progress { accent-color: #2a2; }
-.fr-preview { width: 192px; max-width: 60vw; image-rendering: pixelated; margin-top: 4px; border-radius: 4px; }
+.fr-preview { position: absolute; left: 0; bottom: 0; width: 100%; height: __GALLERY_HEIGHT__; margin: 0;
+               object-fit: contain; image-rendering: pixelated; z-index: 5; pointer-events: none;
+               background: var(--block-background-fill); border-radius: var(--block-radius); }
 .fr-lora-row { flex-wrap: wrap !important; align-items: end; }
 .fr-lora-row > * { min-width: 0 !important; }
 .fr-lora-row .fr-lora-name { flex: 3 1 180px !important; }
@@ -399,7 +426,8 @@ PAGE_CSS = """
               border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
 .fr-mem-bar > div { height: 100%; background: var(--color-accent); }
 .fr-mem-bar.fr-over > div { background: #d33; }
-.fr-mem-table { width: 100%; font-size: var(--text-sm); display: block; overflow-x: auto; }
+.fr-mem-table { width: 100%; font-size: var(--text-sm); }
+.fr-mem-table td { overflow-wrap: anywhere; }
 .fr-mem-warning { color: #d33; font-weight: 600; }
 #fr-generate-col { min-width: 110px !important; }
 /* Upstream's "Input Image" / "Advanced" are small inline boxes under the prompt, not half-row cards. */
@@ -414,7 +442,15 @@ input[role="combobox"] { padding-right: calc(2 * var(--size-5) + 4px) !important
   .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
   #fr-memory .block, #fr-memory .form { padding: 2px !important; border: none !important; }
 }
-"""
+/* On a phone each resident model is a small card: its cells stacked, each under its column's name. */
+@media (max-width: 600px) {
+  .fr-mem-table thead { display: none; }
+  .fr-mem-table, .fr-mem-table tbody, .fr-mem-table tr { display: block; width: 100%; }
+  .fr-mem-table tr { border: none; border-top: 1px solid var(--border-color-primary); padding: 4px 0; }
+  .fr-mem-table td { display: flex; gap: 8px; padding: 1px 4px; border: none; }
+  .fr-mem-table td::before { content: attr(data-label); flex: 0 0 80px; font-weight: 600; white-space: nowrap; }
+}
+""".replace("__GALLERY_HEIGHT__", GALLERY_HEIGHT)
 
 # Ctrl+Enter generates (as upstream); --theme picks light or dark.
 PAGE_JS = """
@@ -670,6 +706,14 @@ def _aspect_choices(cfg: config_module.Config) -> list[tuple[str, str]]:
     return [(aspect_ratio_label(v), v) for v in values]
 
 
+def _aspect_accordion_label(value: str | None) -> str:
+    """'Aspect Ratios · 1152×896 | 9:7': the collapsed accordion still says what is chosen."""
+    try:
+        return f"Aspect Ratios · {aspect_ratio_label(value or '')}"
+    except ValueError:
+        return "Aspect Ratios"
+
+
 def _short_model_label(name: str) -> str:
     """'sdxl/base.safetensors:unet' -> 'unet · base' (fits a phone-width dropdown)."""
     checkpoint, _, part = name.rpartition(":")
@@ -677,9 +721,10 @@ def _short_model_label(name: str) -> str:
     return f"{part} · {stem}" if checkpoint else name
 
 
-def _lock_updates(performance: str, user_defaults: dict[str, Any]) -> tuple[Any, ...]:
+def _lock_updates(performance: str, restore: Mapping[str, Any]) -> tuple[Any, ...]:
     """(sampler, scheduler, guidance, refiner, refiner switch, note) for a performance mode:
-    what the mode overrides is shown locked with the value it uses."""
+    what the mode overrides is shown locked with the value it uses; the rest gets its
+    ``restore`` value (sampler, scheduler, guidance, and the refiner and its switch when given)."""
     try:
         locked = LockedControls.of(performance)
     except ValueError:
@@ -690,14 +735,49 @@ def _lock_updates(performance: str, user_defaults: dict[str, Any]) -> tuple[Any,
             return gr.update(interactive=True, value=default, info=None)
         return gr.update(interactive=False, value=value, info=f"set by {performance}")
 
-    note = "" if locked == LockedControls(None, None, None, True) else (
-        f"*{performance} sets the sampler, scheduler and guidance and turns the refiner off.*")
-    refiner = (gr.update(interactive=True) if locked.refiner
-               else gr.update(interactive=False, value=flags.NONE_NAME, info=f"off in {performance}"))
-    return (control(locked.sampler, user_defaults["sampler"], ""),
-            control(locked.scheduler, user_defaults["scheduler"], ""),
-            control(locked.guidance_scale, user_defaults["guidance"], ""),
-            refiner, gr.update(visible=False) if not locked.refiner else gr.skip(), note)
+    note = "" if locked.locks_nothing else (
+        f"*{performance} sets the sampler, scheduler and guidance, turns the refiner off and does not use"
+        " the negative prompt, sharpness or ADM guidance.*")
+    if not locked.refiner:
+        refiner = gr.update(interactive=False, value=flags.NONE_NAME, info=f"off in {performance}")
+        switch = gr.update(visible=False)
+    elif "refiner" in restore:
+        refiner = gr.update(interactive=True, value=restore["refiner"], info=None)
+        switch = gr.update(visible=restore["refiner"] not in (None, flags.NONE_NAME),
+                           value=restore["refiner_switch"])
+    else:
+        refiner, switch = gr.update(interactive=True, info=None), gr.skip()
+    return (control(locked.sampler, restore["sampler"], ""),
+            control(locked.scheduler, restore["scheduler"], ""),
+            control(locked.guidance_scale, restore["guidance"], ""),
+            refiner, switch, note)
+
+
+def _ignored_control_updates(performance: str, count: int) -> list[Any]:
+    """The negative prompt, sharpness and ADM sliders: frozen (values kept) where the mode ignores them."""
+    try:
+        frozen = LockedControls.of(performance).ignores_guidance_extras
+    except ValueError:
+        return [gr.skip()] * count
+    return [gr.update(interactive=not frozen)] * count
+
+
+def _mode_memory(performance: str, current: dict[str, Any],
+                 kept: dict[str, dict] | None) -> tuple[dict[str, Any], dict[str, dict] | None]:
+    """(the values to restore, what the page session keeps) when the performance changes.
+
+    Entering a mode that locks controls keeps the user's values and the ones the mode shows;
+    leaving it gives each control its kept value back, unless something (a preset, loaded
+    parameters) set the control since, to another value than the mode showed."""
+    try:
+        locked = LockedControls.of(performance)
+    except ValueError:
+        return current, kept
+    if not locked.locks_nothing:
+        return current, {"user": kept["user"] if kept else current, "shown": locked.shown(current)}
+    if kept is None:
+        return current, None
+    return {k: kept["user"][k] if current[k] == kept["shown"][k] else current[k] for k in MODE_VALUES}, None
 
 
 
@@ -747,10 +827,13 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
             with gr.Tab(INPUT_IMAGE_TABS[2][0], elem_id=INPUT_IMAGE_TABS[2][2]) as inpaint_tab:
                 with gr.Row():
                     with gr.Column(scale=3, min_width=240):
-                        canvas = gr.ImageMask(label="Image to inpaint or outpaint (draw where it should change)",
-                                              type="numpy", format="png", height=420, sources=["upload", "clipboard"],
+                        # A short label: the canvas's toolbar is drawn over the top right of the box.
+                        canvas = gr.ImageMask(label="Image", type="numpy", format="png", height=420,
+                                              sources=["upload", "clipboard"],
                                               brush=gr.Brush(colors=["#FFFFFF"], color_mode="fixed"),
                                               elem_id="fr-inpaint-canvas")
+                        gr.Markdown("Draw over the parts of the picture that should change, or choose an "
+                                    "outpaint direction.", elem_id="fr-inpaint-hint")
                     with gr.Column(scale=2, min_width=200):
                         outpaint = gr.CheckboxGroup(list(flags.OUTPAINT_SELECTIONS), value=[],
                                                     label="Outpaint Direction", elem_id="fr-outpaint")
@@ -842,6 +925,7 @@ class SettingsTab:
     preset: gr.Dropdown
     performance: gr.Radio
     performance_note: gr.Markdown
+    aspect_ratio_accordion: gr.Accordion
     aspect_ratio: gr.Radio
     image_number: gr.Slider
     output_format: gr.Radio
@@ -920,9 +1004,11 @@ class Page:
 
 
 def _progress_panel() -> ProgressPanel:
-    progress = gr.HTML(progress_html(TaskProgress(text="Idle", stage="idle")), elem_id="fr-progress")
-    gallery = gr.Gallery(label="Images", columns=2, format="png", height="60vh", elem_id="fr-gallery",
-                         object_fit="contain")
+    # One box for both: the live preview is drawn over the gallery (PAGE_CSS), never pushing it down.
+    with gr.Column(elem_id="fr-main-view"):
+        progress = gr.HTML(progress_html(TaskProgress(text="Idle", stage="idle")), elem_id="fr-progress")
+        gallery = gr.Gallery(label="Images", columns=2, format="png", height=GALLERY_HEIGHT,
+                             elem_id="fr-gallery", object_fit="contain")
     return ProgressPanel(progress, gallery)
 
 
@@ -976,19 +1062,21 @@ def _settings_tab(cfg: config_module.Config) -> SettingsTab:
         preset = gr.Dropdown(t2i_page.preset_choices(), value=_initial_preset(),
                              label="Preset", elem_id="fr-preset", allow_custom_value=False)
         performance = gr.Radio(flags.Performance.values(), value=cfg.default_performance.value,
-                               label="Performance")
+                               label="Performance", elem_id="fr-performance")
         performance_note = gr.Markdown("")
-        aspect_ratio = gr.Radio(_aspect_choices(cfg), value=cfg.default_aspect_ratio,
-                                label="Aspect Ratios", elem_id="fr-aspect-ratios")
+        with gr.Accordion(_aspect_accordion_label(cfg.default_aspect_ratio), open=False,
+                          elem_id="fr-aspect-ratios-accordion") as aspect_ratio_accordion:
+            aspect_ratio = gr.Radio(_aspect_choices(cfg), value=cfg.default_aspect_ratio, show_label=False,
+                                    label="Aspect Ratios", elem_id="fr-aspect-ratios")
         image_number = gr.Slider(1, MAX_IMAGE_NUMBER, value=cfg.default_image_number, step=1,
                                  label="Image Number")
         output_format = gr.Radio(list(OUTPUT_FORMATS), value="png", label="Output Format")
         negative = gr.Textbox(label="Negative prompt", value=cfg.default_prompt_negative, lines=2,
-                              placeholder="Describe what you do not want to see")
+                              placeholder="Describe what you do not want to see", elem_id="fr-negative-prompt")
         random_seed = gr.Checkbox(label="Random", value=True, elem_id="fr-random-seed")
         seed = gr.Textbox(label="Seed", value="0", max_lines=1, visible=False, elem_id="fr-seed")
-    return SettingsTab(preset, performance, performance_note, aspect_ratio, image_number, output_format,
-                       negative, random_seed, seed)
+    return SettingsTab(preset, performance, performance_note, aspect_ratio_accordion, aspect_ratio, image_number,
+                       output_format, negative, random_seed, seed)
 
 
 def _styles_tab(cfg: config_module.Config) -> StylesTab:
@@ -1145,14 +1233,28 @@ def _wire_input_image_panel(panel: InputImagePanel) -> None:
                              api_visibility="private", queue=False)
 
 
-def _wire_settings_tab(page: Page, user_defaults: dict[str, Any]) -> None:
-    """The seed box follows Random; a performance mode locks what it overrides."""
+def _wire_settings_tab(page: Page) -> None:
+    """The seed box follows Random; the accordion names the aspect ratio; a performance mode
+    locks what it overrides and freezes what it ignores, and leaving it restores the user's values."""
     settings, advanced, models = page.settings, page.advanced, page.models
     settings.random_seed.change(lambda on: gr.update(visible=not on), inputs=[settings.random_seed],
                                 outputs=[settings.seed], api_visibility="private", queue=False)
-    settings.performance.change(lambda p: _lock_updates(p, user_defaults), inputs=[settings.performance],
-                                outputs=[advanced.sampler, advanced.scheduler, advanced.guidance,
-                                         models.refiner_model, models.refiner_switch, settings.performance_note],
+    settings.aspect_ratio.change(lambda value: gr.update(label=_aspect_accordion_label(value)),
+                                 inputs=[settings.aspect_ratio], outputs=[settings.aspect_ratio_accordion],
+                                 api_visibility="private", queue=False)
+    # Per page session: what a locking mode replaced, so leaving it puts back this user's values.
+    kept_values = gr.State(None)
+    mode_controls = [advanced.sampler, advanced.scheduler, advanced.guidance, models.refiner_model,
+                     models.refiner_switch]
+    ignored = [settings.negative, advanced.sharpness, *advanced.adm]
+
+    def on_performance(performance: str, *values: Any) -> tuple[Any, ...]:
+        *current, kept = values
+        restore, kept = _mode_memory(performance, dict(zip(MODE_VALUES, current)), kept)
+        return (*_lock_updates(performance, restore), *_ignored_control_updates(performance, len(ignored)), kept)
+
+    settings.performance.change(on_performance, inputs=[settings.performance, *mode_controls, kept_values],
+                                outputs=[*mode_controls, settings.performance_note, *ignored, kept_values],
                                 api_visibility="private", queue=False)
 
 
@@ -1180,18 +1282,13 @@ def _wire_styles_tab(styles: StylesTab, cfg: config_module.Config) -> None:
                          api_visibility="private", queue=False)
 
 
-def _wire_presets_and_parameters(app: gr.Blocks, page: Page, cfg: config_module.Config,
-                                 user_defaults: dict[str, Any]) -> None:
+def _wire_presets_and_parameters(app: gr.Blocks, page: Page, cfg: config_module.Config) -> None:
     """A preset, or parameters loaded back, set the controls; the history-log link is today's."""
     field_targets = page.field_targets()
     aspect_values = {value for _, value in _aspect_choices(cfg)}
     param_note = page.params.note
 
     def apply_fields(fields: dict, note: str) -> tuple[Any, ...]:
-        # The performance handler restores these defaults; a preset's are the new defaults.
-        for key, name in (("sampler", "sampler"), ("scheduler", "scheduler"), ("guidance_scale", "guidance")):
-            if key in fields and note.startswith("Preset"):
-                user_defaults[name] = fields[key]
         return (*field_targets.updates(fields, aspect_values, t2i_page.style_names(cfg)), note)
 
     def on_preset(name: str | None) -> tuple[Any, ...]:
@@ -1323,18 +1420,16 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
 
     ctx = AppContext(cfg, the_worker, status, demo_warning, free_memory, unload_model,
                      Followers(the_worker, reconnect_grace_s))
-    user_defaults = {"sampler": cfg.default_sampler, "scheduler": cfg.default_scheduler,
-                     "guidance": cfg.default_cfg_scale}
 
     with gr.Blocks(title="Fooocus-Resident", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as app:
         page = _page(cfg, demo_warning())
         generate_event = _wire_generation(app, page, ctx)
         _wire_prompt_panel(page)
         _wire_input_image_panel(page.input_image)
-        _wire_settings_tab(page, user_defaults)
+        _wire_settings_tab(page)
         _wire_models_tab(page.models, page.advanced, cfg)
         _wire_styles_tab(page.styles, cfg)
-        _wire_presets_and_parameters(app, page, cfg, user_defaults)
+        _wire_presets_and_parameters(app, page, cfg)
         _wire_memory_panel(app, page.memory, generate_event, ctx)
         _api_endpoints(ctx)
 
