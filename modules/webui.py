@@ -58,8 +58,8 @@ PROGRESS_POLL_S = 0.1  # how often a page follower looks at its task's progress
 RECONNECT_GRACE_S = 60.0  # a page's task outlives the page this long, so a reload can reconnect
 MAX_SEED = 2 ** 63 - 1
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-CACHE_CLEANUP = (3600, 3600)
-GALLERY_HEIGHT = "60vh"  # the live preview (PAGE_CSS) covers the gallery at this height  # Gradio's temp copies: checked every hour, deleted after an hour
+CACHE_CLEANUP = (3600, 3600)  # Gradio's temp copies: checked every hour, deleted after an hour
+GALLERY_HEIGHT = "60vh"  # the live preview (PAGE_CSS) covers the gallery at this height
 
 
 def supported_samplers() -> list[str]:
