@@ -18,6 +18,7 @@ from typing import Any
 
 MB = 1024 ** 2
 GB = 1024 ** 3
+MODEL_COLUMNS = ("Checkpoint", "Part", "Device", "MB", "LoRA set", "Last used")
 
 
 # -- actions (call on the worker thread) ---------------------------------------------------
@@ -112,14 +113,15 @@ def _model_rows(status: dict) -> str:
                      if isinstance(sources, dict) and sources
                      else f"{model.get('patched_keys', 0)} keys patched" if model.get("patched_keys")
                      else "none")
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in (
-            checkpoint or name, part or "-", model.get("device", "?"),
-            f"{(model.get('bytes') or 0) / MB:.1f}", lora_text, model.get("last_used", "-"))) + "</tr>")
+        cells = (checkpoint or name, part or "-", model.get("device", "?"),
+                 f"{(model.get('bytes') or 0) / MB:.1f}", lora_text, model.get("last_used", "-"))
+        # Each cell names its column: on a phone the page's CSS stacks a row's cells under their names.
+        rows.append("<tr>" + "".join(f'<td data-label="{html.escape(column)}">{html.escape(str(cell))}</td>'
+                                     for column, cell in zip(MODEL_COLUMNS, cells)) + "</tr>")
     if not rows:
         return '<p class="fr-mem-empty">No model is resident.</p>'
-    return ('<table class="fr-mem-table"><thead><tr><th>Checkpoint</th><th>Part</th><th>Device</th>'
-            '<th>MB</th><th>LoRA set</th><th>Last used</th></tr></thead><tbody>'
-            + "".join(rows) + "</tbody></table>")
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in MODEL_COLUMNS)
+    return f'<table class="fr-mem-table"><thead><tr>{head}</tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
 
 
 def _lora_rows(status: dict) -> str:

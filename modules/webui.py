@@ -59,6 +59,7 @@ RECONNECT_GRACE_S = 60.0  # a page's task outlives the page this long, so a relo
 MAX_SEED = 2 ** 63 - 1
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 CACHE_CLEANUP = (3600, 3600)  # Gradio's temp copies: checked every hour, deleted after an hour
+GALLERY_HEIGHT = "60vh"  # the live preview (PAGE_CSS) covers the gallery at this height
 
 
 def supported_samplers() -> list[str]:
@@ -190,11 +191,28 @@ class LockedControls:
     scheduler: str | None
     guidance_scale: float | None
     refiner: bool   # False: the mode turns the refiner off
+    # True: the mode ignores the negative prompt (cfg 1), sharpness and ADM guidance.
+    ignores_guidance_extras: bool = False
 
     @staticmethod
     def of(performance: str) -> "LockedControls":
         s = flags.performance_settings(performance)
-        return LockedControls(s.sampler, s.scheduler, s.cfg_scale, s.refiner_enabled)
+        return LockedControls(s.sampler, s.scheduler, s.cfg_scale, s.refiner_enabled, s.is_distilled)
+
+    @property
+    def locks_nothing(self) -> bool:
+        return self == LockedControls(None, None, None, True)
+
+    def shown(self, current: Mapping[str, Any]) -> dict[str, Any]:
+        """The MODE_VALUES the page shows in this mode, given the controls' ``current`` ones."""
+        return {"sampler": self.sampler or current["sampler"], "scheduler": self.scheduler or current["scheduler"],
+                "guidance": self.guidance_scale if self.guidance_scale is not None else current["guidance"],
+                "refiner": current["refiner"] if self.refiner else flags.NONE_NAME,
+                "refiner_switch": current["refiner_switch"]}
+
+
+# The controls a performance mode may override, as the performance handler reads and restores them.
+MODE_VALUES = ("sampler", "scheduler", "guidance", "refiner", "refiner_switch")
 
 
 def display_report(report: dict) -> dict:
@@ -381,6 +399,13 @@ def auth_pairs(cli_auth: tuple[str, str] | None, auth_file: Path | None) -> list
 
 PAGE_CSS = """
 #fr-gallery { min-height: 46vh; }
+/* The rows share the gallery's height (200 px each at least, then it scrolls): one result is drawn whole. */
+#fr-gallery .grid-container { height: 100%; box-sizing: border-box; grid-template-rows: none;
+                              grid-auto-rows: minmax(200px, 1fr); }
+#fr-gallery .thumbnail-lg { aspect-ratio: auto; }
+/* The live preview lies over the gallery (the bottom of #fr-main-view) instead of taking room above it. */
+#fr-main-view { position: relative; }
+#fr-progress { position: static !important; }
 .fr-progress progress { width: 100%; height: 10px; accent-color: var(--color-accent); }
 .fr-progress-text { font-size: var(--text-md); margin-top: 2px; }
 .fr-stage-error progress { accent-color: #d33; }
@@ -388,7 +413,9 @@ PAGE_CSS = """
 .fr-stage-stopped progress { accent-color: #d80; }
 .fr-stage-stopped .fr-progress-text { color: #b60; font-weight: 600; }
 .fr-stage-finished progress { accent-color: #2a2; }
-.fr-preview { width: 192px; max-width: 60vw; image-rendering: pixelated; margin-top: 4px; border-radius: 4px; }
+.fr-preview { position: absolute; left: 0; bottom: 0; width: 100%; height: __GALLERY_HEIGHT__; margin: 0;
+               object-fit: contain; image-rendering: pixelated; z-index: 5; pointer-events: none;
+               background: var(--block-background-fill); border-radius: var(--block-radius); }
 .fr-lora-row { flex-wrap: wrap !important; align-items: end; }
 .fr-lora-row > * { min-width: 0 !important; }
 .fr-lora-row .fr-lora-name { flex: 3 1 180px !important; }
@@ -400,7 +427,8 @@ PAGE_CSS = """
               border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
 .fr-mem-bar > div { height: 100%; background: var(--color-accent); }
 .fr-mem-bar.fr-over > div { background: #d33; }
-.fr-mem-table { width: 100%; font-size: var(--text-sm); display: block; overflow-x: auto; }
+.fr-mem-table { width: 100%; font-size: var(--text-sm); }
+.fr-mem-table td { overflow-wrap: anywhere; }
 .fr-mem-warning { color: #d33; font-weight: 600; }
 #fr-generate-col { min-width: 110px !important; }
 /* Upstream's "Input Image" / "Advanced" are small inline boxes under the prompt, not half-row cards. */
@@ -421,7 +449,15 @@ input[role="combobox"] { padding-right: calc(2 * var(--size-5) + 4px) !important
   .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
   #fr-memory .block, #fr-memory .form { padding: 2px !important; border: none !important; }
 }
-"""
+/* On a phone each resident model is a small card: its cells stacked, each under its column's name. */
+@media (max-width: 600px) {
+  .fr-mem-table thead { display: none; }
+  .fr-mem-table, .fr-mem-table tbody, .fr-mem-table tr { display: block; width: 100%; }
+  .fr-mem-table tr { border: none; border-top: 1px solid var(--border-color-primary); padding: 4px 0; }
+  .fr-mem-table td { display: flex; gap: 8px; padding: 1px 4px; border: none; }
+  .fr-mem-table td::before { content: attr(data-label); flex: 0 0 80px; font-weight: 600; white-space: nowrap; }
+}
+""".replace("__GALLERY_HEIGHT__", GALLERY_HEIGHT)
 
 # Ctrl+Enter generates (as upstream); --theme picks light or dark.
 PAGE_JS = """
@@ -703,6 +739,14 @@ def _aspect_choices(cfg: config_module.Config) -> list[tuple[str, str]]:
     return [(aspect_ratio_label(v), v) for v in values]
 
 
+def _aspect_accordion_label(value: str | None) -> str:
+    """'Aspect Ratios · 1152×896 | 9:7': the collapsed accordion still says what is chosen."""
+    try:
+        return f"Aspect Ratios · {aspect_ratio_label(value or '')}"
+    except ValueError:
+        return "Aspect Ratios"
+
+
 def _short_model_label(name: str) -> str:
     """'sdxl/base.safetensors:unet' -> 'unet · base' (fits a phone-width dropdown)."""
     checkpoint, _, part = name.rpartition(":")
@@ -710,9 +754,10 @@ def _short_model_label(name: str) -> str:
     return f"{part} · {stem}" if checkpoint else name
 
 
-def _lock_updates(performance: str, user_defaults: dict[str, Any]) -> tuple[Any, ...]:
+def _lock_updates(performance: str, restore: Mapping[str, Any]) -> tuple[Any, ...]:
     """(sampler, scheduler, guidance, refiner, refiner switch, note) for a performance mode:
-    what the mode overrides is shown locked with the value it uses."""
+    what the mode overrides is shown locked with the value it uses; the rest gets its
+    ``restore`` value (sampler, scheduler, guidance, and the refiner and its switch when given)."""
     try:
         locked = LockedControls.of(performance)
     except ValueError:
@@ -723,14 +768,49 @@ def _lock_updates(performance: str, user_defaults: dict[str, Any]) -> tuple[Any,
             return gr.update(interactive=True, value=default, info=None)
         return gr.update(interactive=False, value=value, info=f"set by {performance}")
 
-    note = "" if locked == LockedControls(None, None, None, True) else (
-        f"*{performance} sets the sampler, scheduler and guidance and turns the refiner off.*")
-    refiner = (gr.update(interactive=True) if locked.refiner
-               else gr.update(interactive=False, value=flags.NONE_NAME, info=f"off in {performance}"))
-    return (control(locked.sampler, user_defaults["sampler"], ""),
-            control(locked.scheduler, user_defaults["scheduler"], ""),
-            control(locked.guidance_scale, user_defaults["guidance"], ""),
-            refiner, gr.update(visible=False) if not locked.refiner else gr.skip(), note)
+    note = "" if locked.locks_nothing else (
+        f"*{performance} sets the sampler, scheduler and guidance, turns the refiner off and does not use"
+        " the negative prompt, sharpness or ADM guidance.*")
+    if not locked.refiner:
+        refiner = gr.update(interactive=False, value=flags.NONE_NAME, info=f"off in {performance}")
+        switch = gr.update(visible=False)
+    elif "refiner" in restore:
+        refiner = gr.update(interactive=True, value=restore["refiner"], info=None)
+        switch = gr.update(visible=restore["refiner"] not in (None, flags.NONE_NAME),
+                           value=restore["refiner_switch"])
+    else:
+        refiner, switch = gr.update(interactive=True, info=None), gr.skip()
+    return (control(locked.sampler, restore["sampler"], ""),
+            control(locked.scheduler, restore["scheduler"], ""),
+            control(locked.guidance_scale, restore["guidance"], ""),
+            refiner, switch, note)
+
+
+def _ignored_control_updates(performance: str, count: int) -> list[Any]:
+    """The negative prompt, sharpness and ADM sliders: frozen (values kept) where the mode ignores them."""
+    try:
+        frozen = LockedControls.of(performance).ignores_guidance_extras
+    except ValueError:
+        return [gr.skip()] * count
+    return [gr.update(interactive=not frozen)] * count
+
+
+def _mode_memory(performance: str, current: dict[str, Any],
+                 kept: dict[str, dict] | None) -> tuple[dict[str, Any], dict[str, dict] | None]:
+    """(the values to restore, what the page session keeps) when the performance changes.
+
+    Entering a mode that locks controls keeps the user's values and the ones the mode shows;
+    leaving it gives each control its kept value back, unless something (a preset, loaded
+    parameters) set the control since, to another value than the mode showed."""
+    try:
+        locked = LockedControls.of(performance)
+    except ValueError:
+        return current, kept
+    if not locked.locks_nothing:
+        return current, {"user": kept["user"] if kept else current, "shown": locked.shown(current)}
+    if kept is None:
+        return current, None
+    return {k: kept["user"][k] if current[k] == kept["shown"][k] else current[k] for k in MODE_VALUES}, None
 
 
 
@@ -780,10 +860,13 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
             with gr.Tab(INPUT_IMAGE_TABS[2][0], elem_id=INPUT_IMAGE_TABS[2][2]) as inpaint_tab:
                 with gr.Row():
                     with gr.Column(scale=3, min_width=240):
-                        canvas = gr.ImageMask(label="Image to inpaint or outpaint (draw where it should change)",
-                                              type="numpy", format="png", height=420, sources=["upload", "clipboard"],
+                        # A short label: the canvas's toolbar is drawn over the top right of the box.
+                        canvas = gr.ImageMask(label="Image", type="numpy", format="png", height=420,
+                                              sources=["upload", "clipboard"],
                                               brush=gr.Brush(colors=["#FFFFFF"], color_mode="fixed"),
                                               elem_id="fr-inpaint-canvas")
+                        gr.Markdown("Draw over the parts of the picture that should change, or choose an "
+                                    "outpaint direction.", elem_id="fr-inpaint-hint")
                     with gr.Column(scale=2, min_width=200):
                         outpaint = gr.CheckboxGroup(list(flags.OUTPAINT_SELECTIONS), value=[],
                                                     label="Outpaint Direction", elem_id="fr-outpaint")
@@ -802,6 +885,567 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
                                   inpaint_mask_upload=mask_upload, outpaint=outpaint, inpaint_strength=strength,
                                   inpaint_respective_field=respective)
     return controls, panel, tabs, ip_advanced, advanced_columns
+
+
+# -- the page's panels: each builds its components (in page order) and returns them ----------
+
+@dataclass
+class AppContext:
+    """What the page's event handlers and the API endpoints use from outside the page."""
+
+    cfg: config_module.Config
+    worker: Callable[[], Worker]
+    status: Callable[[], dict]
+    demo_warning: Callable[[], str | None]
+    free_memory: Callable[[], dict]
+    unload_model: Callable[[str], dict]
+    followers: Followers
+
+
+@dataclass
+class ProgressPanel:
+    progress: gr.HTML
+    gallery: gr.Gallery
+
+
+@dataclass
+class PromptPanel:
+    prompt: gr.Textbox
+    generate: gr.Button
+    stop: gr.Button
+    skip: gr.Button
+    input_image_checkbox: gr.Checkbox
+    advanced_checkbox: gr.Checkbox
+
+
+@dataclass
+class InputImagePanel:
+    controls: InputImageControls
+    panel: gr.Column
+    tabs: list[gr.Tab]
+    ip_advanced: gr.Checkbox
+    ip_advanced_columns: list[gr.Column]
+
+
+@dataclass
+class MemoryPanel:
+    html: gr.HTML
+    free: gr.Button
+    refresh: gr.Button
+    unload_choice: gr.Dropdown
+    unload: gr.Button
+
+    def outputs(self) -> list[Any]:
+        return [self.html, self.unload_choice]
+
+
+@dataclass
+class ReportPanel:
+    report: gr.JSON
+    history_link: gr.HTML
+
+
+@dataclass
+class LoadParametersPanel:
+    image: gr.File
+    json: gr.Textbox
+    load: gr.Button
+    note: gr.Markdown
+
+
+@dataclass
+class SettingsTab:
+    preset: gr.Dropdown
+    preset_note: gr.Markdown
+    performance: gr.Radio
+    performance_note: gr.Markdown
+    aspect_ratio_accordion: gr.Accordion
+    aspect_ratio: gr.Radio
+    image_number: gr.Slider
+    output_format: gr.Radio
+    negative: gr.Textbox
+    random_seed: gr.Checkbox
+    seed: gr.Textbox
+
+
+@dataclass
+class StylesTab:
+    search: gr.Textbox
+    styles: gr.CheckboxGroup
+    samples: gr.HTML    # hidden: the styles' preview pictures, for the page's hover script
+
+
+@dataclass
+class ModelsTab:
+    base_model: gr.Dropdown
+    refiner_model: gr.Dropdown
+    refiner_switch: gr.Slider
+    loras: list[LoraSlot]
+    refresh: gr.Button
+
+
+@dataclass
+class AdvancedTab:
+    guidance: gr.Slider
+    sampler: gr.Dropdown
+    scheduler: gr.Dropdown
+    vae: gr.Dropdown
+    sharpness: gr.Slider
+    adm: tuple[gr.Slider, gr.Slider, gr.Slider]
+
+
+@dataclass
+class Page:
+    """Every panel of the page, for the event wiring."""
+
+    owner: gr.BrowserState
+    banner: gr.Markdown
+    shown: ProgressPanel
+    prompt: PromptPanel
+    input_image: InputImagePanel
+    memory: MemoryPanel
+    report: ReportPanel
+    params: LoadParametersPanel
+    advanced_column: gr.Column
+    settings: SettingsTab
+    styles: StylesTab
+    models: ModelsTab
+    advanced: AdvancedTab
+
+    def controls(self) -> Controls:
+        s, m, a = self.settings, self.models, self.advanced
+        return Controls(prompt=self.prompt.prompt, negative_prompt=s.negative, performance=s.performance,
+                        aspect_ratio=s.aspect_ratio, image_number=s.image_number, seed=s.seed,
+                        random_seed=s.random_seed, base_model=m.base_model, refiner_model=m.refiner_model,
+                        refiner_switch=m.refiner_switch, loras=m.loras, sampler=a.sampler, scheduler=a.scheduler,
+                        guidance_scale=a.guidance, vae=a.vae, output_format=s.output_format,
+                        styles=self.styles.styles, sharpness=a.sharpness, adm=a.adm,
+                        input_image=self.input_image.controls)
+
+    def field_targets(self) -> FieldTargets:
+        s, m, a = self.settings, self.models, self.advanced
+        return FieldTargets(prompt=self.prompt.prompt, negative_prompt=s.negative, performance=s.performance,
+                            aspect_ratio=s.aspect_ratio, image_number=s.image_number, base_model=m.base_model,
+                            refiner_model=m.refiner_model, refiner_switch=m.refiner_switch,
+                            guidance_scale=a.guidance, sampler=a.sampler, scheduler=a.scheduler, vae=a.vae,
+                            styles=self.styles.styles, sharpness=a.sharpness, adm=a.adm,
+                            random_seed=s.random_seed, seed=s.seed, loras=m.loras)
+
+    def follow_outputs(self) -> list[Any]:
+        """The components of FOLLOW_OUTPUTS, in its order."""
+        p = self.prompt
+        return [self.shown.progress, self.shown.gallery, self.report.report, self.banner, p.generate, p.stop,
+                p.skip, self.settings.seed]
+
+
+def _progress_panel() -> ProgressPanel:
+    # One box for both: the live preview is drawn over the gallery (PAGE_CSS), never pushing it down.
+    with gr.Column(elem_id="fr-main-view"):
+        progress = gr.HTML(progress_html(TaskProgress(text="Idle", stage="idle")), elem_id="fr-progress")
+        gallery = gr.Gallery(label="Images", columns=2, format="png", height=GALLERY_HEIGHT,
+                             elem_id="fr-gallery", object_fit="contain")
+    return ProgressPanel(progress, gallery)
+
+
+def _prompt_panel(cfg: config_module.Config) -> PromptPanel:
+    """The prompt, Generate/Stop/Skip, and the Input Image / Advanced boxes under them."""
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", value=cfg.default_prompt, lines=3, scale=5, min_width=200,
+                            placeholder="Type prompt here (Ctrl+Enter generates)", elem_id="fr-prompt")
+        with gr.Column(scale=1, min_width=110, elem_id="fr-generate-col"):
+            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate_button")
+            stop_btn = gr.Button("Stop", variant="stop", visible=False, elem_id="stop_button")
+            skip_btn = gr.Button("Skip", visible=False, elem_id="skip_button")
+    with gr.Row(elem_classes=["fr-check-row"]):
+        input_image_checkbox = gr.Checkbox(label="Input Image", value=False, container=False,
+                                           elem_id="fr-input-image-checkbox")
+        advanced_checkbox = gr.Checkbox(label="Advanced", value=False, container=False,
+                                        elem_id="fr-advanced-checkbox")
+    return PromptPanel(prompt, generate_btn, stop_btn, skip_btn, input_image_checkbox, advanced_checkbox)
+
+
+def _memory_panel() -> MemoryPanel:
+    with gr.Accordion("Resident memory", open=False, elem_id="fr-memory"):
+        memory_html = gr.HTML(elem_id="fr-memory-panel")
+        with gr.Row():
+            free_btn = gr.Button("Free memory", size="sm", elem_id="fr-free-memory")
+            memory_refresh_btn = gr.Button("Refresh", size="sm", elem_id="fr-memory-refresh")
+        unload_choice = gr.Dropdown([], label="Resident model", elem_id="fr-unload-choice")
+        unload_btn = gr.Button("Unload this model", size="sm", elem_id="fr-unload")
+    return MemoryPanel(memory_html, free_btn, memory_refresh_btn, unload_choice, unload_btn)
+
+
+def _report_panel(cfg: config_module.Config) -> ReportPanel:
+    with gr.Accordion("Report", open=False):
+        report = gr.JSON(label="Report", elem_id="fr-report")
+    history_link = gr.HTML(t2i_page.history_link_html(cfg), elem_id="fr-history")
+    return ReportPanel(report, history_link)
+
+
+def _load_parameters_panel() -> LoadParametersPanel:
+    with gr.Accordion("Load parameters", open=False, elem_id="fr-load-params"):
+        param_image = gr.File(label="Image with parameters", file_types=["image"], type="filepath",
+                              elem_id="fr-param-image")
+        param_json = gr.Textbox(label="or paste parameters (JSON)", lines=3, elem_id="fr-param-json")
+        param_btn = gr.Button("Load parameters", size="sm", elem_id="fr-param-load")
+        param_note = gr.Markdown("", elem_id="fr-param-note")
+    return LoadParametersPanel(param_image, param_json, param_btn, param_note)
+
+
+def _settings_tab(cfg: config_module.Config) -> SettingsTab:
+    with gr.Tab("Settings"):
+        preset = gr.Dropdown(t2i_page.preset_choices(), value=_initial_preset(),
+                             label="Preset", elem_id="fr-preset", allow_custom_value=False)
+        preset_note = gr.Markdown("", elem_id="fr-preset-note")
+        performance = gr.Radio(flags.Performance.values(), value=cfg.default_performance.value,
+                               label="Performance", elem_id="fr-performance")
+        performance_note = gr.Markdown("")
+        with gr.Accordion(_aspect_accordion_label(cfg.default_aspect_ratio), open=False,
+                          elem_id="fr-aspect-ratios-accordion") as aspect_ratio_accordion:
+            aspect_ratio = gr.Radio(_aspect_choices(cfg), value=cfg.default_aspect_ratio, show_label=False,
+                                    label="Aspect Ratios", elem_id="fr-aspect-ratios")
+        image_number = gr.Slider(1, MAX_IMAGE_NUMBER, value=cfg.default_image_number, step=1,
+                                 label="Image Number")
+        output_format = gr.Radio(list(OUTPUT_FORMATS), value="png", label="Output Format")
+        negative = gr.Textbox(label="Negative prompt", value=cfg.default_prompt_negative, lines=2,
+                              placeholder="Describe what you do not want to see", elem_id="fr-negative-prompt")
+        random_seed = gr.Checkbox(label="Random", value=True, elem_id="fr-random-seed")
+        seed = gr.Textbox(label="Seed", value="0", max_lines=1, visible=False, elem_id="fr-seed")
+    return SettingsTab(preset, preset_note, performance, performance_note, aspect_ratio_accordion, aspect_ratio, image_number,
+                       output_format, negative, random_seed, seed)
+
+
+def _styles_tab(cfg: config_module.Config) -> StylesTab:
+    with gr.Tab("Styles", elem_id="fr-styles-tab"):
+        all_styles = t2i_page.style_names(cfg)
+        style_search = gr.Textbox(label="Search styles", max_lines=1, elem_id="fr-style-search",
+                                  placeholder="Type to filter the styles")
+        chosen = t2i_page.default_styles(cfg)
+        styles = gr.CheckboxGroup(chosen + [n for n in all_styles if n not in chosen], value=chosen,
+                                  label="Styles", elem_id="fr-styles")
+        style_samples = gr.HTML(t2i_page.style_samples_html(cfg), elem_id="fr-style-samples-holder",
+                                container=False)
+    return StylesTab(style_search, styles, style_samples)
+
+
+def _lora_slots(cfg: config_module.Config) -> list[LoraSlot]:
+    lora_files = _lora_choices(cfg)
+    slots: list[LoraSlot] = []
+    defaults = list(cfg.default_loras)
+    for i in range(LORA_SLOTS):
+        d = defaults[i] if i < len(defaults) else None
+        with gr.Row(elem_classes=["fr-lora-row"]):
+            slots.append(LoraSlot(
+                enabled=gr.Checkbox(value=d.enabled if d else True, label="Enable",
+                                    elem_classes=["fr-lora-enable"], min_width=80, scale=0),
+                name=gr.Dropdown(lora_files, value=d.name if d else flags.NONE_NAME,
+                                 label=f"LoRA {i + 1}", allow_custom_value=True,
+                                 elem_classes=["fr-lora-name"], min_width=160, scale=3),
+                weight=gr.Slider(*LORA_WEIGHT_RANGE, value=d.weight if d else 1.0, step=0.01,
+                                 label="Weight", elem_classes=["fr-lora-weight"],
+                                 min_width=120, scale=2),
+            ))
+    return slots
+
+
+def _models_tab(cfg: config_module.Config) -> ModelsTab:
+    checkpoints = _checkpoint_choices(cfg)
+    with gr.Tab("Models"):
+        base_model = gr.Dropdown(checkpoints, value=_default_base_model(cfg, checkpoints),
+                                 label="Base Model (SDXL only)", allow_custom_value=True)
+        refiner_choices = [flags.NONE_NAME] + checkpoints
+        refiner_value = (cfg.default_refiner if cfg.default_refiner in refiner_choices
+                         else flags.NONE_NAME)
+        refiner_model = gr.Dropdown(refiner_choices, value=refiner_value, label="Refiner",
+                                    allow_custom_value=True)
+        refiner_switch = gr.Slider(0.1, 1.0, value=cfg.default_refiner_switch, step=0.01,
+                                   label="Refiner Switch At",
+                                   visible=refiner_value != flags.NONE_NAME)
+        slots = _lora_slots(cfg)
+        refresh_btn = gr.Button("Refresh All Files", size="sm")
+    return ModelsTab(base_model, refiner_model, refiner_switch, slots, refresh_btn)
+
+
+def _advanced_tab(cfg: config_module.Config) -> AdvancedTab:
+    with gr.Tab("Advanced"):
+        guidance = gr.Slider(1.0, 30.0, value=cfg.default_cfg_scale, step=0.01,
+                             label="Guidance Scale")
+        sampler = gr.Dropdown(supported_samplers(), value=cfg.default_sampler, label="Sampler")
+        scheduler = gr.Dropdown(supported_schedulers(), value=cfg.default_scheduler,
+                                label="Scheduler")
+        vae = gr.Dropdown(_vae_choices(cfg), value=cfg.default_vae, label="VAE",
+                          allow_custom_value=True)
+        sharpness = gr.Slider(0.0, 30.0, value=cfg.default_sample_sharpness, step=0.001,
+                              label="Image Sharpness", elem_id="fr-sharpness")
+        adm = (gr.Slider(0.1, 3.0, value=1.5, step=0.001, label="Positive ADM Guidance Scaler"),
+               gr.Slider(0.1, 3.0, value=0.8, step=0.001, label="Negative ADM Guidance Scaler"),
+               gr.Slider(0.0, 1.0, value=0.3, step=0.001, label="ADM Guidance End At Step"))
+    return AdvancedTab(guidance, sampler, scheduler, vae, sharpness, adm)
+
+
+def _page(cfg: config_module.Config, warning: str | None) -> Page:
+    """Lay the page out: results and prompt on the left, the Advanced tabs on the right."""
+    owner = gr.BrowserState(None, storage_key="fooocus-resident-owner")
+    banner = gr.Markdown(_banner_text(warning), visible=bool(warning), elem_id="demo-banner")
+    with gr.Row():
+        with gr.Column(scale=2, min_width=300):
+            shown = _progress_panel()
+            prompt = _prompt_panel(cfg)
+            input_image = InputImagePanel(*_input_image_panel(prompt.input_image_checkbox))
+            memory = _memory_panel()
+            report = _report_panel(cfg)
+            params = _load_parameters_panel()
+        with gr.Column(scale=1, visible=False, min_width=300, elem_id="fr-advanced-column") as advanced_column:
+            # Wrap, not "menu": on a phone every tab stays one tap away instead of hiding in a "..." menu.
+            with gr.Tabs(elem_id="fr-advanced-tabs", overflow_behavior="wrap"):
+                settings = _settings_tab(cfg)
+                styles = _styles_tab(cfg)
+                models = _models_tab(cfg)
+                advanced = _advanced_tab(cfg)
+    return Page(owner, banner, shown, prompt, input_image, memory, report, params, advanced_column,
+                settings, styles, models, advanced)
+
+
+# -- event wiring, per panel (all page events are private) -------------------------------------
+
+def _wire_generation(app: gr.Blocks, page: Page, ctx: AppContext) -> Any:
+    """Generate, Stop, Skip, and a (re)loaded page following its task; returns the Generate event."""
+    controls = page.controls()
+    owner, follow_outputs = page.owner, page.follow_outputs()
+
+    async def on_generate(data: dict) -> AsyncIterator[tuple[Any, ...]]:
+        try:
+            request = controls.values(data).to_request()
+        except (ValueError, TypeError) as error:
+            yield _update(progress=progress_html(TaskProgress(text=f"Error: {error}", stage="error")),
+                          report={"error": str(error)})
+            return
+        task = ctx.worker().submit(request, owner=page_owner(data[owner]))
+        async for update in follow_task(task, ctx.worker(), ctx.demo_warning, ctx.followers):
+            yield update
+
+    generate_event = page.prompt.generate.click(
+        on_generate, inputs=controls.components() | {owner}, outputs=follow_outputs,
+        api_visibility="private", concurrency_limit=None, show_progress="hidden")
+
+    def on_stop(who: str | None) -> None:
+        ctx.worker().stop_owned(page_owner(who))
+
+    def on_skip(who: str | None) -> None:
+        ctx.worker().skip_owned(page_owner(who))
+
+    page.prompt.stop.click(on_stop, inputs=[owner], outputs=None, api_visibility="private", queue=False)
+    page.prompt.skip.click(on_skip, inputs=[owner], outputs=None, api_visibility="private", queue=False)
+
+    async def on_load(who: str | None) -> AsyncIterator[tuple[Any, ...]]:
+        """Give a new browser its owner token; a reloaded page follows its running task."""
+        if not who:
+            who = uuid.uuid4().hex
+        yield (who, *_update())
+        tasks = ctx.worker().tasks_of(page_owner(who))
+        if tasks:
+            async for update in follow_task(tasks[-1], ctx.worker(), ctx.demo_warning, ctx.followers):
+                yield (gr.skip(), *update)
+
+    app.load(on_load, inputs=[owner], outputs=[owner, *follow_outputs], api_visibility="private",
+             concurrency_limit=None, show_progress="hidden")
+    return generate_event
+
+
+def _wire_prompt_panel(page: Page) -> None:
+    """The Advanced and Input Image boxes show their panels."""
+    prompt = page.prompt
+    prompt.advanced_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[prompt.advanced_checkbox],
+                                    outputs=[page.advanced_column], api_visibility="private", queue=False)
+    prompt.input_image_checkbox.change(lambda on: gr.update(visible=bool(on)),
+                                       inputs=[prompt.input_image_checkbox], outputs=[page.input_image.panel],
+                                       api_visibility="private", queue=False)
+
+
+def _wire_input_image_panel(panel: InputImagePanel) -> None:
+    for (_, tab_name, _), tab in zip(INPUT_IMAGE_TABS, panel.tabs):
+        # In the browser: the tab shown is the mode sent, with no round trip to race Generate.
+        tab.select(None, inputs=None, outputs=[panel.controls.tab], js=f"() => {json.dumps(tab_name)}",
+                   api_visibility="private", queue=False)
+    panel.ip_advanced.change(lambda on: [gr.update(visible=bool(on))] * len(panel.ip_advanced_columns),
+                             inputs=[panel.ip_advanced], outputs=panel.ip_advanced_columns,
+                             api_visibility="private", queue=False)
+
+
+def _wire_settings_tab(page: Page) -> None:
+    """The seed box follows Random; the accordion names the aspect ratio; a performance mode
+    locks what it overrides and freezes what it ignores, and leaving it restores the user's values."""
+    settings, advanced, models = page.settings, page.advanced, page.models
+    settings.random_seed.change(lambda on: gr.update(visible=not on), inputs=[settings.random_seed],
+                                outputs=[settings.seed], api_visibility="private", queue=False)
+    settings.aspect_ratio.change(lambda value: gr.update(label=_aspect_accordion_label(value)),
+                                 inputs=[settings.aspect_ratio], outputs=[settings.aspect_ratio_accordion],
+                                 api_visibility="private", queue=False)
+    # Per page session: what a locking mode replaced, so leaving it puts back this user's values.
+    kept_values = gr.State(None)
+    mode_controls = [advanced.sampler, advanced.scheduler, advanced.guidance, models.refiner_model,
+                     models.refiner_switch]
+    ignored = [settings.negative, advanced.sharpness, *advanced.adm]
+
+    def on_performance(performance: str, *values: Any) -> tuple[Any, ...]:
+        *current, kept = values
+        restore, kept = _mode_memory(performance, dict(zip(MODE_VALUES, current)), kept)
+        return (*_lock_updates(performance, restore), *_ignored_control_updates(performance, len(ignored)), kept)
+
+    settings.performance.change(on_performance, inputs=[settings.performance, *mode_controls, kept_values],
+                                outputs=[*mode_controls, settings.performance_note, *ignored, kept_values],
+                                api_visibility="private", queue=False)
+
+
+def _wire_models_tab(models: ModelsTab, advanced: AdvancedTab, cfg: config_module.Config) -> None:
+    """The switch shows with a refiner; Refresh All Files lists the folders again."""
+    models.refiner_model.change(lambda r: gr.update(visible=bool(r) and r != flags.NONE_NAME),
+                                inputs=[models.refiner_model], outputs=[models.refiner_switch],
+                                api_visibility="private", queue=False)
+
+    def on_refresh() -> tuple[Any, ...]:
+        fresh = config_module.list_model_files(cfg.path_checkpoints)
+        loras = _lora_choices(cfg)
+        return (gr.update(choices=fresh), gr.update(choices=[flags.NONE_NAME] + fresh),
+                gr.update(choices=_vae_choices(cfg)), *[gr.update(choices=loras) for _ in models.loras])
+
+    models.refresh.click(on_refresh, inputs=None,
+                         outputs=[models.base_model, models.refiner_model, advanced.vae,
+                                  *[s.name for s in models.loras]],
+                         api_visibility="private", queue=False)
+
+
+def _wire_styles_tab(styles: StylesTab, cfg: config_module.Config) -> None:
+    """A search filters; a click moves the selected styles to the top, in the order chosen."""
+    def on_styles(query: str, chosen: list[str]) -> Any:
+        return gr.update(choices=t2i_page.filtered_styles(query, chosen, cfg))
+
+    styles.search.change(on_styles, inputs=[styles.search, styles.styles], outputs=[styles.styles],
+                         api_visibility="private", queue=False)
+    styles.styles.input(on_styles, inputs=[styles.search, styles.styles], outputs=[styles.styles],
+                        api_visibility="private", queue=False)
+
+
+def _wire_presets_and_parameters(app: gr.Blocks, page: Page, cfg: config_module.Config) -> None:
+    """A preset, or parameters loaded back, set the controls; the history-log link is today's."""
+    field_targets = page.field_targets()
+    aspect_values = {value for _, value in _aspect_choices(cfg)}
+    param_note = page.params.note
+
+    def apply_fields(fields: dict, note: str) -> tuple[Any, ...]:
+        return (*field_targets.updates(fields, aspect_values, t2i_page.style_names(cfg)), note)
+
+    def on_preset(name: str | None, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+        if not name:
+            return (*[gr.skip()] * len(field_targets.outputs()), "")
+
+        def downloading(file: str, done: int, total: int | None) -> None:
+            progress((done, total), desc=f"Downloading {file}", unit="bytes")
+
+        try:
+            fields, note = t2i_page.preset_fields(name, downloading, supported_samplers(), supported_schedulers())
+        except ValueError as error:
+            return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
+        if not fields.get("prompt"):
+            fields.pop("prompt", None)      # an empty preset prompt keeps what was typed
+        return apply_fields(fields, note)
+
+    def on_load_parameters(image: str | None, pasted: str | None) -> tuple[Any, ...]:
+        from modules import parameters
+        try:
+            fields = t2i_page.loaded_fields(image, pasted)
+        except parameters.ParameterError as error:
+            return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
+        notes = t2i_page.unavailable(fields, supported_samplers(), supported_schedulers())
+        return apply_fields(fields, " ".join([f"Loaded {len(fields)} parameters.", *notes]))
+
+    # Queued: a preset's model downloads show their progress on the page.
+    page.settings.preset.change(on_preset, inputs=[page.settings.preset],
+                                outputs=[*field_targets.outputs(), page.settings.preset_note],
+                                api_visibility="private", show_progress="minimal")
+    page.params.load.click(on_load_parameters, inputs=[page.params.image, page.params.json],
+                           outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
+    app.load(lambda: (t2i_page.history_link_html(cfg), t2i_page.style_samples_html(cfg)), inputs=None,
+             outputs=[page.report.history_link, page.styles.samples], api_visibility="private", queue=False)
+
+
+def _wire_memory_panel(app: gr.Blocks, memory: MemoryPanel, generate_event: Any, ctx: AppContext) -> None:
+    """Free, Unload and Refresh act on the worker thread; the panel redraws after each run."""
+
+    def render_memory(note: str = "") -> tuple[str, Any]:
+        snapshot = ctx.status()
+        names = resident_memory.resident_names(snapshot)
+        panel = resident_memory.panel_html(snapshot, ctx.worker().last_report)
+        if note:
+            panel = f'<p class="fr-mem-note">{html.escape(note)}</p>' + panel
+        return panel, gr.update(choices=[(_short_model_label(n), n) for n in names],
+                                value=names[0] if names else None)
+
+    async def on_free() -> tuple[str, Any]:
+        freed = await asyncio.wrap_future(ctx.worker().call(ctx.free_memory))
+        return render_memory(f"Freed {freed.get('freed_bytes', 0) / 2**20:.1f} MB "
+                             f"({len(freed.get('unloaded', []))} model(s))")
+
+    async def on_unload(name: str | None) -> tuple[str, Any]:
+        if not name:
+            return render_memory("Choose a resident model to unload")
+        try:
+            await asyncio.wrap_future(ctx.worker().call(lambda: ctx.unload_model(name)))
+        except ValueError as error:
+            return render_memory(str(error))
+        return render_memory(f"Unloaded {name}")
+
+    memory_outputs = memory.outputs()
+    memory.free.click(on_free, outputs=memory_outputs, api_visibility="private", concurrency_limit=None)
+    memory.unload.click(on_unload, inputs=[memory.unload_choice], outputs=memory_outputs,
+                        api_visibility="private", concurrency_limit=None)
+    memory.refresh.click(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
+    generate_event.then(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
+    app.load(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
+
+
+def _api_endpoints(ctx: AppContext) -> None:
+    """``/generate``, ``/model_status`` and ``/free_memory``: API-only events on hidden components."""
+    api_request = gr.JSON(visible=False, label="request")
+    api_gallery = gr.File(file_count="multiple", visible=False, label="gallery")
+    api_report = gr.JSON(visible=False, label="report")
+    api_status = gr.JSON(visible=False, label="model_status")
+    api_freed = gr.JSON(visible=False, label="freed")
+
+    async def generate(request: dict, caller: gr.Request) -> tuple[list[str], dict]:
+        """Run one request (DESIGN.md §4) and wait for it: returns (image files, report).
+
+        The task belongs to the caller's session; if the call is cancelled or the
+        client goes away, the task is stopped (a queued one never runs)."""
+        if not isinstance(request, dict):
+            return [], {"error": "the request must be one JSON object"}
+        task = ctx.worker().submit(request, owner=api_owner(getattr(caller, "session_hash", None)))
+        try:
+            result = await task_result(task)
+        except asyncio.CancelledError:
+            ctx.worker().stop(task)
+            raise
+        return list(result.images), result.report
+
+    def model_status_api() -> dict:
+        """The registry as the worker last published it, plus the last request's summary."""
+        snapshot = ctx.status()
+        snapshot["last_request"] = resident_memory.summary_line(ctx.worker().last_report)
+        return snapshot
+
+    async def free_memory_api() -> dict:
+        """Unload every model no request is using; waits for a running request."""
+        freed = await asyncio.wrap_future(ctx.worker().call(ctx.free_memory))
+        return {**freed, "status": ctx.status()}
+
+    # No triggers: API-only events. The worker serialises the work, so the
+    # endpoints themselves may take any number of concurrent callers.
+    gr.on([], generate, inputs=[api_request], outputs=[api_gallery, api_report],
+          api_name="generate", concurrency_limit=None, show_progress="hidden")
+    gr.on([], model_status_api, inputs=None, outputs=[api_status], api_name="model_status",
+          concurrency_limit=None, show_progress="hidden")
+    gr.on([], free_memory_api, inputs=None, outputs=[api_freed], api_name="free_memory",
+          concurrency_limit=None, show_progress="hidden")
 
 
 def build_app(worker: Worker | None = None, cfg: config_module.Config | None = None,
@@ -824,329 +1468,20 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
     def status() -> dict:
         return model_status() if model_status is not None else the_worker().status_snapshot()
 
-    followers = Followers(the_worker, reconnect_grace_s)
-    checkpoints = _checkpoint_choices(cfg)
-    lora_files = _lora_choices(cfg)
-    warning = demo_warning()
-    user_defaults = {"sampler": cfg.default_sampler, "scheduler": cfg.default_scheduler,
-                     "guidance": cfg.default_cfg_scale}
+    ctx = AppContext(cfg, the_worker, status, demo_warning, free_memory, unload_model,
+                     Followers(the_worker, reconnect_grace_s))
 
     with gr.Blocks(title="Fooocus-Resident", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as app:
-        owner = gr.BrowserState(None, storage_key="fooocus-resident-owner")
-        banner = gr.Markdown(_banner_text(warning), visible=bool(warning), elem_id="demo-banner")
-        with gr.Row():
-            with gr.Column(scale=2, min_width=300):
-                progress = gr.HTML(progress_html(TaskProgress(text="Idle", stage="idle")), elem_id="fr-progress")
-                gallery = gr.Gallery(label="Images", columns=2, format="png", height="60vh", elem_id="fr-gallery",
-                                     object_fit="contain")
-                with gr.Row():
-                    prompt = gr.Textbox(label="Prompt", value=cfg.default_prompt, lines=3, scale=5, min_width=200,
-                                        placeholder="Type prompt here (Ctrl+Enter generates)", elem_id="fr-prompt")
-                    with gr.Column(scale=1, min_width=110, elem_id="fr-generate-col"):
-                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate_button")
-                        stop_btn = gr.Button("Stop", variant="stop", visible=False, elem_id="stop_button")
-                        skip_btn = gr.Button("Skip", visible=False, elem_id="skip_button")
-                with gr.Row(elem_classes=["fr-check-row"]):
-                    input_image_checkbox = gr.Checkbox(label="Input Image", value=False, container=False,
-                                                       elem_id="fr-input-image-checkbox")
-                    advanced_checkbox = gr.Checkbox(label="Advanced", value=False, container=False,
-                                                    elem_id="fr-advanced-checkbox")
-                input_image, input_image_panel, input_image_tabs, ip_advanced, ip_advanced_columns = (
-                    _input_image_panel(input_image_checkbox))
-                with gr.Accordion("Resident memory", open=False, elem_id="fr-memory"):
-                    memory_html = gr.HTML(elem_id="fr-memory-panel")
-                    with gr.Row():
-                        free_btn = gr.Button("Free memory", size="sm", elem_id="fr-free-memory")
-                        memory_refresh_btn = gr.Button("Refresh", size="sm", elem_id="fr-memory-refresh")
-                    unload_choice = gr.Dropdown([], label="Resident model", elem_id="fr-unload-choice")
-                    unload_btn = gr.Button("Unload this model", size="sm", elem_id="fr-unload")
-                with gr.Accordion("Report", open=False):
-                    report = gr.JSON(label="Report", elem_id="fr-report")
-                history_link = gr.HTML(t2i_page.history_link_html(cfg), elem_id="fr-history")
-                with gr.Accordion("Load parameters", open=False, elem_id="fr-load-params"):
-                    param_image = gr.File(label="Image with parameters", file_types=["image"], type="filepath",
-                                          elem_id="fr-param-image")
-                    param_json = gr.Textbox(label="or paste parameters (JSON)", lines=3, elem_id="fr-param-json")
-                    param_btn = gr.Button("Load parameters", size="sm", elem_id="fr-param-load")
-                    param_note = gr.Markdown("", elem_id="fr-param-note")
-            with gr.Column(scale=1, visible=False, min_width=300, elem_id="fr-advanced-column") as advanced_column:
-                # Wrap, not "menu": on a phone every tab stays one tap away instead of hiding in a "..." menu.
-                with gr.Tabs(elem_id="fr-advanced-tabs", overflow_behavior="wrap"):
-                    with gr.Tab("Settings"):
-                        preset = gr.Dropdown(t2i_page.preset_choices(), value=_initial_preset(),
-                                             label="Preset", elem_id="fr-preset", allow_custom_value=False)
-                        preset_note = gr.Markdown("", elem_id="fr-preset-note")
-                        performance = gr.Radio(flags.Performance.values(), value=cfg.default_performance.value,
-                                               label="Performance")
-                        performance_note = gr.Markdown("")
-                        aspect_ratio = gr.Radio(_aspect_choices(cfg), value=cfg.default_aspect_ratio,
-                                                label="Aspect Ratios", elem_id="fr-aspect-ratios")
-                        image_number = gr.Slider(1, MAX_IMAGE_NUMBER, value=cfg.default_image_number, step=1,
-                                                 label="Image Number")
-                        output_format = gr.Radio(list(OUTPUT_FORMATS), value="png", label="Output Format")
-                        negative = gr.Textbox(label="Negative prompt", value=cfg.default_prompt_negative, lines=2,
-                                              placeholder="Describe what you do not want to see")
-                        random_seed = gr.Checkbox(label="Random", value=True, elem_id="fr-random-seed")
-                        seed = gr.Textbox(label="Seed", value="0", max_lines=1, visible=False, elem_id="fr-seed")
-                    with gr.Tab("Styles", elem_id="fr-styles-tab"):
-                        all_styles = t2i_page.style_names(cfg)
-                        style_search = gr.Textbox(label="Search styles", max_lines=1, elem_id="fr-style-search",
-                                                  placeholder="Type to filter the styles")
-                        chosen = t2i_page.default_styles(cfg)
-                        styles = gr.CheckboxGroup(chosen + [n for n in all_styles if n not in chosen], value=chosen,
-                                                  label="Styles", elem_id="fr-styles")
-                        style_samples = gr.HTML(t2i_page.style_samples_html(cfg), elem_id="fr-style-samples-holder",
-                                                container=False)
-                    with gr.Tab("Models"):
-                        base_model = gr.Dropdown(checkpoints, value=_default_base_model(cfg, checkpoints),
-                                                 label="Base Model (SDXL only)", allow_custom_value=True)
-                        refiner_choices = [flags.NONE_NAME] + checkpoints
-                        refiner_value = (cfg.default_refiner if cfg.default_refiner in refiner_choices
-                                         else flags.NONE_NAME)
-                        refiner_model = gr.Dropdown(refiner_choices, value=refiner_value, label="Refiner",
-                                                    allow_custom_value=True)
-                        refiner_switch = gr.Slider(0.1, 1.0, value=cfg.default_refiner_switch, step=0.01,
-                                                   label="Refiner Switch At",
-                                                   visible=refiner_value != flags.NONE_NAME)
-                        slots: list[LoraSlot] = []
-                        defaults = list(cfg.default_loras)
-                        for i in range(LORA_SLOTS):
-                            d = defaults[i] if i < len(defaults) else None
-                            with gr.Row(elem_classes=["fr-lora-row"]):
-                                slots.append(LoraSlot(
-                                    enabled=gr.Checkbox(value=d.enabled if d else True, label="Enable",
-                                                        elem_classes=["fr-lora-enable"], min_width=80, scale=0),
-                                    name=gr.Dropdown(lora_files, value=d.name if d else flags.NONE_NAME,
-                                                     label=f"LoRA {i + 1}", allow_custom_value=True,
-                                                     elem_classes=["fr-lora-name"], min_width=160, scale=3),
-                                    weight=gr.Slider(*LORA_WEIGHT_RANGE, value=d.weight if d else 1.0, step=0.01,
-                                                     label="Weight", elem_classes=["fr-lora-weight"],
-                                                     min_width=120, scale=2),
-                                ))
-                        refresh_btn = gr.Button("Refresh All Files", size="sm")
-                    with gr.Tab("Advanced"):
-                        guidance = gr.Slider(1.0, 30.0, value=cfg.default_cfg_scale, step=0.01,
-                                             label="Guidance Scale")
-                        sampler = gr.Dropdown(supported_samplers(), value=cfg.default_sampler, label="Sampler")
-                        scheduler = gr.Dropdown(supported_schedulers(), value=cfg.default_scheduler,
-                                                label="Scheduler")
-                        vae = gr.Dropdown(_vae_choices(cfg), value=cfg.default_vae, label="VAE",
-                                          allow_custom_value=True)
-                        sharpness = gr.Slider(0.0, 30.0, value=cfg.default_sample_sharpness, step=0.001,
-                                              label="Image Sharpness", elem_id="fr-sharpness")
-                        adm = (gr.Slider(0.1, 3.0, value=1.5, step=0.001, label="Positive ADM Guidance Scaler"),
-                               gr.Slider(0.1, 3.0, value=0.8, step=0.001, label="Negative ADM Guidance Scaler"),
-                               gr.Slider(0.0, 1.0, value=0.3, step=0.001, label="ADM Guidance End At Step"))
-
-        controls = Controls(prompt=prompt, negative_prompt=negative, performance=performance,
-                            aspect_ratio=aspect_ratio, image_number=image_number, seed=seed,
-                            random_seed=random_seed, base_model=base_model, refiner_model=refiner_model,
-                            refiner_switch=refiner_switch, loras=slots, sampler=sampler, scheduler=scheduler,
-                            guidance_scale=guidance, vae=vae, output_format=output_format, styles=styles,
-                            sharpness=sharpness, adm=adm, input_image=input_image)
-        follow_outputs = [progress, gallery, report, banner, generate_btn, stop_btn, skip_btn, seed]
-
-        # -- page events (private) ----------------------------------------------------------
-
-        async def on_generate(data: dict) -> AsyncIterator[tuple[Any, ...]]:
-            try:
-                request = controls.values(data).to_request()
-            except (ValueError, TypeError) as error:
-                yield _update(progress=progress_html(TaskProgress(text=f"Error: {error}", stage="error")),
-                              report={"error": str(error)})
-                return
-            task = the_worker().submit(request, owner=page_owner(data[owner]))
-            async for update in follow_task(task, the_worker(), demo_warning, followers):
-                yield update
-
-        generate_event = generate_btn.click(
-            on_generate, inputs=controls.components() | {owner}, outputs=follow_outputs,
-            api_visibility="private", concurrency_limit=None, show_progress="hidden")
-
-        def on_stop(who: str | None) -> None:
-            the_worker().stop_owned(page_owner(who))
-
-        def on_skip(who: str | None) -> None:
-            the_worker().skip_owned(page_owner(who))
-
-        stop_btn.click(on_stop, inputs=[owner], outputs=None, api_visibility="private", queue=False)
-        skip_btn.click(on_skip, inputs=[owner], outputs=None, api_visibility="private", queue=False)
-
-        async def on_load(who: str | None) -> AsyncIterator[tuple[Any, ...]]:
-            """Give a new browser its owner token; a reloaded page follows its running task."""
-            if not who:
-                who = uuid.uuid4().hex
-            yield (who, *_update())
-            tasks = the_worker().tasks_of(page_owner(who))
-            if tasks:
-                async for update in follow_task(tasks[-1], the_worker(), demo_warning, followers):
-                    yield (gr.skip(), *update)
-
-        app.load(on_load, inputs=[owner], outputs=[owner, *follow_outputs], api_visibility="private",
-                 concurrency_limit=None, show_progress="hidden")
-
-        advanced_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[advanced_checkbox],
-                                 outputs=[advanced_column], api_visibility="private", queue=False)
-        input_image_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[input_image_checkbox],
-                                    outputs=[input_image_panel], api_visibility="private", queue=False)
-        for (_, tab_name, _), tab in zip(INPUT_IMAGE_TABS, input_image_tabs):
-            # In the browser: the tab shown is the mode sent, with no round trip to race Generate.
-            tab.select(None, inputs=None, outputs=[input_image.tab], js=f"() => {json.dumps(tab_name)}",
-                       api_visibility="private", queue=False)
-        ip_advanced.change(lambda on: [gr.update(visible=bool(on))] * len(ip_advanced_columns),
-                           inputs=[ip_advanced], outputs=ip_advanced_columns, api_visibility="private",
-                           queue=False)
-        random_seed.change(lambda on: gr.update(visible=not on), inputs=[random_seed], outputs=[seed],
-                           api_visibility="private", queue=False)
-        performance.change(lambda p: _lock_updates(p, user_defaults), inputs=[performance],
-                           outputs=[sampler, scheduler, guidance, refiner_model, refiner_switch, performance_note],
-                           api_visibility="private", queue=False)
-        refiner_model.change(lambda r: gr.update(visible=bool(r) and r != flags.NONE_NAME),
-                             inputs=[refiner_model], outputs=[refiner_switch], api_visibility="private",
-                             queue=False)
-
-        def on_refresh() -> tuple[Any, ...]:
-            fresh = config_module.list_model_files(cfg.path_checkpoints)
-            loras = _lora_choices(cfg)
-            return (gr.update(choices=fresh), gr.update(choices=[flags.NONE_NAME] + fresh),
-                    gr.update(choices=_vae_choices(cfg)), *[gr.update(choices=loras) for _ in slots])
-
-        refresh_btn.click(on_refresh, inputs=None,
-                          outputs=[base_model, refiner_model, vae, *[s.name for s in slots]],
-                          api_visibility="private", queue=False)
-
-        # -- styles, presets, history log, loading parameters back ----------------------------
-
-        def on_styles(query: str, chosen: list[str]) -> Any:
-            return gr.update(choices=t2i_page.filtered_styles(query, chosen, cfg))
-
-        # A search filters; a click moves the selected styles to the top, in the order chosen.
-        style_search.change(on_styles, inputs=[style_search, styles], outputs=[styles], api_visibility="private",
-                            queue=False)
-        styles.input(on_styles, inputs=[style_search, styles], outputs=[styles], api_visibility="private",
-                     queue=False)
-        field_targets = FieldTargets(prompt=prompt, negative_prompt=negative, performance=performance,
-                                     aspect_ratio=aspect_ratio, image_number=image_number, base_model=base_model,
-                                     refiner_model=refiner_model, refiner_switch=refiner_switch,
-                                     guidance_scale=guidance, sampler=sampler, scheduler=scheduler, vae=vae,
-                                     styles=styles, sharpness=sharpness, adm=adm, random_seed=random_seed,
-                                     seed=seed, loras=slots)
-        aspect_values = {value for _, value in _aspect_choices(cfg)}
-
-        def apply_fields(fields: dict, note: str) -> tuple[Any, ...]:
-            # The performance handler restores these defaults; a preset's are the new defaults.
-            for key, name in (("sampler", "sampler"), ("scheduler", "scheduler"), ("guidance_scale", "guidance")):
-                if key in fields and note.startswith("Preset"):
-                    user_defaults[name] = fields[key]
-            return (*field_targets.updates(fields, aspect_values, t2i_page.style_names(cfg)), note)
-
-        def on_preset(name: str | None, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
-            if not name:
-                return (*[gr.skip()] * len(field_targets.outputs()), "")
-
-            def downloading(file: str, done: int, total: int | None) -> None:
-                progress((done, total), desc=f"Downloading {file}", unit="bytes")
-
-            try:
-                fields, note = t2i_page.preset_fields(name, downloading, supported_samplers(), supported_schedulers())
-            except ValueError as error:
-                return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
-            if not fields.get("prompt"):
-                fields.pop("prompt", None)      # an empty preset prompt keeps what was typed
-            return apply_fields(fields, note)
-
-        def on_load_parameters(image: str | None, pasted: str | None) -> tuple[Any, ...]:
-            from modules import parameters
-            try:
-                fields = t2i_page.loaded_fields(image, pasted)
-            except parameters.ParameterError as error:
-                return (*[gr.skip()] * len(field_targets.outputs()), f"Error: {error}")
-            notes = t2i_page.unavailable(fields, supported_samplers(), supported_schedulers())
-            return apply_fields(fields, " ".join([f"Loaded {len(fields)} parameters.", *notes]))
-
-        # Queued: a preset's model downloads show their progress on the page.
-        preset.change(on_preset, inputs=[preset], outputs=[*field_targets.outputs(), preset_note],
-                      api_visibility="private", show_progress="minimal")
-        param_btn.click(on_load_parameters, inputs=[param_image, param_json],
-                        outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
-        app.load(lambda: (t2i_page.history_link_html(cfg), t2i_page.style_samples_html(cfg)), inputs=None,
-                 outputs=[history_link, style_samples], api_visibility="private", queue=False)
-
-        # -- the Resident memory panel ---------------------------------------------------------
-
-        def render_memory(note: str = "") -> tuple[str, Any]:
-            snapshot = status()
-            names = resident_memory.resident_names(snapshot)
-            panel = resident_memory.panel_html(snapshot, the_worker().last_report)
-            if note:
-                panel = f'<p class="fr-mem-note">{html.escape(note)}</p>' + panel
-            return panel, gr.update(choices=[(_short_model_label(n), n) for n in names],
-                                    value=names[0] if names else None)
-
-        async def on_free() -> tuple[str, Any]:
-            freed = await asyncio.wrap_future(the_worker().call(free_memory))
-            return render_memory(f"Freed {freed.get('freed_bytes', 0) / 2**20:.1f} MB "
-                                 f"({len(freed.get('unloaded', []))} model(s))")
-
-        async def on_unload(name: str | None) -> tuple[str, Any]:
-            if not name:
-                return render_memory("Choose a resident model to unload")
-            try:
-                await asyncio.wrap_future(the_worker().call(lambda: unload_model(name)))
-            except ValueError as error:
-                return render_memory(str(error))
-            return render_memory(f"Unloaded {name}")
-
-        memory_outputs = [memory_html, unload_choice]
-        free_btn.click(on_free, outputs=memory_outputs, api_visibility="private", concurrency_limit=None)
-        unload_btn.click(on_unload, inputs=[unload_choice], outputs=memory_outputs, api_visibility="private",
-                         concurrency_limit=None)
-        memory_refresh_btn.click(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
-        generate_event.then(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
-        app.load(lambda: render_memory(), outputs=memory_outputs, api_visibility="private")
-
-        # -- API ------------------------------------------------------------------------------
-
-        api_request = gr.JSON(visible=False, label="request")
-        api_gallery = gr.File(file_count="multiple", visible=False, label="gallery")
-        api_report = gr.JSON(visible=False, label="report")
-        api_status = gr.JSON(visible=False, label="model_status")
-        api_freed = gr.JSON(visible=False, label="freed")
-
-        async def generate(request: dict, caller: gr.Request) -> tuple[list[str], dict]:
-            """Run one request (DESIGN.md §4) and wait for it: returns (image files, report).
-
-            The task belongs to the caller's session; if the call is cancelled or the
-            client goes away, the task is stopped (a queued one never runs)."""
-            if not isinstance(request, dict):
-                return [], {"error": "the request must be one JSON object"}
-            task = the_worker().submit(request, owner=api_owner(getattr(caller, "session_hash", None)))
-            try:
-                result = await task_result(task)
-            except asyncio.CancelledError:
-                the_worker().stop(task)
-                raise
-            return list(result.images), result.report
-
-        def model_status_api() -> dict:
-            """The registry as the worker last published it, plus the last request's summary."""
-            snapshot = status()
-            snapshot["last_request"] = resident_memory.summary_line(the_worker().last_report)
-            return snapshot
-
-        async def free_memory_api() -> dict:
-            """Unload every model no request is using; waits for a running request."""
-            freed = await asyncio.wrap_future(the_worker().call(free_memory))
-            return {**freed, "status": status()}
-
-        # No triggers: API-only events. The worker serialises the work, so the
-        # endpoints themselves may take any number of concurrent callers.
-        gr.on([], generate, inputs=[api_request], outputs=[api_gallery, api_report],
-              api_name="generate", concurrency_limit=None, show_progress="hidden")
-        gr.on([], model_status_api, inputs=None, outputs=[api_status], api_name="model_status",
-              concurrency_limit=None, show_progress="hidden")
-        gr.on([], free_memory_api, inputs=None, outputs=[api_freed], api_name="free_memory",
-              concurrency_limit=None, show_progress="hidden")
+        page = _page(cfg, demo_warning())
+        generate_event = _wire_generation(app, page, ctx)
+        _wire_prompt_panel(page)
+        _wire_input_image_panel(page.input_image)
+        _wire_settings_tab(page)
+        _wire_models_tab(page.models, page.advanced, cfg)
+        _wire_styles_tab(page.styles, cfg)
+        _wire_presets_and_parameters(app, page, cfg)
+        _wire_memory_panel(app, page.memory, generate_event, ctx)
+        _api_endpoints(ctx)
 
     app.queue(default_concurrency_limit=None)
     return app

@@ -148,6 +148,26 @@ def test_distilled_modes_lock_the_controls_they_override() -> None:
     assert guidance["interactive"] is True and refiner["interactive"] is True and note == ""
 
 
+def test_leaving_a_locking_mode_restores_what_the_user_had_unless_something_set_it_since() -> None:
+    mine = {"sampler": "euler", "scheduler": "karras", "guidance": 6.5, "refiner": "r.safetensors",
+            "refiner_switch": 0.6}
+    restore, kept = webui._mode_memory("Speed", mine, None)       # Speed -> Quality: nothing reset
+    assert restore == mine and kept is None
+    _, kept = webui._mode_memory("Extreme Speed", mine, None)
+    lcm = flags.performance_settings("Extreme Speed")
+    shown = {**mine, "sampler": lcm.sampler, "scheduler": lcm.scheduler, "guidance": lcm.cfg_scale,
+             "refiner": "None"}
+    _, kept = webui._mode_memory("Lightning", shown, kept)         # from one locking mode to another
+    lightning = flags.performance_settings("Lightning")
+    shown = {**shown, "sampler": lightning.sampler, "scheduler": lightning.scheduler}
+    restore, kept = webui._mode_memory("Speed", shown, kept)
+    assert restore == mine and kept is None
+    # A preset applied while locked (guidance 3, switch 0.5) wins over what was kept.
+    _, kept = webui._mode_memory("Lightning", mine, None)
+    restore, _ = webui._mode_memory("Speed", {**shown, "guidance": 3.0, "refiner_switch": 0.5}, kept)
+    assert restore == {**mine, "guidance": 3.0, "refiner_switch": 0.5}
+
+
 def test_auth_file_is_read_and_bad_entries_are_named(tmp_path: Path) -> None:
     good = tmp_path / "auth.json"
     good.write_text(json.dumps([{"user": "ann", "pass": "pw1"}, {"user": "bob", "pass": "pw2"}]))

@@ -531,6 +531,214 @@ def test_preset_dropdown_applies_a_preset_without_restart(page: PageDriver) -> N
     assert base.input_value() == "realisticStockPhoto_v20.safetensors"
 
 
+# -- the page's layout and the performance locks (issue 21 item 8) ----------------------------
+
+# Where an element's box lies, in viewport pixels.
+RECT_JS = "(el) => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; }"
+
+
+def inside(inner: list[float], outer: list[float]) -> bool:
+    left, top, right, bottom = inner
+    return left >= outer[0] - 1 and top >= outer[1] - 1 and right <= outer[2] + 1 and bottom <= outer[3] + 1
+
+
+def test_a_single_result_is_drawn_whole_inside_the_gallery(page: PageDriver) -> None:
+    page.generate("a tall lighthouse")
+    assert page.wait_stage("finished", "error") == "finished"
+    page.wait_gallery(1)
+    shown = page.page.locator("#fr-gallery .grid-wrap")       # the gallery's scrolling area
+    image = page.page.locator("#fr-gallery img").first
+    image.wait_for(state="visible")
+    area, box = shown.evaluate(RECT_JS), image.evaluate(RECT_JS)
+    assert inside(box, area), (box, area)
+    assert image.evaluate("(el) => getComputedStyle(el).objectFit") == "contain"
+
+
+def test_the_live_preview_does_not_move_the_gallery(page: PageDriver) -> None:
+    page.page.evaluate("""() => {
+        window.__moves = [];
+        const look = () => {
+            const gallery = document.querySelector('#fr-gallery');
+            const preview = document.querySelector('img.fr-preview');
+            if (!gallery) return;
+            const g = gallery.getBoundingClientRect();
+            const p = preview ? preview.getBoundingClientRect() : null;
+            window.__moves.push({top: g.top, gallery: [g.left, g.top, g.right, g.bottom],
+                                 preview: p && p.width ? [p.left, p.top, p.right, p.bottom] : null});
+        };
+        new MutationObserver(look).observe(document.body, {subtree: true, childList: true, attributes: true});
+        look();
+    }""")
+    page.generate("watch the preview")
+    assert page.wait_stage("finished", "error") == "finished"
+    moves = page.page.evaluate("() => window.__moves")
+    previews = [m for m in moves if m["preview"]]
+    assert previews, "no preview was drawn"
+    tops = {round(m["top"]) for m in moves}
+    assert len(tops) == 1, f"the gallery moved: tops {sorted(tops)}"
+    assert all(inside(m["preview"], m["gallery"]) for m in previews), previews[0]   # drawn over it
+
+
+def test_aspect_ratios_are_a_collapsed_accordion_that_names_the_choice(page: PageDriver) -> None:
+    page.tab("Settings")
+    ratios = page.page.locator("#fr-aspect-ratios")
+    accordion = page.page.locator("#fr-aspect-ratios-accordion > button")
+    assert not ratios.is_visible()
+    assert "128×128 | 1:1" in accordion.text_content()
+    accordion.click()
+    page.choose("fr-aspect-ratios", "1152×896 | 9:7")
+    page.page.wait_for_function("(el) => el.textContent.includes('1152×896 | 9:7')",
+                                arg=accordion.element_handle(), timeout=10_000)
+
+
+def fill_number(page: PageDriver, label: str, value: float) -> None:
+    field = page.page.get_by_label(f"number input for {label}")
+    field.fill(str(value))
+    field.press("Enter")
+
+
+def choose_performance(page: PageDriver, name: str) -> None:
+    page.tab("Settings")
+    page.choose("fr-performance", name)
+
+
+def wait_value(page: PageDriver, locator, value: str) -> None:
+    page.page.wait_for_function("([el, v]) => el.value === v", arg=[locator.element_handle(), value],
+                                timeout=10_000)
+
+
+def test_leaving_a_distilled_mode_restores_the_users_own_values(page: PageDriver) -> None:
+    page.tab("Advanced")
+    guidance = page.page.get_by_label("number input for Guidance Scale")
+    fill_number(page, "Guidance Scale", 6.5)
+    page.tab("Models")
+    refiner = page.page.get_by_label("Refiner", exact=True)
+    refiner.click()
+    page.page.get_by_role("option").filter(has_not_text="None").first.click()
+    page.page.wait_for_function("(el) => el.value && el.value !== 'None'", arg=refiner.element_handle())
+    checkpoint = refiner.input_value()
+    choose_performance(page, "Extreme Speed")
+    page.tab("Models")
+    wait_value(page, refiner, "None")
+    assert refiner.is_disabled()
+    choose_performance(page, "Speed")
+    page.tab("Models")
+    wait_value(page, refiner, checkpoint)
+    assert not refiner.is_disabled()
+    page.page.get_by_label("number input for Refiner Switch At").wait_for(state="visible")
+    page.tab("Advanced")
+    wait_value(page, guidance, "6.5")
+    assert not guidance.is_disabled()
+
+
+def test_a_distilled_mode_freezes_the_controls_it_ignores_and_keeps_their_values(page: PageDriver) -> None:
+    page.tab("Advanced")
+    fill_number(page, "Image Sharpness", 5)
+    fill_number(page, "Positive ADM Guidance Scaler", 1.2)
+    page.tab("Settings")
+    negative = page.page.locator("#fr-negative-prompt textarea")
+    negative.fill("blurry")
+    ignored = {label: page.page.get_by_label(f"number input for {label}")
+               for label in ("Image Sharpness", "Positive ADM Guidance Scaler", "Negative ADM Guidance Scaler",
+                             "ADM Guidance End At Step")}
+    choose_performance(page, "Lightning")
+    page.page.wait_for_function("(el) => el.disabled", arg=negative.element_handle(), timeout=10_000)
+    assert negative.input_value() == "blurry"
+    page.tab("Advanced")
+    assert all(field.is_disabled() for field in ignored.values())
+    assert ignored["Image Sharpness"].input_value() == "5"
+    assert ignored["Positive ADM Guidance Scaler"].input_value() == "1.2"
+    choose_performance(page, "Speed")
+    page.page.wait_for_function("(el) => !el.disabled", arg=negative.element_handle(), timeout=10_000)
+    page.tab("Advanced")
+    assert not any(field.is_disabled() for field in ignored.values())
+    assert ignored["Image Sharpness"].input_value() == "5"
+
+
+def test_a_preset_in_one_browser_leaves_another_browsers_guidance_alone(browser, server: Server,
+                                                                          page: PageDriver) -> None:
+    other = PageDriver(browser, server.url)
+    try:
+        other.tab("Advanced")
+        own = other.page.get_by_label("number input for Guidance Scale").input_value()
+        page.tab("Settings")
+        page.page.locator("#fr-preset input").click()
+        page.page.get_by_role("option", name="realistic", exact=True).click()
+        page.tab("Advanced")
+        wait_value(page, page.page.get_by_label("number input for Guidance Scale"), "3")
+        assert own != "3"
+        choose_performance(other, "Extreme Speed")
+        other.tab("Advanced")
+        guidance = other.page.get_by_label("number input for Guidance Scale")
+        wait_value(other, guidance, "1")
+        choose_performance(other, "Speed")
+        other.tab("Advanced")
+        other.page.wait_for_function("(el) => !el.disabled", arg=guidance.element_handle(), timeout=10_000)
+        assert guidance.input_value() == own
+    finally:
+        other.close()
+
+
+# The label's text is whole: not cut by its box, on one line, and no button (the canvas's
+# toolbar) drawn over it.
+LABEL_SHOWN_JS = """(label) => {
+  const problems = [];
+  if (label.scrollWidth > label.clientWidth + 1) problems.push(`cut: ${label.scrollWidth}>${label.clientWidth}`);
+  const rects = [];
+  const walker = document.createTreeWalker(label, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    if (!node.textContent.trim()) continue;
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    rects.push(...[...range.getClientRects()].filter(r => r.width > 0));
+  }
+  if (!rects.length) return ['no text'];
+  if (Math.max(...rects.map(r => r.bottom)) - Math.min(...rects.map(r => r.top)) > 1.5 * rects[0].height)
+    problems.push('on more than one line');
+  const block = label.closest('.block') || label.parentElement;
+  for (const button of block.querySelectorAll('button')) {
+    const b = button.getBoundingClientRect();
+    if (label.contains(button) || !b.width) continue;
+    if (rects.some(r => r.left < b.right && b.left < r.right && r.top < b.bottom && b.top < r.bottom))
+      problems.push(`covered by ${button.getAttribute('aria-label') || button.outerHTML.slice(0, 60)}`);
+  }
+  return problems;
+}"""
+
+
+def test_the_inpaint_canvas_label_is_shown_whole(page: PageDriver) -> None:
+    page.advanced()              # its column beside the canvas narrows it at 1280 px
+    page.input_image_tab("Inpaint or Outpaint")
+    label = page.page.locator("#fr-inpaint-canvas label[data-testid=block-label]")
+    problems = {}
+    for width, height in ((1280, 800), (390, 844)):
+        page.page.set_viewport_size({"width": width, "height": height})
+        label.scroll_into_view_if_needed()
+        assert page.page.locator("#fr-inpaint-canvas [aria-label=Pan]").is_visible()   # the toolbar is up
+        problems[width] = label.evaluate(LABEL_SHOWN_JS)
+    assert label.text_content().strip()
+    assert problems == {1280: [], 390: []}
+
+
+def test_the_memory_table_fits_a_phone(browser, server: Server) -> None:
+    driver = PageDriver(browser, server.url, 390, 844)
+    try:
+        driver.generate("fill the memory")
+        assert driver.wait_stage("finished", "error") == "finished"
+        driver.page.get_by_text("Resident memory", exact=True).click()
+        table = driver.page.locator("#fr-memory-panel table.fr-mem-table")
+        table.wait_for(timeout=30_000)
+        panel = driver.page.locator("#fr-memory-panel").evaluate(RECT_JS)
+        assert table.evaluate("(t) => t.scrollWidth <= t.clientWidth + 1"), "the table scrolls sideways"
+        cells = table.locator("td").evaluate_all(
+            "(cells) => cells.map(c => { const r = c.getBoundingClientRect();"
+            " return [c.textContent, [r.left, r.top, r.right, r.bottom], c.scrollWidth <= c.clientWidth + 1]; })")
+        assert cells and "unet" in " ".join(text for text, _, _ in cells)
+        assert all(inside(rect, panel) and whole for _, rect, whole in cells), cells
+    finally:
+        driver.close()
+
+
 # -- the Input Image panel: one generation per mode -------------------------------------------
 
 INPUT_SIZE = (96, 64)   # (width, height): not the default 128x128, so a mode's size shows
