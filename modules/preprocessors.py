@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from modules import flags
+
 CANNY_LOW, CANNY_HIGH = 64, 128             # upstream's Canny threshold defaults
 PYRAMID_SCALES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PYRAMID_KEEP = 0.75                         # share of the coarser levels when a finer one is added
@@ -106,3 +108,18 @@ def as_hint(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         return np.repeat(image[:, :, None], 3, axis=2)
     return image
+
+
+def control_hint(image: np.ndarray, kind: str, width: int, height: int, low: int = CANNY_LOW,
+                 high: int = CANNY_HIGH, skip: bool = False) -> np.ndarray:
+    """The HxWx3 hint of one PyraCanny/CPDS image prompt at width x height, as upstream makes
+    it: the image fitted to the generation's size, then its type's preprocessor (`skip`: the
+    image is a map already, Developer Debug Mode's "Skip Preprocessors")."""
+    fitted = fill_resize(image, width, height)
+    if skip:
+        return fitted
+    if kind == flags.PYRACANNY:
+        return as_hint(canny_pyramid(fitted, low, high))
+    if kind == flags.CPDS:
+        return as_hint(cpds(fitted))
+    raise ValueError(f"no preprocessor for image-prompt type {kind!r}")
