@@ -199,6 +199,7 @@ class _Built:
     version: FileVersion
     unet: "weakref.ref[torch.nn.Module]"
     patcher: ModelPatcher
+    nbytes: int            # measured once: ledger queries walk no tensors
 
 
 class ControlNetModels:
@@ -240,7 +241,7 @@ class ControlNetModels:
                                       manager.offload_device())
         self.builds += 1
         patcher = ModelPatcher(module, manager.device, manager.offload_device(), name=f"{version.name}:controlnet")
-        return _Built(version, weakref.ref(checkpoint_unet.model), patcher)
+        return _Built(version, weakref.ref(checkpoint_unet.model), patcher, patcher.model_size())
 
     def _with_patches(self, key: tuple, base: ModelPatcher, request_unet: ModelPatcher) -> ModelPatcher:
         """`base` plus the request UNet's patches of the layers both have, one clone per LoRA set."""
@@ -281,7 +282,7 @@ class ControlNetModels:
             module = built.patcher.model
             first = next(module.parameters(), None)
             if first is not None and first.device == device and not manager.holds(module):
-                total += built.patcher.model_size()
+                total += built.nbytes
         return total
 
     def __len__(self) -> int:

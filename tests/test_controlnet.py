@@ -42,9 +42,9 @@ def test_a_control_lora_builds_the_controlnet_diffusers_holds_with_those_weights
     UNet: the ControlNet starts from the UNet's originals, not the merged weights."""
     unet = tiny_components["unet"]
     path = tmp_path / controlnet_files.CANNY_FILE
-    oracle_state = controlnet_files.write_tiny_control_lora(path, unet)
+    written = controlnet_files.write_tiny_control_lora(path, unet)
     oracle = ControlNetModel.from_unet(unet)
-    oracle.load_state_dict(oracle_state, strict=True)
+    oracle.load_state_dict(controlnet_files.oracle_state(unet, written), strict=True)
 
     patcher = ModelPatcher(unet, "cpu", "cpu", name="unet")
     patcher.add_patches(lora_for(unet, ["down_blocks.1.attentions.0.proj_in.weight", "conv_in.weight"], "x.safetensors"))
@@ -268,19 +268,23 @@ def test_a_missing_or_wrong_control_file_is_named_and_the_server_goes_on(served)
     assert "error" not in report and len(images) == 1
 
 
-def test_controls_run_through_the_compiled_unet_and_a_second_round_compiles_nothing(served, use_compiler):
-    """`--compile-unet`: the residuals are inputs of the compiled UNet (the ControlNet itself runs
-    eager); the first round compiles the graphs with and without them (after the stop), the
-    second compiles nothing, and the image equals the eager one."""
-    request = {"image_prompts": [_prompt("PyraCanny", stop=0.5)], "steps": 2}
-    use_compiler(enabled=False)
+def test_pyracanny_and_cpds_through_generate_are_resident_on_the_second_round(served, tmp_path):
+    """`/generate` (gradio_client, as API users call it) over the real pipeline in resident mode."""
+    from gradio_client import Client
+
+    from modules import config as config_module
+    from tests.helpers.webui import running_pipeline_app
+
     served(mm.Policy.RESIDENT)
-    eager = _pixels(run(request)[0])
-    use_compiler(enabled=True, backend="aot_eager")
-    served(mm.Policy.RESIDENT)
-    assert "error" not in run(request)[1]
-    after_first = pipelines.graphs_compiled()
-    images, report = run(request)
-    assert report["compile"]["ran_compiled"] and report["compile"]["eager_calls"] == 0, report["compile"]
-    assert report["compile"]["graphs_compiled"] == 0 and pipelines.graphs_compiled() == after_first
-    assert np.abs(_pixels(images) - eager).max() <= 1
+    request = {**BASE, "image_prompts": [_prompt("PyraCanny"), _prompt("CPDS", 0.6, 0.8)]}
+    with running_pipeline_app(pipelines.current(), config_module.get_config()) as url:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "dl"), analytics_enabled=False)
+        reports = []
+        for _ in range(2):
+            gallery, report = client.predict(request, api_name="/generate")
+            assert "error" not in report and len(gallery) == 1, report
+            reports.append(report)
+    assert [r["controlnets"][1]["type"] for r in reports] == ["CPDS", "CPDS"]
+    assert reports[0]["model_management"]["models_loaded"] > 0
+    assert reports[1]["model_management"]["models_loaded"] == 0
+    assert reports[1]["model_management"]["weights_patched"] == 0

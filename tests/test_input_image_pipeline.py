@@ -182,7 +182,8 @@ def test_input_image_models_show_in_the_model_status(served):
 
 
 def test_every_mode_runs_compiled_and_a_second_round_recompiles_nothing(served, use_compiler):
-    """`--compile-unet` with the input-image features: the image-prompt processors, the inpaint
+    """`--compile-unet` with the input-image features: the image-prompt processors, the
+    ControlNets' residuals (inputs of the compiled UNet; the ControlNets run eager), the inpaint
     head and patch, and img2img's partial schedules all run through the compiled UNet. The
     first round may compile a graph per shape and per feature; the second compiles nothing,
     and every image equals the eager one."""

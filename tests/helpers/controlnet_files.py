@@ -9,9 +9,9 @@ layers as full fp16 weights: ``input_hint_block.{0,2,...,14}`` (3 -> 16 -> 16 ->
 -> 96 -> 256 -> model channels, 3x3 convs, stride 2 at 4, 8 and 12), ``zero_convs.N.0`` (1x1,
 one per input block: conv_in, each resnet, each downsampler) and ``middle_block_out.0``.
 
-`write_tiny_control_lora` also returns the same ControlNet as a plain diffusers state dict
-(the oracle: what ``ControlNetModel.from_unet`` of that UNet must hold), built from its own
-table of diffusers names below.
+`oracle_state` gives the same ControlNet as a plain diffusers state dict (the oracle: what
+``ControlNetModel.from_unet`` of that UNet must hold), built from its own table of diffusers
+names below.
 """
 
 from __future__ import annotations
@@ -59,49 +59,61 @@ def _own_layers(unet) -> list[tuple[str, str, tuple[int, ...]]]:
     return layers
 
 
-def tiny_control_lora(unet, rank: int = 4, seed: int = 0, scale: float = 1.0,
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(file tensors, oracle diffusers state dict) of a random Control-LoRA for `unet`.
-    `scale` sizes the zero convs (how strongly the control acts)."""
+def _shared_names(unet) -> dict[str, str]:
+    """diffusers name -> original name of the UNet parameters a ControlNet shares."""
+    shared = [k for k, _ in unet.named_parameters() if k.startswith(SHARED_PREFIXES)]
+    return unet_key_map(unet.config, shared)
+
+
+def tiny_control_lora(unet, rank: int = 4, seed: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The tensors of a random Control-LoRA for `unet` (its shapes, and the values of its
+    1-D parameters: any size and device). `scale` sizes the zero convs (how strongly the
+    control acts)."""
     gen = torch.Generator().manual_seed(seed)
-    params = {name: p.detach().float().cpu() for name, p in unet.named_parameters()}
-    shared = [k for k in params if k.startswith(SHARED_PREFIXES)]
-    original = unet_key_map(unet.config, shared)
+    params = dict(unet.named_parameters())
     file: dict[str, torch.Tensor] = {"lora_controlnet": torch.tensor([])}
-    oracle: dict[str, torch.Tensor] = {}
-    for key in shared:
-        weight = params[key]
-        name = original[key]
-        if weight.ndim >= 2:
-            out_dim, in_dim = weight.shape[:2]
-            r = min(rank, out_dim, in_dim)
-            up = torch.randn(out_dim, r, generator=gen) * 0.05
-            down = torch.randn(r, *weight.shape[1:], generator=gen) * 0.05
-            if weight.ndim == 4:
-                up = up[:, :, None, None]
+    for key, name in _shared_names(unet).items():
+        shape = params[key].shape
+        if len(shape) >= 2:
+            r = min(rank, shape[0], shape[1])
+            up = torch.randn(shape[0], r, *([1] * (len(shape) - 2)), generator=gen) * 0.05
+            down = torch.randn(r, *shape[1:], generator=gen) * 0.05
             stem = name[:-len(".weight")]
             file[f"{stem}.up"], file[f"{stem}.down"] = up.half(), down.half()
-            oracle[key] = weight + (up.half().float().flatten(1) @ down.half().float().flatten(1)).reshape(weight.shape)
         else:
-            value = (weight + 0.01 * torch.randn(weight.shape, generator=gen)).half()
-            file[name] = value
-            oracle[key] = value.float()
-    for name, diffusers_name, shape in _own_layers(unet):
+            file[name] = (params[key].detach().float().cpu() + 0.01 * torch.randn(shape, generator=gen)).half()
+    for name, _, shape in _own_layers(unet):
         fan_in = shape[1] * shape[2] * shape[3]
         factor = scale if name.startswith(("zero_convs", "middle_block_out")) else 1.0
-        weight = (torch.randn(shape, generator=gen) * factor / fan_in ** 0.5).half()
-        bias = (torch.randn(shape[0], generator=gen) * 0.02 * factor).half()
-        file[f"{name}.weight"], file[f"{name}.bias"] = weight, bias
-        oracle[f"{diffusers_name}.weight"], oracle[f"{diffusers_name}.bias"] = weight.float(), bias.float()
-    return file, oracle
+        file[f"{name}.weight"] = (torch.randn(shape, generator=gen) * factor / fan_in ** 0.5).half()
+        file[f"{name}.bias"] = (torch.randn(shape[0], generator=gen) * 0.02 * factor).half()
+    return file
+
+
+def oracle_state(unet, file: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What diffusers' ControlNetModel.from_unet(unet) must hold for `file`, by this module's
+    own tables: shared weights are the UNet's plus up @ down, the rest the file's values."""
+    params = {k: p.detach().float().cpu() for k, p in unet.named_parameters()}
+    state = {}
+    for key, name in _shared_names(unet).items():
+        if name in file:
+            state[key] = file[name].float()
+            continue
+        stem = name[:-len(".weight")]
+        up, down = file[f"{stem}.up"].float(), file[f"{stem}.down"].float()
+        state[key] = params[key] + (up.flatten(1) @ down.flatten(1)).reshape(params[key].shape)
+    for name, diffusers_name, _ in _own_layers(unet):
+        for kind in ("weight", "bias"):
+            state[f"{diffusers_name}.{kind}"] = file[f"{name}.{kind}"].float()
+    return state
 
 
 def write_tiny_control_lora(path: str | Path, unet, rank: int = 4, seed: int = 0,
                             scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Write the file; returns the oracle diffusers state dict."""
-    file, oracle = tiny_control_lora(unet, rank, seed, scale)
+    """Write the file; returns its tensors."""
+    file = tiny_control_lora(unet, rank, seed, scale)
     save_file({k: v.contiguous() for k, v in file.items()}, str(path))
-    return oracle
+    return file
 
 
 def write_both(folder: Path, unet, scale: float = 1.0) -> None:

@@ -141,6 +141,8 @@ MODES = {
     # Fast 2x: the upscaler alone, resized to 2x; no diffusion.
     "fast upscale": ({"input_image": png64(INPUT), "uov_method": "Upscale (Fast 2x)"}, (192, 128)),
     "image prompt": ({"image_prompts": [[png64(INPUT), 0.5, 0.6, "ImagePrompt"]]}, (64, 64)),
+    "pyracanny": ({"image_prompts": [[png64(INPUT), 0.5, 1.0, "PyraCanny"]]}, (64, 64)),
+    "cpds": ({"image_prompts": [[png64(INPUT), 0.5, 1.0, "CPDS"]]}, (64, 64)),
     "inpaint": ({"input_image": png64(INPUT), "inpaint_mask": png64(MASK)}, (96, 64)),
     # Outpaint Left adds int(0.3 * 96) = 28 columns.
     "outpaint": ({"input_image": png64(INPUT), "outpaint_selections": ["Left"]}, (124, 64)),
