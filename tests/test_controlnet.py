@@ -133,6 +133,32 @@ def test_a_control_acts_until_its_stop(tiny_components, built_net, stop, timeste
     assert (out is not None) == acts
 
 
+def test_on_an_accelerator_the_sampling_load_takes_the_controlnets_with_the_unet(tiny_components, built_net):
+    """Conservative policy on the meta stand-in accelerator: the sampling stage's one load names
+    the UNet and the ControlNets applied to it (loading one alone would evict the other), they
+    are charged to the device ledger (CheckedManager: ledger == bytes on the device) with
+    more working memory, and the next stage's load evicts them like any model."""
+    import copy
+
+    from tests.helpers.patching import CPU, META, CheckedManager, meta_settings
+
+    unet = ModelPatcher(copy.deepcopy(tiny_components["unet"]), META, CPU, name="unet")
+    net = ModelPatcher(copy.deepcopy(built_net), META, CPU, name="canny:controlnet")
+    manager = CheckedManager(meta_settings(1 << 34, mm.Policy.CONSERVATIVE), mm.device_tensor_bytes(META))
+    controls = controlnet.ControlSet([controlnet.PreparedControl(net, controlnet.hint_tensor(PICTURE), 1.0, 0.5)])
+    assert controlnet.with_controls(unet, 1000) == ([unet], 1000)
+    with controlnet.applied(unet.model, controls):
+        models, memory = controlnet.with_controls(unet, 1000)
+        assert models == [unet, net] and memory > 1000
+        manager.load_models(models, memory)
+    assert {e.patcher.name for e in manager.loaded} == {"unet", "canny:controlnet"}
+    assert next(net.model.parameters()).device == META
+    assert manager.used_bytes(META) >= unet.model_size() + net.model_size()
+    vae = ModelPatcher(torch.nn.Linear(4, 4), META, CPU, name="vae")
+    manager.load_models([vae])
+    assert next(net.model.parameters()).device == CPU and [e.patcher.name for e in manager.loaded] == ["vae"]
+
+
 # -- through the pipeline -------------------------------------------------------------------
 
 @pytest.fixture

@@ -66,9 +66,8 @@ def _shared_names(unet) -> dict[str, str]:
 
 
 def tiny_control_lora(unet, rank: int = 4, seed: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """The tensors of a random Control-LoRA for `unet` (its shapes, and the values of its
-    1-D parameters: any size and device). `scale` sizes the zero convs (how strongly the
-    control acts)."""
+    """The tensors of a random Control-LoRA for `unet` (read for its shapes only: any size,
+    any device). `scale` sizes the zero convs (how strongly the control acts)."""
     gen = torch.Generator().manual_seed(seed)
     params = dict(unet.named_parameters())
     file: dict[str, torch.Tensor] = {"lora_controlnet": torch.tensor([])}
@@ -80,8 +79,9 @@ def tiny_control_lora(unet, rank: int = 4, seed: int = 0, scale: float = 1.0) ->
             down = torch.randn(r, *shape[1:], generator=gen) * 0.05
             stem = name[:-len(".weight")]
             file[f"{stem}.up"], file[f"{stem}.down"] = up.half(), down.half()
-        else:
-            file[name] = (params[key].detach().float().cpu() + 0.01 * torch.randn(shape, generator=gen)).half()
+        else:   # trained in full: norm scales near 1, biases small
+            noise = 0.01 * torch.randn(shape, generator=gen)
+            file[name] = (1.0 + noise if name.endswith(".weight") else noise).half()
     for name, _, shape in _own_layers(unet):
         fan_in = shape[1] * shape[2] * shape[3]
         factor = scale if name.startswith(("zero_convs", "middle_block_out")) else 1.0
