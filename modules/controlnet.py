@@ -225,7 +225,9 @@ class ControlNetModels:
         key = (version, id(module))
         built = self._built.get(key)
         if built is None or built.unet() is not module:
-            for old in [k for k, b in self._built.items() if k[0].same_path(version) and k[0] != version]:
+            stale = [k for k, b in self._built.items()
+                     if (k[0].same_path(version) and k[0] != version) or b.unet() is None or k == key]
+            for old in stale:   # an older version of the file, or built for a UNet that is gone
                 self._drop(old)
             built = self._built[key] = self._build(path, checkpoint_unet)
             while len(self._built) > MAX_CONTROLNETS:

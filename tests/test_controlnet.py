@@ -237,6 +237,20 @@ def test_resident_second_round_loads_and_patches_nothing(served):
         assert f"{name}:controlnet" in names, names
 
 
+def test_a_rewritten_control_file_replaces_the_built_controlnet(served, tiny_components):
+    folders = served(mm.Policy.RESIDENT)
+    request = {"image_prompts": [_prompt("PyraCanny")]}
+    before = _pixels(run(request)[0])
+    controlnet_files.write_tiny_control_lora(folders["controlnet"] / controlnet.CANNY_FILE, tiny_components["unet"],
+                                             seed=9)
+    images, report = run(request)
+    assert "error" not in report, report
+    assert pipelines.current().state.controlnets.builds == 2 and len(pipelines.current().state.controlnets) == 1
+    names = [m["name"] for m in pipelines.current().model_status()["models"]]
+    assert names.count(f"{controlnet.CANNY_FILE}:controlnet") == 1   # the old version left the registry
+    assert not np.array_equal(_pixels(images), before)
+
+
 def test_the_request_loras_reach_the_controlnet_and_a_repeat_patches_nothing(served, tiny_components):
     from tests.helpers import lora_files
     folders = served(mm.Policy.RESIDENT)
