@@ -74,11 +74,26 @@ def check_backend(backend: str) -> None:
 
 def _unet_forward(unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
                   encoder_hidden_states: torch.Tensor, text_embeds: torch.Tensor,
-                  time_ids: torch.Tensor) -> torch.Tensor:
+                  time_ids: torch.Tensor, down_residuals: list[torch.Tensor] | None = None,
+                  mid_residual: torch.Tensor | None = None) -> torch.Tensor:
     """The one call that gets compiled; the module is an argument, so dynamo guards on
-    its identity and every UNet gets its own entry under one compiled function."""
+    its identity and every UNet gets its own entry under one compiled function. The
+    residuals are a ControlNet's (modules/controlnet.py), added to the skip connections
+    and the middle block; None without a control."""
+    control = ({} if down_residuals is None else
+               {"down_block_additional_residuals": down_residuals, "mid_block_additional_residual": mid_residual})
     return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+                added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False,
+                **control)[0]
+
+
+def _shapes(value: torch.Tensor | list[torch.Tensor] | None) -> tuple:
+    """What a compiled graph is specialised on, per input: shape and dtype (of each tensor of a list)."""
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    return tuple(_shapes(t) for t in value)
 
 
 def _graphs_compiled() -> int:
@@ -114,9 +129,11 @@ class CompiledUNets:
 
     def __call__(self, unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
                  encoder_hidden_states: torch.Tensor, text_embeds: torch.Tensor,
-                 time_ids: torch.Tensor) -> torch.Tensor:
-        """UNet noise prediction, compiled when enabled (eager otherwise, or after a compile error)."""
-        inputs = (sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+                 time_ids: torch.Tensor, control: tuple[list[torch.Tensor], torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+        """UNet noise prediction, compiled when enabled (eager otherwise, or after a compile error).
+        `control`: (skip-connection residuals, middle-block residual) of ControlNets, or None."""
+        inputs = (sample, timestep, encoder_hidden_states, text_embeds, time_ids, *(control or (None, None)))
         entry = self._entry(unet) if self.enabled else None
         if entry is None or entry.failed:
             self.counts["eager_calls"] += 1
@@ -126,7 +143,7 @@ class CompiledUNets:
     def _call_compiled(self, unet: torch.nn.Module, entry: _ModuleEntry, inputs: tuple) -> torch.Tensor:
         mode = self.settings.resolved_mode(inputs[0].device)
         cudagraphs = mode in CUDAGRAPH_MODES and inputs[0].device.type == "cuda"
-        signature = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        signature = tuple(_shapes(t) for t in inputs)
         before, started = _graphs_compiled(), time.perf_counter()
         try:
             if cudagraphs:   # each call is a new inference step: earlier outputs may be reused

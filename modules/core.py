@@ -23,8 +23,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from ldm_patched.modules import model_management
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules.compiled_unet import CompiledUNets, CompileSettings
+from modules import controlnet, ip_adapter
 from modules import guidance as guidance_mod
-from modules import ip_adapter
 
 
 class SDXLTextEncoders(torch.nn.Module):
@@ -332,8 +332,9 @@ def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int,
     sched = make_scheduler(sampler, scheduler)
     first = stages[0].unet
     device = first.load_device
-    model_management.load_models_gpu([first], model_management.working_memory_bytes(
-        "unet", width, height, 1, first.model_dtype()))
+    # With image-prompt controls applied to the UNet, their ControlNets load with it.
+    model_management.load_models_gpu(*controlnet.with_controls(first, model_management.working_memory_bytes(
+        "unet", width, height, 1, first.model_dtype())))
     total, start = kept_schedule(steps, denoise) if init_latents is not None else (steps, 0)
     timesteps = _start_at(sched, total, start, device) if init_latents is not None else None
     if timesteps is None:
@@ -419,8 +420,10 @@ def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, widt
         embeds = torch.cat(_same_length([conds[i].embeds for i in batch])).to(dtype)
         pooled = torch.cat([conds[i].pooled for i in batch]).to(dtype)
         ids = all_ids[batch]
-        model_input = sched.scale_model_input(torch.cat([latents] * len(batch)), t)
-        preds.append(UNET_COMPILER(unet, model_input.to(dtype), t, embeds, pooled, ids).float())
+        model_input = sched.scale_model_input(torch.cat([latents] * len(batch)), t).to(dtype)
+        # PyraCanny/CPDS controls acting at t (None without): their residuals, per row of the batch.
+        control = controlnet.residuals(unet, model_input, t, embeds, pooled, ids)
+        preds.append(UNET_COMPILER(unet, model_input, t, embeds, pooled, ids, control).float())
     pred = torch.cat(preds)
     if guided:
         uncond, cond = pred.chunk(2)

@@ -35,8 +35,8 @@ from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraMatch, match
                                       unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import core, flags, guidance, history_log, image_inputs, image_output, ip_adapter, parameters
-from modules import presets, sdxl_styles, upscaler, wildcards
+from modules import (controlnet, core, flags, guidance, history_log, image_inputs, image_output, ip_adapter,
+                     parameters, preprocessors, presets, sdxl_styles, upscaler, wildcards)
 from modules import inpaint as inpaint_mod
 from modules.embeddings import EmbeddingCache, EmbeddingError
 from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SEED, GenerationRequest,
@@ -129,9 +129,11 @@ class PipelineState:
     patched: "OrderedDict[tuple, PatchedModels]" = field(default_factory=OrderedDict)
     conditions: "OrderedDict[tuple, core.Conditioning]" = field(default_factory=OrderedDict)
     vaes: "OrderedDict[FileVersion, ModelPatcher]" = field(default_factory=OrderedDict)   # models/vae files
-    # Input-image models (each a model kind in the registry): Upscale/Vary, Image Prompt, Inpaint.
+    # Input-image models (each a model kind in the registry): Upscale/Vary, Image Prompt, the
+    # PyraCanny/CPDS ControlNets, Inpaint.
     upscalers: upscaler.UpscalerCache = field(default_factory=upscaler.UpscalerCache)
     image_prompts: ip_adapter.ImagePromptModels = field(default_factory=ip_adapter.ImagePromptModels)
+    controlnets: controlnet.ControlNetModels = field(default_factory=controlnet.ControlNetModels)
     inpaint: inpaint_mod.InpaintModels = field(default_factory=inpaint_mod.InpaintModels)
     max_checkpoints: int | None = None   # None: the policy's default (max_cached_checkpoints)
 
@@ -263,6 +265,8 @@ class ImageSource:
     direct: np.ndarray | None = None     # an image that needs no sampling (Upscale (Fast 2x))
     head: tuple | None = None            # inpaint head: (patcher, UNet-space latent, latent mask)
     image_prompts: ip_adapter.PreparedImagePrompts | None = None
+    controls: controlnet.ControlSet | None = None   # PyraCanny/CPDS image prompts
+    previews: list[np.ndarray] | None = None        # Debug Preprocessors: these are the result
 
 
 # -- the pipeline ----------------------------------------------------------------------
@@ -376,6 +380,7 @@ class Pipeline:
         state = self.state
         for patcher in checkpoint.parts():
             self.manager.forget(patcher.model)
+        state.controlnets.drop_for(checkpoint.unet.model)
         del state.checkpoints[checkpoint.file]
         state.patched = OrderedDict((k, v) for k, v in state.patched.items()
                                     if v.checkpoint is not checkpoint and k[2] != id(checkpoint))
@@ -572,6 +577,8 @@ class Pipeline:
         run.event("loading", loading_message(plan), count=plan.image_count)
         models = self._patch(plan, run)
         source = self._image_source(plan, models, run)
+        if source.previews is not None:   # Debug Preprocessors: the preprocessed images, nothing sampled
+            return self._save_previews(plan, source.previews, run)
         if source.direct is not None:   # Upscale (Fast 2x): nothing to sample, no prompt to encode
             return self._generate(plan, models, plan.image_texts[:1], {}, source, run)
         positive_texts = self._positive_texts(plan, run)
@@ -767,8 +774,13 @@ class Pipeline:
             source = self._inpaint(plan, models, run)
         else:
             source = ImageSource(req.width, req.height)
-        if inputs.image_prompts and source.direct is None:
-            source.image_prompts = self._prepare_image_prompts(plan, models, run)
+        if inputs.image_prompts and source.direct is None and inputs.control.debug_preprocessors:
+            source.previews = preprocessor_previews(inputs, source.width, source.height)
+        elif source.direct is None:
+            if inputs.adapter_prompts:
+                source.image_prompts = self._prepare_image_prompts(plan, models, run)
+            if inputs.control_prompts:
+                source.controls = self._prepare_controls(plan, models, source, run)
         if inputs.mode:
             run.report.update(width=source.width, height=source.height)
         return source
@@ -849,14 +861,54 @@ class Pipeline:
             adapter = self.state.image_prompts.get(ip_path, clip_path)
             run.done.patchers += [adapter.ip, adapter.clip]
             with run.timed("image_prompt"):
-                tokens = adapter.image_tokens([p.image for p in plan.inputs.image_prompts])
+                tokens = adapter.image_tokens([p.image for p in plan.inputs.adapter_prompts])
                 prompts = [ip_adapter.ImagePrompt(t, p.weight, p.stop)
-                           for t, p in zip(tokens, plan.inputs.image_prompts)]
+                           for t, p in zip(tokens, plan.inputs.adapter_prompts)]
                 prepared = adapter.prepare(models.unet.model, prompts)
         except ip_adapter.ImagePromptError as error:
             raise RequestError(f"field 'image_prompts': {error}") from None
         run.report["image_prompt_signature"] = prepared.signature
         return prepared
+
+    def _prepare_controls(self, plan: RequestPlan, models: RequestModels, source: ImageSource,
+                          run: RequestRun) -> controlnet.ControlSet:
+        """PyraCanny / CPDS: each image fitted to the generation's size and preprocessed (unless
+        Skip Preprocessors), and the ControlNet of its type built for this checkpoint (once per
+        file version; a clone per LoRA set carries the request's LoRA patches). Nothing is
+        merged into the UNet: the residuals join its calls while sampling."""
+        cfg, options = plan.cfg, plan.inputs.control
+        controls, described = [], []
+        for prompt in plan.inputs.control_prompts:
+            name, url = CONTROLNET_FILES[prompt.kind]
+            path = self._required_file(cfg.path_controlnet, name, "path_controlnet", url, cfg)
+            try:
+                patcher = self.state.controlnets.get(path, models.base.unet, models.unet)
+            except controlnet.ControlNetError as error:
+                raise RequestError(f"field 'image_prompts': {error}") from None
+            with run.timed("controlnet_preprocess"):
+                hint = preprocessors.control_hint(prompt.image, prompt.kind, source.width, source.height,
+                                                  options.canny_low, options.canny_high, options.skip_preprocessors)
+            controls.append(controlnet.PreparedControl(patcher, controlnet.hint_tensor(hint), prompt.weight,
+                                                       prompt.stop))
+            described.append({"type": prompt.kind, "file": name, "stop": prompt.stop, "weight": prompt.weight})
+        manager = self.manager
+        host = manager.normalize(model_management.HOST)
+        if host != manager.device:   # built or evicted ControlNets wait in host memory: on its ledger
+            manager.register_cache("controlnets", host, lambda: self.state.controlnets.idle_bytes_on(host, manager))
+        control_set = controlnet.ControlSet(controls, options.softness)
+        run.done.patchers += control_set.patchers()
+        run.report["controlnets"] = described
+        return control_set
+
+    def _save_previews(self, plan: RequestPlan, previews: list[np.ndarray], run: RequestRun) -> list[str]:
+        """Debug Preprocessors: the preprocessed image prompts as PNG files in the temp folder
+        (no metadata, not in the image log), as upstream shows them instead of generating."""
+        folder = plan.cfg.temp_root / datetime.date.today().strftime("%Y-%m-%d")
+        stem = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_preprocessed"
+        paths = [image_output.save(image, None, "png", folder, folder, f"{stem}_{i}").path
+                 for i, image in enumerate(previews)]
+        run.report["preprocessed_images"] = len(paths)
+        return paths
 
     def _required_file(self, folder: Path, name: str, key: str, url: str | None,
                        cfg: config_module.Config) -> str:
@@ -960,6 +1012,8 @@ class Pipeline:
         with run.timed("sampling"), contextlib.ExitStack() as extras:
             if source.image_prompts is not None:
                 extras.enter_context(ip_adapter.applied(models.unet.model, source.image_prompts))
+            if source.controls is not None:
+                extras.enter_context(controlnet.applied(models.unet.model, source.controls))
             if source.head is not None:
                 head, head_latent, head_mask = source.head
                 extras.enter_context(inpaint_mod.head_applied(models.unet, head, head_latent, head_mask,
@@ -1068,6 +1122,23 @@ def _install_image_prompt_processors(unet: torch.nn.Module) -> None:
         ip_adapter.install(unet)
     except ip_adapter.ImagePromptError as error:   # a UNet they cannot serve: image prompts say why
         log.info("[Fooocus-Resident] image prompts unavailable for this UNet: %s", error)
+
+
+CONTROLNET_FILES = {flags.PYRACANNY: (controlnet.CANNY_FILE, controlnet.CANNY_URL),
+                    flags.CPDS: (controlnet.CPDS_FILE, controlnet.CPDS_URL)}
+
+
+def preprocessor_previews(inputs: image_inputs.ImageInputs, width: int, height: int) -> list[np.ndarray]:
+    """What each image prompt's preprocessor makes of it (Debug Preprocessors): a control's
+    hint at the generation's size; an ImagePrompt's image as the CLIP encoder sees it."""
+    options, previews = inputs.control, []
+    for prompt in inputs.image_prompts:
+        if prompt.kind == flags.IMAGE_PROMPT:
+            previews.append(upscaler.resize_lanczos(prompt.image, (ip_adapter.CLIP_SIZE, ip_adapter.CLIP_SIZE)))
+        else:
+            previews.append(preprocessors.control_hint(prompt.image, prompt.kind, width, height, options.canny_low,
+                                                       options.canny_high, options.skip_preprocessors))
+    return previews
 
 
 def _finished_writes(writes: list[concurrent.futures.Future]) -> list[str]:

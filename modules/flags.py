@@ -231,9 +231,21 @@ UPSCALE_2 = "Upscale (2x)"
 UPSCALE_FAST = "Upscale (Fast 2x)"
 UOV_METHODS = (UOV_DISABLED, VARY_SUBTLE, VARY_STRONG, UPSCALE_15, UPSCALE_2, UPSCALE_FAST)
 OUTPAINT_SELECTIONS = ("Left", "Right", "Top", "Bottom")
+# Image-prompt types, upstream's names and order (its flags.ip_list); PyraCanny and CPDS
+# are ControlNets (modules/controlnet.py), ImagePrompt the IP-Adapter (modules/ip_adapter.py).
 IMAGE_PROMPT = "ImagePrompt"
-# Upstream's other image-prompt types need ControlNets this project does not run yet.
-UNSUPPORTED_IMAGE_PROMPT_TYPES = ("PyraCanny", "CPDS", "FaceSwap")
+PYRACANNY = "PyraCanny"
+CPDS = "CPDS"
+FACESWAP = "FaceSwap"
+IMAGE_PROMPT_TYPES = (IMAGE_PROMPT, PYRACANNY, CPDS, FACESWAP)
+CONTROLNET_TYPES = (PYRACANNY, CPDS)
+# (stop at, weight) when a request or the page leaves them out (upstream's default_parameters).
+IMAGE_PROMPT_DEFAULTS = {IMAGE_PROMPT: (0.5, 0.6), PYRACANNY: (0.5, 1.0), CPDS: (0.5, 1.0), FACESWAP: (0.9, 0.75)}
+# Why each refused type is refused (the request's error says it).
+UNSUPPORTED_IMAGE_PROMPT_TYPES = {
+    FACESWAP: "it crops the face with a face detector (upstream vendors facexlib's RetinaFace and its "
+              "weights) before the IP-Adapter Plus Face file, and no maintained face library installs here",
+}
 # Upscale runs fewer steps than text to image (upstream's StepsUOV); denoise keeps the last of them.
 UOV_STEPS = {Performance.QUALITY: 36, Performance.SPEED: 18, Performance.EXTREME_SPEED: 8,
              Performance.LIGHTNING: 4, Performance.HYPER_SD: 4}

@@ -7,8 +7,13 @@ Torch-free. Request fields:
 * ``inpaint_mask``: white (or a sketch's opaque strokes) marks what to repaint;
 * ``outpaint_selections``: any of "Left", "Right", "Top", "Bottom";
 * ``inpaint_strength`` (0-1], ``inpaint_respective_field`` [0-1];
-* ``image_prompts``: up to four ``[image, stop, weight, type]`` (stop, weight and type
-  optional: upstream's 0.5, 0.6 and "ImagePrompt").
+* ``image_prompts``: up to four ``[image, stop, weight, type]``; type "ImagePrompt" (the
+  default), "PyraCanny" or "CPDS"; stop and weight default to upstream's per type (0.5 and
+  0.6 for ImagePrompt, 0.5 and 1.0 for the two ControlNets);
+* Developer Debug Mode's control options (upstream's / Fooocus-API's names):
+  ``controlnet_softness`` [0, 1] (0.25), ``canny_low_threshold`` and ``canny_high_threshold``
+  (1-255: 64, 128), ``skipping_cn_preprocessor`` (the images are already edge/structure
+  maps), ``debugging_cn_preprocessor`` (return the preprocessed images, generate nothing).
 
 An image is a base64 string (PNG, JPEG or WebP; a ``data:image/...;base64,`` prefix is
 fine), a path of an image file on the server, or Gradio's file object ``{"path": ...}``.
@@ -35,8 +40,9 @@ from modules.task_types import RequestError
 MAX_IMAGE_SIDE = 4096
 MAX_ENCODED_BYTES = 64 * 2 ** 20      # an encoded image larger than this is refused unread
 MAX_IMAGE_PROMPTS = 4                 # upstream's four image-prompt slots
-IMAGE_PROMPT_STOP, IMAGE_PROMPT_WEIGHT = 0.5, 0.6   # upstream's defaults for "ImagePrompt"
 INPAINT_STRENGTH, INPAINT_RESPECTIVE_FIELD = 1.0, 0.618
+CONTROLNET_SOFTNESS = 0.25                           # upstream's defaults for the control options
+CANNY_LOW_THRESHOLD, CANNY_HIGH_THRESHOLD = 64, 128
 
 
 @dataclass
@@ -44,6 +50,18 @@ class ImagePromptInput:
     image: np.ndarray      # HxWx3 uint8
     stop: float
     weight: float
+    kind: str = flags.IMAGE_PROMPT   # one of flags.IMAGE_PROMPT_TYPES (not a refused one)
+
+
+@dataclass(frozen=True)
+class ControlOptions:
+    """Developer Debug Mode's "Control" options for the PyraCanny/CPDS image prompts."""
+
+    softness: float = CONTROLNET_SOFTNESS
+    canny_low: int = CANNY_LOW_THRESHOLD
+    canny_high: int = CANNY_HIGH_THRESHOLD
+    skip_preprocessors: bool = False
+    debug_preprocessors: bool = False
 
 
 @dataclass
@@ -59,6 +77,17 @@ class ImageInputs:
     inpaint_strength: float = INPAINT_STRENGTH
     inpaint_respective_field: float = INPAINT_RESPECTIVE_FIELD
     image_prompts: list[ImagePromptInput] = field(default_factory=list)
+    control: ControlOptions = field(default_factory=ControlOptions)
+
+    @property
+    def adapter_prompts(self) -> list[ImagePromptInput]:
+        """The IP-Adapter's ("ImagePrompt")."""
+        return [p for p in self.image_prompts if p.kind == flags.IMAGE_PROMPT]
+
+    @property
+    def control_prompts(self) -> list[ImagePromptInput]:
+        """The ControlNets' (PyraCanny, CPDS), in request order."""
+        return [p for p in self.image_prompts if p.kind in flags.CONTROLNET_TYPES]
 
     def describe(self) -> dict[str, Any]:
         """For the report and the file metadata: what was asked, without pixels."""
@@ -73,8 +102,13 @@ class ImageInputs:
             out.update(outpaint_selections=list(self.outpaint), inpaint_strength=self.inpaint_strength,
                        inpaint_respective_field=self.inpaint_respective_field)
         if self.image_prompts:
-            out["image_prompts"] = [{**_describe(p.image), "stop": p.stop, "weight": p.weight,
-                                     "type": flags.IMAGE_PROMPT} for p in self.image_prompts]
+            out["image_prompts"] = [{**_describe(p.image), "stop": p.stop, "weight": p.weight, "type": p.kind}
+                                    for p in self.image_prompts]
+        if self.control_prompts or self.control.debug_preprocessors:
+            c = self.control
+            out.update(controlnet_softness=c.softness, canny_low_threshold=c.canny_low,
+                       canny_high_threshold=c.canny_high, skipping_cn_preprocessor=c.skip_preprocessors,
+                       debugging_cn_preprocessor=c.debug_preprocessors)
         return out
 
 
@@ -85,7 +119,7 @@ def _describe(image: np.ndarray) -> dict[str, Any]:
 
 def parse(data: dict) -> ImageInputs:
     """The input-image fields of request `data` (absent fields: text to image)."""
-    inputs = ImageInputs(image_prompts=_image_prompts(data.get("image_prompts")))
+    inputs = ImageInputs(image_prompts=_image_prompts(data.get("image_prompts")), control=_control_options(data))
     method = data.get("uov_method", flags.UOV_DISABLED)
     if method in (None, ""):
         method = flags.UOV_DISABLED
@@ -152,18 +186,60 @@ def _image_prompts(value: Any) -> list[ImagePromptInput]:
         image, stop, weight, kind = (entry + [None] * 3)[:4]
         if image in (None, ""):
             continue   # an empty slot, as upstream's page sends
-        kind = flags.IMAGE_PROMPT if kind in (None, "") else kind
-        if kind in flags.UNSUPPORTED_IMAGE_PROMPT_TYPES:
-            raise RequestError(f"{where}: type {kind!r} is not supported yet; use {flags.IMAGE_PROMPT!r}")
-        if kind != flags.IMAGE_PROMPT:
-            raise RequestError(f"{where}: type must be {flags.IMAGE_PROMPT!r}, got {kind!r}")
+        kind = _image_prompt_type(kind, where)
+        default_stop, default_weight = flags.IMAGE_PROMPT_DEFAULTS[kind]
         prompts.append(ImagePromptInput(
             image=decode_image(image, f"image_prompts[{index}]"),
-            stop=_number(stop, IMAGE_PROMPT_STOP, f"{where} stop", 0.0, 1.0),
-            weight=_number(weight, IMAGE_PROMPT_WEIGHT, f"{where} weight", 0.0, 2.0)))
+            stop=_number(stop, default_stop, f"{where} stop", 0.0, 1.0),
+            weight=_number(weight, default_weight, f"{where} weight", 0.0, 2.0), kind=kind))
     if len(prompts) > MAX_IMAGE_PROMPTS:
         raise RequestError(f"field 'image_prompts' has {len(prompts)} images; at most {MAX_IMAGE_PROMPTS}")
     return prompts
+
+
+def _image_prompt_type(kind: Any, where: str) -> str:
+    """The type of one image prompt (case as upstream's names; absent: "ImagePrompt")."""
+    if kind in (None, ""):
+        return flags.IMAGE_PROMPT
+    usable = [t for t in flags.IMAGE_PROMPT_TYPES if t not in flags.UNSUPPORTED_IMAGE_PROMPT_TYPES]
+    by_lower = {t.lower(): t for t in flags.IMAGE_PROMPT_TYPES}
+    known = by_lower.get(kind.strip().lower()) if isinstance(kind, str) else None
+    if known in flags.UNSUPPORTED_IMAGE_PROMPT_TYPES:
+        raise RequestError(f"{where}: type {known!r} is not supported: {flags.UNSUPPORTED_IMAGE_PROMPT_TYPES[known]}; "
+                           f"use one of {', '.join(usable)}")
+    if known is None:
+        raise RequestError(f"{where}: type must be one of {', '.join(usable)}, got {kind!r}")
+    return known
+
+
+def _control_options(data: dict) -> ControlOptions:
+    return ControlOptions(
+        softness=_number(data.get("controlnet_softness"), CONTROLNET_SOFTNESS, "field 'controlnet_softness'", 0.0, 1.0),
+        canny_low=_whole(data, "canny_low_threshold", CANNY_LOW_THRESHOLD, 1, 255),
+        canny_high=_whole(data, "canny_high_threshold", CANNY_HIGH_THRESHOLD, 1, 255),
+        skip_preprocessors=_flag(data, "skipping_cn_preprocessor"),
+        debug_preprocessors=_flag(data, "debugging_cn_preprocessor"))
+
+
+def _whole(data: dict, key: str, default: int, low: int, high: int) -> int:
+    """A whole number (a float with no fraction too: sliders send 64.0)."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise RequestError(f"field '{key}' must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+def _flag(data: dict, key: str) -> bool:
+    value = data.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"field '{key}' must be true or false, got {value!r}")
+    return value
 
 
 def _number(value: Any, default: float, where: str, low: float, high: float) -> float:

@@ -5,12 +5,20 @@ The panel follows upstream Fooocus: a checkbox opens it, and its selected tab de
 what the request asks for:
 
 * "Upscale or Variation" (``TAB_UOV``): ``input_image`` + ``uov_method``;
-* "Image Prompt" (``TAB_IP``): ``image_prompts`` (filled slots only);
+* "Image Prompt" (``TAB_IP``): ``image_prompts`` (filled slots only), each of a type
+  (ImagePrompt, PyraCanny, CPDS) whose defaults the Stop At / Weight sliders take;
 * "Inpaint or Outpaint" (``TAB_INPAINT``): ``input_image`` + ``inpaint_mask`` (the
   strokes drawn on the canvas, merged with an uploaded mask) and/or
   ``outpaint_selections``, with ``inpaint_strength`` and ``inpaint_respective_field``.
 
-With the checkbox off no input-image field is sent. Images go into the request as
+The Developer Debug "Control" options (`ControlValues`) act as upstream's: "Mixing Image
+Prompt and Vary/Upscale" sends the Upscale or Variation tab's image with the Image Prompt
+tab (and the image prompts with the other tab), "Mixing Image Prompt and Inpaint" likewise
+for the inpaint tab (with both on, the Image Prompt tab takes Vary/Upscale when it has an
+image and a method, else the inpaint: a request has one input image); any mixing option
+sends the image prompts whatever tab is shown. The ControlNet options (softness, Canny
+thresholds, skip/debug preprocessors) go with the image prompts when they differ from the
+defaults. With the checkbox off no input-image field is sent. Images go into the request as
 base64 PNG strings (modules/image_inputs.py decodes them). A value the page cannot
 turn into a request raises ValueError with a message for the user.
 """
@@ -29,7 +37,10 @@ from modules import flags
 TAB_UOV, TAB_IP, TAB_INPAINT = "uov", "ip", "inpaint"
 TABS = (TAB_UOV, TAB_IP, TAB_INPAINT)
 IMAGE_PROMPT_SLOTS = 4
-IMAGE_PROMPT_STOP, IMAGE_PROMPT_WEIGHT = 0.5, 0.6        # upstream's defaults for "ImagePrompt"
+IMAGE_PROMPT_STOP, IMAGE_PROMPT_WEIGHT = flags.IMAGE_PROMPT_DEFAULTS[flags.IMAGE_PROMPT]
+# The types the page offers: upstream's list without the refused ones (FaceSwap).
+IMAGE_PROMPT_TYPES = tuple(t for t in flags.IMAGE_PROMPT_TYPES if t not in flags.UNSUPPORTED_IMAGE_PROMPT_TYPES)
+CONTROLNET_SOFTNESS, CANNY_LOW, CANNY_HIGH = 0.25, 64, 128   # upstream's defaults
 INPAINT_STRENGTH, INPAINT_RESPECTIVE_FIELD = 1.0, 0.618   # upstream's defaults
 MASK_THRESHOLD = 127   # an uploaded mask's grey above this repaints
 
@@ -40,6 +51,35 @@ class ImagePromptSlot:
     stop: float = IMAGE_PROMPT_STOP
     weight: float = IMAGE_PROMPT_WEIGHT
     kind: str = flags.IMAGE_PROMPT
+
+
+def type_defaults(kind: str | None) -> tuple[float, float]:
+    """(stop at, weight) a slot takes when its type is chosen (upstream's per type)."""
+    return flags.IMAGE_PROMPT_DEFAULTS.get(kind or flags.IMAGE_PROMPT, flags.IMAGE_PROMPT_DEFAULTS[flags.IMAGE_PROMPT])
+
+
+@dataclass(frozen=True)
+class ControlValues:
+    """Developer Debug Mode's "Control" tab (upstream's labels in the comments)."""
+
+    mixing_vary_upscale: bool = False      # Mixing Image Prompt and Vary/Upscale
+    mixing_inpaint: bool = False           # Mixing Image Prompt and Inpaint
+    softness: float = CONTROLNET_SOFTNESS  # Softness of ControlNet
+    canny_low: int = CANNY_LOW             # Canny Low Threshold
+    canny_high: int = CANNY_HIGH           # Canny High Threshold
+    skip_preprocessors: bool = False       # Skip Preprocessors
+    debug_preprocessors: bool = False      # Debug Preprocessors
+
+    def request_fields(self) -> dict[str, Any]:
+        """The ControlNet options that differ from the defaults, under upstream's field names."""
+        fields = {"controlnet_softness": float(self.softness), "canny_low_threshold": int(self.canny_low),
+                  "canny_high_threshold": int(self.canny_high),
+                  "skipping_cn_preprocessor": bool(self.skip_preprocessors),
+                  "debugging_cn_preprocessor": bool(self.debug_preprocessors)}
+        defaults = {"controlnet_softness": CONTROLNET_SOFTNESS, "canny_low_threshold": CANNY_LOW,
+                    "canny_high_threshold": CANNY_HIGH, "skipping_cn_preprocessor": False,
+                    "debugging_cn_preprocessor": False}
+        return {k: v for k, v in fields.items() if v != defaults[k]}
 
 
 @dataclass(frozen=True)
@@ -56,18 +96,41 @@ class InputImageValues:
     outpaint: tuple[str, ...] = ()
     inpaint_strength: float = INPAINT_STRENGTH
     inpaint_respective_field: float = INPAINT_RESPECTIVE_FIELD
+    control: ControlValues = ControlValues()
 
     def to_fields(self) -> dict[str, Any]:
         if not self.enabled:
             return {}
+        if self.tab not in TABS:
+            raise ValueError(f"unknown Input Image tab {self.tab!r}")
+        control = self.control
+        fields: dict[str, Any] = {}
         if self.tab == TAB_UOV:
-            return uov_fields(self.uov_image, self.uov_method)
-        if self.tab == TAB_IP:
-            return image_prompt_fields(self.image_prompts)
-        if self.tab == TAB_INPAINT:
-            return inpaint_fields(self.inpaint_canvas, self.inpaint_mask_upload, self.outpaint,
-                                  self.inpaint_strength, self.inpaint_respective_field)
-        raise ValueError(f"unknown Input Image tab {self.tab!r}")
+            fields = uov_fields(self.uov_image, self.uov_method)
+        elif self.tab == TAB_INPAINT:
+            fields = self._inpaint()
+        else:
+            if control.mixing_vary_upscale and to_rgb(self.uov_image) is not None:
+                fields = uov_fields(self.uov_image, self.uov_method)
+            if not fields and control.mixing_inpaint:
+                fields = self._mixed_inpaint()
+        if self.tab == TAB_IP or control.mixing_vary_upscale or control.mixing_inpaint:
+            prompts = image_prompt_fields(self.image_prompts)
+            if prompts:
+                fields.update(prompts, **control.request_fields())
+        return fields
+
+    def _inpaint(self) -> dict[str, Any]:
+        return inpaint_fields(self.inpaint_canvas, self.inpaint_mask_upload, self.outpaint,
+                              self.inpaint_strength, self.inpaint_respective_field)
+
+    def _mixed_inpaint(self) -> dict[str, Any]:
+        """The inpaint tab's fields when it is mixed into the Image Prompt tab: as upstream,
+        only when it has an image and something to repaint (else nothing, no error)."""
+        try:
+            return self._inpaint()
+        except ValueError:
+            return {}
 
 
 # -- each tab -----------------------------------------------------------------------------
@@ -92,7 +155,10 @@ def image_prompt_fields(slots: tuple[ImagePromptSlot, ...] | list[ImagePromptSlo
         pixels = to_rgb(slot.image)
         if pixels is None:
             continue
-        prompts.append([encode_png(pixels), float(slot.stop), float(slot.weight), slot.kind or flags.IMAGE_PROMPT])
+        kind = slot.kind or flags.IMAGE_PROMPT
+        if kind not in IMAGE_PROMPT_TYPES:
+            raise ValueError(f"Image Prompt: unknown type {kind!r}; choose one of {', '.join(IMAGE_PROMPT_TYPES)}")
+        prompts.append([encode_png(pixels), float(slot.stop), float(slot.weight), kind])
     return {"image_prompts": prompts} if prompts else {}
 
 

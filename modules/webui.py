@@ -526,6 +526,51 @@ class ImagePromptControls:
 
 
 @dataclass
+class ControlTabControls:
+    """Developer Debug Mode's "Control" tab (upstream's labels): how image prompts mix with
+    the other input-image tabs and the PyraCanny/CPDS options."""
+
+    mixing_vary_upscale: gr.Checkbox
+    mixing_inpaint: gr.Checkbox
+    softness: gr.Slider
+    canny_low: gr.Slider
+    canny_high: gr.Slider
+    skip_preprocessors: gr.Checkbox
+    debug_preprocessors: gr.Checkbox
+
+    def components(self) -> set[gr.components.Component]:
+        return {self.mixing_vary_upscale, self.mixing_inpaint, self.softness, self.canny_low, self.canny_high,
+                self.skip_preprocessors, self.debug_preprocessors}
+
+    def values(self, data: Mapping[Any, Any]) -> input_image_page.ControlValues:
+        return input_image_page.ControlValues(
+            mixing_vary_upscale=bool(data[self.mixing_vary_upscale]), mixing_inpaint=bool(data[self.mixing_inpaint]),
+            softness=float(data[self.softness]), canny_low=int(data[self.canny_low]),
+            canny_high=int(data[self.canny_high]), skip_preprocessors=bool(data[self.skip_preprocessors]),
+            debug_preprocessors=bool(data[self.debug_preprocessors]))
+
+
+def _control_tab() -> ControlTabControls:
+    """The "Control" tab's controls, with upstream's labels, ranges and defaults."""
+    return ControlTabControls(
+        debug_preprocessors=gr.Checkbox(label="Debug Preprocessors", value=False, elem_id="fr-debug-preprocessors",
+                                        info="Show what the preprocessors make of the image prompts (nothing "
+                                             "is generated)."),
+        skip_preprocessors=gr.Checkbox(label="Skip Preprocessors", value=False, elem_id="fr-skip-preprocessors",
+                                       info="The image prompts are already edge or structure maps."),
+        mixing_vary_upscale=gr.Checkbox(label="Mixing Image Prompt and Vary/Upscale", value=False,
+                                        elem_id="fr-mixing-uov"),
+        mixing_inpaint=gr.Checkbox(label="Mixing Image Prompt and Inpaint", value=False, elem_id="fr-mixing-inpaint"),
+        softness=gr.Slider(0.0, 1.0, value=input_image_page.CONTROLNET_SOFTNESS, step=0.001,
+                           label="Softness of ControlNet", elem_id="fr-controlnet-softness",
+                           info="Weakens the ControlNet on the fine details more than on the layout (0: off)."),
+        canny_low=gr.Slider(1, 255, value=input_image_page.CANNY_LOW, step=1, label="Canny Low Threshold",
+                            elem_id="fr-canny-low"),
+        canny_high=gr.Slider(1, 255, value=input_image_page.CANNY_HIGH, step=1, label="Canny High Threshold",
+                             elem_id="fr-canny-high"))
+
+
+@dataclass
 class InputImageControls:
     """The Input Image panel (upstream's layout); ``tab`` is a hidden textbox the tabs
     set in the browser, so the request follows the tab shown when Generate is pressed."""
@@ -540,6 +585,7 @@ class InputImageControls:
     outpaint: gr.CheckboxGroup
     inpaint_strength: gr.Slider
     inpaint_respective_field: gr.Slider
+    control: ControlTabControls | None = None   # in the Advanced column, built after the panel
 
     def components(self) -> set[gr.components.Component]:
         out: set[gr.components.Component] = {
@@ -547,6 +593,8 @@ class InputImageControls:
             self.inpaint_mask_upload, self.outpaint, self.inpaint_strength, self.inpaint_respective_field}
         for slot in self.image_prompts:
             out |= {slot.image, slot.stop, slot.weight, slot.kind}
+        if self.control is not None:
+            out |= self.control.components()
         return out
 
     def values(self, data: Mapping[Any, Any]) -> input_image_page.InputImageValues:
@@ -563,6 +611,8 @@ class InputImageControls:
             outpaint=tuple(data[self.outpaint] or ()),
             inpaint_strength=float(data[self.inpaint_strength]),
             inpaint_respective_field=float(data[self.inpaint_respective_field]),
+            control=(self.control.values(data) if self.control is not None
+                     else input_image_page.ControlValues()),
         )
 
 
@@ -851,8 +901,8 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
                                                  label="Stop At", elem_id=f"fr-ip-stop-{i}")
                                 weight = gr.Slider(0.0, 2.0, value=input_image_page.IMAGE_PROMPT_WEIGHT,
                                                    step=0.001, label="Weight", elem_id=f"fr-ip-weight-{i}")
-                                kind = gr.Radio([flags.IMAGE_PROMPT], value=flags.IMAGE_PROMPT, label="Type",
-                                                container=False, elem_id=f"fr-ip-type-{i}")
+                                kind = gr.Radio(list(input_image_page.IMAGE_PROMPT_TYPES), value=flags.IMAGE_PROMPT,
+                                                label="Type", container=False, elem_id=f"fr-ip-type-{i}")
                             advanced_columns.append(advanced_col)
                             slots.append(ImagePromptControls(image, stop, weight, kind))
                 ip_advanced = gr.Checkbox(label="Advanced", value=False, container=False, elem_id="fr-ip-advanced")
@@ -1202,6 +1252,8 @@ def _page(cfg: config_module.Config, warning: str | None) -> Page:
                 styles = _styles_tab(cfg)
                 models = _models_tab(cfg)
                 advanced = _advanced_tab(cfg)
+                with gr.Tab("Control", elem_id="fr-control-tab"):   # upstream: Developer Debug Mode > Control
+                    input_image.controls.control = _control_tab()
     return Page(owner, banner, shown, prompt, input_image, memory, report, params, advanced_column,
                 settings, styles, models, advanced)
 
@@ -1270,6 +1322,10 @@ def _wire_input_image_panel(panel: InputImagePanel) -> None:
     panel.ip_advanced.change(lambda on: [gr.update(visible=bool(on))] * len(panel.ip_advanced_columns),
                              inputs=[panel.ip_advanced], outputs=panel.ip_advanced_columns,
                              api_visibility="private", queue=False)
+    for slot in panel.controls.image_prompts:   # a type brings its own Stop At / Weight (upstream's defaults)
+        slot.kind.change(lambda kind: [gr.update(value=v) for v in input_image_page.type_defaults(kind)],
+                         inputs=[slot.kind], outputs=[slot.stop, slot.weight], api_visibility="private",
+                         queue=False)
 
 
 def _wire_settings_tab(page: Page) -> None:

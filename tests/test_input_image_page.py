@@ -143,3 +143,74 @@ def test_file_paths_and_pil_images_are_read(tmp_path: Path) -> None:
     Image.fromarray(image).save(path)
     for value in (str(path), {"path": str(path)}, Image.fromarray(image)):
         assert (decode(iip.uov_fields(value, flags.VARY_SUBTLE)["input_image"]) == image).all()
+
+
+# -- image-prompt types and the Developer Debug "Control" options ----------------------------
+
+def test_the_page_offers_upstreams_types_but_faceswap_with_their_defaults() -> None:
+    assert iip.IMAGE_PROMPT_TYPES == ("ImagePrompt", "PyraCanny", "CPDS")
+    # upstream's flags.default_parameters: (stop at, weight)
+    assert [iip.type_defaults(t) for t in ("ImagePrompt", "PyraCanny", "CPDS")] == [(0.5, 0.6), (0.5, 1.0), (0.5, 1.0)]
+    fields = iip.image_prompt_fields([iip.ImagePromptSlot(picture(), 0.3, 1.5, "PyraCanny"),
+                                      iip.ImagePromptSlot(picture(seed=2), 0.7, 0.9, "CPDS")])
+    parsed = image_inputs.parse(fields)
+    assert [(p.kind, p.stop, p.weight) for p in parsed.image_prompts] == [("PyraCanny", 0.3, 1.5), ("CPDS", 0.7, 0.9)]
+    assert [p.kind for p in parsed.control_prompts] == ["PyraCanny", "CPDS"] and not parsed.adapter_prompts
+    with pytest.raises(ValueError, match="unknown type 'FaceSwap'"):
+        iip.image_prompt_fields([iip.ImagePromptSlot(picture(), kind="FaceSwap")])
+
+
+def test_a_request_without_stop_and_weight_gets_the_types_defaults() -> None:
+    image = iip.encode_png(picture())
+    parsed = image_inputs.parse({"image_prompts": [[image, None, None, "CPDS"], [image], [image, 0.2, None, "PyraCanny"]]})
+    assert [(p.kind, p.stop, p.weight) for p in parsed.image_prompts] == [
+        ("CPDS", 0.5, 1.0), ("ImagePrompt", 0.5, 0.6), ("PyraCanny", 0.2, 1.0)]
+
+
+INPAINT = {"input_image", "inpaint_mask", "inpaint_strength", "inpaint_respective_field"}
+
+
+def _all_tabs(tab: str, control: iip.ControlValues, canvas_stroke=np.s_[0:4, 0:4]) -> iip.InputImageValues:
+    return iip.InputImageValues(
+        enabled=True, tab=tab, uov_image=picture(seed=5), uov_method=flags.VARY_STRONG,
+        image_prompts=(iip.ImagePromptSlot(picture(seed=6), kind="PyraCanny"),),
+        inpaint_canvas=canvas(picture(seed=7), canvas_stroke), control=control)
+
+
+@pytest.mark.parametrize("tab, control, sent", [
+    (iip.TAB_IP, iip.ControlValues(), {"image_prompts"}),
+    (iip.TAB_UOV, iip.ControlValues(), {"input_image", "uov_method"}),
+    (iip.TAB_INPAINT, iip.ControlValues(), INPAINT),
+    (iip.TAB_IP, iip.ControlValues(mixing_vary_upscale=True), {"image_prompts", "input_image", "uov_method"}),
+    (iip.TAB_UOV, iip.ControlValues(mixing_vary_upscale=True), {"image_prompts", "input_image", "uov_method"}),
+    (iip.TAB_IP, iip.ControlValues(mixing_inpaint=True), {"image_prompts", *INPAINT}),
+    (iip.TAB_INPAINT, iip.ControlValues(mixing_inpaint=True), {"image_prompts", *INPAINT}),
+    # upstream: any mixing option brings the image prompts, whatever tab is shown
+    (iip.TAB_INPAINT, iip.ControlValues(mixing_vary_upscale=True), {"image_prompts", *INPAINT}),
+    # both: the Image Prompt tab takes Vary/Upscale (one input image per request)
+    (iip.TAB_IP, iip.ControlValues(mixing_vary_upscale=True, mixing_inpaint=True),
+     {"image_prompts", "input_image", "uov_method"}),
+])
+def test_mixing_options_send_the_other_tabs_image_as_upstream(tab, control, sent) -> None:
+    fields = _all_tabs(tab, control).to_fields()
+    assert {k for k in fields if k in INPUT_FIELDS} == sent
+    parsed = image_inputs.parse(fields)
+    assert parsed.mode == ("uov" if "uov_method" in sent else "inpaint" if "inpaint_mask" in sent else "")
+    assert len(parsed.image_prompts) == ("image_prompts" in sent)
+
+
+def test_mixing_inpaint_without_a_stroke_sends_the_image_prompts_alone() -> None:
+    fields = _all_tabs(iip.TAB_IP, iip.ControlValues(mixing_inpaint=True), canvas_stroke=None).to_fields()
+    assert {k for k in fields if k in INPUT_FIELDS} == {"image_prompts"}
+
+
+def test_control_options_go_with_the_image_prompts_when_changed() -> None:
+    control = iip.ControlValues(softness=0.5, canny_low=20, canny_high=200, skip_preprocessors=True,
+                                debug_preprocessors=True)
+    fields = _all_tabs(iip.TAB_IP, control).to_fields()
+    assert {k: fields[k] for k in control.request_fields()} == {
+        "controlnet_softness": 0.5, "canny_low_threshold": 20, "canny_high_threshold": 200,
+        "skipping_cn_preprocessor": True, "debugging_cn_preprocessor": True}
+    assert image_inputs.parse(fields).control == image_inputs.ControlOptions(0.5, 20, 200, True, True)
+    assert not set(_all_tabs(iip.TAB_IP, iip.ControlValues()).to_fields()) & set(control.request_fields())
+    assert not set(_all_tabs(iip.TAB_UOV, control).to_fields()) & set(control.request_fields())  # no prompts sent

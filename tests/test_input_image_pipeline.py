@@ -11,11 +11,9 @@ import pytest
 from PIL import Image
 
 from ldm_patched.modules import model_management as mm
-from modules import config
 from tests.helpers import input_image_files, pipelines
 from tests.helpers.input_image_files import INPUT, MODES, box_mask, png64
 
-SIDE = input_image_files.IMAGE_INPUT_SIDE
 BASE = {"prompt": "a cat", "base_model": "tiny_sdxl_base.safetensors", "width": 64, "height": 64,
         "steps": 2, "seed": 5, "performance": "Speed"}
 
@@ -25,11 +23,7 @@ def served(pipeline, tiny_components, monkeypatch):
     """`install(policy)`: the pipeline fixture's folders with every input-image model file,
     image_input_side small."""
     def install(policy, inpaint_files: bool = True):
-        folders = pipeline(policy)
-        input_image_files.write_all(folders, tiny_components["unet"], inpaint_files=inpaint_files)
-        monkeypatch.setenv("image_input_side", str(SIDE))
-        config.reload_config()
-        return folders
+        return input_image_files.serve(pipeline, tiny_components["unet"], monkeypatch, policy, inpaint_files)
     return install
 
 
@@ -188,7 +182,8 @@ def test_input_image_models_show_in_the_model_status(served):
 
 
 def test_every_mode_runs_compiled_and_a_second_round_recompiles_nothing(served, use_compiler):
-    """`--compile-unet` with the input-image features: the image-prompt processors, the inpaint
+    """`--compile-unet` with the input-image features: the image-prompt processors, the
+    ControlNets' residuals (inputs of the compiled UNet; the ControlNets run eager), the inpaint
     head and patch, and img2img's partial schedules all run through the compiled UNet. The
     first round may compile a graph per shape and per feature; the second compiles nothing,
     and every image equals the eager one."""

@@ -307,16 +307,17 @@ def page_event(fake: FakeApp, elem_id: str, owner: str, values: dict[str, object
     return messages
 
 
-def page_call(fake: FakeApp, elem_id: str, owner: str) -> None:
-    """A page event that bypasses the queue (Stop, Skip)."""
+def page_call(fake: FakeApp, elem_id: str, owner: str, values: dict[str, object] | None = None) -> list:
+    """A page event that bypasses the queue (Stop, Skip, a radio's change); its outputs."""
     import httpx
 
     index, dep = _event(fake.app, elem_id)
     response = httpx.post(fake.url + "gradio_api/run/predict", timeout=TIMEOUT,
-                          json={"data": _inputs(fake.app, dep, {}, owner), "fn_index": index,
+                          json={"data": _inputs(fake.app, dep, values or {}, owner), "fn_index": index,
                                 "session_hash": f"s-{owner}", "event_data": None,
                                 "trigger_id": dep["targets"][0][0]})
     assert response.status_code == 200, response.text
+    return response.json().get("data", [])
 
 
 PAGE_VALUES = {"Prompt": "from the page", "Aspect Ratios": "896*1152", "Random": False, "Seed": "11"}
@@ -380,6 +381,29 @@ def test_page_sends_the_input_image_fields_of_the_tab_shown(fake_app: FakeApp) -
     assert (decode(inpaint["input_image"]) == image).all() and inpaint["outpaint_selections"] == ["Left"]
     assert (decode(inpaint["inpaint_mask"]) == np.where(layer[:, :, 3] > 0, 255, 0)).all()
     assert (inpaint["inpaint_strength"], inpaint["inpaint_respective_field"]) == (1.0, 0.618)
+
+
+def test_page_sends_pyracanny_and_cpds_with_the_control_tab_options(fake_app: FakeApp) -> None:
+    """The Type radio offers the ControlNet types; the Control tab's options (upstream's
+    labels) go with them; "Mixing Image Prompt and Vary/Upscale" sends the other tab's image."""
+    image = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    uploaded = upload_png(fake_app, image)
+    values = {"Prompt": "controlled", "Random": False, "Seed": "5", "fr-input-image-checkbox": True,
+              "fr-input-image-tab": "ip", "fr-ip-image-0": uploaded, "fr-ip-type-0": "PyraCanny",
+              "fr-ip-stop-0": 0.5, "fr-ip-weight-0": 1.0, "fr-ip-image-2": uploaded, "fr-ip-type-2": "CPDS",
+              "fr-uov-image": uploaded, "fr-uov-method": "Vary (Subtle)", "Mixing Image Prompt and Vary/Upscale": True,
+              "Softness of ControlNet": 0.5, "Canny Low Threshold": 32, "Canny High Threshold": 96}
+    final = page_event(fake_app, "generate_button", "carol", values)[-1]
+    assert final["msg"] == "process_completed" and final["success"], final
+    request = fake_app.pipeline.requests[-1]
+    assert [p[1:] for p in request["image_prompts"]] == [[0.5, 1.0, "PyraCanny"], [0.5, 0.6, "CPDS"]]
+    assert request["uov_method"] == "Vary (Subtle)" and "input_image" in request
+    assert (request["controlnet_softness"], request["canny_low_threshold"], request["canny_high_threshold"]) == (
+        0.5, 32, 96)
+    radio = next(c for c in _components(fake_app.app).values() if c["props"].get("elem_id") == "fr-ip-type-0")
+    assert [choice[0] for choice in radio["props"]["choices"]] == ["ImagePrompt", "PyraCanny", "CPDS"]
+    stop, weight = page_call(fake_app, "fr-ip-type-1", "carol", {"fr-ip-type-1": "CPDS"})   # its defaults
+    assert (stop["value"], weight["value"]) == (0.5, 1.0)
 
 
 def test_a_foreign_page_stop_leaves_the_job_alone(fake_app: FakeApp) -> None:

@@ -146,6 +146,13 @@ def weight_state(module: torch.nn.Module) -> WeightState:
     return state
 
 
+def original_weight(module: torch.nn.Module, name: str, param: torch.Tensor) -> torch.Tensor:
+    """The exact original of parameter `name` of `module`, whatever patch is merged into it
+    now: its backup while a patch is merged (or being written), else the parameter itself."""
+    state = weight_state(module)
+    return state.backups[name] if name in state.applied else param
+
+
 @dataclass(frozen=True)
 class PatchResult:
     patched: int = 0

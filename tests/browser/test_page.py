@@ -444,7 +444,7 @@ def test_screenshots_have_no_clipped_labels(browser, server: Server, tmp_path: P
         driver.page.get_by_text("Resident memory", exact=True).click()
         driver.page.locator("#fr-memory-panel .fr-mem").wait_for()
         clipped = {}
-        for tab in ("Settings", "Models", "Advanced"):
+        for tab in ("Settings", "Models", "Advanced", "Control"):
             driver.tab(tab)
             clipped[tab] = driver.page.evaluate(CLIPPED_LABELS_JS)
             path = tmp_path / f"page_{width}x{height}_{tab.lower()}.png"
@@ -467,7 +467,7 @@ def test_every_tab_stays_in_the_tab_bar_on_a_phone(browser, server: Server, widt
     try:
         driver.advanced()
         driver.page.locator("#fr-input-image-checkbox input[type=checkbox]").check()
-        for bar, names in (("#fr-advanced-tabs", ["Settings", "Styles", "Models", "Advanced"]),
+        for bar, names in (("#fr-advanced-tabs", ["Settings", "Styles", "Models", "Advanced", "Control"]),
                            ("#fr-input-image-tabs", ["Upscale or Variation", "Image Prompt", "Inpaint or Outpaint"])):
             tabs = driver.page.locator(f"{bar} [role=tab]")
             tabs.first.wait_for()
@@ -822,6 +822,28 @@ def test_input_image_image_prompt(page: PageDriver, input_png: Path) -> None:
     page.upload("fr-ip-image-0", input_png)
     generated(page, "a lighthouse like this picture")
     report_mentions(page, "image_prompts")
+
+
+def test_input_image_pyracanny_with_the_control_tab(page: PageDriver, input_png: Path) -> None:
+    """A slot's type PyraCanny (its Stop At / Weight become upstream's 0.5 / 1.0), the Control
+    tab's Canny threshold sent with it; Debug Preprocessors shows the edge map instead."""
+    need_model_files("image prompt")
+    page.input_image_tab("Image Prompt")
+    page.upload("fr-ip-image-0", input_png)
+    page.page.locator("#fr-ip-advanced input[type=checkbox]").check()
+    page.choose("fr-ip-type-0", "PyraCanny")
+    weight = page.page.get_by_label("number input for Weight").first
+    page.page.wait_for_function("(el) => el.value === '1'", arg=weight.element_handle(), timeout=30_000)
+    page.tab("Control")
+    low = page.page.get_by_label("number input for Canny Low Threshold")
+    low.fill("40")
+    low.press("Enter")
+    generated(page, "a lighthouse with these edges")
+    report_mentions(page, "controlnets", "PyraCanny", "canny_low_threshold", "40")
+    page.page.locator("#fr-debug-preprocessors input[type=checkbox]").check()
+    edges = generated(page, "show the edge map")
+    assert edges.size == (128, 128) and edges.mode == "RGB"   # the generation's size (the page's default)
+    report_mentions(page, "preprocessed_images")
 
 
 def test_input_image_inpaint_a_drawn_mask(page: PageDriver, input_png: Path) -> None:

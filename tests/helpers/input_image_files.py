@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from tests.helpers import controlnet_files
 from tests.helpers.ip_adapter_files import tiny_clip_vision, tiny_ip_adapter_state
 
 UPSCALER_FILE = "fooocus_upscaler_s409985e5.bin"
@@ -89,9 +90,22 @@ def write_all(folders: dict[str, Path], unet: torch.nn.Module, inpaint_files: bo
     "clip_vision" | "inpaint"], under upstream's names."""
     write_tiny_upscaler(folders["upscale_models"] / UPSCALER_FILE)
     write_tiny_ip_adapter(folders["controlnet"] / IP_ADAPTER_FILE, folders["clip_vision"] / CLIP_VISION_FILE, unet)
+    controlnet_files.write_both(folders["controlnet"], unet)
     if inpaint_files:
         write_tiny_inpaint_patch(folders["inpaint"] / INPAINT_PATCH_FILE, unet)
         write_tiny_inpaint_head(folders["inpaint"] / INPAINT_HEAD_FILE, unet)
+
+
+def serve(pipeline, unet: torch.nn.Module, monkeypatch, policy, inpaint_files: bool = True) -> dict[str, Path]:
+    """The `pipeline` fixture's folders (installed with `policy`) holding every input-image
+    model file, and image_input_side small."""
+    from modules import config
+
+    folders = pipeline(policy)
+    write_all(folders, unet, inpaint_files=inpaint_files)
+    monkeypatch.setenv("image_input_side", str(IMAGE_INPUT_SIDE))
+    config.reload_config()
+    return folders
 
 
 # -- requests for each mode -------------------------------------------------------------------
@@ -127,6 +141,8 @@ MODES = {
     # Fast 2x: the upscaler alone, resized to 2x; no diffusion.
     "fast upscale": ({"input_image": png64(INPUT), "uov_method": "Upscale (Fast 2x)"}, (192, 128)),
     "image prompt": ({"image_prompts": [[png64(INPUT), 0.5, 0.6, "ImagePrompt"]]}, (64, 64)),
+    "pyracanny": ({"image_prompts": [[png64(INPUT), 0.5, 1.0, "PyraCanny"]]}, (64, 64)),
+    "cpds": ({"image_prompts": [[png64(INPUT), 0.5, 1.0, "CPDS"]]}, (64, 64)),
     "inpaint": ({"input_image": png64(INPUT), "inpaint_mask": png64(MASK)}, (96, 64)),
     # Outpaint Left adds int(0.3 * 96) = 28 columns.
     "outpaint": ({"input_image": png64(INPUT), "outpaint_selections": ["Left"]}, (124, 64)),

@@ -113,3 +113,19 @@ def running_fake_app(tmp_path: Path, **launch: object) -> Iterator[FakeApp]:
         fake.pipeline.gate.set()
         fake.app.close()  # type: ignore[attr-defined]
         fake.worker.shutdown(TIMEOUT)
+
+
+@contextlib.contextmanager
+def running_pipeline_app(pipeline: object, cfg: config_module.Config) -> Iterator[str]:
+    """The web app over a real `Pipeline` (in this process, its worker thread running it);
+    yields the URL. Images are served from the config's output and temp folders."""
+    worker = Worker(pipeline_factory=lambda: pipeline)
+    app = webui.build_app(worker=worker, cfg=cfg, demo_warning=lambda: None, reconnect_grace_s=0)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               allowed_paths=webui.allowed_paths(cfg))
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()  # type: ignore[attr-defined]
+        worker.shutdown(TIMEOUT)
