@@ -42,6 +42,27 @@ def test_same_image_as_diffusers_pipeline(pipeline, tiny_checkpoint, diffusers_c
     assert pixels(ours.images[0]).std() > 1  # a real picture, not a constant
 
 
+@pytest.mark.parametrize("name", ["SSD-1B", "KOALA-700M"])
+def test_distilled_checkpoint_gives_diffusers_pipelines_image(name, pipeline, tiny_family_checkpoint, tmp_path):
+    """SDXL distillations upstream loads (fewer transformers, a one-resnet or no mid block)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm_patched.modules.demo_model import write_diffusers_config_dir
+
+    path, parts = tiny_family_checkpoint(name)
+    folders = pipeline(mm.Policy.RESIDENT)
+    shutil.copy(path, folders["checkpoints"] / os.path.basename(path))
+    ours = pipelines.process_request({**SMALL, "base_model": os.path.basename(path)})
+    assert "error" not in ours.report, ours.report
+    pipe = StableDiffusionXLPipeline.from_single_file(path, config=write_diffusers_config_dir(tmp_path / "c", parts),
+                                                      local_files_only=True)
+    theirs = pipe(prompt=SMALL["prompt"], negative_prompt=SMALL["negative_prompt"], width=64, height=64,
+                  num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(SMALL["seed"])).images[0]
+    assert np.abs(pixels(ours.images[0]) - np.round(theirs * 255)).max() <= 2
+    assert pixels(ours.images[0]).std() > 1
+
+
 def test_repeated_request_moves_and_patches_nothing_when_resident(pipeline, tiny_components):
     folders = pipeline(mm.Policy.RESIDENT)
     kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
