@@ -715,13 +715,14 @@ class Pipeline:
 
     def _encode(self, plan: RequestPlan, models: RequestModels, positive_texts: list[str],
                 run: RequestRun) -> dict[str, list[core.UNetStage]]:
-        """Stage 3: each different prompt text once, for the base and the refiner."""
+        """Stage 3: each different prompt text once, for the base and the refiner. At guidance 1
+        (the distilled modes) sampling never reads the negative, so it is not encoded (as upstream)."""
         folders, limit = plan.cfg.path_embeddings, int(plan.cfg.max_conditioning_cache_mb * 2 ** 20)
-        negative = plan.negative_text
+        negative = plan.negative_text if plan.cfg_scale > 1.0 else None
 
-        def both(clip: ModelPatcher, tokenizers: tuple, text: str) -> tuple[core.Conditioning, core.Conditioning]:
+        def both(clip: ModelPatcher, tokenizers: tuple, text: str) -> tuple[core.Conditioning, core.Conditioning | None]:
             return (self.encode(clip, tokenizers, text, run.counts, folders, limit),
-                    self.encode(clip, tokenizers, negative, run.counts, folders, limit))
+                    None if negative is None else self.encode(clip, tokenizers, negative, run.counts, folders, limit))
 
         stage_sets: dict[str, list[core.UNetStage]] = {}
         with run.timed("text_encode"):

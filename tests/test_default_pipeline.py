@@ -75,6 +75,20 @@ def test_repeated_request_moves_and_patches_nothing_when_resident(pipeline, tiny
                 moved["lora_files_read"], moved["text_encodes"]) == (0, 0, 0, 0, 0)
 
 
+def test_guidance_1_encodes_the_prompt_once_and_gives_the_same_image(pipeline, tiny_components):
+    """Extreme Speed (cfg 1) never reads the negative prompt: upstream encodes only the positive;
+    a Speed request at guidance 1 samples the same way. Conservative keeps no cache, so the
+    count is the encodes themselves."""
+    folders = pipeline(mm.Policy.CONSERVATIVE)
+    kohya_lora(tiny_components, folders["loras"] / "sdxl_lcm_lora.safetensors")
+    distilled = pipelines.process_request({**SMALL, "performance": "Extreme Speed", "steps": 2})
+    plain = pipelines.process_request({**SMALL, "guidance_scale": 1.0, "steps": 2})
+    guided = pipelines.process_request({**SMALL, "steps": 2})
+    assert [r.report["model_management"]["text_encodes"] for r in (distilled, plain, guided)] == [1, 1, 2]
+    other_negative = pipelines.process_request({**SMALL, "guidance_scale": 1.0, "steps": 2, "negative_prompt": "x"})
+    assert np.array_equal(pixels(plain.images[0]), pixels(other_negative.images[0]))
+
+
 def test_conservative_loads_and_patches_every_request(pipeline, tiny_components):
     folders = pipeline(mm.Policy.CONSERVATIVE)
     kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
