@@ -720,7 +720,8 @@ class Pipeline:
         folders, limit = plan.cfg.path_embeddings, int(plan.cfg.max_conditioning_cache_mb * 2 ** 20)
         negative = plan.negative_text if plan.cfg_scale > 1.0 else None
 
-        def both(clip: ModelPatcher, tokenizers: tuple, text: str) -> tuple[core.Conditioning, core.Conditioning | None]:
+        def both(clip: ModelPatcher, tokenizers: tuple, text: str) -> tuple[core.Conditioning,
+                                                                             core.Conditioning | None]:
             return (self.encode(clip, tokenizers, text, run.counts, folders, limit),
                     None if negative is None else self.encode(clip, tokenizers, negative, run.counts, folders, limit))
 
