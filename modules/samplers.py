@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ldm_patched.modules.checkpoint import SDXL_VAE_SCALING_FACTOR
+
 # (x, sigma) requests out, (x as evaluated, denoised) in, final x returned
 Algorithm = Generator[tuple[torch.Tensor | None, float], tuple[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -405,7 +407,7 @@ class Parameterization:
     cross over where they enter and leave the sampler."""
 
     edm: bool = False
-    vae_scale: float = 0.13025
+    vae_scale: float = SDXL_VAE_SCALING_FACTOR
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(PLAYGROUND_LATENT_MEAN, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
@@ -457,6 +459,8 @@ class _LiveTimesteps:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return torch.stack([self[k] for k in range(len(self))[i]])
+        if i == 0 and not self.owner.asked:   # finished before asking: where it started
+            return self.owner.timestep_tensor(self.owner.sigmas[0])
         return self.owner.timestep_tensor(self.owner.asked[i])
 
 
@@ -578,11 +582,13 @@ class KSamplerScheduler:
         return SamplerStep(self._pending[0], out(denoised))
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """`original` at the noise level of `timesteps`: the pending call's sigma when it is
-        that timestep (what the loop asks), else the training table's."""
+        """`original` at the noise level of `timesteps`: the pending call's sigma (or, with
+        nothing pending, the first) when it is that timestep, as the loop asks; else the
+        training table's."""
         t = float(torch.as_tensor(timesteps).reshape(-1)[0])
-        if self._pending is not None and self.timestep_of(self._pending[1]) == t:
-            sigma = self._pending[1]
+        at = self._pending[1] if self._pending is not None else self.sigmas[0]
+        if self.timestep_of(at) == t:
+            sigma = at
         else:
             sigma = float(np.exp(np.interp(t, np.arange(len(self._log_table)), self._log_table)))
         return self.parameterization.to_model_space(original) + noise * sigma

@@ -133,6 +133,12 @@ def test_dpm_adaptive_uses_only_the_end_sigmas_and_meets_its_tolerance():
     assert calls % 3 == 0 and calls == len(short.timesteps) == len(short.asked) > 6
     exact = exact_flow(start, 14.6, 0.03)
     assert float((a - exact).abs().max()) < 0.1 * float(exact.abs().max())
+    # image to image keeping one step of a Karras schedule: its first sigma is its last, so no
+    # call at all, and the loop's start is the init at that noise level (upstream returns it)
+    idle = core.make_scheduler("dpm_adaptive", "karras")
+    timesteps = core._start_at(idle, 4, 3, "cpu")
+    ones = torch.ones(1, 4, 2, 2)
+    assert len(timesteps) == 0 and torch.equal(idle.add_noise(0 * ones, ones, timesteps[0]), ones * idle.sigmas[0])
 
 
 def test_dpmpp_2s_without_noise_is_second_order_and_with_it_ends_on_the_data_distribution():
