@@ -25,6 +25,7 @@ from ldm_patched.modules.model_patcher import ModelPatcher
 from modules.compiled_unet import CompiledUNets, CompileSettings
 from modules import controlnet, ip_adapter
 from modules import guidance as guidance_mod
+from modules import samplers
 
 
 class SDXLTextEncoders(torch.nn.Module):
@@ -97,19 +98,59 @@ SCHEDULERS: dict[str, dict] = {
 }
 
 
+# Every name either table offers: diffusers' schedulers, then modules/samplers' own.
+AVAILABLE_SAMPLERS = (*SAMPLERS, *samplers.ALGORITHMS)
+AVAILABLE_SCHEDULERS = (*SCHEDULERS, *samplers.CUSTOM_SCHEDULES)
+
+
 def make_scheduler(sampler: str, scheduler: str):
-    """A fresh diffusers scheduler for a Fooocus sampler/scheduler pair."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; available: {', '.join(SCHEDULERS)}")
+    """A fresh scheduler for a Fooocus sampler/scheduler pair: a diffusers scheduler, or
+    one of modules/samplers' k-diffusion algorithms behind the same calls."""
+    if sampler not in AVAILABLE_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (field 'sampler'); available: "
+                         f"{', '.join(AVAILABLE_SAMPLERS)}")
+    if scheduler not in AVAILABLE_SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r} (field 'scheduler'); available: "
+                         f"{', '.join(AVAILABLE_SCHEDULERS)}")
+    edm = scheduler in samplers.EDM_SCHEDULES
+    if sampler in samplers.ALGORITHMS or (edm and sampler in samplers.EDM_ALGORITHMS):
+        return _k_sampler(sampler, scheduler)
+    if edm:
+        able = (*samplers.EDM_ALGORITHMS, *samplers.ALGORITHMS)
+        raise ValueError(f"scheduler {scheduler!r} (field 'scheduler') runs the UNet as an EDM model (Playground "
+                         f"v2.5), which diffusers' schedulers here do not; sampler {sampler!r} (field 'sampler') "
+                         f"cannot use it (samplers that can: {', '.join(able)})")
+    custom = scheduler in samplers.CUSTOM_SCHEDULES
     cls, sampler_options = SAMPLERS[sampler]
-    options = {**SDXL_SCHEDULE, **sampler_options, **SCHEDULERS[scheduler]}
+    schedule_options = {"use_karras_sigmas": True} if custom else SCHEDULERS[scheduler]
+    options = {**SDXL_SCHEDULE, **sampler_options, **schedule_options}
     accepted = inspect.signature(cls.__init__).parameters
-    missing = [k for k in SCHEDULERS[scheduler] if k not in accepted]
+    missing = [k for k in schedule_options if k not in accepted]
     if missing:
-        raise ValueError(f"scheduler {scheduler!r} cannot be used with sampler {sampler!r}")
-    return cls(**{k: v for k, v in options.items() if k in accepted})
+        raise ValueError(f"scheduler {scheduler!r} (field 'scheduler') cannot be used with sampler {sampler!r} "
+                         f"(field 'sampler'): its diffusers scheduler takes no "
+                         f"{'custom noise levels' if custom else ', '.join(missing)}")
+    made = cls(**{k: v for k, v in options.items() if k in accepted})
+    if custom:
+        samplers.use_custom_sigmas(made, scheduler)
+    return made
+
+
+def _k_sampler(sampler: str, scheduler: str) -> samplers.KSamplerScheduler:
+    """modules/samplers' `sampler` on the sigmas of `scheduler`: the listed diffusers
+    schedules as Euler computes them (so "karras" is the same noise levels for every
+    sampler), or modules/samplers' own."""
+    euler = EulerDiscreteScheduler(**{**SDXL_SCHEDULE, **SCHEDULERS.get(scheduler, {})})
+    alphas_cumprod = euler.alphas_cumprod
+    if scheduler in samplers.CUSTOM_SCHEDULES:
+        def schedule(steps: int) -> list[float]:
+            return samplers.custom_sigmas(scheduler, steps, alphas_cumprod)
+    else:
+        def schedule(steps: int) -> list[float]:
+            euler.set_timesteps(steps)
+            return [float(s) for s in euler.sigmas]
+    edm = samplers.Parameterization(edm=scheduler in samplers.EDM_SCHEDULES)
+    return samplers.KSamplerScheduler(sampler, schedule, alphas_cumprod, edm)
 
 
 # -- stages -------------------------------------------------------------------------
@@ -291,6 +332,8 @@ def _start_at(sched, total: int, start: int, device) -> torch.Tensor:
     Schedulers that count steps (Euler, DPM++, UniPC, LCM...) are told where they begin,
     so their sigma index (and `add_noise`) follow the kept part; second-order ones
     (Heun, DPM2) hold two entries per step after the first."""
+    if isinstance(sched, samplers.KSamplerScheduler):   # runs its algorithm on the kept sigmas
+        return sched.start_at(total, start, device)
     sched.set_timesteps(total, device=device)
     first = start * getattr(sched, "order", 1)
     if hasattr(sched, "set_begin_index"):

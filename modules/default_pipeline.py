@@ -743,13 +743,16 @@ class Pipeline:
 
     def _encode(self, plan: RequestPlan, models: RequestModels, positive_texts: list[sdxl_styles.ImageTexts],
                 run: RequestRun) -> dict[sdxl_styles.ImageTexts, list[core.UNetStage]]:
-        """Stage 3: each different image's texts once, for the base and the refiner."""
+        """Stage 3: each different image's texts once, for the base and the refiner. At guidance 1
+        (the distilled modes) sampling never reads the negative, so it is not encoded (as upstream)."""
         folders, limit = plan.cfg.path_embeddings, int(plan.cfg.max_conditioning_cache_mb * 2 ** 20)
+        guided = plan.cfg_scale > 1.0
 
         def both(clip: ModelPatcher, tokenizers: tuple,
-                 text: sdxl_styles.ImageTexts) -> tuple[core.Conditioning, core.Conditioning]:
+                 text: sdxl_styles.ImageTexts) -> tuple[core.Conditioning, core.Conditioning | None]:
             return (self.encode_texts(clip, tokenizers, text.positive, text.positive_top_k, run.counts, folders, limit),
-                    self.encode_texts(clip, tokenizers, text.negative, text.negative_top_k, run.counts, folders, limit))
+                    self.encode_texts(clip, tokenizers, text.negative, text.negative_top_k, run.counts, folders, limit)
+                    if guided else None)
 
         stage_sets: dict[sdxl_styles.ImageTexts, list[core.UNetStage]] = {}
         with run.timed("text_encode"):

@@ -64,13 +64,13 @@ GALLERY_HEIGHT = "60vh"  # the live preview (PAGE_CSS) covers the gallery at thi
 
 def supported_samplers() -> list[str]:
     """Fooocus's sampler names that the sampling code implements, in Fooocus's order."""
-    from modules.core import SAMPLERS
-    return [name for name in flags.SAMPLER_NAMES if name in SAMPLERS]
+    from modules.core import AVAILABLE_SAMPLERS
+    return [name for name in flags.SAMPLER_NAMES if name in AVAILABLE_SAMPLERS]
 
 
 def supported_schedulers() -> list[str]:
-    from modules.core import SCHEDULERS
-    return [name for name in flags.SCHEDULER_NAMES if name in SCHEDULERS]
+    from modules.core import AVAILABLE_SCHEDULERS
+    return [name for name in flags.SCHEDULER_NAMES if name in AVAILABLE_SCHEDULERS]
 
 
 # -- plain values (no Gradio): what the page's controls hold ------------------------------

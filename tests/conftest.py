@@ -46,6 +46,26 @@ def tiny_refiner_checkpoint(tiny_refiner_components, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_family_checkpoint(tmp_path_factory):
+    """`tiny_family_checkpoint(name)` -> (path, source components): a tiny single-file
+    checkpoint in the block layout of an SDXL family member (tests/helpers/sdxl_family.py)."""
+    from ldm_patched.modules.checkpoint import original_state_dict, save_checkpoint
+    from ldm_patched.modules.demo_model import build_tiny_sdxl
+    from tests.helpers import sdxl_family
+
+    folder = tmp_path_factory.mktemp("family")
+    made: dict[str, tuple[str, dict]] = {}
+
+    def get(name: str) -> tuple[str, dict]:
+        if name not in made:
+            parts = build_tiny_sdxl(seed=1 + sdxl_family.FAMILY.index(name), unet_config=sdxl_family.tiny_unet(name))
+            made[name] = (save_checkpoint(folder / f"tiny_{name}.safetensors", original_state_dict(**parts)), parts)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def diffusers_config_dir(tiny_components, tmp_path_factory) -> str:
     """A diffusers config folder for ``tiny_components`` (for ``from_single_file(config=...)``)."""
     from ldm_patched.modules.demo_model import write_diffusers_config_dir

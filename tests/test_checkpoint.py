@@ -20,6 +20,7 @@ from ldm_patched.modules.checkpoint import (
     save_checkpoint,
 )
 from ldm_patched.modules.demo_model import write_demo_checkpoint, write_diffusers_config_dir
+from tests.helpers import sdxl_family
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -390,3 +391,85 @@ def test_a_text_encoder_with_a_small_vocabulary_is_refused_by_name(tiny_componen
     path = save_checkpoint(tmp_path / "small_vocab.safetensors", state)
     with pytest.raises(CheckpointError, match="small_vocab.safetensors.*1000 tokens"):
         load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- (f) the SDXL family by shape
+
+
+def _family_depths(name: str) -> tuple[list[int], list[int], int]:
+    _, down, up, middle = sdxl_family.UPSTREAM_LAYOUTS[name]
+    return down, up, middle
+
+
+@pytest.mark.parametrize("name", sdxl_family.FAMILY)
+def test_family_configs_restate_upstreams_block_layouts(name):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(sdxl_family.published_unet(name))
+    assert sdxl_family.block_depths(unet) == _family_depths(name)
+    assert [len(b.resnets) for b in unet.down_blocks] == sdxl_family.UPSTREAM_LAYOUTS[name][0]
+
+
+@pytest.mark.parametrize("name", sdxl_family.DISTILLED)
+def test_distilled_sdxl_unet_config_inferred_from_shapes(name):
+    """SDXL-size SSD-1B, Segmind-Vega and KOALA key shapes (meta device) -> a config whose
+    UNet has the published config's every key and shape and upstream's block depths."""
+    from diffusers import UNet2DConditionModel
+
+    published = sdxl_family.published_unet(name)
+    inferred = infer_unet_config(original_unet_shapes(published), pooled_dim=1280)
+    with torch.device("meta"):
+        ours, theirs = UNet2DConditionModel.from_config(inferred), UNet2DConditionModel.from_config(published)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert sdxl_family.block_depths(ours) == _family_depths(name)
+
+
+@pytest.mark.parametrize("name", sdxl_family.DISTILLED)
+def test_distilled_checkpoint_round_trip(name, tiny_family_checkpoint):
+    path, parts = tiny_family_checkpoint(name)
+    ours = load_checkpoint(path)
+    for component in COMPONENTS:
+        assert_same_params(parts[component], getattr(ours, component), component)
+    assert sdxl_family.block_depths(ours.unet) == _family_depths(name)
+
+
+# the two layouts furthest from SDXL: the up path differs from the down path and the mid
+# block is one resnet; one resnet per level and no mid block at all
+@pytest.mark.parametrize("name", ["SSD-1B", "KOALA-700M"])
+def test_distilled_checkpoint_loads_as_diffusers_single_file_loader_does(name, tiny_family_checkpoint, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    path, parts = tiny_family_checkpoint(name)
+    ours = load_checkpoint(path)
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        path, config=write_diffusers_config_dir(tmp_path / "config", parts), local_files_only=True)
+    for component in COMPONENTS:
+        assert_same_params(getattr(pipe, component), getattr(ours, component), component)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    context = torch.randn(1, 77, 96, generator=torch.Generator().manual_seed(2))
+    cond = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    with torch.no_grad():
+        expected = pipe.unet(latent, 500, encoder_hidden_states=context, added_cond_kwargs=cond).sample
+        got = ours.unet(latent, 500, encoder_hidden_states=context, added_cond_kwargs=cond).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)   # same weights; kernels may differ
+
+
+def test_every_original_unet_key_of_a_distilled_file_has_its_lora_names(tiny_family_checkpoint):
+    """kohya (`lora_unet_<original path>`) and ComfyUI (`diffusion_model.<original path>`) names of
+    every weight in an SSD-1B file reach the parameter holding that weight."""
+    from safetensors.torch import load_file
+
+    from ldm_patched.modules.lora import unet_lora_names
+
+    path, _ = tiny_family_checkpoint("SSD-1B")
+    unet = load_checkpoint(path).unet
+    names, params = unet_lora_names(unet), dict(unet.named_parameters())
+    weights = {k[len(layout.UNET_PREFIX):]: v for k, v in load_file(path).items()
+               if k.startswith(layout.UNET_PREFIX) and k.endswith(".weight")}
+    assert "output_blocks.2.1.transformer_blocks.9.attn2.to_k.weight" in weights   # depth 10 on the way up
+    assert "middle_block.1.proj_in.weight" not in weights and "middle_block.0.in_layers.2.weight" in weights
+    for original, tensor in weights.items():
+        module = original[: -len(".weight")]
+        for name in ("lora_unet_" + module.replace(".", "_"), "diffusion_model." + module):
+            assert torch.equal(params[names[name]], tensor), name

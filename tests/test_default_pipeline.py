@@ -42,6 +42,27 @@ def test_same_image_as_diffusers_pipeline(pipeline, tiny_checkpoint, diffusers_c
     assert pixels(ours.images[0]).std() > 1  # a real picture, not a constant
 
 
+@pytest.mark.parametrize("name", ["SSD-1B", "KOALA-700M"])
+def test_distilled_checkpoint_gives_diffusers_pipelines_image(name, pipeline, tiny_family_checkpoint, tmp_path):
+    """SDXL distillations upstream loads (fewer transformers, a one-resnet or no mid block)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm_patched.modules.demo_model import write_diffusers_config_dir
+
+    path, parts = tiny_family_checkpoint(name)
+    folders = pipeline(mm.Policy.RESIDENT)
+    shutil.copy(path, folders["checkpoints"] / os.path.basename(path))
+    ours = pipelines.process_request({**SMALL, "base_model": os.path.basename(path)})
+    assert "error" not in ours.report, ours.report
+    pipe = StableDiffusionXLPipeline.from_single_file(path, config=write_diffusers_config_dir(tmp_path / "c", parts),
+                                                      local_files_only=True)
+    theirs = pipe(prompt=SMALL["prompt"], negative_prompt=SMALL["negative_prompt"], width=64, height=64,
+                  num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(SMALL["seed"])).images[0]
+    assert np.abs(pixels(ours.images[0]) - np.round(theirs * 255)).max() <= 2
+    assert pixels(ours.images[0]).std() > 1
+
+
 def test_repeated_request_moves_and_patches_nothing_when_resident(pipeline, tiny_components):
     folders = pipeline(mm.Policy.RESIDENT)
     kohya_lora(tiny_components, folders["loras"] / "style.safetensors")
@@ -52,6 +73,20 @@ def test_repeated_request_moves_and_patches_nothing_when_resident(pipeline, tiny
         moved = report["model_management"]
         assert (moved["models_loaded"], moved["weights_patched"], moved["bytes_to_device"],
                 moved["lora_files_read"], moved["text_encodes"]) == (0, 0, 0, 0, 0)
+
+
+def test_guidance_1_encodes_the_prompt_once_and_gives_the_same_image(pipeline, tiny_components):
+    """Extreme Speed (cfg 1) never reads the negative prompt: upstream encodes only the positive;
+    a Speed request at guidance 1 samples the same way. Conservative keeps no cache, so the
+    count is the encodes themselves."""
+    folders = pipeline(mm.Policy.CONSERVATIVE)
+    kohya_lora(tiny_components, folders["loras"] / "sdxl_lcm_lora.safetensors")
+    distilled = pipelines.process_request({**SMALL, "performance": "Extreme Speed", "steps": 2})
+    plain = pipelines.process_request({**SMALL, "guidance_scale": 1.0, "steps": 2})
+    guided = pipelines.process_request({**SMALL, "steps": 2})
+    assert [r.report["model_management"]["text_encodes"] for r in (distilled, plain, guided)] == [1, 1, 2]
+    other_negative = pipelines.process_request({**SMALL, "guidance_scale": 1.0, "steps": 2, "negative_prompt": "x"})
+    assert np.array_equal(pixels(plain.images[0]), pixels(other_negative.images[0]))
 
 
 def test_conservative_loads_and_patches_every_request(pipeline, tiny_components):

@@ -198,3 +198,20 @@ def test_locon_mid_and_full_diff_layers():
     diff = torch.randn(out_ch, in_ch, 3, 3, generator=gen)
     full = lora_module.LoraPatch(FileVersion("x", 1, 1), "layer", lora_module.LoraFactors(diff=diff))
     assert torch.allclose(full.added(base, 2.0), base + 2.0 * diff)
+
+
+def test_kohya_lora_on_a_distilled_checkpoint_merges_like_diffusers_fuse_lora(tiny_family_checkpoint, tmp_path):
+    """SSD-1B's up path keeps 4, 4, 10 transformers where SDXL has 10, 10, 10 and its mid block is
+    one resnet: original block names still reach the weights diffusers' loader puts them on."""
+    from ldm_patched.modules.checkpoint import load_checkpoint
+
+    path, _ = tiny_family_checkpoint("SSD-1B")
+    loaded = load_checkpoint(path)
+    components = {name: getattr(loaded, name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    original = copy.deepcopy(components["unet"].state_dict())
+    lora = kohya_lora(components, tmp_path / "ssd.safetensors", rank=4, alpha=2.0)
+    pipe = diffusers_fused(components, lora, 0.7)
+    unet, _, match = apply_ours(components, lora, 0.7)
+    assert match.unmatched == []
+    assert any(k.startswith("up_blocks.0.attentions.2.transformer_blocks.9.") for k in match.patches["unet"])
+    assert_same_weights(unet.model, pipe.unet, len(match.patches["unet"]), original)

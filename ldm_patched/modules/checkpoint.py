@@ -235,10 +235,49 @@ def _down_levels(shapes: Mapping[str, Sequence[int]]) -> list[list[tuple[int, in
     return levels
 
 
+def _up_levels(shapes: Mapping[str, Sequence[int]], layers: Sequence[int]) -> list[list[int]]:
+    """Per up level (lowest resolution first): the transformer depth of each output block.
+    Distilled models keep fewer transformers on the way up than down (SSD-1B: 4, 4, 10)."""
+    count = _count_indices(shapes, "output_blocks.")
+    expected = sum(n + 1 for n in layers)
+    if count != expected:
+        raise ValueError(f"{count} output blocks, expected {expected} for {list(layers)} resnets per level")
+    depths = [_transformer_depth(shapes, f"output_blocks.{n}.1.") for n in range(count)]
+    levels, start = [], 0
+    for n in reversed(layers):
+        levels.append(depths[start:start + n + 1])
+        start += n + 1
+    return levels
+
+
+def _mid_block(shapes: Mapping[str, Sequence[int]]) -> tuple[str | None, int]:
+    """diffusers' mid_block_type and its transformer depth. SDXL's mid block is resnet,
+    transformer, resnet; SSD-1B and Segmind-Vega keep one resnet; KOALA-700M has none."""
+    depth = _transformer_depth(shapes, "middle_block.1.")
+    blocks = _count_indices(shapes, "middle_block.")
+    if depth:
+        return "UNetMidBlock2DCrossAttn", depth
+    if blocks == 1:
+        return "UNetMidBlock2D", 0
+    if blocks == 0:
+        return None, 0
+    raise ValueError(f"UNet mid block has {blocks} parts but no transformer")
+
+
 def _uniform(values: Sequence[int], what: str) -> int:
     if len(set(values)) != 1:
         raise ValueError(f"mixed {what} within one UNet level: {list(values)}")
     return values[0]
+
+
+def _has_attention(depths: Sequence[int], where: str) -> bool:
+    """Whether a level is a cross-attention block; diffusers cannot mix plain and
+    transformer resnets within one level."""
+    if all(depths):
+        return True
+    if any(depths):
+        raise ValueError(f"{where} mixes resnets with and without a transformer: {list(depths)}")
+    return False
 
 
 def _addition_time_embed_dim(adm: int, pooled_dim: int | None, refiner: bool) -> int:
@@ -251,33 +290,53 @@ def _addition_time_embed_dim(adm: int, pooled_dim: int | None, refiner: bool) ->
     raise ValueError(f"cannot split label_emb input {adm} into pooled text ({pooled_dim}) + {count} time embeddings")
 
 
-def _transformer_layers(depths: list[int], mid_depth: int) -> int | list[int]:
-    """diffusers' transformer_layers_per_block: an int when uniform (refiner: 4),
-    else per level with 1 on attention-free levels (base: [1, 2, 10]); the mid
-    block takes the last entry, so that one carries the mid depth."""
-    used = [d for d in depths if d] + [mid_depth]
-    if len(set(used)) == 1:
-        return used[0]
-    per_level = [d or 1 for d in depths]
-    if depths[-1] == 0:
-        per_level[-1] = mid_depth
-    elif depths[-1] != mid_depth:
-        raise ValueError(f"mid-block depth {mid_depth} differs from last level depth {depths[-1]}")
-    return per_level
+def _transformer_layers(down: list[list[int]], up: list[list[int]], mid_depth: int) -> dict[str, Any]:
+    """diffusers' transformer_layers_per_block, plus reverse_transformer_layers_per_block
+    where the up path is not the down path mirrored.
+
+    Down: an int when every transformer (and the mid block's) has one depth (refiner:
+    4), else one entry per level, 1 on attention-free levels (base: [1, 2, 10]), a list
+    per resnet where a level's depths differ. The mid block takes the last entry, so
+    that one carries the mid depth. Up: diffusers mirrors the down entries unless the
+    reverse list gives each up level's depths (SSD-1B: [[4, 4, 10], [2, 1, 1], ...])."""
+    per_level: list[Any] = [(lv[0] if len(set(lv)) == 1 else list(lv)) if lv[0] else 1 for lv in down]
+    if mid_depth:
+        last = per_level[-1]
+        if not down[-1][0]:
+            per_level[-1] = mid_depth
+        elif (last[0] if isinstance(last, list) else last) != mid_depth:
+            raise ValueError(f"mid-block depth {mid_depth} differs from last level depth {last}")
+    mirrored = [[per_level[-1 - j]] * len(depths) if isinstance(per_level[-1 - j], int) else None
+                for j, depths in enumerate(up)]
+    reverse = any(depths[0] and depths != mirrored[j] for j, depths in enumerate(up))
+    out: dict[str, Any] = {}
+    used = [d for lv in down + up for d in lv if d] + ([mid_depth] if mid_depth else [])
+    if not reverse and len(set(used)) == 1:
+        out["transformer_layers_per_block"] = used[0]
+        return out
+    out["transformer_layers_per_block"] = per_level
+    if reverse:
+        out["reverse_transformer_layers_per_block"] = [list(d) if d[0] else [1] * len(d) for d in up]
+    return out
 
 
 def infer_unet_config(
     shapes: Mapping[str, Sequence[int]], *, pooled_dim: int | None = None, refiner: bool = False
 ) -> dict[str, Any]:
     """A ``UNet2DConditionModel`` config from original-layout UNet key shapes
-    (keys without ``model.diffusion_model.``)."""
+    (keys without ``model.diffusion_model.``).
+
+    Block layout comes from the tensors alone, so the SDXL family loads by shape:
+    base and refiner, SSD-1B and Segmind-Vega (fewer transformers, a one-resnet mid
+    block), KOALA (one resnet per level, no mid block or a deep one)."""
     levels = _down_levels(shapes)
     channels = [_uniform([c for c, _ in lv], "resnet widths") for lv in levels]
-    depths = [_uniform([d for _, d in lv], "transformer depths") for lv in levels]
     layers = [len(lv) for lv in levels]
-    mid_depth = _transformer_depth(shapes, "middle_block.1.")
-    if mid_depth == 0:
-        raise ValueError("UNet mid block has no transformer (not SDXL)")
+    down = [[d for _, d in lv] for lv in levels]
+    up = _up_levels(shapes, layers)
+    down_attn = [_has_attention(d, f"down level {i}") for i, d in enumerate(down)]
+    up_attn = [_has_attention(d, f"up level {i}") for i, d in enumerate(up)]
+    mid_type, mid_depth = _mid_block(shapes)
     attn_keys = [k for k in shapes if k.endswith("attn2.to_k.weight")]
     proj_in = [k for k in shapes if k.endswith(".proj_in.weight")]
     if not attn_keys or not proj_in:
@@ -288,11 +347,12 @@ def infer_unet_config(
         "sample_size": 128,
         "in_channels": int(shapes["input_blocks.0.0.weight"][1]),
         "out_channels": int(shapes["out.2.weight"][0]),
-        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
-        "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)],
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
+        "mid_block_type": mid_type,
         "block_out_channels": channels,
         "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
-        "transformer_layers_per_block": _transformer_layers(depths, mid_depth),
+        **_transformer_layers(down, up, mid_depth),
         "attention_head_dim": [max(1, c // HEAD_CHANNELS) for c in channels],
         "cross_attention_dim": int(shapes[attn_keys[0]][1]),
         "use_linear_projection": len(shapes[proj_in[0]]) == 2,

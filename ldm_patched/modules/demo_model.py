@@ -113,9 +113,11 @@ def _build(factory: Any, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
-def build_tiny_sdxl(seed: int = 0, refiner: bool = False) -> dict[str, torch.nn.Module]:
-    """Tiny random SDXL components: unet, vae, text_encoder (base only), text_encoder_2."""
-    unet_config = TINY_REFINER_UNET if refiner else TINY_UNET
+def build_tiny_sdxl(seed: int = 0, refiner: bool = False,
+                    unet_config: Mapping[str, Any] | None = None) -> dict[str, torch.nn.Module]:
+    """Tiny random SDXL components: unet, vae, text_encoder (base only), text_encoder_2.
+    ``unet_config`` replaces the UNet's (another block layout of the SDXL family)."""
+    unet_config = unet_config or (TINY_REFINER_UNET if refiner else TINY_UNET)
     base_seed = seed * 16 + (8 if refiner else 0)  # distinct streams per component and kind
     parts: dict[str, torch.nn.Module] = {
         "unet": _build(lambda: UNet2DConditionModel.from_config(unet_config), base_seed),
@@ -127,9 +129,10 @@ def build_tiny_sdxl(seed: int = 0, refiner: bool = False) -> dict[str, torch.nn.
     return parts
 
 
-def write_demo_checkpoint(path: str | os.PathLike[str], seed: int = 0, refiner: bool = False) -> str:
+def write_demo_checkpoint(path: str | os.PathLike[str], seed: int = 0, refiner: bool = False,
+                          unet_config: Mapping[str, Any] | None = None) -> str:
     """Write a tiny random SDXL base (or refiner) single-file checkpoint; returns its path."""
-    parts = build_tiny_sdxl(seed=seed, refiner=refiner)
+    parts = build_tiny_sdxl(seed=seed, refiner=refiner, unet_config=unet_config)
     state = original_state_dict(refiner=refiner, **parts)
     kind = "refiner" if refiner else "base"
     metadata = {
