@@ -110,14 +110,11 @@ def test_preset_downloads_honour_the_flags_and_previous_default_models(presets_d
     assert len(fetched) == 3                                 # --disable-preset-download: nothing fetched
 
 
-def test_a_preset_naming_the_edm_scheduler_fails_clearly_until_it_exists(pipeline):
-    from modules import core
+def test_the_playground_preset_runs_with_its_edm_scheduler(pipeline):
     pipeline(mm.Policy.CONSERVATIVE)
     report = pipelines.process_request({**SMALL, "preset": "playground_v2.5", "styles": []}).report
-    if "edm_playground_v2.5" in core.SCHEDULERS:   # once the sampling code has it, the preset runs
-        assert "error" not in report and report["scheduler"] == "edm_playground_v2.5"
-    else:
-        assert "unknown scheduler 'edm_playground_v2.5'" in report["error"]
+    assert "error" not in report
+    assert (report["sampler"], report["scheduler"]) == ("dpmpp_2m", "edm_playground_v2.5")
 
 
 def test_unknown_keys_are_ignored_with_one_log_line(presets_dir, tmp_path, caplog):
