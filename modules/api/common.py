@@ -80,8 +80,8 @@ def validation_response(error: RequestValidationError) -> JSONResponse:
     """FastAPI's problems as JSON (without the offending input, which may be a whole image)."""
     problems = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
                 for e in error.errors()]
-    fields = [_location(p["loc"]) for p in problems]
-    message = "; ".join(f"field '{f}': {p['msg']}" if f else p["msg"] for f, p in zip(fields, problems))
+    fields = [None if p["type"] == "json_invalid" else _location(p["loc"]) for p in problems]
+    message = "; ".join(f"field '{f}': {p['msg']}" if f else f"the body: {p['msg']}" for f, p in zip(fields, problems))
     return JSONResponse(error_body(message or "invalid request", 422, fields[0] if fields else None,
                                    detail=problems), 422)
 
@@ -117,8 +117,12 @@ def route_class(max_body_bytes: int) -> type[APIRoute]:
     return ApiRoute
 
 
+def megabytes(size: int) -> str:
+    return f"{size / 2 ** 20:.3g} MB"
+
+
 def _too_large(limit: int) -> str:
-    return f"the request body is over {limit // 2 ** 20} MB (see --max-upload-size)"
+    return f"the request body is over {megabytes(limit)} (see --max-upload-size)"
 
 
 def _limited(request: Request, limit: int) -> Request:
@@ -185,7 +189,7 @@ async def upload_base64(upload: UploadFile | None, field: str, limit: int) -> st
         return None
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise ApiError(413, f"field '{field}': the upload is over {limit // 2 ** 20} MB (see --max-upload-size)")
+        raise ApiError(413, f"field '{field}': the upload is over {megabytes(limit)} (see --max-upload-size)")
     return base64.b64encode(data).decode("ascii") if data else None
 
 

@@ -224,8 +224,9 @@ def _settings(overrides: dict[str, Any], cfg: config_module.Config, out: dict) -
             out["vae"] = flags.DEFAULT_VAE if value in (None, "", "Automatic", "None") else value
         elif key == "samples_format":
             out["output_format"] = "jpeg" if value == "jpg" else value
-        elif key in _ONLY_SETTING and value != _ONLY_SETTING[key]:
-            raise common.ApiError(422, f"field 'override_settings.{key}': only {_ONLY_SETTING[key]} here")
+        elif key in _ONLY_SETTING:
+            if value != _ONLY_SETTING[key]:
+                raise common.ApiError(422, f"field 'override_settings.{key}': only {_ONLY_SETTING[key]} here")
         else:
             ignored.append(key)
     return ignored
