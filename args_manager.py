@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-user", action="store_true",
                    help="upstream compatibility: jobs always belong to their own session here")
     # --- HTTP APIs (Fooocus-API, AUTOMATIC1111 sdapi, OpenAI images) ----------
-    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+    p.add_argument("--api-key", "--apikey", action="append", default=None, metavar="KEY", dest="api_key",
                    help="require this key on the REST APIs (header X-API-KEY or Authorization: Bearer); "
                         "may be given several times, and the config key api_key adds one more")
     p.add_argument("--queue-size", type=_positive_int, default=None, metavar="N",
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook-url", type=_http_url, default=None, metavar="URL",
                    help="POST every finished asynchronous API job to this URL (Fooocus-API's webhook)")
     p.add_argument("--webhook-allow", type=_http_url, action="append", default=None, metavar="URL_PREFIX",
-                   help="a request's own webhook_url is honoured when it starts with this prefix "
+                   help="[ours] a request's own webhook_url is honoured when it starts with this prefix "
                         "(scheme, host and port exactly); may be given several times")
     browser = p.add_mutually_exclusive_group()
     browser.add_argument("--in-browser", action="store_true",

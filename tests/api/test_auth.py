@@ -70,3 +70,16 @@ def test_with_both_configured_either_credential_works():
 ])
 def test_serving_other_machines_without_a_key_or_login_is_warned(host, settings, warned):
     assert (exposure_warning(host, settings) is not None) is warned
+
+
+def test_keys_come_from_the_flags_and_the_config_key_once_each(tmp_path):
+    from args_manager import parse_args
+    from modules import config as config_module
+
+    cfg = config_module.load_config({"config_path": str(tmp_path / "none"), "api_key": "from-config"})
+    settings = ApiSettings.from_args(parse_args(["--api-key", "k1", "--apikey", "from-config", "--max-upload-size",
+                                                 "2"]), cfg, [("ann", "pw")])
+    assert settings.api_keys == ("k1", "from-config") and settings.logins == (("ann", "pw"),)
+    assert settings.max_upload_bytes == 2 * 2 ** 20 and not settings.open
+    assert ApiSettings.from_args(parse_args([]), config_module.load_config(
+        {"config_path": str(tmp_path / "none")}), []).open

@@ -199,6 +199,14 @@ def test_fooocus_api_stop_acts_on_the_callers_own_job_only(server: Server) -> No
         job = fooocus(api, "/v1/generation/text-to-image", {**FOOOCUS_SMALL, **LONG, "async_process": True}).json()
         wait_until(lambda: query(api, job["job_id"])["job_stage"] == "RUNNING", "the long job to start",
                    RUN_TIMEOUT_S)
+
+        def preview() -> str | None:
+            return api.get("/v1/generation/query-job",
+                           params={"job_id": job["job_id"], "require_step_preview": True}).json()["job_step_preview"]
+
+        seen: list[str | None] = []
+        wait_until(lambda: seen.append(preview()) or seen[-1] is not None, "a step preview", RUN_TIMEOUT_S)
+        assert pixels(seen[-1]).ndim == 3   # the latents' preview, as a PNG
         assert other.post("/v1/generation/stop").json()["stopped"] == []
         assert other.post("/v1/generation/stop", params={"job_id": job["job_id"]}).status_code == 404
         assert query(api, job["job_id"])["job_stage"] == "RUNNING"
