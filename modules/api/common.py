@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from fastapi import HTTPException, Request, UploadFile
+from fastapi import Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException   # what Starlette's body limit raises
 
 from modules import config as config_module
 from modules.api.jobs import FILES_ROUTE, ApiJob, JobBook, file_base64, report_status
@@ -87,29 +88,28 @@ def validation_response(error: RequestValidationError) -> JSONResponse:
 
 
 def route_class(max_body_bytes: int) -> type[APIRoute]:
-    """The APIRoute our routers use: bodies over ``max_body_bytes`` are refused before they
-    are read whole (413), schema problems and ApiErrors get the shared error shape."""
+    """The APIRoute our routers use: bodies over ``max_body_bytes`` are refused as they
+    arrive (413, Starlette's body limit), schema problems and ApiErrors get the shared
+    error shape."""
 
     class ApiRoute(APIRoute):
+        def __init__(self, *args: Any, max_body_size: int | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, max_body_size=max_body_size or max_body_bytes, **kwargs)
+
         def get_route_handler(self):
             handler = super().get_route_handler()
 
             async def run(request: Request) -> Response:
                 try:
-                    declared = int(request.headers.get("content-length") or 0)
-                except ValueError:
-                    declared = 0
-                try:
-                    if declared > max_body_bytes:
-                        raise ApiError(413, _too_large(max_body_bytes))
-                    return await handler(_limited(request, max_body_bytes))
+                    return await handler(request)
                 except RequestValidationError as error:
                     return validation_response(error)
                 except ApiError as error:
                     return error.response()
                 except HTTPException as error:
-                    if isinstance(error.__cause__, ApiError):   # raised while FastAPI read the body
-                        return error.__cause__.response()
+                    if error.status_code == 413:   # the body limit, met while reading a chunked body
+                        return ApiError(413, f"the request body is over {megabytes(max_body_bytes)} "
+                                             f"(see --max-upload-size)").response()
                     raise
 
             return run
@@ -119,45 +119,6 @@ def route_class(max_body_bytes: int) -> type[APIRoute]:
 
 def megabytes(size: int) -> str:
     return f"{size / 2 ** 20:.3g} MB"
-
-
-def _too_large(limit: int) -> str:
-    return f"the request body is over {megabytes(limit)} (see --max-upload-size)"
-
-
-def _limited(request: Request, limit: int) -> Request:
-    """The request, its body counted as it arrives (a chunked body declares no length)."""
-    received = 0
-
-    async def receive():
-        nonlocal received
-        message = await request.receive()
-        if message.get("type") == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise ApiError(413, _too_large(limit))
-        return message
-
-    return Request(request.scope, receive)
-
-
-def checkpoint_name(value: Any, cfg: config_module.Config, field: str) -> str:
-    """A checkpoint as clients name it (A1111's "x.safetensors [hash]", "x" without its
-    extension, "sub/x.safetensors") -> its name in the checkpoints folder; 422 naming
-    ``field`` when there is none."""
-    if not isinstance(value, str) or not value.strip():
-        raise ApiError(422, f"field '{field}' must be a checkpoint name")
-    text = value.strip()
-    if text.endswith("]") and " [" in text:
-        text = text[:text.rindex(" [")]
-    names = config_module.list_model_files(cfg.path_checkpoints)
-    if text in names:
-        return text
-    by_stem = [n for n in names if str(Path(n).with_suffix("")) == text or Path(n).stem == text]
-    if len(by_stem) == 1:
-        return by_stem[0]
-    raise ApiError(422, f"field '{field}': no checkpoint {value!r} in the checkpoints folder (config key "
-                        f"path_checkpoints); see /sdapi/v1/sd-models or /v1/models")
 
 
 # -- image fields ------------------------------------------------------------------------------
