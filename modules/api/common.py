@@ -121,6 +121,25 @@ def megabytes(size: int) -> str:
     return f"{size / 2 ** 20:.3g} MB"
 
 
+def checkpoint_name(value: Any, cfg: config_module.Config, field: str) -> str:
+    """A checkpoint as clients name it (A1111's "x.safetensors [hash]", "x" without its
+    extension, "sub/x.safetensors") -> its name in the checkpoints folder; 422 naming
+    ``field`` when there is none."""
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(422, f"field '{field}' must be a checkpoint name")
+    text = value.strip()
+    if text.endswith("]") and " [" in text:
+        text = text[:text.rindex(" [")]
+    names = config_module.list_model_files(cfg.path_checkpoints)
+    if text in names:
+        return text
+    by_stem = [n for n in names if str(Path(n).with_suffix("")) == text or Path(n).stem == text]
+    if len(by_stem) == 1:
+        return by_stem[0]
+    raise ApiError(422, f"field '{field}': no checkpoint {value!r} in the checkpoints folder (config key "
+                        f"path_checkpoints); see /sdapi/v1/sd-models or /v1/models")
+
+
 # -- image fields ------------------------------------------------------------------------------
 
 _OWN_FILE = re.compile(r"^(?:https?://[^/]+)?" + re.escape(FILES_ROUTE) + r"/([0-9a-f]{32})/(\d+)$")

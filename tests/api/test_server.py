@@ -275,21 +275,31 @@ def test_sdapi_through_webuiapi(server: Server) -> None:
     assert api.get_options()["sd_model_checkpoint"] == CKPT   # override_settings: that request alone
 
 
-def test_sdapi_img2img_varies_at_the_denoise_asked_and_inpaints_with_a_mask(server: Server) -> None:
+def test_sdapi_img2img_varies_at_the_denoise_asked_and_inpaints_with_a_mask(server: Server, tmp_path: Path) -> None:
+    """img2img at denoising_strength 0.5 is exactly /generate's Vary (Subtle), whose own
+    denoise is 0.5 (the route runs Vary (Strong) with the denoise overwritten)."""
+    from gradio_client import Client
+
     from tests.helpers.input_image_files import INPUT, MASK
 
     api = _webui(server)
-    picture = Image.fromarray(INPUT)
-    weak, strong = (api.img2img(images=[picture], denoising_strength=d, prompt="a cat", seed=5, steps=3)
-                    for d in (0.3, 0.9))
-    assert weak.image.size == (96, 64) and weak.info["fooocus_report"]["overwrite_vary_strength"] == 0.3
-    distance = [np.abs(np.asarray(r.image.convert("RGB"), np.int16) - INPUT).mean() for r in (weak, strong)]
-    assert distance[0] < distance[1]   # less denoise stays nearer the input
+    picture, model = Image.fromarray(INPUT), {"sd_model_checkpoint": CKPT}
+    varied = api.img2img(images=[picture], denoising_strength=0.5, prompt="a cat", seed=5, steps=3,
+                         override_settings=model)
+    assert varied.image.size == (96, 64) and varied.info["fooocus_report"]["overwrite_vary_strength"] == 0.5
+    gallery, report = Client(server.url, auth=LOGIN, verbose=False, download_files=str(tmp_path),
+                             analytics_enabled=False).predict(
+        {"prompt": "a cat", "base_model": CKPT, "input_image": png64(INPUT), "uov_method": "Vary (Subtle)",
+         "seed": 5, "steps": 3, "guidance_scale": 7.0, "sampler": "euler_ancestral", "scheduler": "normal"},
+        api_name="/generate")
+    assert "error" not in report, report
+    assert np.array_equal(np.asarray(varied.image.convert("RGB")), pixels(Path(gallery[0]).read_bytes()))
     painted = api.img2img(images=[picture], mask_image=Image.fromarray(MASK), denoising_strength=1.0,
-                          prompt="a cat", seed=5, steps=2)
+                          prompt="a cat", seed=5, steps=2, override_settings=model)
     out = np.asarray(painted.image.convert("RGB"))
     # Beyond the mask (8..24) and its 32-pixel feathered ring: the input, exactly.
     assert out.shape == INPUT.shape and np.array_equal(out[:, 57:], INPUT[:, 57:])
+    assert painted.info["fooocus_report"]["inpaint_strength"] == 1.0
 
 
 # -- OpenAI images (openai) ----------------------------------------------------------------------
