@@ -88,6 +88,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _http_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
 def _gigabytes(text: str) -> float:
     try:
         value = float(text)
@@ -128,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UI language; only English exists, other values log a warning")
     p.add_argument("--multi-user", action="store_true",
                    help="upstream compatibility: jobs always belong to their own session here")
+    # --- HTTP APIs (Fooocus-API, AUTOMATIC1111 sdapi, OpenAI images) ----------
+    p.add_argument("--api-key", "--apikey", action="append", default=None, metavar="KEY", dest="api_key",
+                   help="require this key on the REST APIs (header X-API-KEY or Authorization: Bearer); "
+                        "may be given several times, and the config key api_key adds one more")
+    p.add_argument("--queue-size", type=_positive_int, default=None, metavar="N",
+                   help="requests that may wait in the queue, page and APIs together (default: config "
+                        "key max_queue_length, 100); a full queue answers HTTP 429")
+    p.add_argument("--webhook-url", type=_http_url, default=None, metavar="URL",
+                   help="POST every finished asynchronous API job to this URL (Fooocus-API's webhook)")
+    p.add_argument("--webhook-allow", type=_http_url, action="append", default=None, metavar="URL_PREFIX",
+                   help="[ours] a request's own webhook_url is honoured when it starts with this prefix "
+                        "(scheme, host and port exactly); may be given several times")
     browser = p.add_mutually_exclusive_group()
     browser.add_argument("--in-browser", action="store_true",
                          help="open the UI in a web browser once the server is up (the default)")

@@ -44,20 +44,22 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def warn_demo(path: str, checkpoint_folder: Path) -> None:
+def warn_loudly(lines: list[str]) -> None:
+    """Log lines between two bars of '!', for what an operator must not miss."""
     bar = "!" * 78
-    lines = [
-        bar,
+    for line in [bar, *lines, bar]:
+        log.warning(line)
+
+
+def warn_demo(path: str, checkpoint_folder: Path) -> None:
+    warn_loudly([
         "NO SDXL CHECKPOINT FOUND: using the built-in DEMO checkpoint",
         f"  {path}",
         "It has RANDOM weights: every image it makes is NOISE.",
         "Put a real SDXL checkpoint (.safetensors), e.g. juggernautXL_v8Rundiffusion.safetensors,",
         f"into {checkpoint_folder.resolve()}",
         "and choose it in the UI (or as \"base_model\" in API requests).",
-        bar,
-    ]
-    for line in lines:
-        log.warning(line)
+    ])
 
 
 def ensure_checkpoint(cfg: Config, allow_download: bool, always_download: bool = False) -> CheckpointSetup:
@@ -178,6 +180,16 @@ def main(argv: list[str]) -> int:
         return 2
     if warning:
         log.warning("%s", warning)
+    from modules import runtime
+    from modules.api import app as api_app
+    from modules.api import auth as api_auth
+    from modules.api.context import ApiSettings
+
+    api_settings = ApiSettings.from_args(args, cfg, auth)
+    exposed = api_auth.exposure_warning(host, api_settings)
+    if exposed:
+        warn_loudly([exposed])
+    api = api_app.make_context(api_settings, runtime.get_worker)
     app = webui.build_app()
     url_host = "127.0.0.1" if host == args_manager.LISTEN_ALL_HOST else host
     log.info("starting the web UI at http://%s:%d/ (bound to %s%s)", url_host, args.port, host,
@@ -187,7 +199,7 @@ def main(argv: list[str]) -> int:
                inbrowser=args.in_browser and host != args_manager.LISTEN_ALL_HOST,
                allowed_paths=webui.allowed_paths(cfg), auth=auth or None,
                max_file_size=args.max_upload_size * 1024 ** 2, prevent_thread_lock=True,
-               **webui.launch_options(args.theme))
+               **webui.launch_options(args.theme), **api_app.launch_kwargs(api))
     while not stop.wait(1.0):
         pass
     log.info("stopping: the running task stops, its finished images are written")

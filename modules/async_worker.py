@@ -43,6 +43,7 @@ from modules.task_types import TaskControl
 log = logging.getLogger(__name__)
 
 STOPPED_BEFORE_START = "stopped before start"
+QUEUE_FULL = "queue full"
 _WAKE = object()  # queue item that only wakes the thread to run pending calls
 
 
@@ -65,6 +66,10 @@ class ProgressLike(Protocol):
 
 Handler = Callable[[dict, TaskControl, Callable[[Any], None] | None], ResultLike]
 ErrorResultFactory = Callable[[str], ResultLike]
+
+
+class QueueFull(RuntimeError):
+    """A request refused at submission: the queue, or its owner's share of it, is full."""
 
 
 @dataclass
@@ -226,13 +231,15 @@ class Worker:
     def __init__(self, handler: Handler | None = None, error_result: ErrorResultFactory | None = None,
                  name: str = "fooocus-worker", status: StatusHook | None = None,
                  max_pending: int | None = None,
-                 pipeline_factory: Callable[[], PipelineLike] | None = None) -> None:
+                 pipeline_factory: Callable[[], PipelineLike] | None = None,
+                 max_pending_per_owner: int | None = None) -> None:
         """Either `handler` (and optionally `status`) or `pipeline_factory`: the worker then
         makes its one pipeline on first use and runs every request through it."""
         self._handler = handler
         self._pipeline_factory = pipeline_factory
         self._pipeline: PipelineLike | None = None
         self.max_pending = max_pending   # None: unbounded
+        self.max_pending_per_owner = max_pending_per_owner   # queued tasks one owner may have; None: no cap
         self._error_result = error_result
         self._status_hook = status
         self._name = name
@@ -251,20 +258,36 @@ class Worker:
     def submit(self, request: dict, owner: str | None = None) -> AsyncTask:
         """Queue a request for ``owner``; returns at once. A full queue gives a task already
         finished with a "queue full" error (the caller reports it like any other error)."""
+        try:
+            return self.try_submit(request, owner)
+        except QueueFull as refused:
+            task = AsyncTask(request=request, owner=owner)
+            task._finish(self._make_error(str(refused)))
+            return task
+
+    def try_submit(self, request: dict, owner: str | None = None) -> AsyncTask:
+        """``submit``, but a full queue (or an owner at its cap) raises QueueFull instead,
+        for callers that answer it apart from other errors (HTTP 429)."""
         task = AsyncTask(request=request, owner=owner)
         with self._lock:
             if self._closed:
                 raise RuntimeError("worker is shut down")
             if self.max_pending is not None and self.pending() >= self.max_pending:
-                task._finish(self._make_error(f"queue full: {self.pending()} requests are waiting "
-                                              f"(config key max_queue_length={self.max_pending}); try again later"))
-                return task
+                raise QueueFull(f"{QUEUE_FULL}: {self.pending()} requests are waiting (config key "
+                                f"max_queue_length / --queue-size = {self.max_pending}); try again later")
+            cap = self.max_pending_per_owner
+            if cap is not None and owner is not None and self._queued_of(owner) >= cap:
+                raise QueueFull(f"{QUEUE_FULL} for this client: it has {cap} requests waiting (config key "
+                                f"max_queue_per_client = {cap}); wait for one to start")
             self._ensure_thread()
             self._unfinished[task.id] = task
             self._queue.put(task)
         task.future.add_done_callback(lambda _: self._forget(task))
         log.debug("task %d queued (%d waiting)", task.id, self.pending())
         return task
+
+    def _queued_of(self, owner: str) -> int:
+        return sum(1 for t in self._unfinished.values() if t.owner == owner and t.state is TaskState.QUEUED)
 
     @property
     def current(self) -> AsyncTask | None:

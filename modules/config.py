@@ -111,11 +111,15 @@ class Config:
     max_prompt_tokens: int = 3000
     max_loras_per_request: int = 32
     max_lora_weight: float = 10.0
-    max_queue_length: int = 64
+    max_queue_length: int = 100   # upstream Fooocus-API's --queue-size default; --queue-size overrides it
+    max_queue_per_client: int = 16
+    max_job_history: int = 100    # finished HTTP API jobs kept for query-job / job-history
     max_conditioning_cache_mb: float = 512.0
     # The size (sqrt of width x height) Vary, small Upscales and Inpaint work at: upstream's
     # 1024 suits SDXL; smaller models (or quick tests) want less.
     image_input_side: int = 1024
+    # The REST APIs' key (X-API-KEY or Authorization: Bearer); --api-key adds more. Empty: none.
+    api_key: str = ""
     # From the command line, not config keys: what the pipeline is handed instead of
     # reading args_manager (--disable-image-log, --temp-path, --disable-metadata,
     # --disable-preset-download).
@@ -321,9 +325,12 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "max_prompt_tokens": (3000, _as_positive_int, False),
     "max_loras_per_request": (32, _as_positive_int, False),
     "max_lora_weight": (10.0, _as_positive_float, False),
-    "max_queue_length": (64, _as_positive_int, False),
+    "max_queue_length": (100, _as_positive_int, False),
+    "max_queue_per_client": (16, _as_positive_int, False),
+    "max_job_history": (100, _as_positive_int, False),
     "max_conditioning_cache_mb": (512.0, _as_positive_float, False),
     "image_input_side": (1024, _as_positive_int, False),
+    "api_key": ("", _as_str, True),
     # Upstream's default list also holds "Fooocus V2", which needs the expansion model's
     # files; without a config or preset we start with no styles, so a fresh install works offline.
     "default_styles": ([], _as_names, False),

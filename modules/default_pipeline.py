@@ -813,7 +813,7 @@ class Pipeline:
         width, height = uov.latent_size
         with run.timed("vae_encode"):
             latents = core.encode(models.vae, pixels)
-        return ImageSource(width, height, init_latents=latents, denoise=uov.denoise)
+        return ImageSource(width, height, init_latents=latents, denoise=inputs.uov_denoise(uov.denoise))
 
     def _inpaint(self, plan: RequestPlan, models: RequestModels, run: RequestRun) -> ImageSource:
         """Inpaint / outpaint, as upstream: the crop around the mask generated at about

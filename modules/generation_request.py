@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +239,34 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             raise RequestError(f"field 'prompt': tag <lora:{name}:{weight}> has no number as weight") from None
         loras.append((name, value))
     return _LORA_TAG.sub("", prompt).strip(), loras
+
+
+def check_request(data: Any, cfg: config_module.Config, samplers: Collection[str] = flags.SAMPLER_NAMES,
+                  schedulers: Collection[str] = flags.SCHEDULER_NAMES) -> GenerationRequest:
+    """Everything about a request that can be checked before it is queued, so an HTTP API
+    answers a bad one at once: its fields, the sampler and scheduler (among `samplers` and
+    `schedulers`, what the sampling code implements), styles, the model files it names and
+    its input images. The pipeline checks again when it runs (files may change meanwhile)."""
+    from modules import image_inputs, sdxl_styles   # numpy, style files: only for early checks
+
+    cfg = preset_config(data, cfg)
+    req = GenerationRequest.from_dict(data, cfg)
+    imposed = flags.performance_settings(req.performance)
+    for key, value, imposed_value, known in (("sampler", req.sampler, imposed.sampler, samplers),
+                                             ("scheduler", req.scheduler, imposed.scheduler, schedulers)):
+        if imposed_value is None and value not in known:
+            raise RequestError(f"field '{key}': unknown {key} {value!r}; available: {', '.join(known)}")
+    _, tag_loras = split_lora_tags(req.prompt)
+    sdxl_styles.check_names(req.styles, sdxl_styles.get_library(cfg.path_styles))
+    resolve_checkpoint(req.base_model, cfg)
+    if req.refiner_model not in ("", flags.NONE_NAME):
+        _resolve(req.refiner_model, cfg.path_checkpoints, "refiner_model", "checkpoints", "path_checkpoints")
+    if req.vae not in ("", flags.DEFAULT_VAE, flags.NONE_NAME):
+        _resolve(req.vae, cfg.path_vae, "vae", "VAE", "path_vae")
+    for name, _ in req.loras + tag_loras:
+        resolve_lora(name, cfg)
+    image_inputs.parse(data)
+    return req
 
 
 # -- model files ------------------------------------------------------------------------

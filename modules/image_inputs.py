@@ -7,6 +7,10 @@ Torch-free. Request fields:
 * ``inpaint_mask``: white (or a sketch's opaque strokes) marks what to repaint;
 * ``outpaint_selections``: any of "Left", "Right", "Top", "Bottom";
 * ``inpaint_strength`` (0-1], ``inpaint_respective_field`` [0-1];
+* ``overwrite_vary_strength``, ``overwrite_upscale_strength``: upstream's developer
+  options, the denoise of Vary (0.5 / 0.85) and of Upscale (0.382) replaced by a value in
+  (0, 1]; -1 to 0 keep the method's own, as upstream (what an img2img API's free
+  ``denoising_strength`` maps to);
 * ``image_prompts``: up to four ``[image, stop, weight, type]``; type "ImagePrompt" (the
   default), "PyraCanny" or "CPDS"; stop and weight default to upstream's per type (0.5 and
   0.6 for ImagePrompt, 0.5 and 1.0 for the two ControlNets);
@@ -77,7 +81,14 @@ class ImageInputs:
     inpaint_strength: float = INPAINT_STRENGTH
     inpaint_respective_field: float = INPAINT_RESPECTIVE_FIELD
     image_prompts: list[ImagePromptInput] = field(default_factory=list)
+    vary_strength: float | None = None       # None: the Vary method's own denoise
+    upscale_strength: float | None = None    # None: the Upscale methods' own denoise
     control: ControlOptions = field(default_factory=ControlOptions)
+
+    def uov_denoise(self, own: float) -> float:
+        """The denoise the uov method runs at: its own, or the request's overwrite."""
+        wanted = self.vary_strength if self.uov_method.startswith("Vary") else self.upscale_strength
+        return own if wanted is None else wanted
 
     @property
     def adapter_prompts(self) -> list[ImagePromptInput]:
@@ -96,6 +107,10 @@ class ImageInputs:
             out["input_image"] = _describe(self.image)
         if self.mode == "uov":
             out["uov_method"] = self.uov_method
+            for key, value in (("overwrite_vary_strength", self.vary_strength),
+                               ("overwrite_upscale_strength", self.upscale_strength)):
+                if value is not None:
+                    out[key] = value
         if self.mode == "inpaint":
             if self.mask is not None:
                 out["inpaint_mask"] = _describe(self.mask)
@@ -126,6 +141,8 @@ def parse(data: dict) -> ImageInputs:
     if method not in flags.UOV_METHODS:
         raise RequestError(f"field 'uov_method' must be one of {', '.join(flags.UOV_METHODS)}, got {method!r}")
     inputs.uov_method = method
+    inputs.vary_strength = _overwrite_strength(data, "overwrite_vary_strength")
+    inputs.upscale_strength = _overwrite_strength(data, "overwrite_upscale_strength")
     inputs.outpaint = _outpaint(data.get("outpaint_selections"))
     has_mask = data.get("inpaint_mask") not in (None, "")
     if method != flags.UOV_DISABLED:
@@ -157,6 +174,12 @@ def _fraction(data: dict, key: str, default: float, low_open: bool = False) -> f
     if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
         raise RequestError(f"field '{key}' must be between 0 and 1, got {value}")
     return float(value)
+
+
+def _overwrite_strength(data: dict, key: str) -> float | None:
+    """Upstream's overwrite sliders: -1..0 mean "the method's own", (0, 1] replaces it."""
+    value = _number(data.get(key), -1.0, f"field '{key}'", -1.0, 1.0)
+    return value if value > 0 else None
 
 
 def _outpaint(value: Any) -> list[str]:

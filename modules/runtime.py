@@ -26,8 +26,13 @@ def get_worker() -> Worker:
     global _worker
     with _lock:
         if _worker is None:
+            import args_manager
             from modules import config  # torch-free
-            _worker = Worker(max_pending=config.get_config().max_queue_length, pipeline_factory=_new_pipeline)
+
+            cfg = config.get_config()
+            queue_size = getattr(args_manager.args, "queue_size", None)   # --queue-size wins over the key
+            _worker = Worker(max_pending=queue_size or cfg.max_queue_length, pipeline_factory=_new_pipeline,
+                             max_pending_per_owner=cfg.max_queue_per_client)
         return _worker
 
 

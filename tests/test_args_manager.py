@@ -150,7 +150,7 @@ def test_every_flag_has_help_and_ours_are_marked() -> None:
     assert all(a.help for a in actions)
     ours = {a.option_strings[0] for a in actions if a.help.startswith("[ours]")}
     assert ours == {"--keep-models-resident", "--vram-budget", "--check-memory-accounting", "--compile-unet",
-                    "--compile-backend", "--compile-mode"}
+                    "--compile-backend", "--compile-mode", "--webhook-allow"}
 
 
 def test_importing_ignores_the_real_command_line() -> None:
@@ -173,8 +173,18 @@ def test_upstream_server_flags_are_accepted() -> None:
     assert d.max_upload_size == args_manager.DEFAULT_MAX_UPLOAD_MB
 
 
+def test_api_flags_take_fooocus_apis_spellings_too() -> None:
+    a = parse_args(["--apikey", "k1", "--api-key", "k2", "--queue-size", "5", "--webhook-url", "http://h:1/x",
+                    "--webhook-allow", "https://hooks.local/a", "--webhook-allow", "http://10.0.0.2:8000/"])
+    assert a.api_key == ["k1", "k2"] and a.queue_size == 5 and a.webhook_url == "http://h:1/x"
+    assert a.webhook_allow == ["https://hooks.local/a", "http://10.0.0.2:8000/"]
+    d = parse_args([])
+    assert (d.api_key, d.queue_size, d.webhook_url, d.webhook_allow) == (None, None, None, None)
+
+
 @pytest.mark.parametrize("argv", [["--auth", "nopassword"], ["--auth", ":pw"], ["--theme", "purple"],
-                                  ["--max-upload-size", "0"]])
+                                  ["--max-upload-size", "0"], ["--queue-size", "0"], ["--webhook-url", "ftp://x/y"],
+                                  ["--webhook-allow", "hooks.local/a"]])
 def test_bad_server_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _exit_code(argv, capsys)
     assert code == 2 and argv[0] in err

@@ -60,7 +60,7 @@ def test_env_nan_names_the_variable(tmp_path):
 
 def test_limit_keys_have_defaults_and_can_be_set(tmp_path):
     defaults = load_config({"config_path": str(tmp_path / "none")})
-    assert (defaults.max_prompt_tokens, defaults.max_loras_per_request, defaults.max_queue_length) == (3000, 32, 64)
+    assert (defaults.max_prompt_tokens, defaults.max_loras_per_request, defaults.max_queue_length) == (3000, 32, 100)
     assert defaults.max_lora_weight == 10.0 and defaults.default_output_format == "png"
     path = write(tmp_path, json.dumps({"max_prompt_tokens": 150, "default_output_format": "webp"}))
     changed = load_config({"config_path": str(path)})

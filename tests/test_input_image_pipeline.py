@@ -136,11 +136,27 @@ def test_a_missing_model_file_names_the_file_and_its_config_key(served):
     ({"image_prompts": [[png64(INPUT), 0.5, 0.6, "FaceSwap"]]}, "image_prompts"),
     ({"image_prompts": [[png64(INPUT)]] * 5}, "image_prompts"),
     ({"image_prompts": [[png64(INPUT), float("nan")]]}, "image_prompts"),
+    ({"input_image": png64(INPUT), "uov_method": "Vary (Strong)", "overwrite_vary_strength": 2}, "overwrite_vary_strength"),
+    ({"input_image": png64(INPUT), "uov_method": "Upscale (2x)", "overwrite_upscale_strength": "x"},
+     "overwrite_upscale_strength"),
 ])
 def test_bad_input_image_fields_are_named(served, extra, field):
     served(mm.Policy.RESIDENT)
     images, report = run(extra)
     assert images == [] and f"'{field}" in report["error"], report
+
+
+def test_overwrite_vary_strength_is_the_denoise_vary_runs_at(served):
+    """Upstream's overwrite slider: Vary (Strong) at 0.5 is exactly Vary (Subtle), whose own
+    denoise is 0.5; -1 keeps Strong's own 0.85."""
+    served(mm.Policy.RESIDENT)
+    vary = {"input_image": png64(INPUT)}
+    at_half, report = run({**vary, "uov_method": "Vary (Strong)", "overwrite_vary_strength": 0.5})
+    subtle, _ = run({**vary, "uov_method": "Vary (Subtle)"})
+    own, _ = run({**vary, "uov_method": "Vary (Strong)", "overwrite_vary_strength": -1})
+    assert report["overwrite_vary_strength"] == 0.5
+    assert np.array_equal(pipelines.pixels(at_half[0]), pipelines.pixels(subtle[0]))
+    assert not np.array_equal(pipelines.pixels(at_half[0]), pipelines.pixels(own[0]))
 
 
 def _session() -> list[dict]:

@@ -57,6 +57,24 @@ def test_the_process_worker_takes_its_queue_length_from_the_config(monkeypatch, 
         config.reload_config()
 
 
+def test_queue_size_flag_wins_over_the_config_and_each_client_gets_its_share(monkeypatch, tmp_path):
+    import args_manager
+    from modules import runtime
+
+    monkeypatch.setenv("config_path", str(tmp_path / "none.txt"))
+    monkeypatch.setenv("max_queue_length", "3")
+    monkeypatch.setenv("max_queue_per_client", "2")
+    monkeypatch.setattr(args_manager.args, "queue_size", 7, raising=False)   # --queue-size 7
+    config.reload_config()
+    monkeypatch.setattr(runtime, "_worker", None)
+    try:
+        worker = runtime.get_worker()
+        assert (worker.max_pending, worker.max_pending_per_owner) == (7, 2)
+    finally:
+        monkeypatch.undo()
+        config.reload_config()
+
+
 def test_conditioning_cache_is_bounded_in_bytes_and_counted(pipeline, monkeypatch):
     pipeline(mm.Policy.RESIDENT)
     request = {"base_model": "tiny_sdxl_base.safetensors", "width": 64, "height": 64, "steps": 1, "seed": 1}
