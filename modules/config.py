@@ -73,6 +73,8 @@ class Config:
     path_inpaint: Path
     # Outputs go to one folder; a list in config.txt uses its first entry.
     path_outputs: Path
+    # Images an operator puts here may be named by path in a request's image fields.
+    path_inputs: Path
     # Empty string: use the first checkpoint found in path_checkpoints.
     default_model: str
     default_refiner: str
@@ -113,6 +115,13 @@ class Config:
         return self.temp_path or Path(tempfile.gettempdir()) / "fooocus_resident"
 
     @property
+    def input_folders(self) -> tuple[Path, ...]:
+        """The folders the server owns, where an image field may name a file by path:
+        path_inputs, the outputs, the temp folder and Gradio's upload folder (whatever
+        else the process can read is never an input)."""
+        return (self.path_inputs, self.path_outputs, self.temp_root, gradio_upload_folder())
+
+    @property
     def default_size(self) -> tuple[int, int]:
         """(width, height) of default_aspect_ratio."""
         return flags.parse_aspect_ratio(self.default_aspect_ratio)
@@ -130,6 +139,12 @@ class Config:
             except OSError as e:
                 what = "is a file, not a folder" if folder.exists() else f"cannot be created ({e.strerror or e})"
                 raise ConfigError(f"config key {key!r} ({self.config_path}): {folder} {what}") from None
+
+
+def gradio_upload_folder() -> Path:
+    """Where Gradio keeps uploads and the files it serves (its rule: GRADIO_TEMP_DIR, else
+    <system temp>/gradio), without importing Gradio."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
 # --- value parsers: (raw value, key, source) -> typed value ------------------------
@@ -244,6 +259,7 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "path_embeddings": ("models/embeddings", _as_paths, False),
     "path_vae": ("models/vae", _as_paths, False),
     "path_outputs": ("outputs", _as_first_path, False),
+    "path_inputs": ("inputs", _as_first_path, False),
     "path_styles": ("sdxl_styles", _as_paths, False),
     "path_fooocus_expansion": ("models/prompt_expansion/fooocus_expansion", _as_first_path, False),
     "path_upscale_models": ("models/upscale_models", _as_first_path, False),

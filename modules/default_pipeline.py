@@ -583,10 +583,13 @@ class Pipeline:
         settings = flags.performance_settings(req.performance)
         sampler = settings.sampler or req.sampler
         scheduler = settings.scheduler or req.scheduler
-        core.make_scheduler(sampler, scheduler)  # fail on unknown names before loading anything
+        try:
+            core.make_scheduler(sampler, scheduler)  # fail on unknown names before loading anything
+        except ValueError as error:
+            raise RequestError(f"field '{'sampler' if sampler not in core.SAMPLERS else 'scheduler'}': {error}") from None
         styled = sdxl_styles.apply_styles(prompt, req.negative_prompt, req.styles,
                                           sdxl_styles.get_library(cfg.path_styles))
-        inputs = image_inputs.parse(request)
+        inputs = image_inputs.parse(request, cfg)
         steps = req.steps or settings.steps
         if inputs.mode == "uov" and "Upscale" in inputs.uov_method and not req.steps:
             steps = flags.UOV_STEPS[req.performance]
@@ -661,7 +664,7 @@ class Pipeline:
         if not (req.refiner_model and req.refiner_model != flags.NONE_NAME and plan.settings.refiner_enabled
                 and req.refiner_switch < 1.0):
             return None
-        refiner = self.get_checkpoint(resolve_checkpoint(req.refiner_model, plan.cfg))
+        refiner = self.get_checkpoint(resolve_checkpoint(req.refiner_model, plan.cfg, "refiner_model"))
         if refiner is base:
             # As upstream: the base as its own refiner would only swap LoRA patches mid-sampling.
             report["refiner_model"] = "disabled: the refiner is the base model"

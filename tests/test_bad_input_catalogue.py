@@ -6,6 +6,7 @@ issue 9 (internal error naming no field, or accepted); the others already held."
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -66,6 +67,33 @@ ROWS = [
     ("lora_missing", {"loras": [["missing_lora.safetensors", 1.0]]}, ["missing_lora.safetensors"]),
     ("vae_missing", {"vae": "missing_vae.safetensors"}, ["missing_vae.safetensors"]),
 ]
+
+
+# Issue 18: a number too big for a float (JSON integers have no limit) and names the pipeline
+# resolves late; each error names exactly the field at fault. (row id, changes, field)
+FIELD_ROWS = [
+    ("guidance_10e400", {"guidance_scale": 10 ** 400}, "guidance_scale"),
+    ("refiner_switch_minus_10e400", {"refiner_switch": -10 ** 400}, "refiner_switch"),
+    ("sharpness_10e400", {"sharpness": 10 ** 400}, "sharpness"),
+    ("adm_end_10e400", {"adm_scaler_end": 10 ** 400}, "adm_scaler_end"),
+    ("lora_weight_10e400", {"loras": [["x.safetensors", 10 ** 400]]}, "loras"),
+    ("width_10e400", {"width": 10 ** 400}, "width"),
+    ("seed_10e400", {"seed": 10 ** 400}, "seed"),
+    ("refiner_model_unknown", {"refiner_model": "nope"}, "refiner_model"),
+    ("sampler_unknown", {"sampler": "nope"}, "sampler"),
+    ("scheduler_unknown", {"scheduler": "nope"}, "scheduler"),
+    ("performance_unknown", {"performance": "Turbo"}, "performance"),
+]
+
+
+@pytest.mark.parametrize("changes, field", [pytest.param(c, f, id=i) for i, c, f in FIELD_ROWS])
+def test_each_error_names_the_one_field_at_fault(pipeline, changes, field):
+    pipeline(mm.Policy.RESIDENT)
+    result = pipelines.process_request({**GOOD, **changes})
+    error = result.report.get("error")
+    assert isinstance(error, str) and result.images == [], result.report
+    assert re.findall(r"field '(\w+)'", error) == [field], error
+    assert "internal error" not in error and len(error) < 400, error   # a 400-digit number is not echoed whole
 
 
 @pytest.mark.parametrize("changes, expected", [pytest.param(c, e, id=i) for i, c, e in ROWS])
