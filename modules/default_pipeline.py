@@ -1105,5 +1105,9 @@ def save_image(pixels: np.ndarray, parameters: dict, cfg: config_module.Config,
     stem = f"{now.strftime('%Y-%m-%d_%H-%M-%S')}_{parameters['seed']}"
     saved = image_output.save(pixels, parameters, fmt, folder, fallback, stem, metadata=cfg.metadata)
     if cfg.image_log and not saved.warning:   # the history log lists what is in the day's folder
-        history_log.append(str(folder), saved.path, parameters)
+        try:
+            history_log.append(str(folder), saved.path, parameters)
+        except OSError as error:   # e.g. a symlink planted at log.html: the image stays, the log is skipped
+            log.warning("%s: the history log was not written (%s)", folder, error.strerror or error)
+            return image_output.SavedImage(saved.path, "the history log could not be written")
     return saved
