@@ -98,6 +98,9 @@ class Config:
     max_lora_weight: float = 10.0
     max_queue_length: int = 64
     max_conditioning_cache_mb: float = 512.0
+    # pixels x steps x images / 1e6 of one request: upstream's largest (1024x1024, 60 steps,
+    # 32 images) is 2013; a 200-step x 32-image request at 1152x896 (6606) is refused.
+    max_megapixel_steps: float = 2048.0
     # The size (sqrt of width x height) Vary, small Upscales and Inpaint work at: upstream's
     # 1024 suits SDXL; smaller models (or quick tests) want less.
     image_input_side: int = 1024
@@ -286,6 +289,7 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "max_lora_weight": (10.0, _as_positive_float, False),
     "max_queue_length": (64, _as_positive_int, False),
     "max_conditioning_cache_mb": (512.0, _as_positive_float, False),
+    "max_megapixel_steps": (2048.0, _as_positive_float, False),
     "image_input_side": (1024, _as_positive_int, False),
     # Upstream's default list also holds "Fooocus V2", which needs the expansion model's
     # files; without a config we start with no styles, so a fresh install works offline.

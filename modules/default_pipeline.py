@@ -38,8 +38,8 @@ from modules import config as config_module
 from modules import core, flags, guidance, history_log, image_inputs, image_output, ip_adapter, sdxl_styles, upscaler
 from modules import inpaint as inpaint_mod
 from modules.embeddings import EmbeddingCache, EmbeddingError
-from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SEED, GenerationRequest,
-                                        check_lora_weight, check_prompt_tokens, model_name, preset_config,
+from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SEED, MAX_SIDE, GenerationRequest,
+                                        check_cost, check_lora_weight, check_prompt_tokens, model_name, preset_config,
                                         resolve_checkpoint, resolve_lora, scrub_paths, split_lora_tags)
 from modules.generation_request import _resolve as resolve_model
 from modules.task_types import ProgressEvent, RequestError, RequestResult, StopRequested, TaskControl
@@ -50,6 +50,7 @@ FUSED_LORAS_METADATA_KEY = "fooocus_resident.fused_loras"
 PREVIEW_EVERY = 2   # steps between two live previews
 MAX_PATCHED_SETS = 4
 MAX_CONDITIONS = 64
+INPUT_IMAGE_SIZE = "field 'input_image' (its size sets the working size)"
 
 
 def latent_preview(latents: torch.Tensor) -> np.ndarray:
@@ -593,6 +594,8 @@ class Pipeline:
         steps = req.steps or settings.steps
         if inputs.mode == "uov" and "Upscale" in inputs.uov_method and not req.steps:
             steps = flags.UOV_STEPS[req.performance]
+        if not inputs.mode:   # from an input image the working size is known later (_image_source)
+            check_cost(req.width, req.height, steps, req.image_number, cfg)
         plan = RequestPlan(
             cfg=cfg, req=req, prompt=prompt, tag_loras=tag_loras, settings=settings,
             sampler=sampler, scheduler=scheduler,
@@ -773,6 +776,11 @@ class Pipeline:
             run.report["upscaler"] = os.path.basename(path)
         uov = upscaler.uov_plan(inputs.uov_method, width, height,
                                 model_scale=net.model.scale if net is not None else 4, side=cfg.image_input_side)
+        if max(uov.target) > MAX_SIDE:
+            raise RequestError(f"field 'input_image': {inputs.uov_method} of a {width}x{height} image makes "
+                               f"{uov.target[0]}x{uov.target[1]}; at most {MAX_SIDE} pixels per side")
+        if uov.diffuse:
+            check_cost(*uov.latent_size, plan.steps, plan.image_count, cfg, INPUT_IMAGE_SIZE)
         with run.timed("upscale"):
             pixels = upscaler.prepare_image(uov, image, net)
         if not uov.diffuse:
@@ -802,6 +810,7 @@ class Pipeline:
         except inpaint_mod.InpaintInputError as error:
             raise RequestError(f"field '{error.field}': {error.reason}") from None
         crop_h, crop_w = job.size
+        check_cost(crop_w, crop_h, plan.steps, plan.image_count, cfg, INPUT_IMAGE_SIZE)
         with run.timed("vae_encode"):
             latents = core.encode(models.vae, job.fill_pixels)
         latent_mask = inpaint_mod.latent_mask(job.mask, *latents.shape[-2:]).to(latents)

@@ -168,6 +168,18 @@ def _float(data: dict, key: str, default: float, low: float, high: float) -> flo
     return float(value)
 
 
+def check_cost(width: int, height: int, steps: int, images: int, cfg: config_module.Config,
+               size_from: str = "fields 'width' and 'height'") -> None:
+    """The cost cap (config key max_megapixel_steps): pixels x steps x images is what a
+    request costs the one worker every other client waits behind; `size_from` says which
+    fields set the working size (an input image sets it for vary, upscale and inpaint)."""
+    cost = width * height * steps * images / 1e6
+    if cost > cfg.max_megapixel_steps:
+        raise RequestError(f"the request costs {width}x{height} pixels x {steps} steps x {images} image(s) = "
+                           f"{cost:.0f} megapixel-steps; at most {cfg.max_megapixel_steps:g} (config key "
+                           f"max_megapixel_steps): lower {size_from}, field 'steps' or field 'image_number'")
+
+
 def _names(data: dict, key: str, default: list[str]) -> list[str]:
     value = data.get(key, default)
     if value is None:

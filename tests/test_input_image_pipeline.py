@@ -210,3 +210,22 @@ def test_every_mode_runs_compiled_and_a_second_round_recompiles_nothing(served, 
         assert compile_report["graphs_compiled"] == 0, (mode, compile_report)
         assert np.abs(pipelines.pixels(images[0]) - eager[mode]).max() <= 1, mode
     assert pipelines.graphs_compiled() == after_first
+
+
+def test_input_image_work_is_capped_before_it_starts(served, monkeypatch):
+    """From an input image the working size is the image's: the cost cap and the largest side
+    apply to it, and nothing is upscaled or encoded first."""
+    served(mm.Policy.RESIDENT)
+    calls = []
+    from modules import core, upscaler
+    monkeypatch.setattr(upscaler, "upscale", lambda *a, **k: calls.append("upscale"))
+    monkeypatch.setattr(core, "encode", lambda *a, **k: calls.append("encode"))
+    wide = png64(np.zeros((16, 2056, 3), np.uint8))
+    images, report = run({"input_image": wide, "uov_method": "Upscale (2x)"})
+    assert images == [] and "'input_image'" in report["error"] and "4112x32" in report["error"], report
+    monkeypatch.setenv("max_megapixel_steps", "0.001")
+    config.reload_config()
+    for mode in ("vary", "inpaint"):
+        images, report = run(MODES[mode][0])
+        assert images == [] and "max_megapixel_steps" in report["error"] and "'input_image'" in report["error"]
+    assert calls == []
