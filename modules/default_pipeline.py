@@ -782,12 +782,12 @@ class Pipeline:
         if uov.diffuse:
             check_cost(*uov.latent_size, plan.steps, plan.image_count, cfg, INPUT_IMAGE_SIZE)
         with run.timed("upscale"):
-            pixels = upscaler.prepare_image(uov, image, net)
+            pixels = upscaler.prepare_image(uov, image, net, run.check_stop)
         if not uov.diffuse:
             return ImageSource(pixels.shape[1], pixels.shape[0], direct=pixels)
         width, height = uov.latent_size
         with run.timed("vae_encode"):
-            latents = core.encode(models.vae, pixels)
+            latents = core.encode(models.vae, pixels, run.check_stop)
         return ImageSource(width, height, init_latents=latents, denoise=uov.denoise)
 
     def _inpaint(self, plan: RequestPlan, models: RequestModels, run: RequestRun) -> ImageSource:
@@ -812,7 +812,7 @@ class Pipeline:
         crop_h, crop_w = job.size
         check_cost(crop_w, crop_h, plan.steps, plan.image_count, cfg, INPUT_IMAGE_SIZE)
         with run.timed("vae_encode"):
-            latents = core.encode(models.vae, job.fill_pixels)
+            latents = core.encode(models.vae, job.fill_pixels, run.check_stop)
         latent_mask = inpaint_mod.latent_mask(job.mask, *latents.shape[-2:]).to(latents)
         source = ImageSource(crop_w, crop_h, init_latents=latents, denoise=job.strength, mask=latent_mask,
                              finish=job.paste)
@@ -821,7 +821,7 @@ class Pipeline:
             head = self.state.inpaint.head(head_path)
             run.done.patchers.append(head)
             with run.timed("vae_encode"):
-                head_latent = core.encode(models.vae, job.head_pixels)
+                head_latent = core.encode(models.vae, job.head_pixels, run.check_stop)
             source.head = (head, head_latent, latent_mask)
             run.report["inpaint_head"] = os.path.basename(head_path)
         run.report["output_size"] = [int(job.image.shape[1]), int(job.image.shape[0])]
@@ -903,7 +903,7 @@ class Pipeline:
                 continue
             run.event("decoding", f"Decoding image {index + 1}/{count}", index, count, steps, steps)
             with run.timed("vae_decode"):
-                pixels = source.finish(core.decode(models.vae, latents, source.width, source.height))
+                pixels = source.finish(core.decode(models.vae, latents, source.width, source.height, run.check_stop))
             writes.append(self.writer.submit(save_image, pixels, self._image_parameters(plan, positive_texts[index],
                                                                                         index, run),
                                              plan.cfg, req.output_format))
