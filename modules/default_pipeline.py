@@ -983,7 +983,8 @@ class Pipeline:
                           "peak_allocated_bytes": summary.peak_allocated_bytes,
                           "effective_budget_bytes": summary.effective_budget_bytes,
                           "host_resident_bytes": summary.host_resident_bytes}
-        report["images"] = images
+        cfg = self.config()   # the images by name in their folder (outputs/<day>/...), no server path
+        report["images"] = [model_name(path, (cfg.path_outputs, cfg.temp_root)) for path in images]
         mm = report["model_management"]
         print(f"[Fooocus-Resident] {report['mode']}: {len(images)} image(s) in "
               f"{report['timings_ms']['total']:.0f} ms; model management "
@@ -1015,7 +1016,8 @@ class Pipeline:
         real = [f for f in files if os.path.basename(f) != DEMO_CHECKPOINT_NAME]
         if DEMO_CHECKPOINT_NAME in names or (files and not real):
             return (f"The built-in demo checkpoint ({DEMO_CHECKPOINT_NAME}) has random weights and draws noise. "
-                    f"Put a real SDXL checkpoint (.safetensors) into {cfg.path_checkpoints[0]}.")
+                    f"Put a real SDXL checkpoint (.safetensors) into the checkpoints folder (config key "
+                    f"path_checkpoints).")
         return None
 
     def flush_writer(self) -> None:

@@ -278,14 +278,29 @@ def model_name(path: str, folders) -> str:
     return os.path.basename(path)
 
 
+# An absolute path left in a message once the configured folders are replaced: POSIX
+# (two or more components, not part of a URL or a relative name) or Windows (C:\...).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])(?:/[^\s/'\"<>:,;()\[\]]+){2,}/?|\b[A-Za-z]:\\[^\s'\"<>]*")
+
+
+def owned_folders(cfg: config_module.Config) -> list[tuple[str, str]]:
+    """(folder, config key) of every folder the server reads or writes, longest first."""
+    keys = ("path_checkpoints", "path_loras", "path_vae", "path_embeddings", "path_styles")
+    folders = [(str(f), key) for key in keys for f in getattr(cfg, key)]
+    folders += [(str(getattr(cfg, key)), key) for key in (
+        "path_outputs", "path_inputs", "path_upscale_models", "path_controlnet", "path_clip_vision", "path_inpaint",
+        "path_fooocus_expansion")]
+    folders += [(str(cfg.temp_root), "temp_path"), (str(config_module.gradio_upload_folder()), "uploads")]
+    return sorted(folders, key=lambda item: -len(item[0]))
+
+
 def scrub_paths(message: str, cfg: config_module.Config) -> str:
-    """Errors go to clients: files under a model folder are named relative to it and a
-    folder itself by its config key, never by the server's absolute path."""
-    folders = [(str(f), key) for key in ("path_checkpoints", "path_loras", "path_vae", "path_embeddings")
-               for f in getattr(cfg, key)] + [(str(cfg.path_outputs), "path_outputs")]
-    for folder, key in sorted(folders, key=lambda item: -len(item[0])):
+    """Errors go to clients: files under a folder the server owns are named relative to it
+    and a folder itself by its config key; any other absolute path is cut to its last
+    part. Clients never see the server's absolute paths."""
+    for folder, key in owned_folders(cfg):
         message = message.replace(folder + os.sep, "").replace(folder, f"<{key}>")
-    return message
+    return _ABSOLUTE_PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/\\")) or "<path>", message)
 
 
 def preset_config(request: Any, cfg: config_module.Config) -> config_module.Config:

@@ -96,7 +96,7 @@ def resident_set(request: dict, cfg) -> dict:
         if settings.lora is not None:
             parts.append(_performance_lora(settings.lora, cfg))
     except (dp.RequestError, ConfigError, ValueError, FileNotFoundError) as error:
-        raise RequestRejected(str(error)) from error
+        raise RequestRejected(dp.scrub_paths(str(error), cfg)) from error
     return {"parts": parts}
 
 

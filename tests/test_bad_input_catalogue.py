@@ -134,3 +134,24 @@ def test_reports_and_errors_name_files_relative_to_their_model_folder(pipeline, 
     assert good["base_model"] == "sub/base.safetensors", good
     bad = pipelines.process_request({**GOOD, "base_model": "sub/broken.safetensors"}).report
     assert "sub/broken.safetensors" in bad["error"] and str(folders["checkpoints"]) not in bad["error"]
+
+
+def test_no_report_error_or_status_carries_an_absolute_server_path(pipeline, tmp_path):
+    import json
+
+    from modules import config
+
+    pipeline(mm.Policy.RESIDENT)
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"\x89PNG not really")
+    good = pipelines.process_request(dict(GOOD))
+    reports = [good.report,
+               pipelines.process_request({**GOOD, "styles": ["no such style"]}).report,   # names the styles folder
+               pipelines.process_request({**GOOD, "input_image": str(outside), "uov_method": "Vary (Subtle)"}).report]
+    assert "error" not in reports[0] and all("error" in r for r in reports[1:]), reports
+    folders = [str(tmp_path), str(config.REPO_ROOT), str(config.get_config().temp_root)]
+    for shown in [*reports, pipelines.current().model_status()]:
+        text = json.dumps(shown, default=str)
+        assert not [f for f in folders if f in text], text
+    name = good.report["images"][0]   # the image by its name in the outputs folder
+    assert good.images[0].endswith(name) and name.count("/") == 1

@@ -709,9 +709,9 @@ def test_free_memory_and_model_status_through_the_client_during_a_request(server
     client = make_client(server.url, tmp_path / "dl")
     request = {"prompt": "a tree", "steps": 3, "width": 64, "height": 64, "seed": 21, "image_number": 2,
                "base_model": "fooocus_resident_demo_random.safetensors"}   # other tests add checkpoints
-    _, first = client.predict(request, api_name="/generate")
+    first_gallery, first = client.predict(request, api_name="/generate")
     assert "error" not in first, first
-    alone = [np.asarray(Image.open(p).convert("RGB")) for p in first["images"]]
+    alone = [np.asarray(Image.open(p).convert("RGB")) for p in first_gallery]
 
     job = client.submit(request, api_name="/generate")
     other = make_client(server.url, tmp_path / "dl2")
@@ -720,8 +720,8 @@ def test_free_memory_and_model_status_through_the_client_during_a_request(server
     freed = other.predict(api_name="/free_memory")
     gallery, report = job.result(timeout=SERVER_START_TIMEOUT_S)
     assert "error" not in report, report
-    assert len(report["images"]) == 2
-    for path, expected in zip(report["images"], alone):
+    assert len(report["images"]) == len(gallery) == 2
+    for path, expected in zip(gallery, alone):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected)
     assert isinstance(freed["freed_bytes"], int) and isinstance(freed["unloaded"], list)
     assert other.predict(api_name="/free_memory")["status"]["models"] == []
