@@ -181,7 +181,7 @@ def main(argv: list[str]) -> int:
                inbrowser=args.in_browser and host != args_manager.LISTEN_ALL_HOST,
                allowed_paths=webui.allowed_paths(cfg), auth=auth or None,
                max_file_size=args.max_upload_size * 1024 ** 2, prevent_thread_lock=True,
-               **webui.launch_options(args.theme))
+               **webui.launch_options(app, cfg, args.theme))
     while not stop.wait(1.0):
         pass
     log.info("stopping: the running task stops, its finished images are written")

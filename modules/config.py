@@ -101,6 +101,9 @@ class Config:
     # pixels x steps x images / 1e6 of one request: upstream's largest (1024x1024, 60 steps,
     # 32 images) is 2013; a 200-step x 32-image request at 1152x896 (6606) is refused.
     max_megapixel_steps: float = 2048.0
+    # Under a login the history log (every user's prompts and images) is served to nobody,
+    # unless shared on purpose: then to every logged-in user.
+    shared_history_log: bool = False
     # The size (sqrt of width x height) Vary, small Upscales and Inpaint work at: upstream's
     # 1024 suits SDXL; smaller models (or quick tests) want less.
     image_input_side: int = 1024
@@ -187,6 +190,12 @@ def _as_positive_float(value: Any, key: str, source: str) -> float:
     if number <= 0:
         raise _fail(key, source, value, "a number > 0")
     return number
+
+
+def _as_bool(value: Any, key: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, source, value, "true or false")
+    return value
 
 
 def _as_positive_int(value: Any, key: str, source: str) -> int:
@@ -290,6 +299,7 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "max_queue_length": (64, _as_positive_int, False),
     "max_conditioning_cache_mb": (512.0, _as_positive_float, False),
     "max_megapixel_steps": (2048.0, _as_positive_float, False),
+    "shared_history_log": (False, _as_bool, False),
     "image_input_side": (1024, _as_positive_int, False),
     # Upstream's default list also holds "Fooocus V2", which needs the expansion model's
     # files; without a config we start with no styles, so a fresh install works offline.

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from typing import Any
 import gradio as gr
 
 from modules import config as config_module
-from modules import flags, input_image_page, resident_memory, t2i_page
+from modules import flags, input_image_page, resident_memory, route_guard, t2i_page
 from modules.async_worker import AsyncTask, TaskProgress, Worker
 from modules.runtime import get_worker
 
@@ -55,6 +56,7 @@ LORA_SLOTS = 5
 LORA_WEIGHT_RANGE = (-2.0, 2.0)
 MAX_IMAGE_NUMBER = 32
 PROGRESS_POLL_S = 0.1  # how often a page follower looks at its task's progress
+CLIENT_POLL_S = 0.5  # how often an API call looks whether its client is still there
 RECONNECT_GRACE_S = 60.0  # a page's task outlives the page this long, so a reload can reconnect
 MAX_SEED = 2 ** 63 - 1
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -278,8 +280,10 @@ async def wait_for_change(task: AsyncTask, seen_version: int, timeout: float) ->
     return task.progress
 
 
-async def task_result(task: AsyncTask) -> Any:
-    """Await a task's result without letting a cancelled caller cancel the task's own future."""
+async def task_result(task: AsyncTask, client_gone: Callable[[], bool] = lambda: False,
+                      stop: Callable[[AsyncTask], None] | None = None) -> Any:
+    """Await a task's result without letting a cancelled caller cancel the task's own future.
+    While it runs, a client that is gone (`client_gone`) gets its task stopped (`stop`)."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future = loop.create_future()
 
@@ -287,18 +291,32 @@ async def task_result(task: AsyncTask) -> Any:
         loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
 
     task.future.add_done_callback(resolve)
-    await waiter
+    while not waiter.done():
+        await asyncio.wait([waiter], timeout=CLIENT_POLL_S)
+        if not waiter.done() and stop is not None and client_gone():
+            log.info("task %d: its client is gone; stopping it", task.id)
+            stop(task)
+            stop = None
     return task.result()
 
 
-def page_owner(token: str | None) -> str | None:
-    """Owner key of a page (its browser token); a namespace apart from API sessions,
-    so no value a page sends can name an API client's task."""
-    return f"page:{token}" if token else None
+def page_owner(username: str | None, token: str | None) -> str | None:
+    """Owner key of a page: its login and browser token; a namespace apart from API
+    clients, so no value a page sends can name an API client's task, and no other login
+    can name this page's."""
+    return f"page:{username or ''}:{token}" if token else None
 
 
-def api_owner(session_hash: str | None) -> str | None:
-    return f"api:{session_hash}" if session_hash else None
+def api_owner(client: str) -> str:
+    """Owner key of API jobs: the client (`route_guard.client_key`: login, else address),
+    stable across its sessions, so a per-owner queue cap holds however many it opens."""
+    return f"api:{client}"
+
+
+def caller_client(caller: Any) -> str:
+    """`route_guard.client_key` of a Gradio request."""
+    return route_guard.client_key(getattr(caller, "username", None),
+                                  getattr(getattr(caller, "client", None), "host", None))
 
 
 # The outputs every follow update addresses, in order.
@@ -437,9 +455,23 @@ PAGE_JS = """
 """
 
 
-def launch_options(theme: str | None = None) -> dict[str, Any]:
-    """The ``app.launch`` keywords that belong to the page (css, js)."""
-    return {"css": PAGE_CSS, "js": PAGE_JS.replace("__THEME__", theme or "")}
+def launch_options(app: gr.Blocks, cfg: config_module.Config, theme: str | None = None) -> dict[str, Any]:
+    """The ``app.launch`` keywords that belong to the app: css, js, the route guard, and
+    enough of Gradio's slots that no job waits in Gradio's queue in front of the worker's.
+
+    Every job's Gradio event holds a slot while it waits for the worker, so with fewer
+    slots than jobs the rest wait in Gradio's (unbounded) queue where the worker's
+    max_queue_length never sees them. Twice the queue length covers the jobs plus the
+    pages following them and the quick events; Gradio's own queue is bounded too."""
+    guard: route_guard.RouteGuard = app.route_guard  # type: ignore[attr-defined]
+    return {"css": PAGE_CSS, "js": PAGE_JS.replace("__THEME__", theme or ""),
+            "max_threads": gradio_slots(cfg),
+            "app_kwargs": route_guard.app_kwargs(guard)}
+
+
+def gradio_slots(cfg: config_module.Config) -> int:
+    """Gradio events that may run at once (`max_threads`): see `launch_options`."""
+    return 2 * cfg.max_queue_length + 16
 
 
 # -- the page ------------------------------------------------------------------------------
@@ -792,6 +824,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
         return model_status() if model_status is not None else the_worker().status_snapshot()
 
     followers = Followers(the_worker, reconnect_grace_s)
+    guard = route_guard.RouteGuard(cfg.path_outputs, cfg.temp_root, cfg.shared_history_log)
     checkpoints = _checkpoint_choices(cfg)
     lora_files = _lora_choices(cfg)
     warning = demo_warning()
@@ -911,14 +944,14 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
 
         # -- page events (private) ----------------------------------------------------------
 
-        async def on_generate(data: dict) -> AsyncIterator[tuple[Any, ...]]:
+        async def on_generate(data: dict, caller: gr.Request) -> AsyncIterator[tuple[Any, ...]]:
             try:
                 request = controls.values(data).to_request()
             except (ValueError, TypeError) as error:
                 yield _update(progress=progress_html(TaskProgress(text=f"Error: {error}", stage="error")),
                               report={"error": str(error)})
                 return
-            task = the_worker().submit(request, owner=page_owner(data[owner]))
+            task = the_worker().submit(request, owner=page_owner(caller.username, data[owner]))
             async for update in follow_task(task, the_worker(), demo_warning, followers):
                 yield update
 
@@ -926,21 +959,21 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
             on_generate, inputs=controls.components() | {owner}, outputs=follow_outputs,
             api_visibility="private", concurrency_limit=None, show_progress="hidden")
 
-        def on_stop(who: str | None) -> None:
-            the_worker().stop_owned(page_owner(who))
+        def on_stop(who: str | None, caller: gr.Request) -> None:
+            the_worker().stop_owned(page_owner(caller.username, who))
 
-        def on_skip(who: str | None) -> None:
-            the_worker().skip_owned(page_owner(who))
+        def on_skip(who: str | None, caller: gr.Request) -> None:
+            the_worker().skip_owned(page_owner(caller.username, who))
 
         stop_btn.click(on_stop, inputs=[owner], outputs=None, api_visibility="private", queue=False)
         skip_btn.click(on_skip, inputs=[owner], outputs=None, api_visibility="private", queue=False)
 
-        async def on_load(who: str | None) -> AsyncIterator[tuple[Any, ...]]:
+        async def on_load(who: str | None, caller: gr.Request) -> AsyncIterator[tuple[Any, ...]]:
             """Give a new browser its owner token; a reloaded page follows its running task."""
             if not who:
                 who = uuid.uuid4().hex
             yield (who, *_update())
-            tasks = the_worker().tasks_of(page_owner(who))
+            tasks = the_worker().tasks_of(page_owner(caller.username, who))
             if tasks:
                 async for update in follow_task(tasks[-1], the_worker(), demo_warning, followers):
                     yield (gr.skip(), *update)
@@ -1021,8 +1054,10 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                       api_visibility="private", queue=False)
         param_btn.click(on_load_parameters, inputs=[param_image, param_json],
                         outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
-        app.load(lambda: t2i_page.history_link_html(cfg), inputs=None, outputs=[history_link],
-                 api_visibility="private", queue=False)
+        def on_history_link(caller: gr.Request) -> str:
+            return t2i_page.history_link_html(cfg, guard.history_shown(login=caller.username is not None))
+
+        app.load(on_history_link, inputs=None, outputs=[history_link], api_visibility="private", queue=False)
 
         # -- the Resident memory panel ---------------------------------------------------------
 
@@ -1068,13 +1103,15 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
         async def generate(request: dict, caller: gr.Request) -> tuple[list[str], dict]:
             """Run one request (DESIGN.md §4) and wait for it: returns (image files, report).
 
-            The task belongs to the caller's session; if the call is cancelled or the
-            client goes away, the task is stopped (a queued one never runs)."""
+            The task belongs to the caller (its login, else its address); if the call is
+            cancelled or the client goes away (its result stream dropped, or never opened),
+            the task is stopped (a queued one never runs)."""
             if not isinstance(request, dict):
                 return [], {"error": "the request must be one JSON object"}
-            task = the_worker().submit(request, owner=api_owner(getattr(caller, "session_hash", None)))
+            session, since = getattr(caller, "session_hash", None), time.monotonic()
+            task = the_worker().submit(request, owner=api_owner(caller_client(caller)))
             try:
-                result = await task_result(task)
+                result = await task_result(task, lambda: guard.client_gone(session, since), the_worker().stop)
             except asyncio.CancelledError:
                 the_worker().stop(task)
                 raise
@@ -1100,5 +1137,6 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
         gr.on([], free_memory_api, inputs=None, outputs=[api_freed], api_name="free_memory",
               concurrency_limit=None, show_progress="hidden")
 
-    app.queue(default_concurrency_limit=None)
+    app.queue(default_concurrency_limit=None, max_size=cfg.max_queue_length)
+    app.route_guard = guard  # type: ignore[attr-defined]   # installed by launch_options
     return app

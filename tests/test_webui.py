@@ -364,7 +364,7 @@ def test_page_sends_the_input_image_fields_of_the_tab_shown(fake_app: FakeApp) -
 
 def test_a_foreign_page_stop_leaves_the_job_alone(fake_app: FakeApp) -> None:
     # "block" is not a page control: submit the blocking job for alice's page through the worker.
-    task = fake_app.worker.submit({"prompt": "mine", "block": True}, owner=webui.page_owner("alice"))
+    task = fake_app.worker.submit({"prompt": "mine", "block": True}, owner=webui.page_owner(None, "alice"))
     assert fake_app.pipeline.started.wait(TIMEOUT)
     page_call(fake_app, "stop_button", "mallory")
     page_call(fake_app, "skip_button", "mallory")
@@ -378,7 +378,7 @@ def test_a_page_stop_cannot_reach_an_api_job(fake_app: FakeApp, tmp_path: Path) 
     job = client.submit({"prompt": "api job", "block": True}, api_name="/generate")
     assert fake_app.pipeline.started.wait(TIMEOUT)
     running = fake_app.worker.current
-    assert running is not None and running.owner == webui.api_owner(client.session_hash)
+    assert running is not None and running.owner == webui.api_owner("ip:127.0.0.1")
     page_call(fake_app, "stop_button", client.session_hash)   # the API client's own session hash
     page_call(fake_app, "stop_button", "")
     assert not running.control.stop.is_set()
@@ -558,7 +558,7 @@ def test_a_page_that_comes_back_keeps_its_task(tmp_path: Path) -> None:
     worker = Worker(handler=lambda request, control, progress: (gate.wait(TIMEOUT), FakeResult([], {}))[1])
     followers = webui.Followers(lambda: worker, grace_s=3600)   # the timer never fires in this test
     try:
-        task = worker.submit({"prompt": "a"}, owner=webui.page_owner("alice"))
+        task = worker.submit({"prompt": "a"}, owner=webui.page_owner(None, "alice"))
         followers.attach(task)
         followers.detach(task)          # the page reloads...
         followers.attach(task)          # ...and its new page follows the same task
