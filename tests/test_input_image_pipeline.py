@@ -231,8 +231,7 @@ def test_input_image_work_is_capped_before_it_starts(served, monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("mode, stage", [("upscale", "upscaler"), ("vary", "vae_encode"), ("inpaint", "vae_encode"),
-                                         ("text", "vae_decode")])
+@pytest.mark.parametrize("mode, stage", [("upscale", "upscaler"), ("vary", "vae_encode"), ("text", "vae_decode")])
 def test_a_stop_ends_the_upscaler_and_the_vae_at_the_next_tile(served, monkeypatch, mode, stage):
     """Stop pressed while the first tile of a stage runs: no other tile, UNet step or VAE
     pass runs after it (counted, not timed), and the request ends stopped."""
