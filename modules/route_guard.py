@@ -20,7 +20,9 @@ With or without a login:
 * A JSON body is read whole here and refused (413) past twice ``--max-upload-size``
   before Gradio parses it.
 * Which sessions have a result stream open is recorded (`Presence`): `/generate` stops a
-  job whose client went away (its stream dropped, or never opened).
+  job whose client went away (its stream dropped, or never opened). A call that skips
+  the queue (`/run/<api>`) is present while its own connection is open; one that names
+  no session gets a fresh one, so its job can tell.
 
 Policy stays in `RouteGuard` (plain methods, testable without HTTP); `GuardMiddleware`
 only reads requests and answers. Gradio's private queue is never touched.
@@ -28,11 +30,13 @@ only reads requests and answers. Gradio's private queue is never touched.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +48,7 @@ API_PREFIX = "/gradio_api"
 MAX_SESSIONS = 20_000              # sessions remembered (owner, presence); the oldest are forgotten
 READER_GRACE_S = 30.0              # a job whose client opens no result stream this long is stopped
 MULTIPART_ROUTES = ("/upload", "/component_server", "/process_recording")   # Gradio limits these itself
+DIRECT_ROUTES = ("/run/", "/api/")   # calls that skip the queue and answer on their own connection
 BODY_LIMIT_FACTOR = 2              # a JSON body may be twice --max-upload-size (base64 adds a third)
 DEFAULT_BODY_LIMIT = 100 * 2 ** 20
 
@@ -258,11 +263,18 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         sub = route[len(API_PREFIX):]
         body: dict | None = None
+        client_receive = receive
+        direct = scope["method"] == "POST" and sub.startswith(DIRECT_ROUTES)
         if scope["method"] == "POST" and not sub.startswith(MULTIPART_ROUTES):
             raw = await _read_body(receive, _body_limit(gradio))
             if raw is None:
                 return await _answer(send, Refusal(413, "request body too large (at most twice --max-upload-size)"))
             body = _json_object(raw)
+            if direct and body is not None and not body.get("session_hash"):
+                # A call that skips the queue answers on its own connection: a session of its
+                # own lets the job see that connection go away.
+                body["session_hash"] = uuid.uuid4().hex
+                raw = json.dumps(body).encode()
             receive = _replay(raw)
         user = await _user(gradio, scope) if login else None
         request = GuardedRequest(scope["method"], sub, _query(scope), body, user, login)
@@ -271,6 +283,8 @@ class GuardMiddleware:
             return await _answer(send, refusal)
         if sub.startswith("/call/") and scope["method"] == "POST":
             send = self._noting_event(send, request)
+        if direct and request.session is not None:
+            return await self._direct(scope, receive, send, request.session, client_receive)
         session = (self.guard.session_of_event(sub.rsplit("/", 1)[-1]) if sub.startswith("/call/")
                    and scope["method"] == "GET" else request.session if sub == "/queue/data" else None)
         if session is None:
@@ -300,6 +314,29 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
         finally:
             presence.closed(session)
+
+    async def _direct(self, scope: dict, receive: Callable, send: Callable, session: str,
+                      client_receive: Callable) -> None:
+        """A call answered on its own connection: present while it is open. Starlette does
+        not cancel a handler whose client went away, so the disconnect is watched here."""
+        presence = self.guard.presence
+        presence.opened(session)
+        closed = False
+
+        async def watch() -> None:
+            nonlocal closed
+            while (await client_receive())["type"] != "http.disconnect":
+                pass
+            closed = True
+            presence.closed(session)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            watcher.cancel()
+            if not closed:
+                presence.closed(session)
 
     async def _history(self, scope: dict, receive: Callable, send: Callable, relative: str, login: bool) -> None:
         from starlette.responses import FileResponse

@@ -15,12 +15,14 @@ API (callable with ``gradio_client``):
 * ``/free_memory``: unload every model no request is using (runs on the worker
   thread, so it waits for a running request); returns what it freed.
 
-Jobs belong to their owner. A page's owner is a random token kept in the
-browser (``gr.BrowserState``), so a reload finds its running task again and
-follows it; an API client's owner is its Gradio session. Stop and Skip act on
-the caller's own task only. An API call that is cancelled or disconnects stops
-its task (a queued one never runs); a page that goes away leaves its task
-running for ``reconnect_grace_s`` seconds, then stops it.
+Jobs belong to their owner. A page's owner is its login with a random token kept
+in the browser (``gr.BrowserState``), so a reload finds its running task again and
+follows it; an API client's owner is its login, else its address (one owner across
+its sessions). Stop and Skip act on the caller's own task only. An API call that is
+cancelled or whose client goes away (its result stream dropped or never opened, as
+``route_guard`` sees it) stops its task (a queued one never runs); a page that goes
+away leaves its task running for ``reconnect_grace_s`` seconds, then stops it.
+``launch_options`` installs the route guard on the app Gradio builds.
 
 The page's own events (Generate, Stop, Skip, Refresh, the memory buttons) are
 private: not listed in the API and not callable by clients.
@@ -1054,6 +1056,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
                       api_visibility="private", queue=False)
         param_btn.click(on_load_parameters, inputs=[param_image, param_json],
                         outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
+
         def on_history_link(caller: gr.Request) -> str:
             return t2i_page.history_link_html(cfg, guard.history_shown(login=caller.username is not None))
 

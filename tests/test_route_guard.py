@@ -178,3 +178,34 @@ def test_the_queue_limit_holds_for_jobs_through_gradios_call_route(tmp_path: Pat
         assert fake.worker.pending() == limit and len(refused) == sent - limit - 1   # one is running
     finally:
         close(fake)
+
+
+def test_a_call_that_skips_the_queue_is_present_while_its_connection_is_open(tmp_path: Path) -> None:
+    """POST /gradio_api/run/generate answers on its own connection: its job is not taken
+    for abandoned while that is open, and is stopped when it drops."""
+    import threading
+
+    fake = start_fake_app(tmp_path)
+    guard: route_guard.RouteGuard = fake.app.route_guard  # type: ignore[attr-defined]
+    dropped = threading.Event()
+
+    def call() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(fake.url + "gradio_api/run/generate", timeout=httpx.Timeout(TIMEOUT, read=2.0),
+                       json={"data": [{"prompt": "direct", "block": True}]})
+        dropped.set()
+
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        assert fake.pipeline.started.wait(TIMEOUT)
+        task = fake.worker.current
+        wait_until(lambda: bool(guard.presence.open), "the call to count as present")
+        (session,) = guard.presence.open
+        assert not guard.client_gone(session, since=-1e9)   # open: present, however long ago it began
+        assert dropped.wait(TIMEOUT)
+        wait_until(lambda: task.control.stop.is_set(), "the job of a dropped call to stop")
+        assert guard.client_gone(session, since=-1e9)
+    finally:
+        caller.join(TIMEOUT)
+        close(fake)
