@@ -199,12 +199,22 @@ def main(argv: list[str]) -> int:
                inbrowser=args.in_browser and host != args_manager.LISTEN_ALL_HOST,
                allowed_paths=webui.allowed_paths(cfg), auth=auth or None,
                max_file_size=args.max_upload_size * 1024 ** 2, prevent_thread_lock=True,
-               **webui.launch_options(args.theme), **api_app.launch_kwargs(api))
+               **launch_keywords(app, cfg, args.theme, api_app.app_kwargs(api)))
     while not stop.wait(1.0):
         pass
     log.info("stopping: the running task stops, its finished images are written")
     shut_down(app)
     return 0
+
+
+def launch_keywords(app, cfg: Config, theme: str | None, api_kwargs: dict) -> dict:
+    """The page's launch keywords (css, js, the route guard) with the REST routes added to
+    the FastAPI app Gradio builds: one app, one port, one worker."""
+    from modules import webui
+
+    keywords = webui.launch_options(app, cfg, theme)
+    keywords["app_kwargs"] = {**keywords.get("app_kwargs", {}), **api_kwargs}
+    return keywords
 
 
 def install_signal_handlers() -> threading.Event:

@@ -9,8 +9,8 @@ One thread, one FIFO queue: requests never run concurrently, so the model
 registry is only ever touched from that thread. A handler that raises does not
 kill the thread; its exception becomes a result whose report holds ``"error"``.
 
-Jobs belong to an owner (the page's browser token or an API client's Gradio
-session): ``stop_owned``/``skip_owned`` act only on that owner's tasks, so one
+Jobs belong to an owner (a page's login and browser token, an API client's login
+or address): ``stop_owned``/``skip_owned`` act only on that owner's tasks, so one
 client can never stop another's. ``stop`` on a queued task resolves it at once
 and it never runs (a cancelled or disconnected API call uses this).
 

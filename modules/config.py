@@ -76,6 +76,8 @@ class Config:
     path_inpaint: Path
     # Outputs go to one folder; a list in config.txt uses its first entry.
     path_outputs: Path
+    # Images an operator puts here may be named by path in a request's image fields.
+    path_inputs: Path
     # Empty string: use the first checkpoint found in path_checkpoints.
     default_model: str
     default_refiner: str
@@ -115,6 +117,12 @@ class Config:
     max_queue_per_client: int = 16
     max_job_history: int = 100    # finished HTTP API jobs kept for query-job / job-history
     max_conditioning_cache_mb: float = 512.0
+    # pixels x steps x images / 1e6 of one request: upstream's largest (1024x1024, 60 steps,
+    # 32 images) is 2013; a 200-step x 32-image request at 1152x896 (6606) is refused.
+    max_megapixel_steps: float = 2048.0
+    # Under a login the history log (every user's prompts and images) is served to nobody,
+    # unless shared on purpose: then to every logged-in user.
+    shared_history_log: bool = False
     # The size (sqrt of width x height) Vary, small Upscales and Inpaint work at: upstream's
     # 1024 suits SDXL; smaller models (or quick tests) want less.
     image_input_side: int = 1024
@@ -135,6 +143,13 @@ class Config:
         return self.temp_path or Path(tempfile.gettempdir()) / "fooocus_resident"
 
     @property
+    def input_folders(self) -> tuple[Path, ...]:
+        """The folders the server owns, where an image field may name a file by path:
+        path_inputs, the outputs, the temp folder and Gradio's upload folder (whatever
+        else the process can read is never an input)."""
+        return (self.path_inputs, self.path_outputs, self.temp_root, gradio_upload_folder())
+
+    @property
     def default_size(self) -> tuple[int, int]:
         """(width, height) of default_aspect_ratio."""
         return flags.parse_aspect_ratio(self.default_aspect_ratio)
@@ -152,6 +167,12 @@ class Config:
             except OSError as e:
                 what = "is a file, not a folder" if folder.exists() else f"cannot be created ({e.strerror or e})"
                 raise ConfigError(f"config key {key!r} ({self.config_path}): {folder} {what}") from None
+
+
+def gradio_upload_folder() -> Path:
+    """Where Gradio keeps uploads and the files it serves (its rule: GRADIO_TEMP_DIR, else
+    <system temp>/gradio), without importing Gradio."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
 # --- value parsers: (raw value, key, source) -> typed value ------------------------
@@ -191,6 +212,12 @@ def _as_positive_float(value: Any, key: str, source: str) -> float:
     if number <= 0:
         raise _fail(key, source, value, "a number > 0")
     return number
+
+
+def _as_bool(value: Any, key: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, source, value, "true or false")
+    return value
 
 
 def _as_positive_int(value: Any, key: str, source: str) -> int:
@@ -291,6 +318,7 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "path_embeddings": ("models/embeddings", _as_paths, False),
     "path_vae": ("models/vae", _as_paths, False),
     "path_outputs": ("outputs", _as_first_path, False),
+    "path_inputs": ("inputs", _as_first_path, False),
     "path_styles": ("sdxl_styles", _as_paths, False),
     "path_fooocus_expansion": ("models/prompt_expansion/fooocus_expansion", _as_first_path, False),
     "path_upscale_models": ("models/upscale_models", _as_first_path, False),
@@ -329,6 +357,8 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "max_queue_per_client": (16, _as_positive_int, False),
     "max_job_history": (100, _as_positive_int, False),
     "max_conditioning_cache_mb": (512.0, _as_positive_float, False),
+    "max_megapixel_steps": (2048.0, _as_positive_float, False),
+    "shared_history_log": (False, _as_bool, False),
     "image_input_side": (1024, _as_positive_int, False),
     "api_key": ("", _as_str, True),
     # Upstream's default list also holds "Fooocus V2", which needs the expansion model's

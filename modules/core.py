@@ -1,4 +1,4 @@
-"""Prompt encoding, the sampling loop and VAE decoding, on patchers.
+"""Prompt encoding, the sampling loop and VAE encoding/decoding, on patchers.
 
 Every stage first asks `model_management.load_models_gpu` for its model: that is
 the only place weights move or get patched. The networks are diffusers /
@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import numpy as np
@@ -25,7 +26,7 @@ from ldm_patched.modules.model_patcher import ModelPatcher
 from modules.compiled_unet import CompiledUNets, CompileSettings
 from modules import controlnet, ip_adapter
 from modules import guidance as guidance_mod
-from modules import samplers
+from modules import samplers, tiling
 
 
 class SDXLTextEncoders(torch.nn.Module):
@@ -477,14 +478,40 @@ def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, widt
     return pred
 
 
-def decode(vae: ModelPatcher, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
-    """Latents -> HxWx3 uint8 image."""
+# Images over VAE_TILE_ABOVE pixels go through the VAE in tiles (its working memory is one
+# tile's, and a Stop takes effect between two tiles); smaller ones in one pass, as diffusers'
+# pipeline does, so their pixels do not depend on tiling. Sizes in image pixels.
+VAE_TILE_ABOVE = 2 * 1024 * 1024
+VAE_TILE, VAE_TILE_OVERLAP = 1024, 256
+
+
+def _tiled_vae(width: int, height: int) -> bool:
+    return width * height > VAE_TILE_ABOVE
+
+
+def decode(vae: ModelPatcher, latents: torch.Tensor, width: int, height: int,
+           interrupt: Callable[[], None] | None = None) -> np.ndarray:
+    """Latents -> HxWx3 uint8 image. `interrupt` runs before each tile (large images) or the
+    one pass, and may raise to stop."""
+    tiled = _tiled_vae(width, height)
+    side = min(VAE_TILE, width), min(VAE_TILE, height)
     model_management.load_models_gpu([vae], model_management.working_memory_bytes(
-        "vae", width, height, latents.shape[0], vae.model_dtype()))
+        "vae", *(side if tiled else (width, height)), latents.shape[0], vae.model_dtype()))
     model = vae.model
+    factor = 2 ** (len(model.config.block_out_channels) - 1)
+
+    def run(part: torch.Tensor) -> torch.Tensor:
+        return model.decode(part, return_dict=False)[0].float()
+
     with torch.inference_mode():
         scaled = latents.to(vae.load_device, vae.model_dtype()) / model.config.scaling_factor
-        image = model.decode(scaled, return_dict=False)[0].float()
+        if tiled:
+            image = tiling.run_tiled(run, scaled, VAE_TILE // factor, VAE_TILE_OVERLAP // factor, Fraction(factor),
+                                     interrupt)
+        else:
+            if interrupt is not None:
+                interrupt()
+            image = run(scaled)
     image = (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
     return (image * 255).round().astype(np.uint8)
 
@@ -498,20 +525,31 @@ def _crop_to_multiple(pixels: np.ndarray, multiple: int) -> np.ndarray:
     return pixels[top:top + h, left:left + w]
 
 
-def encode(vae: ModelPatcher, pixels: np.ndarray) -> torch.Tensor:
+def encode(vae: ModelPatcher, pixels: np.ndarray, interrupt: Callable[[], None] | None = None) -> torch.Tensor:
     """HxWx3 uint8 image -> latents (1, C, h, w) scaled by the VAE's scaling factor, the
     inverse of `decode`. The posterior's mean is used, not a sample, so the same image
     and seed always give the same result. Sizes not a multiple of the VAE's downscale
-    (8 for SDXL) are centre-cropped to one."""
+    (8 for SDXL) are centre-cropped to one. `interrupt` as in `decode`."""
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"encode expects an HxWx3 uint8 image, got {pixels.dtype} {pixels.shape}")
     model = vae.model
-    pixels = _crop_to_multiple(pixels, 2 ** (len(model.config.block_out_channels) - 1))
+    factor = 2 ** (len(model.config.block_out_channels) - 1)
+    pixels = _crop_to_multiple(pixels, factor)
     height, width = pixels.shape[:2]
+    tiled = _tiled_vae(width, height)
+    side = min(VAE_TILE, width), min(VAE_TILE, height)
     model_management.load_models_gpu([vae], model_management.working_memory_bytes(
-        "vae", width, height, 1, vae.model_dtype()))
+        "vae", *(side if tiled else (width, height)), 1, vae.model_dtype()))
     image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+    def run(part: torch.Tensor) -> torch.Tensor:
+        return model.encode(part.to(vae.load_device, vae.model_dtype()), return_dict=False)[0].mode().float()
+
     with torch.inference_mode():
-        posterior = model.encode(image.to(vae.load_device, vae.model_dtype()), return_dict=False)[0]
-        latents = posterior.mode().float() * model.config.scaling_factor
-    return latents
+        if tiled:
+            latents = tiling.run_tiled(run, image, VAE_TILE, VAE_TILE_OVERLAP, Fraction(1, factor), interrupt)
+        else:
+            if interrupt is not None:
+                interrupt()
+            latents = run(image)
+    return latents * model.config.scaling_factor

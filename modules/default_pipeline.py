@@ -39,8 +39,8 @@ from modules import (controlnet, core, flags, guidance, history_log, image_input
                      parameters, preprocessors, presets, sdxl_styles, upscaler, wildcards)
 from modules import inpaint as inpaint_mod
 from modules.embeddings import EmbeddingCache, EmbeddingError
-from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SEED, GenerationRequest,
-                                        check_lora_weight, check_prompt_tokens, model_name, preset_config,
+from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SEED, MAX_SIDE, GenerationRequest,
+                                        check_cost, check_lora_weight, check_prompt_tokens, model_name, preset_config,
                                         resolve_checkpoint, resolve_lora, scrub_paths, split_lora_tags)
 from modules.generation_request import _resolve as resolve_model
 from modules.task_types import ProgressEvent, RequestError, RequestResult, StopRequested, TaskControl
@@ -51,6 +51,7 @@ FUSED_LORAS_METADATA_KEY = "fooocus_resident.fused_loras"
 PREVIEW_EVERY = 2   # steps between two live previews
 MAX_PATCHED_SETS = 4
 MAX_CONDITIONS = 64
+INPUT_IMAGE_SIZE = "field 'input_image' (its size sets the working size)"
 
 
 def latent_preview(latents: torch.Tensor) -> np.ndarray:
@@ -600,7 +601,10 @@ class Pipeline:
         settings = flags.performance_settings(req.performance)
         sampler = settings.sampler or req.sampler
         scheduler = settings.scheduler or req.scheduler
-        core.make_scheduler(sampler, scheduler)  # fail on unknown names before loading anything
+        try:
+            core.make_scheduler(sampler, scheduler)  # fail on unknown names before loading anything
+        except ValueError as error:   # the message names the field (sampler or scheduler)
+            raise RequestError(str(error)) from None
         library = sdxl_styles.get_library(cfg.path_styles)
         prompts = sdxl_styles.PromptOptions(prompt=prompt, negative_prompt=req.negative_prompt,
                                             styles=tuple(sdxl_styles.check_names(req.styles, library)),
@@ -610,10 +614,12 @@ class Pipeline:
             failed = presets.download_models(cfg)
             if failed:
                 run.report["warnings"] = failed
-        inputs = image_inputs.parse(request)
+        inputs = image_inputs.parse(request, cfg)
         steps = req.steps or settings.steps
         if inputs.mode == "uov" and "Upscale" in inputs.uov_method and not req.steps:
             steps = flags.UOV_STEPS[req.performance]
+        if not inputs.mode:   # from an input image the working size is known later (_image_source)
+            check_cost(req.width, req.height, steps, req.image_number, cfg)
         seed = req.seed if req.seed >= 0 else random.randint(0, MAX_SEED - MAX_IMAGES)
         plan = RequestPlan(
             cfg=cfg, req=req, prompt=prompt, tag_loras=tag_loras, settings=settings,
@@ -686,7 +692,7 @@ class Pipeline:
         if not (req.refiner_model and req.refiner_model != flags.NONE_NAME and plan.settings.refiner_enabled
                 and req.refiner_switch < 1.0):
             return None
-        refiner = self.get_checkpoint(resolve_checkpoint(req.refiner_model, plan.cfg))
+        refiner = self.get_checkpoint(resolve_checkpoint(req.refiner_model, plan.cfg, "refiner_model"))
         if refiner is base:
             # As upstream: the base as its own refiner would only swap LoRA patches mid-sampling.
             report["refiner_model"] = "disabled: the refiner is the base model"
@@ -806,13 +812,18 @@ class Pipeline:
             run.report["upscaler"] = os.path.basename(path)
         uov = upscaler.uov_plan(inputs.uov_method, width, height,
                                 model_scale=net.model.scale if net is not None else 4, side=cfg.image_input_side)
+        if max(uov.target) > MAX_SIDE:
+            raise RequestError(f"field 'input_image': {inputs.uov_method} of a {width}x{height} image makes "
+                               f"{uov.target[0]}x{uov.target[1]}; at most {MAX_SIDE} pixels per side")
+        if uov.diffuse:
+            check_cost(*uov.latent_size, plan.steps, plan.image_count, cfg, INPUT_IMAGE_SIZE)
         with run.timed("upscale"):
-            pixels = upscaler.prepare_image(uov, image, net)
+            pixels = upscaler.prepare_image(uov, image, net, run.check_stop)
         if not uov.diffuse:
             return ImageSource(pixels.shape[1], pixels.shape[0], direct=pixels)
         width, height = uov.latent_size
         with run.timed("vae_encode"):
-            latents = core.encode(models.vae, pixels)
+            latents = core.encode(models.vae, pixels, run.check_stop)
         return ImageSource(width, height, init_latents=latents, denoise=inputs.uov_denoise(uov.denoise))
 
     def _inpaint(self, plan: RequestPlan, models: RequestModels, run: RequestRun) -> ImageSource:
@@ -835,8 +846,9 @@ class Pipeline:
         except inpaint_mod.InpaintInputError as error:
             raise RequestError(f"field '{error.field}': {error.reason}") from None
         crop_h, crop_w = job.size
+        check_cost(crop_w, crop_h, plan.steps, plan.image_count, cfg, INPUT_IMAGE_SIZE)
         with run.timed("vae_encode"):
-            latents = core.encode(models.vae, job.fill_pixels)
+            latents = core.encode(models.vae, job.fill_pixels, run.check_stop)
         latent_mask = inpaint_mod.latent_mask(job.mask, *latents.shape[-2:]).to(latents)
         source = ImageSource(crop_w, crop_h, init_latents=latents, denoise=job.strength, mask=latent_mask,
                              finish=job.paste)
@@ -845,7 +857,7 @@ class Pipeline:
             head = self.state.inpaint.head(head_path)
             run.done.patchers.append(head)
             with run.timed("vae_encode"):
-                head_latent = core.encode(models.vae, job.head_pixels)
+                head_latent = core.encode(models.vae, job.head_pixels, run.check_stop)
             source.head = (head, head_latent, latent_mask)
             run.report["inpaint_head"] = os.path.basename(head_path)
         run.report["output_size"] = [int(job.image.shape[1]), int(job.image.shape[0])]
@@ -968,7 +980,7 @@ class Pipeline:
                 continue
             run.event("decoding", f"Decoding image {index + 1}/{count}", index, count, steps, steps)
             with run.timed("vae_decode"):
-                pixels = source.finish(core.decode(models.vae, latents, source.width, source.height))
+                pixels = source.finish(core.decode(models.vae, latents, source.width, source.height, run.check_stop))
             writes.append(self.writer.submit(save_image, pixels, self._image_parameters(plan, positive_texts[index],
                                                                                         index, run),
                                              plan.cfg, req.output_format))
@@ -1064,7 +1076,8 @@ class Pipeline:
                           "peak_allocated_bytes": summary.peak_allocated_bytes,
                           "effective_budget_bytes": summary.effective_budget_bytes,
                           "host_resident_bytes": summary.host_resident_bytes}
-        report["images"] = images
+        cfg = self.config()   # the images by name in their folder (outputs/<day>/...), no server path
+        report["images"] = [model_name(path, (cfg.path_outputs, cfg.temp_root)) for path in images]
         mm = report["model_management"]
         print(f"[Fooocus-Resident] {report['mode']}: {len(images)} image(s) in "
               f"{report['timings_ms']['total']:.0f} ms; model management "
@@ -1096,7 +1109,8 @@ class Pipeline:
         real = [f for f in files if os.path.basename(f) != DEMO_CHECKPOINT_NAME]
         if DEMO_CHECKPOINT_NAME in names or (files and not real):
             return (f"The built-in demo checkpoint ({DEMO_CHECKPOINT_NAME}) has random weights and draws noise. "
-                    f"Put a real SDXL checkpoint (.safetensors) into {cfg.path_checkpoints[0]}.")
+                    f"Put a real SDXL checkpoint (.safetensors) into the checkpoints folder (config key "
+                    f"path_checkpoints).")
         return None
 
     def flush_writer(self) -> None:
@@ -1216,5 +1230,9 @@ def save_image(pixels: np.ndarray, metadata: parameters.ImageMetadata, cfg: conf
     stem = f"{now.strftime('%Y-%m-%d_%H-%M-%S')}_{metadata.fields['seed']}"
     saved = image_output.save(pixels, embedded, fmt, folder, fallback, stem)
     if cfg.image_log and not saved.warning:   # the history log lists what is in the day's folder
-        history_log.append(str(folder), saved.path, metadata.fields)
+        try:
+            history_log.append(str(folder), saved.path, metadata.fields)
+        except OSError as error:   # e.g. a symlink planted at log.html: the image stays, the log is skipped
+            log.warning("%s: the history log was not written (%s)", folder, error.strerror or error)
+            return image_output.SavedImage(saved.path, "the history log could not be written")
     return saved

@@ -175,7 +175,7 @@ def status() -> dict:
     with _lock:
         for version, loaded in _loaded.items():
             manager = model_management.get_manager()
-            return {"loaded": True, "folder": version.folder,
+            return {"loaded": True, "folder": os.path.basename(os.path.normpath(version.folder)),
                     "registered": manager.find(loaded.patcher) is not None,
                     "device": str(next(loaded.patcher.model.parameters()).device)}
     return {"loaded": False}

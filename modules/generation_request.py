@@ -70,7 +70,7 @@ class GenerationRequest:
         try:
             performance = flags.parse_performance(data.get("performance", cfg.default_performance))
         except ValueError as error:
-            raise RequestError(str(error)) from error
+            raise RequestError(f"field 'performance': {error}") from None
         request = GenerationRequest(
             prompt=_prompt_text(data, "prompt", "", cfg),
             negative_prompt=_prompt_text(data, "negative_prompt", cfg.default_prompt_negative, cfg),
@@ -144,22 +144,35 @@ def check_prompt_tokens(key: str, text: str, tokenizers: tuple, cfg: config_modu
                            f"(config key max_prompt_tokens)")
 
 
+def is_finite_number(value: Any) -> bool:
+    """A JSON number that is not NaN or infinite. JSON integers have no size limit
+    (`10**400`): they are compared as integers, never converted to a float that overflows."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def shown_number(value: Any) -> str:
+    """A number for an error message: a huge integer is not spelled out in 400 digits."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:8]}...({len(text)} digits)"
+
+
 def _int(data: dict, key: str, default: int, low: int, high: int) -> int:
     value = data.get(key, default)
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value):
-        raise RequestError(f"field '{key}' must be an integer, got {value!r}")
-    if not low <= int(value) <= high:
-        raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
+    if not is_finite_number(value) or int(value) != value:
+        raise RequestError(f"field '{key}' must be an integer, got {shown_number(value)}")
+    if not low <= value <= high:
+        raise RequestError(f"field '{key}' must be between {low} and {high}, got {shown_number(value)}")
     return int(value)
 
 
 def _float(data: dict, key: str, default: float, low: float, high: float) -> float:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"field '{key}' must be a finite number, got {value!r}")
-    if not low <= float(value) <= high:
-        raise RequestError(f"field '{key}' must be between {low} and {high}, got {value}")
+    if not is_finite_number(value):
+        raise RequestError(f"field '{key}' must be a finite number, got {shown_number(value)}")
+    if not low <= value <= high:
+        raise RequestError(f"field '{key}' must be between {low} and {high}, got {shown_number(value)}")
     return float(value)
 
 
@@ -180,6 +193,18 @@ def _steps(data: dict, cfg: config_module.Config) -> int | None:
     return _int(data, "steps", 0, 1, MAX_STEPS)
 
 
+def check_cost(width: int, height: int, steps: int, images: int, cfg: config_module.Config,
+               size_from: str = "fields 'width' and 'height'") -> None:
+    """The cost cap (config key max_megapixel_steps): pixels x steps x images is what a
+    request costs the one worker every other client waits behind; `size_from` says which
+    fields set the working size (an input image sets it for vary, upscale and inpaint)."""
+    cost = width * height * steps * images / 1e6
+    if cost > cfg.max_megapixel_steps:
+        raise RequestError(f"the request costs {width}x{height} pixels x {steps} steps x {images} image(s) = "
+                           f"{cost:.0f} megapixel-steps; at most {cfg.max_megapixel_steps:g} (config key "
+                           f"max_megapixel_steps): lower {size_from}, field 'steps' or field 'image_number'")
+
+
 def _names(data: dict, key: str, default: list[str]) -> list[str]:
     value = data.get(key, default)
     if value is None:
@@ -196,14 +221,14 @@ def _one_of(data: dict, key: str, default: str, allowed: tuple[str, ...]) -> str
     return value
 
 
-def check_lora_weight(weight: float, where: str, cfg: config_module.Config) -> float:
+def check_lora_weight(weight: float | int, where: str, cfg: config_module.Config) -> float:
     """LoRA weights are finite and within +-max_lora_weight (NaN, inf or 1e308 give
     black or noise images, or overflow in the merge)."""
     limit = cfg.max_lora_weight
-    if not math.isfinite(weight) or abs(weight) > limit:
+    if not is_finite_number(weight) or abs(weight) > limit:
         raise RequestError(f"{where}: weight must be a finite number between {-limit:g} and {limit:g} "
-                           f"(config key max_lora_weight), got {weight!r}")
-    return weight
+                           f"(config key max_lora_weight), got {shown_number(weight)}")
+    return float(weight)
 
 
 def _loras(value: Any, cfg: config_module.Config) -> list[tuple[str, float]]:
@@ -218,9 +243,9 @@ def _loras(value: Any, cfg: config_module.Config) -> list[tuple[str, float]]:
                 or isinstance(item[1], bool) or not isinstance(item[1], (int, float))):
             raise RequestError(f"field 'loras': each LoRA must be [file name, weight], got {item!r}")
         _valid_text("loras", item[0])
-        check_lora_weight(float(item[1]), f"field 'loras' item {index} ({item[0]})", cfg)
-        if item[0] not in ("", flags.NONE_NAME) and item[1] != 0:
-            loras.append((item[0], float(item[1])))
+        weight = check_lora_weight(item[1], f"field 'loras' item {index} ({item[0]})", cfg)
+        if item[0] not in ("", flags.NONE_NAME) and weight != 0:
+            loras.append((item[0], weight))
     return loras
 
 
@@ -265,13 +290,14 @@ def check_request(data: Any, cfg: config_module.Config, samplers: Collection[str
         _resolve(req.vae, cfg.path_vae, "vae", "VAE", "path_vae")
     for name, _ in req.loras + tag_loras:
         resolve_lora(name, cfg)
-    image_inputs.parse(data)
+    image_inputs.parse(data, cfg)
     return req
 
 
 # -- model files ------------------------------------------------------------------------
 
-def resolve_checkpoint(name: str, cfg: config_module.Config) -> str:
+def resolve_checkpoint(name: str, cfg: config_module.Config, field: str = "base_model") -> str:
+    """The checkpoint file asked for in request `field` (base_model or refiner_model)."""
     if not name:
         files = config_module.list_model_files(cfg.path_checkpoints)
         real = [f for f in files if os.path.basename(f) != DEMO_CHECKPOINT_NAME]
@@ -279,7 +305,7 @@ def resolve_checkpoint(name: str, cfg: config_module.Config) -> str:
             raise RequestError("no checkpoint in the checkpoints folder (config key path_checkpoints): "
                                "put an SDXL .safetensors file there")
         name = (real or files)[0]
-    return _resolve(name, cfg.path_checkpoints, "base_model", "checkpoints", "path_checkpoints")
+    return _resolve(name, cfg.path_checkpoints, field, "checkpoints", "path_checkpoints")
 
 
 def resolve_lora(name: str, cfg: config_module.Config) -> str:
@@ -305,14 +331,29 @@ def model_name(path: str, folders) -> str:
     return os.path.basename(path)
 
 
+# An absolute path left in a message once the configured folders are replaced: POSIX
+# (two or more components, not part of a URL or a relative name) or Windows (C:\...).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])(?:/[^\s/'\"<>:,;()\[\]]+){2,}/?|\b[A-Za-z]:\\[^\s'\"<>]*")
+
+
+def owned_folders(cfg: config_module.Config) -> list[tuple[str, str]]:
+    """(folder, config key) of every folder the server reads or writes, longest first."""
+    keys = ("path_checkpoints", "path_loras", "path_vae", "path_embeddings", "path_styles")
+    folders = [(str(f), key) for key in keys for f in getattr(cfg, key)]
+    folders += [(str(getattr(cfg, key)), key) for key in (
+        "path_outputs", "path_inputs", "path_upscale_models", "path_controlnet", "path_clip_vision", "path_inpaint",
+        "path_fooocus_expansion")]
+    folders += [(str(cfg.temp_root), "temp_path"), (str(config_module.gradio_upload_folder()), "uploads")]
+    return sorted(folders, key=lambda item: -len(item[0]))
+
+
 def scrub_paths(message: str, cfg: config_module.Config) -> str:
-    """Errors go to clients: files under a model folder are named relative to it and a
-    folder itself by its config key, never by the server's absolute path."""
-    folders = [(str(f), key) for key in ("path_checkpoints", "path_loras", "path_vae", "path_embeddings")
-               for f in getattr(cfg, key)] + [(str(cfg.path_outputs), "path_outputs")]
-    for folder, key in sorted(folders, key=lambda item: -len(item[0])):
+    """Errors go to clients: files under a folder the server owns are named relative to it
+    and a folder itself by its config key; any other absolute path is cut to its last
+    part. Clients never see the server's absolute paths."""
+    for folder, key in owned_folders(cfg):
         message = message.replace(folder + os.sep, "").replace(folder, f"<{key}>")
-    return message
+    return _ABSOLUTE_PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/\\")) or "<path>", message)
 
 
 def preset_config(request: Any, cfg: config_module.Config) -> config_module.Config:

@@ -72,13 +72,20 @@ def append(folder: str, image_path: str, parameters: dict) -> str:
     day = os.path.basename(os.path.normpath(folder))
     with _lock:
         try:
-            with open(path, "x", encoding="utf-8") as new:
+            with _open_log(path, os.O_CREAT | os.O_EXCL) as new:
                 new.write(_HEAD.format(day=html.escape(day)))
         except FileExistsError:
             pass
-        with open(path, "a", encoding="utf-8") as log_file:
+        with _open_log(path, 0) as log_file:
             log_file.write(entry)
     return path
+
+
+def _open_log(path: str, extra_flags: int):
+    """The log opened for appending, never through a symlink planted at its name (the
+    server may run as root: a planted link would make it write anywhere)."""
+    flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | extra_flags
+    return open(os.open(path, flags, 0o666), "a", encoding="utf-8")
 
 
 def log_path(outputs: str, day: datetime.date | None = None) -> str:

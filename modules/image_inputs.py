@@ -20,7 +20,9 @@ Torch-free. Request fields:
   maps), ``debugging_cn_preprocessor`` (return the preprocessed images, generate nothing).
 
 An image is a base64 string (PNG, JPEG or WebP; a ``data:image/...;base64,`` prefix is
-fine), a path of an image file on the server, or Gradio's file object ``{"path": ...}``.
+fine), Gradio's file object ``{"path": ...}`` or the path of an image file in a folder the
+server owns (``Config.input_folders``: path_inputs, the outputs, Gradio's uploads); any other
+path is refused with the same message as a missing file.
 Every error names its field. Pixels never go into the image's metadata: the report gets
 `describe()` (sizes and content hashes) instead.
 """
@@ -31,18 +33,23 @@ import base64
 import binascii
 import hashlib
 import io
-import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modules import flags
+from modules.config import Config
+from modules.generation_request import is_finite_number, shown_number
 from modules.task_types import RequestError
 
 MAX_IMAGE_SIDE = 4096
 MAX_ENCODED_BYTES = 64 * 2 ** 20      # an encoded image larger than this is refused unread
+MAX_PATH_CHARS = 4096
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")   # JPEG includes MPO, what many cameras write
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
 MAX_IMAGE_PROMPTS = 4                 # upstream's four image-prompt slots
 INPAINT_STRENGTH, INPAINT_RESPECTIVE_FIELD = 1.0, 0.618
 CONTROLNET_SOFTNESS = 0.25                           # upstream's defaults for the control options
@@ -132,9 +139,12 @@ def _describe(image: np.ndarray) -> dict[str, Any]:
             "sha256": hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]}
 
 
-def parse(data: dict) -> ImageInputs:
-    """The input-image fields of request `data` (absent fields: text to image)."""
-    inputs = ImageInputs(image_prompts=_image_prompts(data.get("image_prompts")), control=_control_options(data))
+def parse(data: dict, cfg: Config) -> ImageInputs:
+    """The input-image fields of request `data` (absent fields: text to image); files are
+    read only from `cfg.input_folders`."""
+    folders = cfg.input_folders
+    inputs = ImageInputs(image_prompts=_image_prompts(data.get("image_prompts"), folders),
+                         control=_control_options(data))
     method = data.get("uov_method", flags.UOV_DISABLED)
     if method in (None, ""):
         method = flags.UOV_DISABLED
@@ -158,10 +168,10 @@ def parse(data: dict) -> ImageInputs:
     if not inputs.mode:
         raise RequestError("field 'input_image' needs something to do: a field 'uov_method' other than "
                            "'Disabled', an 'inpaint_mask' or 'outpaint_selections'")
-    inputs.image = decode_image(image, "input_image")
+    inputs.image = decode_image(image, "input_image", folders)
     if inputs.mode == "inpaint":
         if has_mask:
-            inputs.mask = decode_image(data["inpaint_mask"], "inpaint_mask", keep_alpha=True)
+            inputs.mask = decode_image(data["inpaint_mask"], "inpaint_mask", folders, keep_alpha=True)
         inputs.inpaint_strength = _fraction(data, "inpaint_strength", INPAINT_STRENGTH, low_open=True)
         inputs.inpaint_respective_field = _fraction(data, "inpaint_respective_field", INPAINT_RESPECTIVE_FIELD)
     return inputs
@@ -169,10 +179,10 @@ def parse(data: dict) -> ImageInputs:
 
 def _fraction(data: dict, key: str, default: float, low_open: bool = False) -> float:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"field '{key}' must be a finite number, got {value!r}")
+    if not is_finite_number(value):
+        raise RequestError(f"field '{key}' must be a finite number, got {shown_number(value)}")
     if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
-        raise RequestError(f"field '{key}' must be between 0 and 1, got {value}")
+        raise RequestError(f"field '{key}' must be between 0 and 1, got {shown_number(value)}")
     return float(value)
 
 
@@ -195,7 +205,7 @@ def _outpaint(value: Any) -> list[str]:
     return list(dict.fromkeys(by_lower[v.strip().lower()] for v in value))
 
 
-def _image_prompts(value: Any) -> list[ImagePromptInput]:
+def _image_prompts(value: Any, folders: tuple[Path, ...]) -> list[ImagePromptInput]:
     if value in (None, ""):
         return []
     if not isinstance(value, list):
@@ -212,7 +222,7 @@ def _image_prompts(value: Any) -> list[ImagePromptInput]:
         kind = _image_prompt_type(kind, where)
         default_stop, default_weight = flags.IMAGE_PROMPT_DEFAULTS[kind]
         prompts.append(ImagePromptInput(
-            image=decode_image(image, f"image_prompts[{index}]"),
+            image=decode_image(image, f"image_prompts[{index}]", folders),
             stop=_number(stop, default_stop, f"{where} stop", 0.0, 1.0),
             weight=_number(weight, default_weight, f"{where} weight", 0.0, 2.0), kind=kind))
     if len(prompts) > MAX_IMAGE_PROMPTS:
@@ -268,21 +278,24 @@ def _flag(data: dict, key: str) -> bool:
 def _number(value: Any, default: float, where: str, low: float, high: float) -> float:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"{where} must be a finite number, got {value!r}")
+    if not is_finite_number(value):
+        raise RequestError(f"{where} must be a finite number, got {shown_number(value)}")
     if not low <= value <= high:
-        raise RequestError(f"{where} must be between {low:g} and {high:g}, got {value}")
+        raise RequestError(f"{where} must be between {low:g} and {high:g}, got {shown_number(value)}")
     return float(value)
 
 
-def decode_image(value: Any, key: str, keep_alpha: bool = False) -> np.ndarray:
+def decode_image(value: Any, key: str, folders: tuple[Path, ...] = (), keep_alpha: bool = False) -> np.ndarray:
     """HxWx3 uint8 (HxWx4 with `keep_alpha` when the image has transparency) from a
-    base64 string, a data URI, a server path or Gradio's {"path": ...}."""
-    raw = _encoded_bytes(value, key)
+    base64 string, a data URI, Gradio's {"path": ...} or the path of a file inside one of
+    `folders` (the folders the server owns; a relative path is taken in the first)."""
+    raw = _encoded_bytes(value, key, folders)
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        # Only the formats clients send: PIL's others (EPS runs Ghostscript, TIFF, ICO...) are
+        # never tried. Opening reads the header alone; the size is checked before decoding.
+        with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if max(width, height) > MAX_IMAGE_SIDE:
                 raise RequestError(f"field '{key}': the image is {width}x{height}; at most "
@@ -291,15 +304,26 @@ def decode_image(value: Any, key: str, keep_alpha: bool = False) -> np.ndarray:
             pixels = np.asarray(image.convert("RGBA" if alpha else "RGB"))
     except RequestError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise RequestError(f"field '{key}': not a readable image ({type(error).__name__})") from None
+    except Image.DecompressionBombError:   # declared far beyond MAX_IMAGE_PIXELS: refused unread
+        raise RequestError(f"field '{key}': the image is larger than {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} "
+                           f"pixels; refused before decoding") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise RequestError(f"field '{key}': not a readable PNG, JPEG or WebP image "
+                           f"({type(error).__name__})") from None
     if min(pixels.shape[:2]) < 8:
         raise RequestError(f"field '{key}': the image is {pixels.shape[1]}x{pixels.shape[0]}; at least 8 "
                            f"pixels per side")
     return np.ascontiguousarray(pixels)
 
 
-def _encoded_bytes(value: Any, key: str) -> bytes:
+def _refused(key: str) -> RequestError:
+    """One message whatever the reason (outside the owned folders, missing, a folder): a
+    client learns nothing about the server's files from it."""
+    return RequestError(f"field '{key}': neither base64 image data nor an image file in a folder the server "
+                        f"owns (config key path_inputs, the outputs, uploads)")
+
+
+def _encoded_bytes(value: Any, key: str, folders: tuple[Path, ...]) -> bytes:
     if isinstance(value, dict) and isinstance(value.get("path"), str):
         value = value["path"]
     if not isinstance(value, str):
@@ -310,19 +334,55 @@ def _encoded_bytes(value: Any, key: str) -> bytes:
     text = value.strip()
     if text.startswith("data:"):
         text = text.partition(",")[2]
-    elif len(text) < 4096 and os.path.isfile(text):
-        return _read_file(text, key)
+    data = _base64(text)
+    # Base64 uses "/" too (JPEG data starts "/9j/"): what decodes to an image is data;
+    # otherwise the text may name a file in an owned folder.
+    if data is not None and data.startswith(IMAGE_SIGNATURES):
+        return data
+    path = _owned_file(text, folders) if len(text) < MAX_PATH_CHARS else None
+    if path is not None:
+        return _read_file(path, key)
+    if data is not None:
+        return data   # base64 of something else: decoding says it is no readable image
+    raise _refused(key)
+
+
+def _base64(text: str) -> bytes | None:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(f"field '{key}': neither base64 image data nor an existing image file") from None
+        return None
+
+
+def _owned_file(text: str, folders: tuple[Path, ...]) -> str | None:
+    """The real path of `text` (symlinks resolved) when it is a file inside one of
+    `folders`, else None. A relative path is taken in the first folder."""
+    if not folders:
+        return None
+    path = Path(text)
+    if not path.is_absolute():
+        path = folders[0] / path
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):   # missing, a symlink loop, a NUL byte
+        return None
+    for folder in folders:
+        try:
+            inside = real.is_relative_to(Path(folder).resolve())
+        except OSError:
+            continue
+        if inside and real.is_file():
+            return str(real)
+    return None
 
 
 def _read_file(path: str, key: str) -> bytes:
+    """The file's bytes, opened without following a symlink swapped in after the check."""
     try:
-        if os.path.getsize(path) > MAX_ENCODED_BYTES:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise _refused(key) from None
+    with os.fdopen(fd, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size > MAX_ENCODED_BYTES:
             raise RequestError(f"field '{key}': the image file is over {MAX_ENCODED_BYTES // 2 ** 20} MB")
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as error:
-        raise RequestError(f"field '{key}': the image file cannot be read ({error.strerror})") from None
+        return handle.read(MAX_ENCODED_BYTES + 1)

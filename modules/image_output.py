@@ -19,7 +19,8 @@ it, Pillow writes the PNG. fpng writes no text chunks, so the parameters are ins
 as standard tEXt chunks (iTXt for text beyond Latin-1) after IHDR (any PNG reader sees
 them, Pillow as `.text`). JPEG (libjpeg-turbo) and WebP go through Pillow.
 
-Commit: the bytes go to a hidden temporary name in the target folder, are flushed and
+Commit: the bytes go to a hidden temporary file in the target folder, created exclusively
+under a random name (nothing planted at a name can be written through), are flushed and
 then linked to the final name (link refuses to replace a file, so two images of the
 same second never overwrite each other) and the temporary name removed. A process
 killed at any moment leaves either no file or a whole one under a visible name.
@@ -31,6 +32,7 @@ import io
 import itertools
 import logging
 import os
+import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -171,28 +173,46 @@ def read_metadata(source: bytes | str | os.PathLike | Image.Image) -> tuple[str 
 def commit(data: bytes, folder: Path, stem: str, extension: str) -> str:
     """Write `data` as folder/stem[_n]extension, whole or not at all; returns the path."""
     folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{stem}.{os.getpid()}.partial"
+    temp = _exclusive_temp(folder, stem)
     try:
-        with open(temp, "wb") as handle:
+        with open(temp.fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         for suffix in itertools.count():
             path = folder / (f"{stem}{extension}" if suffix == 0 else f"{stem}_{suffix}{extension}")
             try:
-                os.link(temp, path)   # atomic, and never replaces an existing file
+                os.link(temp.path, path)   # atomic, never replaces a file and never follows a symlink
                 return str(path)
             except FileExistsError:
                 continue
             except OSError:   # a file system without hard links: rename if the name is free
-                if path.exists():
+                if os.path.lexists(path):
                     continue
-                os.replace(temp, path)
+                os.replace(temp.path, path)
                 return str(path)
     finally:
-        if temp.exists():
-            temp.unlink()
+        if os.path.lexists(temp.path):
+            os.unlink(temp.path)
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class _TempFile:
+    fd: int
+    path: Path
+
+
+def _exclusive_temp(folder: Path, stem: str) -> _TempFile:
+    """A new hidden file under a random name, created exclusively (O_EXCL, O_NOFOLLOW): a
+    file or symlink planted in the folder beforehand is never opened or written through."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    while True:
+        path = folder / f".{stem}.{secrets.token_hex(8)}.partial"
+        try:
+            return _TempFile(os.open(path, flags, 0o666), path)
+        except FileExistsError:
+            continue
 
 
 def save(pixels: np.ndarray, metadata: Metadata | None, fmt: str, folder: Path, fallback: Path,

@@ -84,7 +84,7 @@ def resident_set(request: dict, cfg) -> dict:
         parts = [_file_version("base", base_path, cfg.path_checkpoints)]
         if (req.refiner_model and req.refiner_model != flags.NONE_NAME and settings.refiner_enabled
                 and req.refiner_switch < 1.0):
-            refiner_path = dp.resolve_checkpoint(req.refiner_model, cfg)
+            refiner_path = dp.resolve_checkpoint(req.refiner_model, cfg, "refiner_model")
             if refiner_path != base_path:
                 parts.append(_file_version("refiner", refiner_path, cfg.path_checkpoints))
         if req.vae not in ("", flags.DEFAULT_VAE, flags.NONE_NAME):
@@ -96,7 +96,7 @@ def resident_set(request: dict, cfg) -> dict:
         if settings.lora is not None:
             parts.append(_performance_lora(settings.lora, cfg))
     except (dp.RequestError, ConfigError, ValueError, FileNotFoundError) as error:
-        raise RequestRejected(str(error)) from error
+        raise RequestRejected(dp.scrub_paths(str(error), cfg)) from error
     return {"parts": parts}
 
 

@@ -97,9 +97,17 @@ def preset_choices() -> list[str]:
     return presets.available()
 
 
-def history_link_html(cfg: config_module.Config) -> str:
-    """A link to today's history log, served from the outputs folder by Gradio."""
-    href = html.escape(file_url(history_log.log_path(str(cfg.path_outputs))), quote=True)
+HISTORY_ROUTE = "/history/"   # served by modules/route_guard.py from the outputs folder
+
+
+def history_link_html(cfg: config_module.Config, shown: bool = True) -> str:
+    """A link to today's history log (a path relative to the outputs folder, no server
+    path); nothing when this page's login may not read the shared log."""
+    if not shown:
+        return ""
+    outputs = str(cfg.path_outputs)
+    relative = os.path.relpath(history_log.log_path(outputs), outputs).replace(os.sep, "/")
+    href = html.escape(HISTORY_ROUTE + relative, quote=True)
     return (f'<a href="{href}" target="_blank" rel="noopener" id="fr-history-link">'
             f'History log</a>')
 

@@ -24,7 +24,9 @@ import pickle
 import sys
 import types
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ import torch
 from ldm_patched.modules import model_management
 from ldm_patched.modules.file_version import FileReadError, FileVersion, read_file, read_safetensors
 from ldm_patched.modules.model_patcher import ModelPatcher
+from modules import tiling
 
 DEFAULT_UPSCALER = "fooocus_upscaler_s409985e5.bin"
 DEFAULT_UPSCALER_URL = "https://huggingface.co/lllyasviel/misc/resolve/main/fooocus_upscaler_s409985e5.bin"
@@ -244,29 +247,7 @@ class UpscalerCache:
 
 # -- running it in tiles ------------------------------------------------------------
 
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins along one axis: full-size tiles at most `tile - overlap` apart, the
-    last one flush with the end (no thin edge tile)."""
-    if size <= tile:
-        return [0]
-    stride = max(tile - overlap, 1)
-    starts = list(range(0, size - tile, stride))
-    return starts + [size - tile]
-
-
-def _ramp(length: int, start: int, size: int, overlap: int) -> torch.Tensor:
-    """Blend weights along one axis of a tile (input pixels): 0 within overlap/4 of an
-    edge that lies inside the image, rising linearly to 1 over the middle half of the
-    overlap. Pixels next to a tile's inner edge see zero padding instead of their
-    neighbours, so they get no weight; image borders keep full weight."""
-    margin, rise = overlap // 4, max(overlap - 2 * (overlap // 4), 1)
-    d = torch.arange(length, dtype=torch.float32)
-    w = torch.ones(length)
-    if start > 0:
-        w = torch.minimum(w, ((d - margin + 1) / rise).clamp(0, 1))
-    if start + length < size:
-        w = torch.minimum(w, ((length - d - margin) / rise).clamp(0, 1))
-    return w
+UPSCALE_TILE, UPSCALE_OVERLAP = 512, 32   # input pixels; the working memory is one tile's
 
 
 def _run(module: UpscalerModule, tile: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -280,38 +261,32 @@ def _run(module: UpscalerModule, tile: torch.Tensor, device, dtype) -> torch.Ten
     return out[..., :h * module.scale, :w * module.scale]
 
 
-def upscale_tensor(patcher: ModelPatcher, image: torch.Tensor, tile: int = 512, overlap: int = 32) -> torch.Tensor:
-    """[1,3,H,W] float 0..1 -> [1,3,sH,sW] float, in overlapping tiles blended by
-    weight, so large images fit the budgeted working memory."""
+def upscale_tensor(patcher: ModelPatcher, image: torch.Tensor, tile: int | None = None,
+                   overlap: int | None = None, interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+    """[1,3,H,W] float 0..1 -> [1,3,sH,sW] float, in overlapping tiles (default UPSCALE_TILE,
+    UPSCALE_OVERLAP) blended by weight, so large images fit the budgeted working memory;
+    `interrupt` runs before each tile (a Stop takes effect between two tiles)."""
+    tile = UPSCALE_TILE if tile is None else tile
+    overlap = UPSCALE_OVERLAP if overlap is None else overlap
     if overlap < 0 or tile <= overlap:
         raise ValueError(f"tile ({tile}) must be larger than overlap ({overlap}) >= 0")
     module: UpscalerModule = patcher.model  # type: ignore[assignment]
     _, _, height, width = image.shape
-    tile_h, tile_w = min(tile, height), min(tile, width)
     dtype = patcher.model_dtype()
     model_management.load_models_gpu([patcher], model_management.working_memory_bytes(
-        "upscaler", tile_w, tile_h, 1, dtype))
-    s = module.scale
-    total = torch.zeros(1, 3, height * s, width * s)
-    weight = torch.zeros(1, 1, height * s, width * s)
+        "upscaler", min(tile, width), min(tile, height), 1, dtype))
     with torch.inference_mode():
-        for y in tile_starts(height, tile, overlap):
-            wy = _ramp(tile_h, y, height, overlap).repeat_interleave(s)
-            for x in tile_starts(width, tile, overlap):
-                wx = _ramp(tile_w, x, width, overlap).repeat_interleave(s)
-                out = _run(module, image[..., y:y + tile_h, x:x + tile_w], patcher.load_device, dtype)
-                mask = (wy[:, None] * wx[None, :])[None, None]
-                total[..., y * s:(y + tile_h) * s, x * s:(x + tile_w) * s] += out * mask
-                weight[..., y * s:(y + tile_h) * s, x * s:(x + tile_w) * s] += mask
-    return total / weight
+        return tiling.run_tiled(lambda part: _run(module, part, patcher.load_device, dtype), image, tile, overlap,
+                                Fraction(module.scale), interrupt)
 
 
-def upscale(patcher: ModelPatcher, pixels: np.ndarray, tile: int = 512, overlap: int = 32) -> np.ndarray:
+def upscale(patcher: ModelPatcher, pixels: np.ndarray, tile: int | None = None, overlap: int | None = None,
+            interrupt: Callable[[], None] | None = None) -> np.ndarray:
     """HxWx3 uint8 -> (scale*H)x(scale*W)x3 uint8 through the upscaler."""
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"upscale expects an HxWx3 uint8 image, got {pixels.dtype} {pixels.shape}")
     image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 255.0
-    out = upscale_tensor(patcher, image, tile, overlap)
+    out = upscale_tensor(patcher, image, tile, overlap, interrupt)
     return (out[0].clamp(0, 1).permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
 
 
@@ -402,10 +377,11 @@ def resize_lanczos(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize(size, resample=Image.Resampling.LANCZOS))
 
 
-def prepare_image(plan: UovPlan, pixels: np.ndarray, upscaler: ModelPatcher | None) -> np.ndarray:
+def prepare_image(plan: UovPlan, pixels: np.ndarray, upscaler: ModelPatcher | None,
+                  interrupt: Callable[[], None] | None = None) -> np.ndarray:
     """The image a plan hands to the VAE (or returns, when it does not diffuse)."""
     if plan.upscale:
         if upscaler is None:
             raise ValueError(f"uov_method {plan.method!r} needs an upscaler model")
-        pixels = upscale(upscaler, pixels)
+        pixels = upscale(upscaler, pixels, interrupt=interrupt)
     return resize_lanczos(pixels, plan.target)

@@ -15,12 +15,14 @@ API (callable with ``gradio_client``):
 * ``/free_memory``: unload every model no request is using (runs on the worker
   thread, so it waits for a running request); returns what it freed.
 
-Jobs belong to their owner. A page's owner is a random token kept in the
-browser (``gr.BrowserState``), so a reload finds its running task again and
-follows it; an API client's owner is its Gradio session. Stop and Skip act on
-the caller's own task only. An API call that is cancelled or disconnects stops
-its task (a queued one never runs); a page that goes away leaves its task
-running for ``reconnect_grace_s`` seconds, then stops it.
+Jobs belong to their owner. A page's owner is its login with a random token kept
+in the browser (``gr.BrowserState``), so a reload finds its running task again and
+follows it; an API client's owner is its login, else its address (one owner across
+its sessions). Stop and Skip act on the caller's own task only. An API call that is
+cancelled or whose client goes away (its result stream dropped or never opened, as
+``route_guard`` sees it) stops its task (a queued one never runs); a page that goes
+away leaves its task running for ``reconnect_grace_s`` seconds, then stops it.
+``launch_options`` installs the route guard on the app Gradio builds.
 
 The page's own events (Generate, Stop, Skip, Refresh, the memory buttons) are
 private: not listed in the API and not callable by clients.
@@ -36,6 +38,7 @@ import json
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,7 +48,7 @@ from typing import Any
 import gradio as gr
 
 from modules import config as config_module
-from modules import flags, input_image_page, resident_memory, t2i_page
+from modules import flags, input_image_page, resident_memory, route_guard, t2i_page
 from modules.async_worker import AsyncTask, TaskProgress, Worker
 from modules.runtime import get_worker
 
@@ -55,6 +58,7 @@ LORA_SLOTS = 5
 LORA_WEIGHT_RANGE = (-2.0, 2.0)
 MAX_IMAGE_NUMBER = 32
 PROGRESS_POLL_S = 0.1  # how often a page follower looks at its task's progress
+CLIENT_POLL_S = 0.5  # how often an API call looks whether its client is still there
 RECONNECT_GRACE_S = 60.0  # a page's task outlives the page this long, so a reload can reconnect
 MAX_SEED = 2 ** 63 - 1
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -297,8 +301,10 @@ async def wait_for_change(task: AsyncTask, seen_version: int, timeout: float) ->
     return task.progress
 
 
-async def task_result(task: AsyncTask) -> Any:
-    """Await a task's result without letting a cancelled caller cancel the task's own future."""
+async def task_result(task: AsyncTask, client_gone: Callable[[], bool] = lambda: False,
+                      stop: Callable[[AsyncTask], None] | None = None) -> Any:
+    """Await a task's result without letting a cancelled caller cancel the task's own future.
+    While it runs, a client that is gone (`client_gone`) gets its task stopped (`stop`)."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future = loop.create_future()
 
@@ -306,18 +312,32 @@ async def task_result(task: AsyncTask) -> Any:
         loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
 
     task.future.add_done_callback(resolve)
-    await waiter
+    while not waiter.done():
+        await asyncio.wait([waiter], timeout=CLIENT_POLL_S)
+        if not waiter.done() and stop is not None and client_gone():
+            log.info("task %d: its client is gone; stopping it", task.id)
+            stop(task)
+            stop = None
     return task.result()
 
 
-def page_owner(token: str | None) -> str | None:
-    """Owner key of a page (its browser token); a namespace apart from API sessions,
-    so no value a page sends can name an API client's task."""
-    return f"page:{token}" if token else None
+def page_owner(username: str | None, token: str | None) -> str | None:
+    """Owner key of a page: its login and browser token; a namespace apart from API
+    clients, so no value a page sends can name an API client's task, and no other login
+    can name this page's."""
+    return f"page:{username or ''}:{token}" if token else None
 
 
-def api_owner(session_hash: str | None) -> str | None:
-    return f"api:{session_hash}" if session_hash else None
+def api_owner(client: str) -> str:
+    """Owner key of API jobs: the client (`route_guard.client_key`: login, else address),
+    stable across its sessions, so a per-owner queue cap holds however many it opens."""
+    return f"api:{client}"
+
+
+def caller_client(caller: Any) -> str:
+    """`route_guard.client_key` of a Gradio request."""
+    return route_guard.client_key(getattr(caller, "username", None),
+                                  getattr(getattr(caller, "client", None), "host", None))
 
 
 # The outputs every follow update addresses, in order.
@@ -503,9 +523,23 @@ PAGE_JS = """
 """
 
 
-def launch_options(theme: str | None = None) -> dict[str, Any]:
-    """The ``app.launch`` keywords that belong to the page (css, js)."""
-    return {"css": PAGE_CSS, "js": PAGE_JS.replace("__THEME__", theme or "")}
+def launch_options(app: gr.Blocks, cfg: config_module.Config, theme: str | None = None) -> dict[str, Any]:
+    """The ``app.launch`` keywords that belong to the app: css, js, the route guard, and
+    enough of Gradio's slots that no job waits in Gradio's queue in front of the worker's.
+
+    Every job's Gradio event holds a slot while it waits for the worker, so with fewer
+    slots than jobs the rest wait in Gradio's (unbounded) queue where the worker's
+    max_queue_length never sees them. Twice the queue length covers the jobs plus the
+    pages following them and the quick events; Gradio's own queue is bounded too."""
+    guard: route_guard.RouteGuard = app.route_guard  # type: ignore[attr-defined]
+    return {"css": PAGE_CSS, "js": PAGE_JS.replace("__THEME__", theme or ""),
+            "max_threads": gradio_slots(getattr(app, "queue_length", cfg.max_queue_length)),
+            "app_kwargs": route_guard.app_kwargs(guard)}
+
+
+def gradio_slots(queue_length: int) -> int:
+    """Gradio events that may run at once (`max_threads`): see `launch_options`."""
+    return 2 * queue_length + 16
 
 
 # -- the page ------------------------------------------------------------------------------
@@ -950,6 +984,7 @@ class AppContext:
     free_memory: Callable[[], dict]
     unload_model: Callable[[str], dict]
     followers: Followers
+    guard: route_guard.RouteGuard   # who may read what; which API clients are still there
 
 
 @dataclass
@@ -1265,14 +1300,14 @@ def _wire_generation(app: gr.Blocks, page: Page, ctx: AppContext) -> Any:
     controls = page.controls()
     owner, follow_outputs = page.owner, page.follow_outputs()
 
-    async def on_generate(data: dict) -> AsyncIterator[tuple[Any, ...]]:
+    async def on_generate(data: dict, caller: gr.Request) -> AsyncIterator[tuple[Any, ...]]:
         try:
             request = controls.values(data).to_request()
         except (ValueError, TypeError) as error:
             yield _update(progress=progress_html(TaskProgress(text=f"Error: {error}", stage="error")),
                           report={"error": str(error)})
             return
-        task = ctx.worker().submit(request, owner=page_owner(data[owner]))
+        task = ctx.worker().submit(request, owner=page_owner(caller.username, data[owner]))
         async for update in follow_task(task, ctx.worker(), ctx.demo_warning, ctx.followers):
             yield update
 
@@ -1280,21 +1315,21 @@ def _wire_generation(app: gr.Blocks, page: Page, ctx: AppContext) -> Any:
         on_generate, inputs=controls.components() | {owner}, outputs=follow_outputs,
         api_visibility="private", concurrency_limit=None, show_progress="hidden")
 
-    def on_stop(who: str | None) -> None:
-        ctx.worker().stop_owned(page_owner(who))
+    def on_stop(who: str | None, caller: gr.Request) -> None:
+        ctx.worker().stop_owned(page_owner(caller.username, who))
 
-    def on_skip(who: str | None) -> None:
-        ctx.worker().skip_owned(page_owner(who))
+    def on_skip(who: str | None, caller: gr.Request) -> None:
+        ctx.worker().skip_owned(page_owner(caller.username, who))
 
     page.prompt.stop.click(on_stop, inputs=[owner], outputs=None, api_visibility="private", queue=False)
     page.prompt.skip.click(on_skip, inputs=[owner], outputs=None, api_visibility="private", queue=False)
 
-    async def on_load(who: str | None) -> AsyncIterator[tuple[Any, ...]]:
+    async def on_load(who: str | None, caller: gr.Request) -> AsyncIterator[tuple[Any, ...]]:
         """Give a new browser its owner token; a reloaded page follows its running task."""
         if not who:
             who = uuid.uuid4().hex
         yield (who, *_update())
-        tasks = ctx.worker().tasks_of(page_owner(who))
+        tasks = ctx.worker().tasks_of(page_owner(caller.username, who))
         if tasks:
             async for update in follow_task(tasks[-1], ctx.worker(), ctx.demo_warning, ctx.followers):
                 yield (gr.skip(), *update)
@@ -1382,7 +1417,8 @@ def _wire_styles_tab(styles: StylesTab, cfg: config_module.Config) -> None:
                         api_visibility="private", queue=False)
 
 
-def _wire_presets_and_parameters(app: gr.Blocks, page: Page, cfg: config_module.Config) -> None:
+def _wire_presets_and_parameters(app: gr.Blocks, page: Page, cfg: config_module.Config,
+                                 guard: route_guard.RouteGuard) -> None:
     """A preset, or parameters loaded back, set the controls; the history-log link is today's."""
     field_targets = page.field_targets()
     aspect_values = {value for _, value in _aspect_choices(cfg)}
@@ -1421,8 +1457,12 @@ def _wire_presets_and_parameters(app: gr.Blocks, page: Page, cfg: config_module.
                                 api_visibility="private", show_progress="minimal")
     page.params.load.click(on_load_parameters, inputs=[page.params.image, page.params.json],
                            outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
-    app.load(lambda: (t2i_page.history_link_html(cfg), t2i_page.style_samples_html(cfg)), inputs=None,
-             outputs=[page.report.history_link, page.styles.samples], api_visibility="private", queue=False)
+    def on_page_load(caller: gr.Request) -> tuple[str, str]:
+        shown = guard.history_shown(login=caller.username is not None)
+        return t2i_page.history_link_html(cfg, shown), t2i_page.style_samples_html(cfg)
+
+    app.load(on_page_load, inputs=None, outputs=[page.report.history_link, page.styles.samples],
+             api_visibility="private", queue=False)
 
 
 def _wire_memory_panel(app: gr.Blocks, memory: MemoryPanel, generate_event: Any, ctx: AppContext) -> None:
@@ -1471,13 +1511,15 @@ def _api_endpoints(ctx: AppContext) -> None:
     async def generate(request: dict, caller: gr.Request) -> tuple[list[str], dict]:
         """Run one request (DESIGN.md §4) and wait for it: returns (image files, report).
 
-        The task belongs to the caller's session; if the call is cancelled or the
-        client goes away, the task is stopped (a queued one never runs)."""
+        The task belongs to the caller (its login, else its address); if the call is
+        cancelled or the client goes away (its result stream dropped, or never opened),
+        the task is stopped (a queued one never runs)."""
         if not isinstance(request, dict):
             return [], {"error": "the request must be one JSON object"}
-        task = ctx.worker().submit(request, owner=api_owner(getattr(caller, "session_hash", None)))
+        session, since = getattr(caller, "session_hash", None), time.monotonic()
+        task = ctx.worker().submit(request, owner=api_owner(caller_client(caller)))
         try:
-            result = await task_result(task)
+            result = await task_result(task, lambda: ctx.guard.client_gone(session, since), ctx.worker().stop)
         except asyncio.CancelledError:
             ctx.worker().stop(task)
             raise
@@ -1524,8 +1566,9 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
     def status() -> dict:
         return model_status() if model_status is not None else the_worker().status_snapshot()
 
+    guard = route_guard.RouteGuard(cfg.path_outputs, cfg.temp_root, cfg.shared_history_log)
     ctx = AppContext(cfg, the_worker, status, demo_warning, free_memory, unload_model,
-                     Followers(the_worker, reconnect_grace_s))
+                     Followers(the_worker, reconnect_grace_s), guard)
 
     with gr.Blocks(title="Fooocus-Resident", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as app:
         page = _page(cfg, demo_warning())
@@ -1535,9 +1578,13 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
         _wire_settings_tab(page)
         _wire_models_tab(page.models, page.advanced, cfg)
         _wire_styles_tab(page.styles, cfg)
-        _wire_presets_and_parameters(app, page, cfg)
+        _wire_presets_and_parameters(app, page, cfg, guard)
         _wire_memory_panel(app, page.memory, generate_event, ctx)
         _api_endpoints(ctx)
 
-    app.queue(default_concurrency_limit=None)
+    # Gradio's own queue is no longer than the worker's (--queue-size or max_queue_length).
+    queue_length = getattr(the_worker(), "max_pending", None) or cfg.max_queue_length
+    app.queue(default_concurrency_limit=None, max_size=queue_length)
+    app.route_guard = guard  # type: ignore[attr-defined]   # installed by launch_options
+    app.queue_length = queue_length  # type: ignore[attr-defined]   # sizes Gradio's slots in launch_options
     return app

@@ -6,6 +6,7 @@ issue 9 (internal error naming no field, or accepted); the others already held."
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -68,6 +69,33 @@ ROWS = [
 ]
 
 
+# Issue 18: a number too big for a float (JSON integers have no limit) and names the pipeline
+# resolves late; each error names exactly the field at fault. (row id, changes, field)
+FIELD_ROWS = [
+    ("guidance_10e400", {"guidance_scale": 10 ** 400}, "guidance_scale"),
+    ("refiner_switch_minus_10e400", {"refiner_switch": -10 ** 400}, "refiner_switch"),
+    ("sharpness_10e400", {"sharpness": 10 ** 400}, "sharpness"),
+    ("adm_end_10e400", {"adm_scaler_end": 10 ** 400}, "adm_scaler_end"),
+    ("lora_weight_10e400", {"loras": [["x.safetensors", 10 ** 400]]}, "loras"),
+    ("width_10e400", {"width": 10 ** 400}, "width"),
+    ("seed_10e400", {"seed": 10 ** 400}, "seed"),
+    ("refiner_model_unknown", {"refiner_model": "nope"}, "refiner_model"),
+    ("sampler_unknown", {"sampler": "nope"}, "sampler"),
+    ("scheduler_unknown", {"scheduler": "nope"}, "scheduler"),
+    ("performance_unknown", {"performance": "Turbo"}, "performance"),
+]
+
+
+@pytest.mark.parametrize("changes, field", [pytest.param(c, f, id=i) for i, c, f in FIELD_ROWS])
+def test_each_error_names_the_one_field_at_fault(pipeline, changes, field):
+    pipeline(mm.Policy.RESIDENT)
+    result = pipelines.process_request({**GOOD, **changes})
+    error = result.report.get("error")
+    assert isinstance(error, str) and result.images == [], result.report
+    assert re.findall(r"field '(\w+)'", error) == [field], error
+    assert "internal error" not in error and len(error) < 400, error   # a 400-digit number is not echoed whole
+
+
 @pytest.mark.parametrize("changes, expected", [pytest.param(c, e, id=i) for i, c, e in ROWS])
 def test_bad_request_gets_a_field_error_and_the_server_goes_on(pipeline, changes, expected):
     pipeline(mm.Policy.RESIDENT)
@@ -106,3 +134,24 @@ def test_reports_and_errors_name_files_relative_to_their_model_folder(pipeline, 
     assert good["base_model"] == "sub/base.safetensors", good
     bad = pipelines.process_request({**GOOD, "base_model": "sub/broken.safetensors"}).report
     assert "sub/broken.safetensors" in bad["error"] and str(folders["checkpoints"]) not in bad["error"]
+
+
+def test_no_report_error_or_status_carries_an_absolute_server_path(pipeline, tmp_path):
+    import json
+
+    from modules import config
+
+    pipeline(mm.Policy.RESIDENT)
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"\x89PNG not really")
+    good = pipelines.process_request(dict(GOOD))
+    reports = [good.report,
+               pipelines.process_request({**GOOD, "styles": ["no such style"]}).report,   # names the styles folder
+               pipelines.process_request({**GOOD, "input_image": str(outside), "uov_method": "Vary (Subtle)"}).report]
+    assert "error" not in reports[0] and all("error" in r for r in reports[1:]), reports
+    folders = [str(tmp_path), str(config.REPO_ROOT), str(config.get_config().temp_root)]
+    for shown in [*reports, pipelines.current().model_status()]:
+        text = json.dumps(shown, default=str)
+        assert not [f for f in folders if f in text], text
+    name = good.report["images"][0]   # the image by its name in the outputs folder
+    assert good.images[0].endswith(name) and name.count("/") == 1

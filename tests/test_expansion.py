@@ -71,7 +71,9 @@ def test_missing_files_refuse_fooocus_v2_saying_where_they_go(pipeline, tmp_path
     refused = pipelines.process_request(dict(SMALL))
     assert refused.images == []
     error = refused.report["error"]
-    assert "Fooocus V2" in error and str(empty) in error and "pytorch_model.bin" in error
+    # Where the files go, by the folder's config key (clients never see the server's paths).
+    assert "Fooocus V2" in error and "path_fooocus_expansion" in error and "pytorch_model.bin" in error
+    assert str(tmp_path) not in error
     assert "positive.txt" in error
     fine = pipelines.process_request({**SMALL, "styles": []})
     assert "error" not in fine.report and len(fine.images) == 1

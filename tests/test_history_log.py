@@ -52,3 +52,31 @@ def test_no_log_with_disable_image_log(pipeline, monkeypatch):
     assert "error" not in result.report
     assert not os.path.exists(os.path.join(os.path.dirname(result.images[0]), "log.html"))
     assert not any(name == "log.html" for _, _, files in os.walk(folders["outputs"]) for name in files)
+
+
+def test_a_symlink_planted_at_log_html_is_never_written_through(tmp_path):
+    folder, victim = tmp_path / "2025-01-01", tmp_path / "victim.txt"
+    folder.mkdir()
+    victim.write_text("precious")
+    (folder / history_log.LOG_NAME).symlink_to(victim)
+    with pytest.raises(OSError):
+        history_log.append(str(folder), str(folder / "a.png"), {"seed": 1})
+    assert victim.read_text() == "precious"
+    (folder / history_log.LOG_NAME).unlink()
+    (folder / history_log.LOG_NAME).symlink_to(tmp_path / "dangling.html")   # a link to nothing: not created either
+    with pytest.raises(OSError):
+        history_log.append(str(folder), str(folder / "a.png"), {"seed": 1})
+    assert not (tmp_path / "dangling.html").exists()
+
+
+def test_a_log_that_cannot_be_written_keeps_the_image_and_warns(pipeline, tmp_path):
+    import datetime
+
+    folders = pipeline(mm.Policy.CONSERVATIVE)
+    day = folders["outputs"] / datetime.date.today().strftime("%Y-%m-%d")
+    day.mkdir()
+    (day / history_log.LOG_NAME).symlink_to(tmp_path / "elsewhere.html")
+    result = pipelines.process_request(dict(SMALL))
+    assert len(result.images) == 1 and os.path.isfile(result.images[0]), result.report
+    assert "the history log could not be written" in result.report["warnings"]
+    assert not (tmp_path / "elsewhere.html").exists()

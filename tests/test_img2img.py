@@ -154,3 +154,21 @@ def test_encode_then_decode_keeps_the_size_and_crops_to_multiples_of_8(models):
     assert core.encode(vae, np.zeros((53, 70, 3), dtype=np.uint8)).shape == (1, 4, 6, 8)
     names = [m["name"] for m in mm.get_manager().status()["models"]]
     assert "vae" in names                                  # loaded through the registry, as decode is
+
+
+def test_large_images_go_through_the_vae_in_tiles_of_the_same_result_size(models, monkeypatch):
+    _, vae = models
+    monkeypatch.setattr(core, "VAE_TILE_ABOVE", 32 * 32)   # "large" at this tiny size
+    monkeypatch.setattr(core, "VAE_TILE", 32)
+    monkeypatch.setattr(core, "VAE_TILE_OVERLAP", 16)
+    passes = []
+
+    def decode(self, z, return_dict=False):   # a constant image: blending must give it back unchanged
+        passes.append(tuple(z.shape[-2:]))
+        return (torch.full((z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8), 0.5),)
+    monkeypatch.setattr(type(vae.model), "decode", decode)
+    pixels = core.decode(vae, torch.zeros(1, 4, 6, 10), 80, 48)
+    assert pixels.shape == (48, 80, 3) and (pixels == round(0.75 * 255)).all()
+    assert len(passes) > 1 and set(passes) == {(4, 4)}   # tiles of 32 px, none thinner
+    small = core.encode(vae, np.zeros((32, 32, 3), dtype=np.uint8))   # not over the threshold: one pass
+    assert small.shape == (1, 4, 4, 4)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules import flags, image_inputs
+from modules import config, flags, image_inputs
 from modules import input_image_page as iip
+
+CFG = config.load_config({"config_path": str(Path(__file__).parent / "no_config.txt")})   # the defaults
 
 INPUT_FIELDS = {"input_image", "uov_method", "inpaint_mask", "outpaint_selections", "inpaint_strength",
                 "inpaint_respective_field", "image_prompts"}
@@ -57,7 +59,7 @@ def test_uov_tab_sends_the_image_and_the_method() -> None:
     assert set(fields) == {"input_image", "uov_method"}
     assert fields["uov_method"] == "Upscale (Fast 2x)"
     assert (decode(fields["input_image"]) == image).all()
-    parsed = image_inputs.parse(fields)
+    parsed = image_inputs.parse(fields, CFG)
     assert parsed.mode == "uov" and (parsed.image == image).all()
 
 
@@ -87,7 +89,7 @@ def test_image_prompt_tab_sends_filled_slots_only() -> None:
     prompts = fields["image_prompts"]
     assert [p[1:] for p in prompts] == [[0.4, 1.2, "ImagePrompt"], [0.5, 0.6, "ImagePrompt"]]
     assert (decode(prompts[0][0]) == first).all() and (decode(prompts[1][0]) == third).all()
-    parsed = image_inputs.parse(fields)
+    parsed = image_inputs.parse(fields, CFG)
     assert parsed.mode == "" and len(parsed.image_prompts) == 2
     assert iip.InputImageValues(enabled=True, tab=iip.TAB_IP, image_prompts=(iip.ImagePromptSlot(),) * 4
                                 ).to_fields() == {}
@@ -104,7 +106,7 @@ def test_a_drawn_stroke_becomes_the_white_area_of_the_mask() -> None:
     expected[4:10, 20:30] = 255
     assert mask.shape == (24, 32) and (mask == expected).all()
     assert fields["inpaint_strength"] == 1.0 and fields["inpaint_respective_field"] == 0.618
-    parsed = image_inputs.parse(fields)
+    parsed = image_inputs.parse(fields, CFG)
     assert parsed.mode == "inpaint" and parsed.outpaint == []
 
 
@@ -126,7 +128,7 @@ def test_outpaint_without_a_mask_sends_the_directions_in_upstream_order() -> Non
                                   outpaint=("Top", "Left")).to_fields()
     assert set(fields) == {"input_image", "outpaint_selections", "inpaint_strength", "inpaint_respective_field"}
     assert fields["outpaint_selections"] == ["Left", "Top"]
-    assert image_inputs.parse(fields).outpaint == ["Left", "Top"]
+    assert image_inputs.parse(fields, CFG).outpaint == ["Left", "Top"]
 
 
 def test_inpaint_needs_an_image_and_something_to_do() -> None:

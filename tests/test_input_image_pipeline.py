@@ -221,3 +221,61 @@ def test_every_mode_runs_compiled_and_a_second_round_recompiles_nothing(served, 
         assert compile_report["graphs_compiled"] == 0, (mode, compile_report)
         assert np.abs(pipelines.pixels(images[0]) - eager[mode]).max() <= 1, mode
     assert pipelines.graphs_compiled() == after_first
+
+
+def test_input_image_work_is_capped_before_it_starts(served, monkeypatch):
+    """From an input image the working size is the image's: the cost cap and the largest side
+    apply to it, and nothing is upscaled or encoded first."""
+    served(mm.Policy.RESIDENT)
+    calls = []
+    from modules import core, upscaler
+    monkeypatch.setattr(upscaler, "upscale", lambda *a, **k: calls.append("upscale"))
+    monkeypatch.setattr(core, "encode", lambda *a, **k: calls.append("encode"))
+    wide = png64(np.zeros((16, 2056, 3), np.uint8))
+    images, report = run({"input_image": wide, "uov_method": "Upscale (2x)"})
+    assert images == [] and "'input_image'" in report["error"] and "4112x32" in report["error"], report
+    monkeypatch.setenv("max_megapixel_steps", "0.001")
+    config.reload_config()
+    for mode in ("vary", "inpaint"):
+        images, report = run(MODES[mode][0])
+        assert images == [] and "max_megapixel_steps" in report["error"] and "'input_image'" in report["error"]
+    assert calls == []
+
+
+@pytest.mark.parametrize("mode, stage", [("upscale", "upscaler"), ("vary", "vae_encode"), ("text", "vae_decode")])
+def test_a_stop_ends_the_upscaler_and_the_vae_at_the_next_tile(served, monkeypatch, mode, stage):
+    """Stop pressed while the first tile of a stage runs: no other tile, UNet step or VAE
+    pass runs after it (counted, not timed), and the request ends stopped."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from modules import core, upscaler
+    from modules.task_types import TaskControl
+
+    served(mm.Policy.RESIDENT)
+    monkeypatch.setattr(core, "VAE_TILE_ABOVE", 0)           # tiles at this tiny size, as at a large one
+    monkeypatch.setattr(core, "VAE_TILE", 32)
+    monkeypatch.setattr(core, "VAE_TILE_OVERLAP", 16)
+    monkeypatch.setattr(upscaler, "UPSCALE_TILE", 16)
+    monkeypatch.setattr(upscaler, "UPSCALE_OVERLAP", 8)
+    control, work = TaskControl(), []
+
+    def counted(cls, name, kind):
+        real = getattr(cls, name)
+
+        def call(self, *args, **kwargs):
+            work.append((kind, control.stop.is_set()))
+            if kind == stage:
+                control.stop.set()   # the Stop arrives while this stage's first tile runs
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, name, call)
+
+    counted(AutoencoderKL, "encode", "vae_encode")
+    counted(AutoencoderKL, "decode", "vae_decode")
+    counted(UNet2DConditionModel, "forward", "unet")
+    counted(upscaler.UpscalerModule, "forward", "upscaler")
+    extra = {} if mode == "text" else MODES[mode][0]
+    result = pipelines.process_request({**BASE, **extra, "image_number": 2}, control)
+    assert result.report.get("stopped") is True and result.images == [], result.report
+    stage_calls = [kind for kind, _ in work if kind == stage]
+    assert stage_calls == [stage], work   # one tile of several, then nothing
+    assert [kind for kind, after_stop in work if after_stop] == [], work

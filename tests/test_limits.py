@@ -90,3 +90,22 @@ def test_conditioning_cache_is_bounded_in_bytes_and_counted(pipeline, monkeypatc
         assert report["model_management"]["conditioning_cache_bytes"] <= limit_mb * 2 ** 20
     status = pipelines.current().model_status()["conditioning_cache"]
     assert status["entries"] == 3 and status["bytes"] == pipelines.current().state.conditions_bytes()
+
+
+def test_the_cost_cap_refuses_a_request_before_loading_anything(pipeline, monkeypatch):
+    """The probe's 200 steps x 32 images at the default size: refused at once, naming the
+    fields and the key; the cap follows its config key, and a request within it runs."""
+    pipeline(mm.Policy.RESIDENT)
+    base = {"base_model": "tiny_sdxl_base.safetensors", "prompt": "a cat", "seed": 1}
+    report = pipelines.process_request({**base, "width": 1152, "height": 896, "steps": 200,
+                                        "image_number": 32}).report
+    error = report["error"]
+    for part in ("1152x896", "200 steps", "32 image", "6606 megapixel-steps", "max_megapixel_steps",
+                 "'width'", "'steps'", "'image_number'"):
+        assert part in error, (part, error)
+    assert report["model_management"]["models_loaded"] == 0
+    small = {**base, "width": 64, "height": 64, "steps": 2, "image_number": 1}   # 0.008 megapixel-steps
+    monkeypatch.setenv("max_megapixel_steps", "0.0082")
+    config.reload_config()
+    assert "error" not in pipelines.process_request(small).report
+    assert "max_megapixel_steps" in pipelines.process_request({**small, "steps": 3}).report["error"]

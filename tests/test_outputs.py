@@ -149,3 +149,21 @@ def test_path_outputs_naming_a_file_is_a_clear_start_error(tmp_path):
     assert done.returncode == 2, output
     assert "path_outputs" in output and "is a file" in output and str(config_file) in output
     assert "Traceback" not in output
+
+
+def test_a_symlink_planted_at_a_temporary_name_is_never_written_through(tmp_path, monkeypatch):
+    """The temporary file gets an unpredictable name, created exclusively: a symlink planted
+    where the old writer put it (`.<stem>.<pid>.partial`) leaves its target alone."""
+    folder, victim = tmp_path / "day", tmp_path / "victim.txt"
+    folder.mkdir()
+    victim.write_bytes(b"precious")
+    (folder / f".img.{os.getpid()}.partial").symlink_to(victim)
+    linked = []
+    real_link = os.link
+    monkeypatch.setattr(os, "link", lambda src, dst: (linked.append(Path(src).name), real_link(src, dst))[1])
+    path = image_output.commit(b"image bytes", folder, "img", ".png")
+    image_output.commit(b"image bytes", folder, "img", ".png")
+    assert victim.read_bytes() == b"precious"
+    assert Path(path).read_bytes() == b"image bytes" and not Path(path).is_symlink()
+    assert len(set(linked)) == 2 and f".img.{os.getpid()}.partial" not in linked   # a new random name each time
+    assert sorted(p.name for p in folder.iterdir() if not p.is_symlink()) == ["img.png", "img_1.png"]

@@ -408,7 +408,7 @@ def test_page_sends_pyracanny_and_cpds_with_the_control_tab_options(fake_app: Fa
 
 def test_a_foreign_page_stop_leaves_the_job_alone(fake_app: FakeApp) -> None:
     # "block" is not a page control: submit the blocking job for alice's page through the worker.
-    task = fake_app.worker.submit({"prompt": "mine", "block": True}, owner=webui.page_owner("alice"))
+    task = fake_app.worker.submit({"prompt": "mine", "block": True}, owner=webui.page_owner(None, "alice"))
     assert fake_app.pipeline.started.wait(TIMEOUT)
     page_call(fake_app, "stop_button", "mallory")
     page_call(fake_app, "skip_button", "mallory")
@@ -422,7 +422,7 @@ def test_a_page_stop_cannot_reach_an_api_job(fake_app: FakeApp, tmp_path: Path) 
     job = client.submit({"prompt": "api job", "block": True}, api_name="/generate")
     assert fake_app.pipeline.started.wait(TIMEOUT)
     running = fake_app.worker.current
-    assert running is not None and running.owner == webui.api_owner(client.session_hash)
+    assert running is not None and running.owner == webui.api_owner("ip:127.0.0.1")
     page_call(fake_app, "stop_button", client.session_hash)   # the API client's own session hash
     page_call(fake_app, "stop_button", "")
     assert not running.control.stop.is_set()
@@ -602,7 +602,7 @@ def test_a_page_that_comes_back_keeps_its_task(tmp_path: Path) -> None:
     worker = Worker(handler=lambda request, control, progress: (gate.wait(TIMEOUT), FakeResult([], {}))[1])
     followers = webui.Followers(lambda: worker, grace_s=3600)   # the timer never fires in this test
     try:
-        task = worker.submit({"prompt": "a"}, owner=webui.page_owner("alice"))
+        task = worker.submit({"prompt": "a"}, owner=webui.page_owner(None, "alice"))
         followers.attach(task)
         followers.detach(task)          # the page reloads...
         followers.attach(task)          # ...and its new page follows the same task
@@ -753,9 +753,9 @@ def test_free_memory_and_model_status_through_the_client_during_a_request(server
     client = make_client(server.url, tmp_path / "dl")
     request = {"prompt": "a tree", "steps": 3, "width": 64, "height": 64, "seed": 21, "image_number": 2,
                "base_model": "fooocus_resident_demo_random.safetensors"}   # other tests add checkpoints
-    _, first = client.predict(request, api_name="/generate")
+    first_gallery, first = client.predict(request, api_name="/generate")
     assert "error" not in first, first
-    alone = [np.asarray(Image.open(p).convert("RGB")) for p in first["images"]]
+    alone = [np.asarray(Image.open(p).convert("RGB")) for p in first_gallery]
 
     job = client.submit(request, api_name="/generate")
     other = make_client(server.url, tmp_path / "dl2")
@@ -764,8 +764,8 @@ def test_free_memory_and_model_status_through_the_client_during_a_request(server
     freed = other.predict(api_name="/free_memory")
     gallery, report = job.result(timeout=SERVER_START_TIMEOUT_S)
     assert "error" not in report, report
-    assert len(report["images"]) == 2
-    for path, expected in zip(report["images"], alone):
+    assert len(report["images"]) == len(gallery) == 2
+    for path, expected in zip(gallery, alone):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected)
     assert isinstance(freed["freed_bytes"], int) and isinstance(freed["unloaded"], list)
     assert other.predict(api_name="/free_memory")["status"]["models"] == []

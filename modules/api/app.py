@@ -1,6 +1,6 @@
 """The REST routes together, and how they join the page's server.
 
-``launch.py`` passes ``launch_kwargs(ctx)`` to Gradio's ``launch``: our routes become the
+``launch.py`` passes ``app_kwargs(ctx)`` to Gradio's ``launch`` (its ``app_kwargs``): our routes become the
 first routes of the FastAPI app Gradio makes (``app_kwargs={"routes": ...}``), so they
 share its port, process and worker while Gradio keeps its own login, ``allowed_paths`` and
 upload limit for the page. ``build_app`` makes a plain FastAPI app of the same routes
@@ -112,10 +112,11 @@ def docs_html(schema: dict) -> str:
 
 
 def build_app(ctx: ApiContext) -> FastAPI:
-    """A FastAPI app of the REST routes alone (tests; ``launch_kwargs`` serves them with the page)."""
+    """A FastAPI app of the REST routes alone (tests; ``app_kwargs`` serves them with the page)."""
     return FastAPI(routes=api_routes(ctx), openapi_url=None, docs_url=None, redoc_url=None)
 
 
-def launch_kwargs(ctx: ApiContext) -> dict[str, Any]:
-    """Gradio ``launch`` keywords that put the REST routes first on its FastAPI app."""
-    return {"app_kwargs": {"routes": api_routes(ctx), "openapi_url": None}}
+def app_kwargs(ctx: ApiContext) -> dict[str, Any]:
+    """The FastAPI keywords (Gradio's ``launch(app_kwargs=...)``) that put the REST routes
+    first on the app Gradio makes."""
+    return {"routes": api_routes(ctx), "openapi_url": None}

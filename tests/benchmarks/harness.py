@@ -336,7 +336,8 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     """One request through the pipeline; the benchmark fails on any request error."""
     request = dict(request)
     mode = request.pop(MODE_KEY, None)
-    report = pipelines.process_request(request).report
+    result = pipelines.process_request(request)
+    report = result.report
     if "error" in report:
         raise RuntimeError(f"benchmark request failed: {report['error']}")
     timings = dict(report["timings_ms"])
@@ -346,8 +347,8 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     compiled = report["compile"]
     return {"mode": mode, "performance": report["performance"], "base_model": report["base_model"],
             "refiner_model": report.get("refiner_model"), "lora_on": bool(report["loras"]),
-            "timings_ms": timings, "steps": report["steps"], "image_size": _image_size(report["images"][0]),
-            "step_ms": timings["sampling"] / report["steps"], "image": report["images"][0],
+            "timings_ms": timings, "steps": report["steps"], "image_size": _image_size(result.images[0]),
+            "step_ms": timings["sampling"] / report["steps"], "image": result.images[0],
             "compile": {k: compiled[k] for k in ("ran_compiled", "graphs_compiled", "recompilations",
                                                  "compile_ms")},
             "model_management": {k: int(report["model_management"][k]) for k in COUNTS},

@@ -65,6 +65,7 @@ class FakeApp:
     app: object  # gr.Blocks
     worker: Worker
     freed: list[str]
+    cfg: config_module.Config
 
     def __iter__(self) -> Iterator[object]:  # `url, pipeline = fake_app`
         return iter((self.url, self.pipeline))
@@ -73,13 +74,16 @@ class FakeApp:
 STATUS = {"models": [{"name": "a.safetensors:unet", "device": "cpu", "bytes": 2 ** 20}], "mode": "conservative"}
 
 
-def start_fake_app(tmp_path: Path, **launch: object) -> FakeApp:
+def start_fake_app(tmp_path: Path, settings: dict[str, str] | None = None, **launch: object) -> FakeApp:
+    """The app over a fake pipeline, launched; `settings` are config keys (as environment
+    values), and max_queue_length also bounds the worker's queue."""
     pipeline = FakePipeline(tmp_path)
-    worker = Worker(handler=pipeline, status=lambda: dict(STATUS))
     cfg = config_module.load_config({"config_path": str(tmp_path / "no_config.json"),
                                      "path_checkpoints": str(tmp_path / "ckpt"),
                                      "path_loras": str(tmp_path / "loras"),
-                                     "path_outputs": str(tmp_path / "out")})
+                                     "path_outputs": str(tmp_path / "out"), **(settings or {})})
+    worker = Worker(handler=pipeline, status=lambda: dict(STATUS),
+                    max_pending=cfg.max_queue_length if "max_queue_length" in (settings or {}) else None)
     freed: list[str] = []
 
     def free_memory() -> dict:
@@ -90,8 +94,9 @@ def start_fake_app(tmp_path: Path, **launch: object) -> FakeApp:
     app = webui.build_app(worker=worker, cfg=cfg, demo_warning=lambda: "demo weights in use",
                           free_memory=free_memory, reconnect_grace_s=0)
     port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch)
-    return FakeApp(f"http://127.0.0.1:{port}/", pipeline, app, worker, freed)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               **{**webui.launch_options(app, cfg), "allowed_paths": webui.allowed_paths(cfg), **launch})
+    return FakeApp(f"http://127.0.0.1:{port}/", pipeline, app, worker, freed, cfg)
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
