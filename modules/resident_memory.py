@@ -58,14 +58,16 @@ def resident_names(status: dict) -> list[str]:
 
 
 def summary_line(report: dict | None) -> str:
-    """One line about a request's model management: '0 MB moved · 0 weights patched · 0.1 ms'."""
+    """One line about a request's model management: '0 MB moved · 0 weights patched · 0.1 ms'
+    (and the bytes streamed in, when some models were partially resident)."""
     if not report:
         return "No request yet"
     mm = report.get("model_management") or {}
     moved = (mm.get("bytes_to_device") or 0) + (mm.get("bytes_to_offload") or 0)
     ms = (report.get("timings_ms") or {}).get("model_management", 0) or 0
+    streamed = mm.get("bytes_streamed") or 0
     return (f"{moved / MB:.0f} MB moved · {mm.get('weights_patched', 0)} weights patched · "
-            f"{ms:.1f} ms")
+            f"{ms:.1f} ms" + (f" · {streamed / MB:.0f} MB streamed" if streamed else ""))
 
 
 def warning_text(status: dict, report: dict | None) -> str | None:
@@ -114,12 +116,23 @@ def _model_rows(status: dict) -> str:
                      else "none")
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in (
             checkpoint or name, part or "-", model.get("device", "?"),
-            f"{(model.get('bytes') or 0) / MB:.1f}", lora_text, model.get("last_used", "-"))) + "</tr>")
+            f"{(model.get('bytes') or 0) / MB:.1f}", _placement_text(model), lora_text,
+            model.get("last_used", "-"))) + "</tr>")
     if not rows:
         return '<p class="fr-mem-empty">No model is resident.</p>'
     return ('<table class="fr-mem-table"><thead><tr><th>Checkpoint</th><th>Part</th><th>Device</th>'
-            '<th>MB</th><th>LoRA set</th><th>Last used</th></tr></thead><tbody>'
+            '<th>MB</th><th>Placement</th><th>LoRA set</th><th>Last used</th></tr></thead><tbody>'
             + "".join(rows) + "</tbody></table>")
+
+
+def _placement_text(model: dict) -> str:
+    """'whole', or how much of a partially resident model stays and how much streams per step."""
+    placement = model.get("placement", "whole")
+    if placement == "whole":
+        return "whole"
+    resident, streamed = model.get("resident_bytes") or 0, model.get("streamed_bytes") or 0
+    return (f"{placement}: {resident / MB:.1f} MB resident, {streamed / MB:.1f} MB streamed "
+            f"({model.get('streamed_groups', 0)} layers)")
 
 
 def _lora_rows(status: dict) -> str:
