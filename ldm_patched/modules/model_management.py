@@ -511,7 +511,7 @@ class ModelManager:
             plan.to_evict.append(entry)
             free += entry.bytes_on(device)
         plan.over_budget = free < required
-        if self._may_stream() and (plan.over_budget or self._streams_everything()):
+        if self._may_stream(device) and (plan.over_budget or self._streams_everything()):
             plan.over_budget = self._fit_partially(plan, on_device, device, free, memory_required) > 0
         else:
             self._place_whole(plan, plan.already_loaded)
@@ -519,13 +519,19 @@ class ModelManager:
 
     # -- partial residency ---------------------------------------------------------
 
-    def _may_stream(self) -> bool:
-        """Whether a model that does not fit may be partially resident (not on a CPU-only
-        machine, nor where the user said the GPU is large)."""
-        return self.settings.vram_state in (VRAMState.NORMAL_VRAM, VRAMState.LOW_VRAM, VRAMState.NO_VRAM)
+    def _may_stream(self, device: torch.device) -> bool:
+        """Whether a model on `device` that does not fit may be partially resident: on the
+        accelerator (not a stage the flags put on the host, e.g. --vae-in-cpu), and not on a
+        CPU-only machine nor where the user said the GPU is large."""
+        return device == self.device and self.settings.vram_state in (
+            VRAMState.NORMAL_VRAM, VRAMState.LOW_VRAM, VRAMState.NO_VRAM)
 
     def _streams_everything(self) -> bool:
         return self.settings.vram_state is VRAMState.NO_VRAM
+
+    def _streams_all_on(self, device: torch.device) -> bool:
+        """--always-no-vram: every model on the accelerator streams, whether it fits or not."""
+        return self._streams_everything() and self._may_stream(device)
 
     def residency_order(self, patcher: ModelPatcher) -> ResidencyOrder:
         order = self._orders.get(patcher.model)
@@ -678,7 +684,7 @@ class ModelManager:
         if base + options[0][1] > cheap:   # counted only under pressure: the steady state stays O(1)
             cheap += self._reclaimable(device, wanted, TIERS[:2])
         for placement, extra in options:
-            if base + extra <= cheap and not self._streams_everything():
+            if base + extra <= cheap and not self._streams_all_on(device):
                 plan.placement, plan.charges = placement, {device: base + extra}
                 self._place_whole(plan, plan.already_loaded)
                 break
@@ -702,12 +708,12 @@ class ModelManager:
         in_set = self._current_request_modules | self._previous_request_modules
         outside = [e for e in reversed(self.loaded) if id(e.module) not in in_set]
         inside = [e for e in reversed(self.loaded) if id(e.module) in in_set]
-        if not self._streams_everything():
+        if not self._streams_all_on(device):
             free = self._evict_until(plan, outside, device, free, need, wanted_modules)
             if free >= need:
                 self._place_whole(plan, plan.already_loaded)
                 return
-        if not self._may_stream():
+        if not self._may_stream(device):
             plan.over_budget = self._evict_until(plan, inside, device, free, need, wanted_modules) < need
             return
         short = self._fit_partially(plan, on_device, device, free, memory_required)

@@ -241,7 +241,7 @@ def _set_own(module: torch.nn.Module, kind: str, attr: str, old: torch.Tensor, n
 
 @dataclass
 class _StreamedGroup:
-    module: torch.nn.Module
+    module: "weakref.ref[torch.nn.Module]"
     tensors: list[tuple[str, str, torch.Tensor]]   # the canonical tensors, on the offload device
     nbytes: int
     handles: list
@@ -270,10 +270,13 @@ class WeightStreamer:
 
     Out of memory inside a forward: the model's forward is wrapped; the copies are dropped and
     `on_out_of_memory` (the caller's policy, e.g. "stream one more group") is asked whether
-    to retry."""
+    to retry.
+
+    The streamer refers to the modules weakly (it lives in their `WeightState`), and a module
+    is copied before it is placed, never while it streams (a copy would share the hooks)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        self.model = model
+        self.model = weakref.ref(model)
         self.device = device
         self.groups: dict[str, _StreamedGroup] = {}
         self.next_of: dict[str, str] = {}
@@ -286,7 +289,7 @@ class WeightStreamer:
         self._root_handles = [h for m in roots for h in (
             m.register_forward_pre_hook(self._enter),
             m.register_forward_hook(self._leave, always_call=True))]
-        self._wrapped = self._wrap_forward()
+        self._wrapped = self._wrap_forward(model)
 
     # -- which groups -----------------------------------------------------------------
 
@@ -302,7 +305,7 @@ class WeightStreamer:
             if group is None:
                 handles = [module.register_forward_pre_hook(functools.partial(self._bring_in, name)),
                            module.register_forward_hook(functools.partial(self._send_back, name), always_call=True)]
-                group = self.groups[name] = _StreamedGroup(module, tensors, 0, handles)
+                group = self.groups[name] = _StreamedGroup(weakref.ref(module), tensors, 0, handles)
             group.tensors = tensors
             group.nbytes = sum(_nbytes(t) for _, _, t in tensors)
 
@@ -318,8 +321,9 @@ class WeightStreamer:
         self.groups = {}
         for handle in self._root_handles:
             handle.remove()
-        if self.model.__dict__.get("forward") is self._wrapped:
-            del self.model.__dict__["forward"]
+        model = self.model()
+        if model is not None and model.__dict__.get("forward") is self._wrapped:
+            del model.__dict__["forward"]
 
     def reset(self) -> None:
         """Drop every copy on the device: canonical tensors back in place, nothing prefetched."""
@@ -347,9 +351,8 @@ class WeightStreamer:
             self.next_of[self.last] = name
         self.last = name
         copies = self._take_prefetched(name) or self._copy(name, ahead=False)
-        group = self.groups[name]
-        for (kind, attr, _), tensor in zip(group.tensors, copies.tensors):
-            (group.module._parameters if kind == "param" else group.module._buffers)[attr] = tensor
+        for (kind, attr, _), tensor in zip(self.groups[name].tensors, copies.tensors):
+            (module._parameters if kind == "param" else module._buffers)[attr] = tensor
         following = self.next_of.get(name)
         if following is not None and following != name and following in self.groups:
             self.prefetched = self._copy(following, ahead=True)
@@ -361,8 +364,11 @@ class WeightStreamer:
 
     def _restore(self, name: str) -> None:
         group = self.groups[name]
+        module = group.module()
+        if module is None:
+            return
         for kind, attr, tensor in group.tensors:
-            (group.module._parameters if kind == "param" else group.module._buffers)[attr] = tensor
+            (module._parameters if kind == "param" else module._buffers)[attr] = tensor
 
     # -- copies ---------------------------------------------------------------------------
 
@@ -392,13 +398,14 @@ class WeightStreamer:
 
     # -- out of memory --------------------------------------------------------------------
 
-    def _wrap_forward(self) -> Callable:
-        forward = self.model.forward
+    def _wrap_forward(self, model: torch.nn.Module) -> Callable:
+        model_ref = weakref.ref(model)
 
         def forward_retrying(*args, **kwargs):
+            model = model_ref()
             while True:
                 try:
-                    return forward(*args, **kwargs)
+                    return type(model).forward(model, *args, **kwargs)
                 except torch.OutOfMemoryError as error:
                     message = str(error)
                 # Here, outside the `except`, the traceback and the activations it held are gone.
@@ -406,7 +413,7 @@ class WeightStreamer:
                 if self.on_out_of_memory is None or not self.on_out_of_memory():
                     raise torch.OutOfMemoryError(message)
 
-        self.model.forward = forward_retrying
+        model.forward = forward_retrying
         return forward_retrying
 
 
