@@ -126,14 +126,15 @@ def request(manager: mm.ModelManager, stages) -> telemetry.MoveCounters:
 
 @pytest.mark.parametrize("vram_state", [mm.VRAMState.NORMAL_VRAM, mm.VRAMState.HIGH_VRAM])
 def test_resident_keeps_a_set_partially_resident_when_the_budget_is_just_short(vram_state):
-    """Text encoders, UNet, VAE (4, 16, 2 layers) under a budget 4 layers short of the set: the
-    UNet stays partly resident, gives groups up for the VAE's working memory instead of the text
-    encoders being evicted, and the next request moves nothing. Without streaming (a GPU said
-    to be large) models are evicted whole and reloaded every request."""
+    """Text encoders, UNet, VAE (4, 16, 2 layers) under a budget 5 layers short of the set: the
+    UNet stays partly resident (more than half of it), gives groups up for the VAE's working
+    memory instead of the text encoders being evicted, and the next request moves nothing.
+    Without streaming (a GPU said to be large) models are evicted whole and reloaded every
+    request."""
     clip, unet, vae = stack(4, 1, "clip"), stack(16, 2, "unet"), stack(2, 3, "vae")
     layer = layer_bytes()
     unet_working, vae_working = 20_000, 60_000
-    budget = 16 * layer + unet_working
+    budget = 17 * layer + unet_working
     manager = CheckedManager(meta_settings(budget, vram_state=vram_state), mm.device_tensor_bytes(META))
     stages = [(clip, 0), (unet, unet_working), (vae, vae_working)]
 
@@ -150,6 +151,17 @@ def test_resident_keeps_a_set_partially_resident_when_the_budget_is_just_short(v
     assert placements["clip"]["placement"] == placements["vae"]["placement"] == "whole"
     assert placements["unet"]["placement"] == "partial"
     assert placements["unet"]["resident_bytes"] + placements["unet"]["streamed_bytes"] == unet.model_size()
+
+
+def test_resident_evicts_models_of_the_set_rather_than_stream_most_of_a_model():
+    """Far short (beside the text encoders the UNet would keep 3 of 16 layers): the text encoders
+    are evicted and the UNet keeps what the whole budget allows, beside its stream window."""
+    clip, unet = stack(4, 1, "clip"), stack(16, 2, "unet")
+    budget = 9 * layer_bytes() + 20_000
+    manager = CheckedManager(meta_settings(budget), mm.device_tensor_bytes(META))
+    counters = request(manager, [(clip, 0), (unet, 20_000)])
+    assert counters.models_unloaded == 1 and [e.patcher.name for e in manager.loaded] == ["unet"]
+    assert manager.status()["models"][0]["resident_bytes"] == 7 * layer_bytes()
 
 
 def test_a_partial_model_goes_back_to_whole_when_room_comes_back():

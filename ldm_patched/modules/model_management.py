@@ -373,6 +373,11 @@ class CacheStats:
     out_of_memory: int = 0
 
 
+# Resident mode keeps a set partially resident while the load's models keep at least this share of
+# their bytes on the device. Further short, streaming them on every step would cost more than
+# reloading the set's other models once per request: those are evicted instead.
+JUST_SHORT_SHARE = 0.5
+
 # Cheapest to rebuild first. The first tier also holds merged variants of sets not in use
 # and the caches other parts register (conditionings).
 TIERS = ("unused_factor_caches", "unpatched_backups", "float32_backups", "models")
@@ -549,6 +554,11 @@ class ModelManager:
         entry = self._entry_of(patcher.model)
         return entry.weights_on_device() if entry is not None and entry.device == device else 0
 
+    def _size(self, patcher: ModelPatcher) -> int:
+        """The module's bytes: as recorded when registered (no walk on the steady path)."""
+        entry = self._entry_of(patcher.model)
+        return sum(entry.weights.values()) if entry is not None else patcher.model_size()
+
     def _place_whole(self, plan: LoadPlan, entries: Iterable[LoadedModel]) -> None:
         """Partially resident models of a load that fits go back to whole."""
         for entry in entries:
@@ -563,7 +573,7 @@ class ModelManager:
         bytes still missing (> 0: even the pinned groups and the window do not fit)."""
         room = free - memory_required + sum(self._on_device_now(p, device) for p in on_device)
         added, window_total = 0, 0
-        for patcher in sorted(on_device, key=ModelPatcher.model_size):
+        for patcher in sorted(on_device, key=self._size):
             order = self.residency_order(patcher)
             if order.total_bytes() <= room and not self._streams_everything():
                 count = order.count
@@ -593,7 +603,8 @@ class ModelManager:
 
     def _shrink_for(self, plan: LoadPlan, short: int, skip: set[int]) -> int:
         """Other partially resident models give up groups (the largest of their share first)
-        before any model is evicted whole; returns the bytes freed."""
+        before any model is evicted whole, each down to JUST_SHORT_SHARE of its bytes; returns
+        the bytes freed."""
         freed = 0
         for entry in reversed(self.loaded):
             if freed >= short:
@@ -602,7 +613,8 @@ class ModelManager:
                 continue
             order = self.residency_order(entry.patcher)
             now = order.resident_bytes(entry.resident_count)
-            count = order.resident_count(now - (short - freed))
+            floor = int(order.total_bytes() * JUST_SHORT_SHARE)
+            count = order.resident_count(max(now - (short - freed), floor))
             if order.resident_bytes(count) < now:
                 plan.residency[id(entry.module)] = count
                 freed += now - order.resident_bytes(count)
@@ -665,7 +677,7 @@ class ModelManager:
         device = self._stage_device(wanted)
         on_device = [p for p in wanted if self.normalize(p.load_device) == device]
         # What placing them whole adds: new models, and the streamed part of partial ones.
-        base = memory_required + sum(p.model_size() - self._on_device_now(p, device) for p in on_device)
+        base = memory_required + sum(self._size(p) - self._on_device_now(p, device) for p in on_device)
         growth = [self._growth(p) for p in wanted if self.normalize(p.load_device) == device]
         evicted = sum(e.bytes_on(device) for e in plan.to_evict)
         cheap = self.free_bytes(device) + evicted
@@ -717,11 +729,11 @@ class ModelManager:
             plan.over_budget = self._evict_until(plan, inside, device, free, need, wanted_modules) < need
             return
         short = self._fit_partially(plan, on_device, device, free, memory_required)
-        if short > 0:
-            free += self._shrink_for(plan, short, wanted_modules)
+        if not self._settled(plan, on_device, short, device):
+            free += self._shrink_for(plan, need - free, wanted_modules)
             short = self._fit_partially(plan, on_device, device, free, memory_required)
         for entry in outside + inside:
-            if short <= 0:
+            if self._settled(plan, on_device, short, device):
                 break
             if id(entry.module) in wanted_modules or entry in plan.to_evict:
                 continue
@@ -730,6 +742,18 @@ class ModelManager:
             free += entry.bytes_on(device)
             short = self._fit_partially(plan, on_device, device, free, memory_required)
         plan.over_budget = short > 0
+
+    def _settled(self, plan: LoadPlan, on_device: Sequence[ModelPatcher], short: int, device: torch.device) -> bool:
+        """A partial plan good enough to stop evicting: it fits, and (but with --always-no-vram)
+        the load's models keep at least JUST_SHORT_SHARE of their bytes on the device."""
+        return short <= 0 and (self._streams_all_on(device)
+                               or self._resident_share(plan, on_device) >= JUST_SHORT_SHARE)
+
+    def _resident_share(self, plan: LoadPlan, on_device: Sequence[ModelPatcher]) -> float:
+        orders = [(self.residency_order(p), plan.residency.get(id(p.model))) for p in on_device]
+        total = sum(o.total_bytes() for o, _ in orders)
+        kept = sum(o.total_bytes() if c is None else o.resident_bytes(c) for o, c in orders)
+        return kept / total if total else 1.0
 
     def _evict_until(self, plan: LoadPlan, candidates: Iterable[LoadedModel], device: torch.device, free: int,
                      need: int, wanted_modules: set[int]) -> int:

@@ -940,7 +940,15 @@ class _PendingWrites:
 
     def flush(self) -> None:
         if self.targets:
-            torch._foreach_copy_(self.targets, self.values, non_blocking=True)
+            # One call per device: a partially resident model has weights on the GPU and, for
+            # its streamed layers, in host memory.
+            by_device: dict[torch.device, tuple[list, list]] = {}
+            for target, value in zip(self.targets, self.values):
+                targets, values = by_device.setdefault(target.device, ([], []))
+                targets.append(target)
+                values.append(value)
+            for targets, values in by_device.values():
+                torch._foreach_copy_(targets, values, non_blocking=True)
             for key, want in self.keys:
                 self.state.applied[key] = want
         self.targets, self.values, self.keys, self.bytes = [], [], [], 0
