@@ -231,3 +231,37 @@ def test_out_of_memory_retries_until_nothing_is_left_to_stream():
     with torch.inference_mode():   # the streamer is left clean: the next forward runs
         module[-1].times = 0
         assert module(torch.ones(1, LAYER)).shape == (1, LAYER)
+
+
+@pytest.mark.cuda
+def test_cuda_streaming_prefetches_on_a_copy_stream_and_draws_the_whole_output(tiny_components):
+    """On a GPU, half the fp16 UNet resident: the streamed layers live in pinned host memory, the
+    outputs equal the whole UNet's on the GPU bit for bit (prefetch on the side stream included),
+    and the allocator's peak over a step stays within the budget."""
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    module = copy.deepcopy(tiny_components["unet"]).half()
+    inputs = unet_inputs(module, tiny_components["text_encoder_2"].config.projection_dim, cuda)
+    inputs = pytree.tree_map(lambda t: t.half() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                             inputs)
+    with torch.inference_mode():
+        whole = copy.deepcopy(module).to(cuda)
+        expected = whole(**inputs)[0]
+    del whole
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated(cuda)
+    patcher = ModelPatcher(module, cuda, CPU, name="unet")
+    working = 4 * 2 ** 20
+    budget = patcher.model_size() // 2 + working
+    manager = mm.ModelManager(mm.MemorySettings(vram_state=mm.VRAMState.NORMAL_VRAM, device=cuda, budget_bytes=budget,
+                                                total_bytes=budget, host_budget_bytes=1 << 40))
+    manager.load_models([patcher], working)
+    streamed = [p for p in module.parameters() if p.device.type == "cpu"]
+    assert streamed and all(p.is_pinned() for p in streamed)
+    assert manager.accounting_error(cuda, baseline) == 0
+    torch.cuda.reset_peak_memory_stats(cuda)
+    for _ in range(2):   # the second step prefetches
+        with torch.inference_mode():
+            assert torch.equal(module(**inputs)[0], expected)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated(cuda) - baseline <= budget
+    assert manager.accounting_error(cuda, baseline) == 0

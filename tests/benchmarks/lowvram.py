@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class LowVramOptions:
         return models.SIZES[self.size or ("sdxl" if self.device == "cuda" else "mid")]
 
     def output_dir(self) -> Path:
-        return Path(self.out_dir or REPO_ROOT / "bench_out") / "lowvram"
+        return Path(self.out_dir or os.environ.get("BENCH_OUT") or REPO_ROOT / "bench_out") / "lowvram"
 
 
 def unet_working_bytes(side: int, dtype: torch.dtype) -> int:
