@@ -65,7 +65,8 @@ def test_partial_and_streamed_requests_draw_the_pixels_of_whole_loading(pipeline
         assert report["compile"]["compiled_calls"] == 0 and report["compile"]["streamed_eager_calls"] > 0
         assert compiler.counts["graphs_compiled"] == 0
     status = pipelines.current().model_status()
-    assert "streamed" in resident_memory.panel_html(status, lora["report"])
+    html = resident_memory.panel_html(status, lora["report"])
+    assert "<th>Placement</th>" in html and "MB streamed (" in html   # the UNet row: bytes and layers
 
 
 def test_fp8_flags_store_weights_in_float8_and_the_ledger_counts_one_byte_each(tiny_checkpoint):
