@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from ldm_patched.modules.model_patcher import is_streamed
+
 log = logging.getLogger("fooocus_resident.compile")
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -135,6 +137,10 @@ class CompiledUNets:
         `control`: (skip-connection residuals, middle-block residual) of ControlNets, or None."""
         inputs = (sample, timestep, encoder_hidden_states, text_embeds, time_ids, *(control or (None, None)))
         entry = self._entry(unet) if self.enabled else None
+        if entry is not None and is_streamed(unet):
+            # Streaming swaps weights in and out in hooks around each layer: that runs eager.
+            self.counts["streamed_eager_calls"] += 1
+            entry = None
         if entry is None or entry.failed:
             self.counts["eager_calls"] += 1
             return _unet_forward(unet, *inputs)
@@ -200,4 +206,4 @@ class CompiledUNets:
                 "compiled_calls": delta["compiled_calls"], "eager_calls": delta["eager_calls"],
                 "graphs_compiled": delta["graphs_compiled"], "first_compiles": delta["first_compiles"],
                 "recompilations": delta["recompilations"], "compile_ms": round(delta["compile_ms"], 3),
-                "fallbacks": delta["fallbacks"]}
+                "fallbacks": delta["fallbacks"], "streamed_eager_calls": delta["streamed_eager_calls"]}

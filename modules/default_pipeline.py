@@ -303,7 +303,9 @@ class Pipeline:
         started = time.perf_counter()
         loaded = load_checkpoint(file.path, unet_dtype=manager.dtype_for("unet"),
                                  vae_dtype=manager.dtype_for("vae", manager.vae_device()),
-                                 text_encoder_dtype=manager.dtype_for("text_encoder"))
+                                 text_encoder_dtype=manager.dtype_for("text_encoder"),
+                                 unet_storage_dtype=manager.storage_dtype_for("unet"),
+                                 text_encoder_storage_dtype=manager.storage_dtype_for("text_encoder"))
         file = loaded.version or file   # the version actually read
         checkpoint = self.adopt_checkpoint(file, loaded.kind, {"unet": loaded.unet, "vae": loaded.vae,
                                                                "text_encoder": loaded.text_encoder,
@@ -1075,7 +1077,9 @@ class Pipeline:
         report["vram"] = {"budget_bytes": summary.budget_bytes, "resident_bytes": summary.resident_bytes,
                           "peak_allocated_bytes": summary.peak_allocated_bytes,
                           "effective_budget_bytes": summary.effective_budget_bytes,
-                          "host_resident_bytes": summary.host_resident_bytes}
+                          "host_resident_bytes": summary.host_resident_bytes,
+                          # per model the request used: whole, partial or streamed, and the bytes of each part
+                          "models": summary.placements}
         cfg = self.config()   # the images by name in their folder (outputs/<day>/...), no server path
         report["images"] = [model_name(path, (cfg.path_outputs, cfg.temp_root)) for path in images]
         mm = report["model_management"]
@@ -1085,6 +1089,7 @@ class Pipeline:
               f"{mm['bytes_to_device'] / 2**20:.1f} MiB to device, {mm['bytes_to_offload'] / 2**20:.1f} MiB "
               f"offloaded, {mm['models_loaded']} loaded, {mm['weights_patched']} weights patched, "
               f"{mm['weights_restored']} restored, {mm['lora_files_read']} LoRA files read"
+              + (f", {mm['bytes_streamed'] / 2**20:.1f} MiB streamed" if mm["bytes_streamed"] else "")
               + (f"; error: {report['error']}" if "error" in report else ""))
 
     # -- status and shutdown --------------------------------------------------------------

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ldm_patched.modules import model_management
 from ldm_patched.modules.file_version import FileReadError, FileVersion, read_file, read_safetensors
-from ldm_patched.modules.model_patcher import ModelPatcher
+from ldm_patched.modules.model_patcher import ModelPatcher, compute_device_and_dtype
 
 IP_ADAPTER_FILE = "ip-adapter-plus_sdxl_vit-h.bin"
 CLIP_VISION_FILE = "clip_vision_vit_h.safetensors"
@@ -447,14 +447,14 @@ class ImagePromptAdapter:
         (checked against the UNet: layer count and widths)."""
         check_prompts(prompts)
         self._check_unet(unet)
-        param = next(unet.parameters())
+        unet_device, unet_dtype = compute_device_and_dtype(unet)   # streamed or float8 weights: where it computes
         model_management.load_models_gpu([self.ip])
         device, dtype = self.ip.load_device, self.ip.model_dtype()
         prepared = []
         for p in prompts:
             both = torch.cat([p.tokens.uncond, p.tokens.cond]).to(device, dtype)
-            keys = [layer(both).to(param.device, param.dtype) for layer in self.module.to_k_ip]
-            values = [layer(both).to(param.device, param.dtype) for layer in self.module.to_v_ip]
+            keys = [layer(both).to(unet_device, unet_dtype) for layer in self.module.to_k_ip]
+            values = [layer(both).to(unet_device, unet_dtype) for layer in self.module.to_v_ip]
             prepared.append(PreparedPrompt(keys, values, float(p.weight), float(p.stop)))
         return PreparedImagePrompts(prepared, image_prompt_signature(prompts))
 
@@ -667,11 +667,6 @@ def install(unet: torch.nn.Module) -> _Slot:
     return slot
 
 
-def _device_and_dtype(unet: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    weight = next(unet.parameters())
-    return weight.device, weight.dtype
-
-
 @contextmanager
 def applied(unet: torch.nn.Module, prepared: PreparedImagePrompts) -> Iterator[_Active]:
     """Image prompts act on `unet` inside this block, from the start of sampling until each
@@ -684,7 +679,7 @@ def applied(unet: torch.nn.Module, prepared: PreparedImagePrompts) -> Iterator[_
             raise ImagePromptError(f"image prompts were prepared for {len(p.keys)} layers, "
                                    f"this UNet has {slot.layers}")
     slot.active = _Active(list(prepared.prompts))
-    slot.active.select(0.0, *_device_and_dtype(unet))
+    slot.active.select(0.0, *compute_device_and_dtype(unet))
     try:
         yield slot.active
     finally:
@@ -701,4 +696,4 @@ def select_batch(unet: torch.nn.Module, rows: Sequence[bool], timestep: float | 
         return
     slot.active.rows = [bool(r) for r in rows]
     if timestep is not None:
-        slot.active.select(1.0 - float(timestep) / 999.0, *_device_and_dtype(unet))
+        slot.active.select(1.0 - float(timestep) / 999.0, *compute_device_and_dtype(unet))

@@ -18,7 +18,7 @@ from typing import Any
 
 MB = 1024 ** 2
 GB = 1024 ** 3
-MODEL_COLUMNS = ("Checkpoint", "Part", "Device", "MB", "LoRA set", "Last used")
+MODEL_COLUMNS = ("Checkpoint", "Part", "Device", "MB", "Placement", "LoRA set", "Last used")
 
 
 # -- actions (call on the worker thread) ---------------------------------------------------
@@ -59,14 +59,16 @@ def resident_names(status: dict) -> list[str]:
 
 
 def summary_line(report: dict | None) -> str:
-    """One line about a request's model management: '0 MB moved · 0 weights patched · 0.1 ms'."""
+    """One line about a request's model management: '0 MB moved · 0 weights patched · 0.1 ms'
+    (and the bytes streamed in, when some models were partially resident)."""
     if not report:
         return "No request yet"
     mm = report.get("model_management") or {}
     moved = (mm.get("bytes_to_device") or 0) + (mm.get("bytes_to_offload") or 0)
     ms = (report.get("timings_ms") or {}).get("model_management", 0) or 0
+    streamed = mm.get("bytes_streamed") or 0
     return (f"{moved / MB:.0f} MB moved · {mm.get('weights_patched', 0)} weights patched · "
-            f"{ms:.1f} ms")
+            f"{ms:.1f} ms" + (f" · {streamed / MB:.0f} MB streamed" if streamed else ""))
 
 
 def warning_text(status: dict, report: dict | None) -> str | None:
@@ -114,7 +116,7 @@ def _model_rows(status: dict) -> str:
                      else f"{model.get('patched_keys', 0)} keys patched" if model.get("patched_keys")
                      else "none")
         cells = (checkpoint or name, part or "-", model.get("device", "?"),
-                 f"{(model.get('bytes') or 0) / MB:.1f}", lora_text, model.get("last_used", "-"))
+                 f"{(model.get('bytes') or 0) / MB:.1f}", _placement_text(model), lora_text, model.get("last_used", "-"))
         # Each cell names its column: on a phone the page's CSS stacks a row's cells under their names.
         rows.append("<tr>" + "".join(f'<td data-label="{html.escape(column)}">{html.escape(str(cell))}</td>'
                                      for column, cell in zip(MODEL_COLUMNS, cells)) + "</tr>")
@@ -122,6 +124,16 @@ def _model_rows(status: dict) -> str:
         return '<p class="fr-mem-empty">No model is resident.</p>'
     head = "".join(f"<th>{html.escape(column)}</th>" for column in MODEL_COLUMNS)
     return f'<table class="fr-mem-table"><thead><tr>{head}</tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
+
+
+def _placement_text(model: dict) -> str:
+    """'whole', or how much of a partially resident model stays and how much streams per step."""
+    placement = model.get("placement", "whole")
+    if placement == "whole":
+        return "whole"
+    resident, streamed = model.get("resident_bytes") or 0, model.get("streamed_bytes") or 0
+    return (f"{placement}: {resident / MB:.1f} MB resident, {streamed / MB:.1f} MB streamed "
+            f"({model.get('streamed_groups', 0)} layers)")
 
 
 def _lora_rows(status: dict) -> str:

@@ -77,9 +77,10 @@ def diffusers_config_dir(tiny_components, tmp_path_factory) -> str:
 def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
     """Factory: a fresh pipeline state over a tmp model folder holding the tiny base checkpoint.
 
-    `pipeline(policy, budget=...)` installs a model manager with that policy on the CPU
-    and returns the folders {checkpoints, loras, outputs, vae}; call it again to switch policy
-    (the registry and pipeline caches start empty each time).
+    `pipeline(policy, budget=..., **settings)` installs a model manager with that policy on the
+    CPU (other `MemorySettings` fields as given, e.g. `vram_state`) and returns the folders
+    {checkpoints, loras, outputs, vae}; call it again to switch policy (the registry and
+    pipeline caches start empty each time).
     """
     import json
     import shutil
@@ -103,8 +104,8 @@ def pipeline(tmp_path, monkeypatch, tiny_checkpoint):
     monkeypatch.setenv("config_path", str(config_file))
     config.reload_config()
 
-    def install(policy, budget: int = 10 * 1024 ** 3):
-        mm.configure(mm.MemorySettings(policy=policy, budget_bytes=budget, total_bytes=budget))
+    def install(policy, budget: int = 10 * 1024 ** 3, **settings):
+        mm.configure(mm.MemorySettings(policy=policy, budget_bytes=budget, total_bytes=budget, **settings))
         pipelines.install()   # the registry and every pipeline cache start empty
         return folders
 

@@ -106,15 +106,25 @@ def test_resident_evicts_least_recently_used_outside_the_request():
     assert m.end_request().resident_bytes <= 2 * size
 
 
-def test_budget_too_small_for_the_request_still_runs_and_ends_within_budget():
+@pytest.mark.parametrize("vram_state", [mm.VRAMState.HIGH_VRAM, mm.VRAMState.NORMAL_VRAM])
+def test_budget_too_small_for_the_request_still_runs_and_ends_within_budget(vram_state):
+    """Where streaming is not allowed (a GPU said to be large) the model loads whole and is
+    evicted at the end; otherwise it streams (one group larger than the budget: still over it
+    while it computes) and stays registered with nothing on the device."""
     big = patcher(32, "big")
-    m = manager(mm.Policy.RESIDENT, budget=big.model_size() // 2)
+    settings = meta_settings(big.model_size() // 2, mm.Policy.RESIDENT, vram_state=vram_state)
+    m = CheckedManager(settings, baseline=mm.device_tensor_bytes(META))
     m.begin_request()
     plan = m.load_models([big])
     assert plan.over_budget and names(m) == ["big"]
     summary = m.end_request()
-    assert summary.over_budget
-    assert summary.resident_bytes <= summary.budget_bytes and names(m) == []
+    assert summary.over_budget and summary.resident_bytes <= summary.budget_bytes
+    if vram_state is mm.VRAMState.HIGH_VRAM:
+        assert names(m) == []
+    else:
+        assert names(m) == ["big"] and big.model.weight.device == CPU
+        assert summary.placements == [{"name": "big", "placement": "streamed", "resident_bytes": 0,
+                                       "streamed_bytes": big.model_size(), "streamed_groups": 1}]
 
 
 def test_resident_lora_switch_by_diff_on_the_resident_module():

@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ldm_patched.modules import sdxl_layout as layout
 from ldm_patched.modules.file_version import FileReadError, FileVersion, SafetensorsReader
+from ldm_patched.modules.model_patcher import storable_weight_names, upcast_in_forward
 
 logger = logging.getLogger(__name__)
 
@@ -413,6 +414,30 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+@dataclass(frozen=True)
+class _Dtypes:
+    """What a component's tensors are cast to: `compute`, and with a `storage` dtype (float8)
+    the weights of its plain Linear/Conv2d/Embedding layers (`stored`) are kept in that one
+    instead and upcast per layer in the forward."""
+
+    compute: torch.dtype
+    storage: torch.dtype | None = None
+    stored: frozenset[str] = frozenset()
+
+    def for_model(self, model: torch.nn.Module) -> "_Dtypes":
+        if self.storage is None:
+            return self
+        return _Dtypes(self.compute, self.storage, frozenset(storable_weight_names(model)))
+
+    def of(self, key: str) -> torch.dtype:
+        return self.storage if key in self.stored else self.compute
+
+    def finish(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.storage is not None:
+            upcast_in_forward(model, self.compute)
+        return model
+
+
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """Strict load into a meta-initialised module, taking the tensors as they are."""
     try:
@@ -432,27 +457,28 @@ def _fit_to_model_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -
 
 
 def _build_text_encoder(
-    cls: type, hf_state: dict[str, torch.Tensor], open_clip: bool, dtype: torch.dtype
+    cls: type, hf_state: dict[str, torch.Tensor], open_clip: bool, dtypes: _Dtypes
 ) -> torch.nn.Module:
     config = CLIPTextConfig(**infer_clip_config({k: tuple(v.shape) for k, v in hf_state.items()}, open_clip=open_clip))
     with init_empty_weights():  # parameters on meta, buffers (position_ids) real
         model = cls(config)
-    state = _fit_to_model_keys({k: _cast(v, dtype) for k, v in hf_state.items()}, model)
-    return _assign(model, state)
+    dtypes = dtypes.for_model(model)
+    state = {k: _cast(v, dtypes.of(k)) for k, v in _fit_to_model_keys(hf_state, model).items()}
+    return dtypes.finish(_assign(model, state))
 
 
-def _build_open_clip(source: _Source, prefix: str, dtype: torch.dtype) -> CLIPTextModelWithProjection:
+def _build_open_clip(source: _Source, prefix: str, dtypes: _Dtypes) -> CLIPTextModelWithProjection:
     state = _strip_ignored(layout.open_clip_from_original(source.tensors(prefix), prefix))
-    return _build_text_encoder(CLIPTextModelWithProjection, state, True, dtype)
+    return _build_text_encoder(CLIPTextModelWithProjection, state, True, dtypes)
 
 
-def _build_clip_l(source: _Source, dtype: torch.dtype) -> CLIPTextModel:
+def _build_clip_l(source: _Source, dtypes: _Dtypes) -> CLIPTextModel:
     state = _strip_ignored(layout.clip_l_from_original(source.tensors(layout.CLIP_L_PREFIX)))
-    return _build_text_encoder(CLIPTextModel, state, False, dtype)
+    return _build_text_encoder(CLIPTextModel, state, False, dtypes)
 
 
 def _map_tensors(
-    source: _Source, prefix: str, key_map: Mapping[str, str], dtype: torch.dtype,
+    source: _Source, prefix: str, key_map: Mapping[str, str], dtypes: _Dtypes,
     reshape: Callable[[str, torch.Tensor], torch.Tensor] = lambda _k, t: t,
 ) -> dict[str, torch.Tensor]:
     """diffusers key -> tensor, requiring every mapped key and no unmapped one."""
@@ -462,15 +488,16 @@ def _map_tensors(
     if missing or unused:
         raise ValueError(f"layout mismatch under {prefix}: missing {missing[:5]} unexpected {unused[:5]}"
                          f" ({len(missing)} missing, {len(unused)} unexpected)")
-    return {d: _cast(reshape(d, source.get(prefix + o)), dtype) for d, o in key_map.items()}
+    return {d: _cast(reshape(d, source.get(prefix + o)), dtypes.of(d)) for d, o in key_map.items()}
 
 
-def _build_unet(source: _Source, pooled_dim: int, refiner: bool, dtype: torch.dtype) -> UNet2DConditionModel:
+def _build_unet(source: _Source, pooled_dim: int, refiner: bool, dtypes: _Dtypes) -> UNet2DConditionModel:
     config = infer_unet_config(source.under(layout.UNET_PREFIX), pooled_dim=pooled_dim, refiner=refiner)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(config)
     key_map = layout.unet_key_map(unet.config, keys=unet.state_dict().keys())
-    return _assign(unet, _map_tensors(source, layout.UNET_PREFIX, key_map, dtype))
+    dtypes = dtypes.for_model(unet)
+    return dtypes.finish(_assign(unet, _map_tensors(source, layout.UNET_PREFIX, key_map, dtypes)))
 
 
 def _build_vae(source: _Source, dtype: torch.dtype, prefix: str = layout.VAE_PREFIX) -> AutoencoderKL:
@@ -478,7 +505,7 @@ def _build_vae(source: _Source, dtype: torch.dtype, prefix: str = layout.VAE_PRE
     with init_empty_weights():
         vae = AutoencoderKL.from_config(config)
     key_map = layout.vae_key_map(vae.config, keys=vae.state_dict().keys())
-    state = _map_tensors(source, prefix, key_map, dtype, layout.vae_tensor_from_original)
+    state = _map_tensors(source, prefix, key_map, _Dtypes(dtype), layout.vae_tensor_from_original)
     return _assign(vae, state)
 
 
@@ -522,28 +549,34 @@ def load_checkpoint(
     unet_dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype = torch.float32,
     text_encoder_dtype: torch.dtype = torch.float32,
+    unet_storage_dtype: torch.dtype | None = None,
+    text_encoder_storage_dtype: torch.dtype | None = None,
 ) -> SDXLCheckpoint:
     """Load an SDXL base or refiner single-file checkpoint into diffusers/transformers modules.
 
     ``.safetensors`` is read tensor by tensor into private memory (never mapped);
     ``.ckpt/.pt/.pth`` go only through ``torch.load(weights_only=True)``. Raises ``CheckpointError`` for anything unusable.
+    A storage dtype (float8) keeps the UNet's or text encoders' Linear/Conv2d/Embedding weights
+    in it, each tensor cast as it is read; those layers upcast to the compute dtype per call.
     """
     path = os.fspath(path)
+    encoder_dtypes = _Dtypes(text_encoder_dtype, text_encoder_storage_dtype)
     with _open_source(path) as source:
         kind = _detect_kind(path, list(source.shapes))
         refiner = kind == "refiner"
         g_prefix = layout.CLIP_G_REFINER_PREFIX if refiner else layout.CLIP_G_PREFIX
         text_encoder_2 = _component(
-            path, "OpenCLIP-G text encoder", lambda: _build_open_clip(source, g_prefix, text_encoder_dtype))
+            path, "OpenCLIP-G text encoder", lambda: _build_open_clip(source, g_prefix, encoder_dtypes))
         text_encoder = None
         if not refiner:
-            text_encoder = _component(path, "CLIP-L text encoder", lambda: _build_clip_l(source, text_encoder_dtype))
+            text_encoder = _component(path, "CLIP-L text encoder", lambda: _build_clip_l(source, encoder_dtypes))
         for encoder in (text_encoder, text_encoder_2):
             if encoder is not None and encoder.config.vocab_size < CLIP_VOCAB_SIZE:
                 raise CheckpointError(path, f"its text encoder has a vocabulary of {encoder.config.vocab_size} "
                                             f"tokens; SDXL's CLIP tokenizer needs {CLIP_VOCAB_SIZE}")
         pooled_dim = text_encoder_2.config.projection_dim
-        unet = _component(path, "UNet", lambda: _build_unet(source, pooled_dim, refiner, unet_dtype))
+        unet = _component(path, "UNet", lambda: _build_unet(source, pooled_dim, refiner,
+                                                            _Dtypes(unet_dtype, unet_storage_dtype)))
         vae = None
         if source.under(layout.VAE_PREFIX):
             vae = _component(path, "VAE", lambda: _build_vae(source, vae_dtype))

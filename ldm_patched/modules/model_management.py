@@ -10,6 +10,14 @@ Two policies (DESIGN.md §3):
   weight-patch signature, reaches a new signature by diff on the device, and
   frees memory in tiers (cheapest to rebuild first) only when the budget needs room.
 
+Partial residency is a placement decided here: a model that does not fit its budget
+keeps as many of its weight groups on the device as fit beside the stage's working
+memory and the stream window (`ResidencyOrder` says which first), the rest streams
+in per forward from host memory (`model_patcher.WeightStreamer` does the moving).
+`--always-low-vram` and NORMAL_VRAM fall back to it when a model does not fit,
+`--always-no-vram` streams every model, and the resident policy keeps a set
+partially resident instead of evicting models of the running request.
+
 Memory is *accounted*, never re-measured: one ledger per device (the accelerator
 and the host), charged with everything resident mode keeps there: weights,
 backups of originals (in the dtype actually chosen), cached LoRA factors and the
@@ -22,17 +30,20 @@ patched is `model_patcher`'s business.
 
 from __future__ import annotations
 
+import bisect
 import enum
+import functools
 import gc
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 
 from ldm_patched.modules import telemetry
-from ldm_patched.modules.model_patcher import ModelPatcher, PatchSignature
+from ldm_patched.modules.model_patcher import ModelPatcher, PatchSignature, WeightGroup
 
 log = logging.getLogger("fooocus_resident.model_management")
 
@@ -162,17 +173,14 @@ def settings_from_args(args: object) -> MemorySettings:
     )
 
 
-_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16,
+           "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _dtype_flag(args: object, component: str, choices: Iterable[str]) -> torch.dtype | None:
     for choice in choices:
         if getattr(args, f"{component}_in_{choice}", False):
-            if choice.startswith("fp8"):
-                # Upstream stores fp8 and casts per layer; diffusers layers cannot run fp8 weights.
-                log.warning("[Fooocus-Resident] --%s-in-%s: fp8 weight storage is not implemented, "
-                            "using fp16", component, choice.replace("_", "-"))
-                return torch.float16
             return _DTYPES[choice]
     if getattr(args, "all_in_fp16", False):
         return torch.float16
@@ -199,10 +207,38 @@ class LoadedModel:
     last_used: int
     weights: dict[torch.device, int] = field(default_factory=dict)
     extras: dict[torch.device, int] = field(default_factory=dict)   # backups and cached factors
+    resident_count: int | None = None   # partially resident: how many groups of its order stay (None: whole)
+    streamed: int = 0                   # bytes of the groups streamed in per forward
 
     @property
     def module(self) -> torch.nn.Module:
         return self.patcher.model
+
+    @property
+    def partial(self) -> bool:
+        return self.resident_count is not None
+
+    def weights_on_device(self) -> int:
+        return self.weights.get(self.device, 0)
+
+    def streamed_bytes(self) -> int:
+        """Weights kept off the device and streamed in per forward (0 when placed whole)."""
+        return self.streamed
+
+    def resident_weight_bytes(self) -> int:
+        """Weights that stay on the device (with the CPU as the device, streamed ones live
+        there too: they are not counted here)."""
+        return sum(self.weights.values()) - self.streamed if self.partial else self.weights_on_device()
+
+    def placement_name(self) -> str:
+        if not self.partial:
+            return "whole"
+        return "partial" if self.resident_weight_bytes() else "streamed"
+
+    def placement_report(self) -> dict:
+        return {"name": self.patcher.name, "placement": self.placement_name(),
+                "resident_bytes": self.resident_weight_bytes(), "streamed_bytes": self.streamed_bytes(),
+                "streamed_groups": len(self.patcher.streamed_groups())}
 
     @property
     def signature(self) -> PatchSignature:
@@ -219,6 +255,7 @@ class LoadedModel:
         if weights:
             self.weights = {normalize_device(d, self.device): n
                             for d, n in self.patcher.weight_bytes_by_device().items()}
+            self.streamed = self.patcher.streamed_bytes()
         self.extras = {normalize_device(d, self.device): n
                        for d, n in self.patcher.extra_bytes_by_device().items()}
 
@@ -245,6 +282,56 @@ class Placement:
     keep_variants: bool = False
 
 
+@dataclass(frozen=True)
+class ResidencyOrder:
+    """The order in which a model's weight groups stay on the device: a resident share of N
+    bytes is the longest prefix that fits in N.
+
+    First the groups that cannot stream (they own tensors and so do their children), then
+    the streamable ones, smallest first. Why smallest first: the bytes that must stream are
+    then carried by the fewest, largest groups (fewest copies and waits per step), and the
+    small layers (norms, biases, time and text projections) are those with the least compute
+    to hide a copy behind; the big matrices of the wide transformer blocks stream."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    cumulative: tuple[int, ...]
+    pinned: int   # leading groups that never stream
+
+    @staticmethod
+    def of(groups: Sequence[WeightGroup]) -> "ResidencyOrder":
+        fixed = [g for g in groups if not g.streamable]
+        ordered = fixed + sorted((g for g in groups if g.streamable), key=lambda g: (g.nbytes, g.index))
+        sizes = tuple(g.nbytes for g in ordered)
+        cumulative, total = [], 0
+        for size in sizes:
+            total += size
+            cumulative.append(total)
+        return ResidencyOrder(tuple(g.name for g in ordered), sizes, tuple(cumulative), len(fixed))
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    def total_bytes(self) -> int:
+        return self.cumulative[-1] if self.cumulative else 0
+
+    def resident_count(self, nbytes: int) -> int:
+        """How many groups stay within `nbytes` (never fewer than the pinned ones)."""
+        return max(self.pinned, bisect.bisect_right(self.cumulative, nbytes))
+
+    def resident_bytes(self, count: int) -> int:
+        return self.cumulative[count - 1] if count else 0
+
+    def streamed(self, count: int) -> frozenset[str]:
+        return frozenset(self.names[count:])
+
+    def window_bytes(self, count: int) -> int:
+        """Device bytes streaming needs at once beyond the resident share: the group computing
+        and the one prefetched, at most the two largest streamed groups."""
+        return sum(self.sizes[max(count, self.count - 2):]) if count < self.count else 0
+
+
 @dataclass
 class LoadPlan:
     """What one `load_models_gpu` call will do; computed before anything moves."""
@@ -255,6 +342,10 @@ class LoadPlan:
     placement: Placement | None = None          # None: the conservative default (offload device)
     charges: dict[torch.device, int] = field(default_factory=dict)   # what the load adds, per device
     over_budget: bool = False
+    # Partial residency, by id of the module: how many groups of its order stay on the device
+    # (its whole count: placed whole). Models of the load and models it shrinks to make room.
+    residency: dict[int, int] = field(default_factory=dict)
+    stream_window_bytes: int = 0                # device bytes the load's streamed models need at once
 
 
 @dataclass
@@ -267,6 +358,7 @@ class RequestSummary:
     over_budget: bool
     effective_budget_bytes: int = 0
     host_resident_bytes: int = 0
+    placements: list[dict] = field(default_factory=list)   # per model the request used: resident/streamed
 
 
 @dataclass
@@ -280,6 +372,11 @@ class CacheStats:
     high_water: dict[str, int] = field(default_factory=dict)   # per device name
     out_of_memory: int = 0
 
+
+# Resident mode keeps a set partially resident while the load's models keep at least this share of
+# their bytes on the device. Further short, streaming them on every step would cost more than
+# reloading the set's other models once per request: those are evicted instead.
+JUST_SHORT_SHARE = 0.5
 
 # Cheapest to rebuild first. The first tier also holds merged variants of sets not in use
 # and the caches other parts register (conditionings).
@@ -299,6 +396,9 @@ class ModelManager:
         self._request_over_budget = False
         self._request_peak = 0
         self._current_request_modules: set[int] = set()
+        self._previous_request_modules: set[int] = set()   # the set a request like the last one uses
+        self._request_placements: dict[str, dict] = {}
+        self._orders: "weakref.WeakKeyDictionary[torch.nn.Module, ResidencyOrder]" = weakref.WeakKeyDictionary()
 
     # -- devices and dtypes ------------------------------------------------------------
 
@@ -317,11 +417,21 @@ class ModelManager:
     def vae_device(self) -> torch.device:
         return HOST if self.settings.vae_in_cpu else self.device
 
+    def _chosen_dtype(self, component: str) -> torch.dtype | None:
+        return {"unet": self.settings.unet_dtype, "vae": self.settings.vae_dtype,
+                "text_encoder": self.settings.text_encoder_dtype}[component]
+
+    def storage_dtype_for(self, component: str) -> torch.dtype | None:
+        """The dtype `component`'s weights are stored in when it is not the compute dtype
+        (float8, `--unet-in-fp8-*` / `--clip-in-fp8-*`): layers upcast per call."""
+        chosen = self._chosen_dtype(component)
+        return chosen if chosen in FLOAT8 else None
+
     def dtype_for(self, component: str, device: torch.device | None = None) -> torch.dtype:
+        """The dtype `component` computes in (with float8 storage: the device's default)."""
         device = device or self.device
-        chosen = {"unet": self.settings.unet_dtype, "vae": self.settings.vae_dtype,
-                  "text_encoder": self.settings.text_encoder_dtype}[component]
-        if chosen is not None:
+        chosen = self._chosen_dtype(component)
+        if chosen is not None and chosen not in FLOAT8:
             return chosen
         if device.type != "cuda":
             return torch.float32
@@ -393,8 +503,9 @@ class ModelManager:
                 if entry.module is patcher.model and id(entry) not in keep and entry not in plan.to_evict:
                     plan.to_evict.append(entry)
         device = self._stage_device(patchers)
-        required = int(sum(p.model_size() for p in plan.to_load
-                           if self.normalize(p.load_device) == device) * 1.3) + memory_required
+        on_device = [p for p in _unique(patchers) if self.normalize(p.load_device) == device]
+        required = (int(sum(p.model_size() for p in plan.to_load if p in on_device) * 1.3)
+                    + sum(e.streamed_bytes() for e in plan.already_loaded) + memory_required)
         plan.charges = {device: required}
         free = self.free_bytes(device) + sum(e.bytes_on(device) for e in plan.to_evict)
         for entry in reversed(self.loaded):
@@ -405,7 +516,146 @@ class ModelManager:
             plan.to_evict.append(entry)
             free += entry.bytes_on(device)
         plan.over_budget = free < required
+        if self._may_stream(device) and (plan.over_budget or self._streams_everything()):
+            plan.over_budget = self._fit_partially(plan, on_device, device, free, memory_required) > 0
+        else:
+            self._place_whole(plan, plan.already_loaded)
         return plan
+
+    # -- partial residency ---------------------------------------------------------
+
+    def _may_stream(self, device: torch.device) -> bool:
+        """Whether a model on `device` that does not fit may be partially resident: on the
+        accelerator (not a stage the flags put on the host, e.g. --vae-in-cpu), and not on a
+        CPU-only machine nor where the user said the GPU is large."""
+        return device == self.device and self.settings.vram_state in (
+            VRAMState.NORMAL_VRAM, VRAMState.LOW_VRAM, VRAMState.NO_VRAM)
+
+    def _streams_everything(self) -> bool:
+        return self.settings.vram_state is VRAMState.NO_VRAM
+
+    def _streams_all_on(self, device: torch.device) -> bool:
+        """--always-no-vram: every model on the accelerator streams, whether it fits or not."""
+        return self._streams_everything() and self._may_stream(device)
+
+    def residency_order(self, patcher: ModelPatcher) -> ResidencyOrder:
+        order = self._orders.get(patcher.model)
+        if order is None:
+            order = self._orders[patcher.model] = ResidencyOrder.of(patcher.weight_groups())
+        return order
+
+    def _entry_of(self, module: torch.nn.Module) -> LoadedModel | None:
+        for entry in self.loaded:
+            if entry.module is module:
+                return entry
+        return None
+
+    def _on_device_now(self, patcher: ModelPatcher, device: torch.device) -> int:
+        entry = self._entry_of(patcher.model)
+        return entry.weights_on_device() if entry is not None and entry.device == device else 0
+
+    def _size(self, patcher: ModelPatcher) -> int:
+        """The module's bytes: as recorded when registered (no walk on the steady path)."""
+        entry = self._entry_of(patcher.model)
+        return sum(entry.weights.values()) if entry is not None else patcher.model_size()
+
+    def _place_whole(self, plan: LoadPlan, entries: Iterable[LoadedModel]) -> None:
+        """Partially resident models of a load that fits go back to whole."""
+        for entry in entries:
+            if entry.partial:
+                plan.residency[id(entry.module)] = self.residency_order(entry.patcher).count
+
+    def _fit_partially(self, plan: LoadPlan, on_device: Sequence[ModelPatcher], device: torch.device,
+                       free: int, memory_required: int) -> int:
+        """Residency for the load's models on `device`, with `free` bytes there beyond what is
+        charged now and `memory_required` of them the stage's working memory: smallest models
+        whole while they fit, then as many groups as fit beside the stream window. Returns the
+        bytes still missing (> 0: even the pinned groups and the window do not fit)."""
+        room = free - memory_required + sum(self._on_device_now(p, device) for p in on_device)
+        added, window_total = 0, 0
+        for patcher in sorted(on_device, key=self._size):
+            order = self.residency_order(patcher)
+            if order.total_bytes() <= room and not self._streams_everything():
+                count = order.count
+            else:
+                count = self._partial_count(patcher, order, room)
+            window = order.window_bytes(count)
+            resident = order.resident_bytes(count)
+            room -= resident + window
+            added += max(resident - self._on_device_now(patcher, device), 0)
+            window_total += window
+            plan.residency[id(patcher.model)] = count
+        plan.stream_window_bytes = window_total
+        plan.placement = Placement(HOST, None, False)   # backups where the streamed weights live
+        plan.charges[device] = memory_required + added + window_total
+        return -room
+
+    def _partial_count(self, patcher: ModelPatcher, order: ResidencyOrder, room: int) -> int:
+        if self._streams_everything():
+            return order.pinned
+        count = order.resident_count(room - order.window_bytes(order.pinned))
+        entry = self._entry_of(patcher.model)
+        if entry is not None and entry.partial:
+            # A share grows back only to whole: growing it at its stage and shrinking it at the
+            # next (the VAE's working memory) would move bytes on every request.
+            count = min(count, entry.resident_count)
+        return count
+
+    def _shrink_for(self, plan: LoadPlan, short: int, skip: set[int]) -> int:
+        """Other partially resident models give up groups (the largest of their share first)
+        before any model is evicted whole, each down to JUST_SHORT_SHARE of its bytes; returns
+        the bytes freed."""
+        freed = 0
+        for entry in reversed(self.loaded):
+            if freed >= short:
+                break
+            if not entry.partial or id(entry.module) in skip or entry in plan.to_evict:
+                continue
+            order = self.residency_order(entry.patcher)
+            now = order.resident_bytes(entry.resident_count)
+            floor = int(order.total_bytes() * JUST_SHORT_SHARE)
+            count = order.resident_count(max(now - (short - freed), floor))
+            if order.resident_bytes(count) < now:
+                plan.residency[id(entry.module)] = count
+                freed += now - order.resident_bytes(count)
+        return freed
+
+    def _stream_one_more(self, module_ref: "weakref.ref[torch.nn.Module]") -> bool:
+        """After an out-of-memory in a partially resident forward: one more group streams (the
+        largest of its share), and the budget is lowered by it (the accounting under-estimated
+        this device). False when nothing is left to stream: the error goes on."""
+        module = module_ref()
+        entry = self._entry_of(module) if module is not None else None
+        if entry is None or not entry.partial:
+            return False
+        order = self.residency_order(entry.patcher)
+        if entry.resident_count <= order.pinned:
+            return False
+        count = entry.resident_count - 1
+        self.stats.out_of_memory += 1
+        self.effective_budget = max(self.effective_budget - order.sizes[count], 0)
+        self._place(entry.patcher, count)
+        entry.resident_count = count
+        entry.measure()
+        if self.device.type == "cuda":
+            gc.collect()
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()
+        log.warning("[Fooocus-Resident] out of memory in a partially resident forward of %s: streaming "
+                    "%d of %d weight groups now, effective budget %.2f GB", entry.patcher.name,
+                    order.count - count, order.count, self.effective_budget / GIB)
+        return True
+
+    def _place(self, patcher: ModelPatcher, count: int | None) -> None:
+        """Move `patcher`'s module to its load device, keeping `count` groups of its order there
+        and streaming the rest (None or all of them: whole)."""
+        device = self.normalize(patcher.load_device)
+        order = self.residency_order(patcher) if count is not None else None
+        if order is None or count >= order.count:
+            patcher.move_to(device)
+            return
+        patcher.move_to(device, streamed=order.streamed(count),
+                        on_out_of_memory=functools.partial(self._stream_one_more, weakref.ref(patcher.model)))
 
     def _stage_device(self, patchers: Sequence[ModelPatcher]) -> torch.device:
         """The device a stage computes on (its working memory is charged there)."""
@@ -425,8 +675,9 @@ class ModelManager:
                 plan.to_evict.append(entry)   # registered on another device: reload it whole
             plan.to_load.append(patcher)
         device = self._stage_device(wanted)
-        weights = sum(p.model_size() for p in plan.to_load if self.normalize(p.load_device) == device)
-        base = memory_required + weights
+        on_device = [p for p in wanted if self.normalize(p.load_device) == device]
+        # What placing them whole adds: new models, and the streamed part of partial ones.
+        base = memory_required + sum(self._size(p) - self._on_device_now(p, device) for p in on_device)
         growth = [self._growth(p) for p in wanted if self.normalize(p.load_device) == device]
         evicted = sum(e.bytes_on(device) for e in plan.to_evict)
         cheap = self.free_bytes(device) + evicted
@@ -445,25 +696,75 @@ class ModelManager:
         if base + options[0][1] > cheap:   # counted only under pressure: the steady state stays O(1)
             cheap += self._reclaimable(device, wanted, TIERS[:2])
         for placement, extra in options:
-            if base + extra <= cheap:
+            if base + extra <= cheap and not self._streams_all_on(device):
                 plan.placement, plan.charges = placement, {device: base + extra}
+                self._place_whole(plan, plan.already_loaded)
                 break
         else:
             placement, extra = options[-1]
             plan.placement, plan.charges = placement, {device: base + extra}
             free = cheap + self._reclaimable(device, wanted, TIERS[2:3])
-            wanted_modules = {id(p.model) for p in wanted}
-            for entry in reversed(self.loaded):  # least recently used first
-                if free >= base + extra:
-                    break
-                if id(entry.module) in wanted_modules or entry in plan.to_evict:
-                    continue
-                plan.to_evict.append(entry)
-                free += entry.bytes_on(device)
-            plan.over_budget = free < base + extra
+            self._make_room_resident(plan, wanted, on_device, device, free, base + extra, memory_required)
         if plan.placement.backup_device != device:
             plan.charges[HOST] = sum(g[0] for g in growth)
         return plan
+
+    def _make_room_resident(self, plan: LoadPlan, wanted: Sequence[ModelPatcher], on_device: Sequence[ModelPatcher],
+                            device: torch.device, free: int, need: int, memory_required: int) -> None:
+        """A load that does not fit: evict models outside the request's set (those neither this
+        request nor the last one used; least recently used first); then, where streaming is
+        allowed, keep the load's models partially resident, taking groups from other partially
+        resident models before evicting models of the set whole; without streaming, evict
+        models of the set."""
+        wanted_modules = {id(p.model) for p in wanted}
+        in_set = self._current_request_modules | self._previous_request_modules
+        outside = [e for e in reversed(self.loaded) if id(e.module) not in in_set]
+        inside = [e for e in reversed(self.loaded) if id(e.module) in in_set]
+        if not self._streams_all_on(device):
+            free = self._evict_until(plan, outside, device, free, need, wanted_modules)
+            if free >= need:
+                self._place_whole(plan, plan.already_loaded)
+                return
+        if not self._may_stream(device):
+            plan.over_budget = self._evict_until(plan, inside, device, free, need, wanted_modules) < need
+            return
+        short = self._fit_partially(plan, on_device, device, free, memory_required)
+        if not self._settled(plan, on_device, short, device):
+            free += self._shrink_for(plan, need - free, wanted_modules)
+            short = self._fit_partially(plan, on_device, device, free, memory_required)
+        for entry in outside + inside:
+            if self._settled(plan, on_device, short, device):
+                break
+            if id(entry.module) in wanted_modules or entry in plan.to_evict:
+                continue
+            plan.to_evict.append(entry)
+            plan.residency.pop(id(entry.module), None)
+            free += entry.bytes_on(device)
+            short = self._fit_partially(plan, on_device, device, free, memory_required)
+        plan.over_budget = short > 0
+
+    def _settled(self, plan: LoadPlan, on_device: Sequence[ModelPatcher], short: int, device: torch.device) -> bool:
+        """A partial plan good enough to stop evicting: it fits, and (but with --always-no-vram)
+        the load's models keep at least JUST_SHORT_SHARE of their bytes on the device."""
+        return short <= 0 and (self._streams_all_on(device)
+                               or self._resident_share(plan, on_device) >= JUST_SHORT_SHARE)
+
+    def _resident_share(self, plan: LoadPlan, on_device: Sequence[ModelPatcher]) -> float:
+        orders = [(self.residency_order(p), plan.residency.get(id(p.model))) for p in on_device]
+        total = sum(o.total_bytes() for o, _ in orders)
+        kept = sum(o.total_bytes() if c is None else o.resident_bytes(c) for o, c in orders)
+        return kept / total if total else 1.0
+
+    def _evict_until(self, plan: LoadPlan, candidates: Iterable[LoadedModel], device: torch.device, free: int,
+                     need: int, wanted_modules: set[int]) -> int:
+        for entry in candidates:
+            if free >= need:
+                break
+            if id(entry.module) in wanted_modules or entry in plan.to_evict:
+                continue
+            plan.to_evict.append(entry)
+            free += entry.bytes_on(device)
+        return free
 
     @staticmethod
     def _growth(patcher: ModelPatcher) -> tuple[int, int, int, int]:
@@ -572,22 +873,31 @@ class ModelManager:
                 self._evict(entry)
             self.clock += 1
             wanted = _unique(patchers)
+            wanted_modules = {id(p.model) for p in wanted}
+            for entry in list(self.loaded):   # models this load shrinks, before it adds anything
+                if id(entry.module) not in wanted_modules and id(entry.module) in plan.residency:
+                    self._set_residency(entry, plan.residency[id(entry.module)])
             if self.resident:
                 for device, charge in plan.charges.items():
                     self.make_room(device, charge, keep=wanted,
                                    tiers=TIERS[:3] if plan.placement.backup_device == HOST else TIERS[:2])
             for entry in plan.already_loaded:
                 self.stats.hits += 1
-                self._refresh(entry, self._patcher_for(entry, patchers), plan.placement)
+                self._refresh(entry, self._patcher_for(entry, patchers), plan.placement,
+                              plan.residency.get(id(entry.module)))
             for patcher in plan.to_load:
                 self.stats.misses += 1
-                self._load(patcher, plan.placement)
+                self._load(patcher, plan.placement, plan.residency.get(id(patcher.model)))
             if plan.over_budget and self.resident:
                 self._request_over_budget = True
-                log.warning("[Fooocus-Resident] request needs more than the budget of %.2f GB; "
-                            "running it the conservative way", self.effective_budget / GIB)
-            self._current_request_modules.update(id(p.model) for p in patchers)
-            self._note_peak(memory_required)
+                log.warning("[Fooocus-Resident] request needs more than the budget of %.2f GB; running it %s",
+                            self.effective_budget / GIB,
+                            "streaming what does not fit" if plan.residency else "the conservative way")
+            self._current_request_modules.update(wanted_modules)
+            for entry in self.loaded:
+                if id(entry.module) in wanted_modules:
+                    self._request_placements[entry.patcher.name] = entry.placement_report()
+            self._note_peak(memory_required + plan.stream_window_bytes)
             moved = telemetry.snapshot().minus(moved_before)
             if self.device.type == "cuda" and (moved.bytes_to_device or moved.bytes_to_offload
                                                or moved.weights_patched or moved.weights_restored):
@@ -623,9 +933,21 @@ class ModelManager:
                             cache_factors=placement.cache_factors, keep_backups=True,
                             keep_variants=placement.keep_variants)
 
-    def _refresh(self, entry: LoadedModel, patcher: ModelPatcher, placement: Placement | None) -> None:
+    def _set_residency(self, entry: LoadedModel, count: int) -> None:
+        """Re-place a registered model: `count` groups of its order on the device (all: whole)."""
+        target = None if count >= self.residency_order(entry.patcher).count else count
+        if target == entry.resident_count:
+            return
+        self._place(entry.patcher, target)
+        entry.resident_count = target
+        entry.measure()
+
+    def _refresh(self, entry: LoadedModel, patcher: ModelPatcher, placement: Placement | None,
+                 count: int | None = None) -> None:
         entry.patcher = patcher
         entry.last_used = self.clock
+        if count is not None:
+            self._set_residency(entry, count)
         if not patcher.is_applied():
             try:
                 self._patch(patcher, placement)
@@ -637,13 +959,16 @@ class ModelManager:
                 entry.measure(weights=False)
         self._move_to_front(entry)
 
-    def _load(self, patcher: ModelPatcher, placement: Placement | None) -> None:
-        """Register, then move and patch; any failure rolls the load back whole."""
+    def _load(self, patcher: ModelPatcher, placement: Placement | None, count: int | None = None) -> None:
+        """Register, then move (`count` groups resident, the rest streamed; None: whole) and
+        patch; any failure rolls the load back whole."""
         device = self.normalize(patcher.load_device)
         entry = LoadedModel(patcher=patcher, device=device, last_used=self.clock)
+        if count is not None and count < self.residency_order(patcher).count:
+            entry.resident_count = count
         self.loaded.insert(0, entry)
         try:
-            patcher.move_to(device)
+            self._place(patcher, entry.resident_count)
             self._patch(patcher, placement)
         except BaseException:
             self._rollback(entry)
@@ -743,6 +1068,7 @@ class ModelManager:
         self._request_over_budget = False
         self._request_peak = self.used_bytes()
         self._current_request_modules = set()
+        self._request_placements = {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -761,7 +1087,7 @@ class ModelManager:
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
             peak = self._request_peak
-        self._current_request_modules = set()
+        self._previous_request_modules, self._current_request_modules = self._current_request_modules, set()
         if self.settings.check_accounting:
             self._log_accounting()
         return RequestSummary(
@@ -773,6 +1099,7 @@ class ModelManager:
             over_budget=self._request_over_budget,
             effective_budget_bytes=self.effective_budget,
             host_resident_bytes=self.used_bytes(HOST) if self.device != HOST else 0,
+            placements=list(self._request_placements.values()),
         )
 
     # -- reports -----------------------------------------------------------------
@@ -811,7 +1138,7 @@ class ModelManager:
                  "signature": e.signature.digest, "patched_keys": len(e.signature.keys),
                  # Names only when they describe the weights as they are (applied == wanted).
                  "patch_sources": e.patcher.patch_sources() if e.patcher.is_applied() else {},
-                 "last_used": e.last_used}
+                 "last_used": e.last_used, **e.placement_report()}
                 for e in list(self.loaded)
             ],
         }

@@ -7,18 +7,26 @@ in one `WeightState` per module, shared by every patcher of that module.  That
 is what lets any clone reach its wanted state by diff: only keys whose patch
 set differs are rewritten, always from the exact original, in place.
 
+Partial residency and fp8 storage are mechanisms too: a module's weight groups
+(each layer's own tensors) can stay on the offload device and be streamed in for
+their forward by hooks (`WeightStreamer`), and Linear/Conv2d/Embedding weights can
+be stored in float8 and upcast per layer (`CastLinear`...). Which groups stream is
+the caller's decision.
+
 No device policy here: callers (model_management) say where to move and where
 backups live; this module only knows how.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Protocol
+from typing import Callable, Collection, Hashable, Iterable, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ldm_patched.modules import telemetry
 
@@ -114,6 +122,8 @@ class WeightState:
     # Merged weights of patch sets switched away from, by (key, that key's signature): a
     # return to a recent set is a device copy per key instead of a merge (bit-identical).
     variants: dict[tuple[str, KeySignature], torch.Tensor] = field(default_factory=dict)
+    groups: tuple["WeightGroup", ...] | None = None   # computed once: the module's structure is fixed
+    streamer: "WeightStreamer | None" = None          # set while some groups are streamed
 
     def param(self, module: torch.nn.Module, key: str) -> torch.nn.Parameter:
         if not self.params:
@@ -180,6 +190,340 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         return False
     # "cuda" and "cuda:0" name the same device when only one is in use.
     return a.index is None or b.index is None or a.index == b.index
+
+
+# -- weight groups: the unit of partial residency ------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """One module's own parameters and buffers: what partial residency keeps on the device
+    or streams in for that module's forward."""
+
+    name: str          # the module's path in the model ("" is the model itself)
+    nbytes: int
+    index: int         # position in a children-first walk of the model
+    streamable: bool   # owns parameters and no descendant owns tensors: its forward is where they are used
+
+
+def _own_tensors(module: torch.nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """(kind, attribute, tensor) of the parameters and buffers `module` holds itself."""
+    own = [("param", name, p) for name, p in module._parameters.items() if p is not None]
+    return own + [("buffer", name, b) for name, b in module._buffers.items() if b is not None]
+
+
+def weight_groups(model: torch.nn.Module) -> tuple[WeightGroup, ...]:
+    """Every module of `model` that holds tensors itself, children first."""
+    groups: list[WeightGroup] = []
+    seen: set[int] = set()
+
+    def walk(module: torch.nn.Module, name: str) -> bool:
+        if id(module) in seen:
+            return False
+        seen.add(id(module))
+        below = False
+        for child_name, child in module.named_children():
+            below |= walk(child, f"{name}.{child_name}" if name else child_name)
+        own = _own_tensors(module)
+        if own:
+            groups.append(WeightGroup(name, sum(_nbytes(t) for _, _, t in own), len(groups),
+                                      streamable=not below and any(kind == "param" for kind, _, _ in own)))
+        return below or bool(own)
+
+    walk(model, "")
+    return tuple(groups)
+
+
+def _set_own(module: torch.nn.Module, kind: str, attr: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Put `new` where `module` keeps `old`; a parameter keeps its identity where torch allows
+    (not between storage kinds, e.g. meta and the CPU)."""
+    if kind == "buffer":
+        module._buffers[attr] = new
+        return
+    try:
+        old.data = new
+    except RuntimeError:
+        module._parameters[attr] = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+
+
+@dataclass
+class _StreamedGroup:
+    module: "weakref.ref[torch.nn.Module]"
+    tensors: list[tuple[str, str, torch.Tensor]]   # the canonical tensors, on the offload device
+    nbytes: int
+    handles: list
+
+
+@dataclass
+class _Copies:
+    """One group's weights brought onto the device (for its forward, or ahead of it)."""
+
+    name: str
+    tensors: list[torch.Tensor]
+    event: "torch.cuda.Event | None" = None
+
+
+class WeightStreamer:
+    """Hooks that bring streamed groups' weights onto `device` for their module's forward and
+    drop them after it; the canonical tensors stay where they are (host memory, pinned with
+    a GPU), so LoRA patches written there once serve every step.
+
+    Prefetch: after each forward the streamer knows which group follows which; from the
+    second forward on, while a group computes, the next one is copied ahead (on CUDA on a
+    side stream, so the copy overlaps the compute). At most two groups are on the device at
+    once: the one computing and the one prefetched. A copy is never kept past the end of a
+    forward (the model's or one of its children's), so patches between forwards are always
+    what the next forward reads.
+
+    Out of memory inside a forward: the model's forward is wrapped; the copies are dropped and
+    `on_out_of_memory` (the caller's policy, e.g. "stream one more group") is asked whether
+    to retry.
+
+    The streamer refers to the modules weakly (it lives in their `WeightState`), and a module
+    is copied before it is placed, never while it streams (a copy would share the hooks)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = weakref.ref(model)
+        self.device = device
+        self.groups: dict[str, _StreamedGroup] = {}
+        self.next_of: dict[str, str] = {}
+        self.last: str | None = None
+        self.prefetched: _Copies | None = None
+        self.depth = 0
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.on_out_of_memory: Callable[[], bool] | None = None
+        roots = [model, *model.children()]
+        self._root_handles = [h for m in roots for h in (
+            m.register_forward_pre_hook(self._enter),
+            m.register_forward_hook(self._leave, always_call=True))]
+        self._wrapped = self._wrap_forward(model)
+
+    # -- which groups -----------------------------------------------------------------
+
+    def stream(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Stream exactly these groups (name -> module), their tensors as they are now."""
+        self.reset()
+        for name in [n for n in self.groups if n not in modules]:
+            for handle in self.groups.pop(name).handles:
+                handle.remove()
+        for name, module in modules.items():
+            tensors = _own_tensors(module)
+            group = self.groups.get(name)
+            if group is None:
+                handles = [module.register_forward_pre_hook(functools.partial(self._bring_in, name)),
+                           module.register_forward_hook(functools.partial(self._send_back, name), always_call=True)]
+                group = self.groups[name] = _StreamedGroup(weakref.ref(module), tensors, 0, handles)
+            group.tensors = tensors
+            group.nbytes = sum(_nbytes(t) for _, _, t in tensors)
+
+    def streamed_bytes(self) -> int:
+        return sum(g.nbytes for g in self.groups.values())
+
+    def remove(self) -> None:
+        """Every group back to its canonical tensors, every hook off."""
+        self.reset()
+        for group in self.groups.values():
+            for handle in group.handles:
+                handle.remove()
+        self.groups = {}
+        for handle in self._root_handles:
+            handle.remove()
+        model = self.model()
+        if model is not None and model.__dict__.get("forward") is self._wrapped:
+            del model.__dict__["forward"]
+
+    def reset(self) -> None:
+        """Drop every copy on the device: canonical tensors back in place, nothing prefetched."""
+        for name in self.groups:
+            self._restore(name)
+        self.prefetched = None
+        self.last = None
+
+    # -- hooks --------------------------------------------------------------------------
+
+    def _enter(self, module, args) -> None:
+        self.depth += 1
+
+    def _leave(self, module, args, output) -> None:
+        self.depth = max(self.depth - 1, 0)
+        if self.depth == 0:
+            self._end_forward()
+
+    def _end_forward(self) -> None:
+        self.prefetched = None
+        self.last = None
+
+    def _bring_in(self, name: str, module, args) -> None:
+        if self.last is not None:
+            self.next_of[self.last] = name
+        self.last = name
+        copies = self._take_prefetched(name) or self._copy(name, ahead=False)
+        for (kind, attr, _), tensor in zip(self.groups[name].tensors, copies.tensors):
+            (module._parameters if kind == "param" else module._buffers)[attr] = tensor
+        following = self.next_of.get(name)
+        if following is not None and following != name and following in self.groups:
+            self.prefetched = self._copy(following, ahead=True)
+
+    def _send_back(self, name: str, module, args, output) -> None:
+        self._restore(name)
+        if self.depth == 0:   # a group called on its own, outside the model's forward
+            self._end_forward()
+
+    def _restore(self, name: str) -> None:
+        group = self.groups[name]
+        module = group.module()
+        if module is None:
+            return
+        for kind, attr, tensor in group.tensors:
+            (module._parameters if kind == "param" else module._buffers)[attr] = tensor
+
+    # -- copies ---------------------------------------------------------------------------
+
+    def _take_prefetched(self, name: str) -> _Copies | None:
+        copies, self.prefetched = self.prefetched, None
+        if copies is None or copies.name != name:
+            return None   # a wrong guess is dropped (its bytes were counted when copied)
+        if copies.event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(copies.event)
+            for tensor in copies.tensors:   # freed only after the compute stream is done with it
+                tensor.record_stream(current)
+        return copies
+
+    def _copy(self, name: str, ahead: bool) -> _Copies:
+        group = self.groups[name]
+        sources = [t.detach() for _, _, t in group.tensors]
+        telemetry.count(bytes_streamed=group.nbytes, groups_streamed=1)
+        if ahead and self.copy_stream is not None:
+            with torch.cuda.stream(self.copy_stream):
+                tensors = [t.to(self.device, non_blocking=True) for t in sources]
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            return _Copies(name, tensors, event)
+        # copy=True: with the CPU as the device this still streams through a copy.
+        return _Copies(name, [t.to(self.device, non_blocking=True, copy=True) for t in sources])
+
+    # -- out of memory --------------------------------------------------------------------
+
+    def _wrap_forward(self, model: torch.nn.Module) -> Callable:
+        model_ref = weakref.ref(model)
+
+        def forward_retrying(*args, **kwargs):
+            model = model_ref()
+            while True:
+                try:
+                    return type(model).forward(model, *args, **kwargs)
+                except torch.OutOfMemoryError as error:
+                    message = str(error)
+                # Here, outside the `except`, the traceback and the activations it held are gone.
+                self.reset()
+                if self.on_out_of_memory is None or not self.on_out_of_memory():
+                    raise torch.OutOfMemoryError(message)
+
+        model.forward = forward_retrying
+        return forward_retrying
+
+
+# -- fp8 storage: weights upcast per layer ---------------------------------------------------
+
+
+class _UpcastWeights:
+    """A layer whose weight (and bias) are stored in another dtype (float8) and upcast to
+    `compute_dtype` in each call: one cast per layer, inside its forward, so torch.compile
+    traces it like any other op and no full-precision copy of the model exists."""
+
+    compute_dtype: torch.dtype
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = self.bias
+        return self.weight.to(self.compute_dtype), None if bias is None else bias.to(self.compute_dtype)
+
+
+class CastLinear(_UpcastWeights, torch.nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._weights()
+        return F.linear(input, weight, bias)
+
+
+class CastConv2d(_UpcastWeights, torch.nn.Conv2d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._weights()
+        return self._conv_forward(input, weight, bias)
+
+
+class CastEmbedding(_UpcastWeights, torch.nn.Embedding):
+    bias = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, _ = self._weights()
+        return F.embedding(input, weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+_UPCAST = {torch.nn.Linear: CastLinear, torch.nn.Conv2d: CastConv2d, torch.nn.Embedding: CastEmbedding}
+
+
+def _storable(module: torch.nn.Module) -> bool:
+    # Exact classes only: a subclass may have its own forward, which ours would replace.
+    return type(module) in _UPCAST or isinstance(module, _UpcastWeights)
+
+
+def storable_weight_names(model: torch.nn.Module) -> set[str]:
+    """Names of the weights float8 storage applies to: those of plain Linear, Conv2d and
+    Embedding layers (the bulk of the bytes; norms and biases stay in the compute dtype)."""
+    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if _storable(m)}
+
+
+def upcast_in_forward(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Make every storable layer whose weight is not in `compute_dtype` upcast it per call;
+    returns how many layers do."""
+    count = 0
+    for module in model.modules():
+        if _storable(module) and module.weight.dtype != compute_dtype:
+            module.__class__ = _UPCAST.get(type(module), type(module))
+            module.compute_dtype = compute_dtype
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def store_weights_in(model: torch.nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
+    """Store `model`'s storable weights in `storage_dtype` and every other floating tensor in
+    `compute_dtype` (what a checkpoint loaded with that storage holds); returns the layers
+    that upcast."""
+    stored = storable_weight_names(model)
+    for name, param in model.named_parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(storage_dtype if name in stored else compute_dtype)
+    return upcast_in_forward(model, compute_dtype)
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype `model` computes in: an upcasting layer's target, else its weights' dtype."""
+    for module in model.modules():
+        if isinstance(module, _UpcastWeights):
+            return module.compute_dtype
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                return tensor.dtype
+    return torch.float32
+
+
+def compute_device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in what `model` computes: with streamed groups, the streaming device (its
+    first weight may be on the host)."""
+    streamer = weight_state(model).streamer
+    if streamer is not None:
+        return streamer.device, compute_dtype(model)
+    for tensor in _tensors(model):
+        return tensor.device, compute_dtype(model)
+    return torch.device("cpu"), compute_dtype(model)
+
+
+def is_streamed(model: torch.nn.Module) -> bool:
+    """True while some of `model`'s weight groups are streamed in per forward."""
+    state = _WEIGHT_STATES.get(model)
+    return state is not None and state.streamer is not None
 
 
 class ModelPatcher:
@@ -254,9 +598,23 @@ class ModelPatcher:
         return module_bytes(self.model)
 
     def model_dtype(self) -> torch.dtype:
-        for tensor in self.model.parameters():
-            return tensor.dtype
-        return torch.float32
+        """The dtype the module computes in (with float8 storage, what its layers upcast to)."""
+        return compute_dtype(self.model)
+
+    def weight_groups(self) -> tuple[WeightGroup, ...]:
+        state = weight_state(self.model)
+        if state.groups is None:
+            state.groups = weight_groups(self.model)
+        return state.groups
+
+    def streamed_bytes(self) -> int:
+        streamer = weight_state(self.model).streamer
+        return streamer.streamed_bytes() if streamer is not None else 0
+
+    def streamed_groups(self) -> frozenset[str]:
+        """The groups streamed in per forward now (empty when the module is placed whole)."""
+        streamer = weight_state(self.model).streamer
+        return frozenset(streamer.groups) if streamer is not None else frozenset()
 
     def weight_bytes_by_device(self) -> dict[torch.device, int]:
         """The module's parameters and buffers, per device (one walk: call on load only)."""
@@ -390,9 +748,21 @@ class ModelPatcher:
 
     # -- moving and patching ----------------------------------------------------------
 
-    def move_to(self, device: torch.device) -> int:
-        """Move the module to `device`; returns (and counts) the bytes that moved."""
+    def move_to(self, device: torch.device, streamed: Collection[str] = (),
+                on_out_of_memory: Callable[[], bool] | None = None) -> int:
+        """Move the module to `device`; returns (and counts) the bytes that moved.
+
+        The weight groups named in `streamed` (streamable ones, see `weight_groups`) stay on
+        the offload device instead and are brought in for their forward; `on_out_of_memory`
+        is asked, after an out-of-memory inside a forward, whether to retry it (after it
+        changed the placement)."""
         device = torch.device(device)
+        state = weight_state(self.model)
+        if streamed:
+            return self._place_partially(device, frozenset(streamed), on_out_of_memory)
+        if state.streamer is not None:
+            state.streamer.remove()
+            state.streamer = None
         moved = sum(_nbytes(t) for t in _tensors(self.model) if not _same_device(t.device, device))
         if moved:
             if any(t.is_meta for t in _tensors(self.model)):
@@ -406,6 +776,44 @@ class ModelPatcher:
             direction = "bytes_to_device" if _same_device(device, self.load_device) else "bytes_to_offload"
             telemetry.count(**{direction: moved})
         return moved
+
+    def _place_partially(self, device: torch.device, streamed: frozenset[str],
+                         on_out_of_memory: Callable[[], bool] | None) -> int:
+        """Groups in `streamed` on the offload device (pinned host memory for a GPU), the rest on
+        `device`; moved group by group, so only what changes place moves."""
+        groups = {g.name: g for g in self.weight_groups()}
+        refused = sorted(n for n in streamed if n not in groups or not groups[n].streamable)
+        if refused:
+            raise ValueError(f"{self.name}: cannot stream {refused[:3]} (not streamable weight groups)")
+        state = weight_state(self.model)
+        if state.streamer is not None and not _same_device(state.streamer.device, device):
+            state.streamer.remove()
+            state.streamer = None
+        if state.streamer is not None:
+            state.streamer.reset()
+        modules = dict(self.model.named_modules())
+        pin = device.type == "cuda"
+        moved = {"bytes_to_device": 0, "bytes_to_offload": 0}
+        # Placement may change inside a forward (out of memory): the new tensors must be normal ones.
+        with torch.inference_mode(False), torch.no_grad():
+            for name, group in groups.items():
+                target = self.offload_device if name in streamed else device
+                module = modules[name]
+                for kind, attr, tensor in _own_tensors(module):
+                    if _same_device(tensor.device, target):
+                        if pin and target.type == "cpu" and not tensor.is_pinned():
+                            _set_own(module, kind, attr, tensor, tensor.detach().pin_memory())
+                        continue
+                    direction = "bytes_to_offload" if name in streamed else "bytes_to_device"
+                    moved[direction] += _nbytes(tensor)
+                    _set_own(module, kind, attr, tensor, _transfer(tensor.detach(), target, tensor.dtype, pin=pin))
+        state.params = {}
+        if state.streamer is None:
+            state.streamer = WeightStreamer(self.model, device)
+        state.streamer.on_out_of_memory = on_out_of_memory
+        state.streamer.stream({name: modules[name] for name in streamed})
+        telemetry.count(**moved)
+        return sum(moved.values())
 
     def patch_model(self, device_to: torch.device | None = None,
                     backup_device: torch.device | None = None,
@@ -426,6 +834,8 @@ class ModelPatcher:
         wanted = self.weight_signature()
         if state.signature == wanted:
             return PatchResult()
+        if state.streamer is not None:   # streamed keys are written where they live, on the host
+            state.streamer.reset()
         backup_device = torch.device(backup_device) if backup_device is not None else self.offload_device
         patched = restored = copied = 0
         state.signature = IN_PROGRESS
@@ -463,6 +873,8 @@ class ModelPatcher:
     def unpatch_model(self, device_to: torch.device | None = None) -> PatchResult:
         """Restore every merged key to its exact original, drop all backups (then move if asked)."""
         state = weight_state(self.model)
+        if state.streamer is not None:
+            state.streamer.reset()
         restored = 0
         state.signature = IN_PROGRESS
         for key in list(state.applied):
@@ -535,7 +947,15 @@ class _PendingWrites:
 
     def flush(self) -> None:
         if self.targets:
-            torch._foreach_copy_(self.targets, self.values, non_blocking=True)
+            # One call per device: a partially resident model has weights on the GPU and, for
+            # its streamed layers, in host memory.
+            by_device: dict[torch.device, tuple[list, list]] = {}
+            for target, value in zip(self.targets, self.values):
+                targets, values = by_device.setdefault(target.device, ([], []))
+                targets.append(target)
+                values.append(value)
+            for targets, values in by_device.values():
+                torch._foreach_copy_(targets, values, non_blocking=True)
             for key, want in self.keys:
                 self.state.applied[key] = want
         self.targets, self.values, self.keys, self.bytes = [], [], [], 0
@@ -545,13 +965,15 @@ def _copy_for_backup(param: torch.Tensor, device: torch.device, dtype: torch.dty
     return _transfer(param.detach(), device, dtype or param.dtype, copy=True)
 
 
-def _transfer(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:
-    """`tensor` on `device` in `dtype`. Host copies of GPU tensors are pinned (restores from
-    them are asynchronous and run at full bus speed); a meta tensor (no data) becomes
-    uninitialised storage of its shape."""
+def _transfer(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, copy: bool = False,
+              pin: bool = False) -> torch.Tensor:
+    """`tensor` on `device` in `dtype`. Host copies of GPU tensors (and, with `pin`, any host
+    copy) are pinned: restores and streaming from them are asynchronous and run at full bus
+    speed. A meta tensor (no data) becomes uninitialised storage of its shape."""
     if tensor.is_meta and torch.device(device).type != "meta":
-        return torch.empty(tensor.shape, dtype=dtype, device=device)
-    result = tensor.to(device, dtype, copy=copy)
-    if result.device.type == "cpu" and tensor.device.type == "cuda":
+        result = torch.empty(tensor.shape, dtype=dtype, device=device)
+    else:
+        result = tensor.to(device, dtype, copy=copy)
+    if result.device.type == "cpu" and (pin or tensor.device.type == "cuda") and not result.is_pinned():
         result = result.pin_memory()
     return result

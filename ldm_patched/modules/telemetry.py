@@ -25,6 +25,9 @@ class MoveCounters:
     weights_restored: int = 0
     weights_from_variants: int = 0   # of weights_patched: copied from a kept merged variant, no merge
     lora_files_read: int = 0
+    # Partial residency: weights brought onto the device for one forward (copies, dropped after).
+    bytes_streamed: int = 0
+    groups_streamed: int = 0
     management_seconds: float = 0.0
 
     def minus(self, earlier: "MoveCounters") -> "MoveCounters":

@@ -8,7 +8,11 @@ is allocated. Leaving it allocates uninitialised storage (see model_patcher._tra
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm_patched.modules import model_management as mm
 from ldm_patched.modules.file_version import FileVersion
@@ -55,3 +59,46 @@ def meta_settings(budget: int, policy: mm.Policy = mm.Policy.RESIDENT, **overrid
     return mm.MemorySettings(**{"policy": policy, "vram_state": mm.VRAMState.NORMAL_VRAM, "device": META,
                                 "budget_bytes": budget, "total_bytes": budget, "host_budget_bytes": 1 << 40,
                                 **overrides})
+
+
+class DeviceAllocations(TorchDispatchMode):
+    """While on: the bytes of the storages that ops create on `device` and that are still alive
+    (streamed-in copies, activations), each storage once; the storages of `existing` tensors (the
+    resident weights, which the ledger holds, and the inputs) are not counted again when a view
+    of one is made.
+
+    Cheaper than walking every object of the process at each layer (`device_tensor_bytes`)."""
+
+    def __init__(self, device: torch.device, existing) -> None:
+        super().__init__()
+        self.device = device
+        self.bytes = 0
+        self._live: dict[int, list[int]] = {}   # storage -> [bytes, tensors alive]
+        self._before = {t.untyped_storage()._cdata for t in existing
+                        if isinstance(t, torch.Tensor) and t.device == device}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device == self.device:
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._before:
+            return
+        entry = self._live.get(key)
+        if entry is None:
+            entry = self._live[key] = [storage.nbytes(), 0]
+            self.bytes += entry[0]
+        entry[1] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self._live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.bytes -= entry[0]
+            del self._live[key]
