@@ -155,7 +155,7 @@ def test_the_page_offers_upstreams_types_but_faceswap_with_their_defaults() -> N
     assert [iip.type_defaults(t) for t in ("ImagePrompt", "PyraCanny", "CPDS")] == [(0.5, 0.6), (0.5, 1.0), (0.5, 1.0)]
     fields = iip.image_prompt_fields([iip.ImagePromptSlot(picture(), 0.3, 1.5, "PyraCanny"),
                                       iip.ImagePromptSlot(picture(seed=2), 0.7, 0.9, "CPDS")])
-    parsed = image_inputs.parse(fields)
+    parsed = image_inputs.parse(fields, CFG)
     assert [(p.kind, p.stop, p.weight) for p in parsed.image_prompts] == [("PyraCanny", 0.3, 1.5), ("CPDS", 0.7, 0.9)]
     assert [p.kind for p in parsed.control_prompts] == ["PyraCanny", "CPDS"] and not parsed.adapter_prompts
     with pytest.raises(ValueError, match="unknown type 'FaceSwap'"):
@@ -164,7 +164,7 @@ def test_the_page_offers_upstreams_types_but_faceswap_with_their_defaults() -> N
 
 def test_a_request_without_stop_and_weight_gets_the_types_defaults() -> None:
     image = iip.encode_png(picture())
-    parsed = image_inputs.parse({"image_prompts": [[image, None, None, "CPDS"], [image], [image, 0.2, None, "PyraCanny"]]})
+    parsed = image_inputs.parse({"image_prompts": [[image, None, None, "CPDS"], [image], [image, 0.2, None, "PyraCanny"]]}, CFG)
     assert [(p.kind, p.stop, p.weight) for p in parsed.image_prompts] == [
         ("CPDS", 0.5, 1.0), ("ImagePrompt", 0.5, 0.6), ("PyraCanny", 0.2, 1.0)]
 
@@ -196,7 +196,7 @@ def _all_tabs(tab: str, control: iip.ControlValues, canvas_stroke=np.s_[0:4, 0:4
 def test_mixing_options_send_the_other_tabs_image_as_upstream(tab, control, sent) -> None:
     fields = _all_tabs(tab, control).to_fields()
     assert {k for k in fields if k in INPUT_FIELDS} == sent
-    parsed = image_inputs.parse(fields)
+    parsed = image_inputs.parse(fields, CFG)
     assert parsed.mode == ("uov" if "uov_method" in sent else "inpaint" if "inpaint_mask" in sent else "")
     assert len(parsed.image_prompts) == ("image_prompts" in sent)
 
@@ -213,6 +213,6 @@ def test_control_options_go_with_the_image_prompts_when_changed() -> None:
     assert {k: fields[k] for k in control.request_fields()} == {
         "controlnet_softness": 0.5, "canny_low_threshold": 20, "canny_high_threshold": 200,
         "skipping_cn_preprocessor": True, "debugging_cn_preprocessor": True}
-    assert image_inputs.parse(fields).control == image_inputs.ControlOptions(0.5, 20, 200, True, True)
+    assert image_inputs.parse(fields, CFG).control == image_inputs.ControlOptions(0.5, 20, 200, True, True)
     assert not set(_all_tabs(iip.TAB_IP, iip.ControlValues()).to_fields()) & set(control.request_fields())
     assert not set(_all_tabs(iip.TAB_UOV, control).to_fields()) & set(control.request_fields())  # no prompts sent

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from ldm_patched.modules import model_management as mm
+from modules import config
 from tests.helpers import input_image_files, pipelines
 from tests.helpers.input_image_files import INPUT, MODES, box_mask, png64
 

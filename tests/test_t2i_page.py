@@ -110,7 +110,7 @@ def test_a_styles_sample_picture_is_the_hover_preview(tmp_path, monkeypatch):
     data = html.unescape(re.search(r'data-samples="([^"]*)"', holder).group(1))
     assert json.loads(data) == {"Soft Glow": f"/gradio_api/file={samples / 'soft_glow.jpg'}"}
     assert str(samples) in webui.allowed_paths(cfg)
-    assert "fr-style-samples" in webui.launch_options()["js"]       # the page script reads that map
+    assert "fr-style-samples" in webui.PAGE_JS       # the page script reads that map
 
 
 def test_ui_styles_and_guidance_go_into_the_request():
