@@ -34,6 +34,7 @@ from ldm_patched.modules.file_version import FileVersion
 from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraMatch, match_lora, text_encoder_lora_names,
                                       unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
+from ldm_patched.modules.sized_cache import SizedCache
 from modules import config as config_module
 from modules import core, flags, guidance, history_log, image_inputs, image_output, ip_adapter, sdxl_styles, upscaler
 from modules import inpaint as inpaint_mod
@@ -126,7 +127,8 @@ class PipelineState:
     lora_matches: dict[tuple[FileVersion, int, bool], LoraMatch] = field(default_factory=dict)
     embeddings: EmbeddingCache = field(default_factory=EmbeddingCache)
     patched: "OrderedDict[tuple, PatchedModels]" = field(default_factory=OrderedDict)
-    conditions: "OrderedDict[tuple, core.Conditioning]" = field(default_factory=OrderedDict)
+    # Measured once per entry: the ledger asks for its bytes many times per request.
+    conditions: SizedCache[tuple, core.Conditioning] = field(default_factory=lambda: SizedCache(conditioning_bytes))
     vaes: "OrderedDict[FileVersion, ModelPatcher]" = field(default_factory=OrderedDict)   # models/vae files
     # Input-image models (each a model kind in the registry): Upscale/Vary, Image Prompt, Inpaint.
     upscalers: upscaler.UpscalerCache = field(default_factory=upscaler.UpscalerCache)
@@ -136,7 +138,7 @@ class PipelineState:
 
     def conditions_bytes(self) -> int:
         """Bytes the conditioning cache holds (on the text encoders' device)."""
-        return sum(conditioning_bytes(c) for c in list(self.conditions.values()))
+        return self.conditions.nbytes()
 
 
 def max_cached_checkpoints(manager: model_management.ModelManager) -> int:
@@ -989,8 +991,7 @@ class Pipeline:
         status = self.manager.status()
         status["checkpoints"] = [os.path.basename(c.file.path) for c in state.checkpoints.values()]
         status["lora_files_cached"] = len(state.lora_files)
-        status["lora_files"] = [{"name": f.name, "bytes": p.nbytes()}
-                                for f, p in list(getattr(state.lora_files, "_files", {}).items())]
+        status["lora_files"] = [{"name": f.name, "bytes": n} for f, n in state.lora_files.sizes().items()]
         status["conditioning_cache"] = {"entries": len(state.conditions), "bytes": state.conditions_bytes()}
         from modules import expansion
         status["prompt_expansion"] = expansion.status()

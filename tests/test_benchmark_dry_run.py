@@ -54,6 +54,7 @@ def test_resident_steady_state_moves_and_patches_nothing(dry_run):
     assert_resident_steady_state_is_free(dry_run[0])
     for request in requests_of(dry_run[0], "steady", "resident"):
         assert request["model_management"]["text_encodes"] == 0
+    assert dry_run[0]["results"]["steady"]["resident"]["cached_lora_files"] == harness.CACHED_LORA_FILES
 
 
 def test_conservative_steady_state_repatches_the_lcm_lora_every_request(dry_run):

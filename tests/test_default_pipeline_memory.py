@@ -135,3 +135,34 @@ def test_cached_checkpoint_parts_the_registry_does_not_hold_are_charged_to_the_h
         assert manager.ledger(mm.HOST)["caches"]["checkpoints"] == every_part
     finally:
         mm.configure(mm.MemorySettings())
+
+
+def test_a_steady_request_measures_no_cached_tensor_with_50_lora_files_cached(pipeline, tiny_components,
+                                                                                 monkeypatch):
+    """Ledger queries read the caches' kept byte counts: with 50 parsed LoRA files cached, a
+    steady request calls no per-tensor size function, and the counts still equal the tensors."""
+    from ldm_patched.modules import lora_adapters
+    from modules import default_pipeline
+
+    folders = pipeline(mm.Policy.RESIDENT)
+    paths = [kohya_lora(tiny_components, folders["loras"] / f"style{i}.safetensors", rank=2)
+             for i in range(50)]
+    state = pipelines.current().state
+    for path in paths:
+        state.lora_files.get(path)
+    request = {**SMALL, "loras": [["style0.safetensors", 0.8]]}
+    pipelines.process_request(dict(request))   # registers the caches, encodes, patches
+    measured = []
+    for owner, name in ((lora_adapters, "_nbytes"), (default_pipeline, "conditioning_bytes")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name: measured.append(_n) or _f(*a))
+    steady = pipelines.process_request(dict(request))
+    assert "error" not in steady.report and steady.report["model_management"]["weights_patched"] == 0
+    assert measured == []
+    monkeypatch.undo()
+    factor_bytes = sum(t.numel() * t.element_size() for path in paths
+                       for adapter in state.lora_files.get(path).layers.values() for t in adapter.tensors())
+    caches = mm.get_manager().ledger(mm.HOST)["caches"]
+    assert len(state.lora_files) == 50 and caches["lora_files"] == factor_bytes
+    assert caches["conditionings"] == sum(t.numel() * t.element_size() for c in state.conditions.values()
+                                          for t in (c.embeds, c.pooled))
