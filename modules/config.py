@@ -106,6 +106,8 @@ class Config:
     temp_path: Path | None = None
     metadata: bool = True
     downloads: bool = True
+    max_batch: int | None = None      # --max-batch: images in one UNet batch (None: what the budget allows)
+    batch_window_ms: float = 0.0      # --batch-window-ms: how long the worker waits for requests to join
 
     @property
     def temp_root(self) -> Path:
@@ -375,7 +377,9 @@ def _cli_settings(a) -> dict:
     return {"image_log": not getattr(a, "disable_image_log", False),
             "temp_path": Path(temp).expanduser().absolute() if temp else None,
             "metadata": not getattr(a, "disable_metadata", False),
-            "downloads": not getattr(a, "disable_preset_download", False)}
+            "downloads": not getattr(a, "disable_preset_download", False),
+            "max_batch": getattr(a, "max_batch", None),
+            "batch_window_ms": float(getattr(a, "batch_window_ms", 0.0) or 0.0)}
 
 
 def with_preset(name: str) -> Config:

@@ -27,7 +27,9 @@ def get_worker() -> Worker:
     with _lock:
         if _worker is None:
             from modules import config  # torch-free
-            _worker = Worker(max_pending=config.get_config().max_queue_length, pipeline_factory=_new_pipeline)
+            cfg = config.get_config()
+            _worker = Worker(max_pending=cfg.max_queue_length, pipeline_factory=_new_pipeline,
+                             max_batch=cfg.max_batch, batch_window_ms=cfg.batch_window_ms)
         return _worker
 
 
