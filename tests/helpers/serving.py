@@ -4,6 +4,9 @@ layouts real trainers write."""
 from __future__ import annotations
 
 import os
+import socket
+import urllib.error
+import urllib.request
 
 import torch
 from safetensors.torch import save_file
@@ -44,3 +47,18 @@ def rewrite_in_place(path: str | os.PathLike[str], data: bytes, keep_mtime: bool
         if os.stat(path).st_ctime_ns != before.st_ctime_ns:
             return
     raise AssertionError(f"ctime of {path} never moved")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    """True when `url` answers 200 (a server that has started)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
