@@ -175,7 +175,8 @@ class AsyncTask:
             preview = getattr(event, "preview", None)
             if preview is not None:
                 details["preview"] = preview
-            self.set_progress(progress_percent(event), str(event.message),
+            # Never backwards: a batch's images finish sampling together, then are saved one by one.
+            self.set_progress(max(self._progress.percent, progress_percent(event)), str(event.message),
                               image_index=int(event.image_index), image_count=int(event.image_count),
                               step=int(event.step), steps=int(event.steps), **details)
 

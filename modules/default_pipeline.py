@@ -44,7 +44,7 @@ from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SE
                                         check_lora_weight, check_prompt_tokens, model_name, preset_config,
                                         resolve_checkpoint, resolve_lora, scrub_paths, split_lora_tags)
 from modules.generation_request import _resolve as resolve_model
-from modules.task_types import BatchKey, ProgressEvent, RequestError, RequestResult, StopRequested, TaskControl
+from modules.task_types import BatchKey, ProgressEvent, RequestError, RequestResult, TaskControl
 
 log = logging.getLogger("fooocus_resident.pipeline")
 
@@ -193,13 +193,9 @@ class RequestRun:
     done: RequestProgress = field(default_factory=RequestProgress)
 
     def event(self, stage: str, message: str, index: int = 0, count: int = 1,
-              step: int = 0, steps: int = 1, image: str | None = None) -> None:
+              step: int = 0, steps: int = 1, image: str | None = None, images: int = 1) -> None:
         if self.progress is not None:
-            self.progress(ProgressEvent(index, count, step, steps, message, stage=stage, image=image))
-
-    def check_stop(self) -> None:
-        if self.control is not None and self.control.stop.is_set():
-            raise StopRequested()
+            self.progress(ProgressEvent(index, count, step, steps, message, stage=stage, image=image, images=images))
 
     def timed(self, name: str) -> "_stage":
         self.stage_ms.setdefault(name, 0.0)
@@ -638,12 +634,9 @@ class Pipeline:
         return [self._result(job, jobs, summary, compiled) for job in jobs]
 
     def _end_with(self, job: BatchJob, error: Exception) -> None:
-        """A job's stages stopped with `error`: a Stop keeps the images already done, anything
-        else becomes its report's error (the others go on)."""
+        """A job's stages failed with `error`: it becomes the job's error (the others go on)."""
         job.ended = True
-        if isinstance(error, StopRequested):
-            job.report["stopped"] = True
-        elif isinstance(error, (RequestError, CheckpointError, LoraError, config_module.ConfigError, ValueError)):
+        if isinstance(error, (RequestError, CheckpointError, LoraError, config_module.ConfigError, ValueError)):
             job.report["error"] = str(error)   # ValueError: unknown sampler/scheduler, bad aspect ratio...
         else:  # keep serving whatever went wrong
             log.error("request failed", exc_info=error)
@@ -1100,7 +1093,7 @@ class Pipeline:
             mine = [index for j, index, _ in finished if j is job]
             if mine:
                 job.run.event("decoding", _images_text("Decoding", mine, job.count), mine[0], job.count,
-                              job.plan.steps, job.plan.steps)
+                              job.plan.steps, job.plan.steps, images=len(mine))
         with _stage(shared, "vae_decode"):
             pixels = core.decode_batch(models.vae, [x for _, _, x in finished], source.width, source.height) \
                 if finished else []

@@ -282,6 +282,13 @@ def test_progress_keeps_every_stage_in_order_even_between_polls() -> None:
     assert latest.stages == ("queued", "loading", "encoding", "sampling", "decoding", "saving", "finished")
 
 
+def test_progress_never_goes_back_when_a_batch_saves_its_images() -> None:
+    task = AsyncTask(request={"prompt": "batch"})
+    task.report_progress(ProgressEvent(0, 4, 8, 8, "Decoding images 1-4/4", stage="decoding", images=4))
+    task.report_progress(ProgressEvent(0, 4, 8, 8, "Saved image 1/4", stage="saving"))   # 22.5 % on its own
+    assert task.progress.percent == pytest.approx(90.0) and task.progress.text == "Saved image 1/4"
+
+
 def test_wait_for_update_times_out_without_change() -> None:
     task = AsyncTask(request={"prompt": "idle"})
     snap = task.wait_for_update(task.progress.version, 0.05)
