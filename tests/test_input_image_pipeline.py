@@ -210,3 +210,18 @@ def test_every_mode_runs_compiled_and_a_second_round_recompiles_nothing(served, 
         assert compile_report["graphs_compiled"] == 0, (mode, compile_report)
         assert np.abs(pipelines.pixels(images[0]) - eager[mode]).max() <= 1, mode
     assert pipelines.graphs_compiled() == after_first
+
+
+@pytest.mark.parametrize("mode", ["vary", "image prompt", "inpaint"])
+def test_an_input_image_requests_images_share_one_unet_batch_each_as_its_seed_alone(served, mode):
+    """Its images start from the same input, each with its own seed: one UNet batch (the
+    request does not join others'), each image within BATCH_TOLERANCE of its seed alone."""
+    served(mm.Policy.RESIDENT)
+    extra = MODES[mode][0]
+    images, report = run({**extra, "image_number": 2})
+    assert "error" not in report, report
+    assert report["unet_rows_per_call"] == {"4": report["unet_calls"]} and len(images) == 2
+    assert pipelines.current().batch_key({**BASE, **extra}) is None
+    for i, path in enumerate(images):
+        alone, _ = run({**extra, "seed": BASE["seed"] + i})
+        assert pipelines.max_difference(path, alone[0]) <= pipelines.BATCH_TOLERANCE
