@@ -97,6 +97,16 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of milliseconds >= 0, got {text!r}")
+    return value
+
+
 def _gigabytes(text: str) -> float:
     try:
         value = float(text)
@@ -205,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-memory-accounting", action="store_true",
                    help="[ours] debug: after each request, log the device ledger against the bytes "
                         "of the tensors really on the device")
+
+    # --- ours: batching -----------------------------------------------------------
+    p.add_argument("--max-batch", type=_positive_int, default=None, metavar="N",
+                   help="[ours] most images in one UNet batch: a request's images and compatible queued "
+                        "requests share batches up to N (default: as many as the memory budget allows; "
+                        "1: one image at a time, as upstream)")
+    p.add_argument("--batch-window-ms", type=_milliseconds, default=0.0, metavar="MS",
+                   help="[ours] after taking a request, wait up to MS milliseconds for compatible requests "
+                        "to join its batch (default 0: only those already queued)")
 
     # --- ours: compiled UNet ------------------------------------------------------
     p.add_argument("--compile-unet", action="store_true",

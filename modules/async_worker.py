@@ -1,13 +1,20 @@
-"""The task queue: one worker thread runs generation requests one at a time, in order.
+"""The task queue: one worker thread runs generation requests in order, compatible ones together.
 
 The UI and the API both call ``runtime.get_worker().submit(request)`` and get an
 ``AsyncTask`` back. The task carries the request, a ``TaskControl`` (the Stop
 and Skip events the pipeline polls), the latest progress, timestamps and a
 ``concurrent.futures.Future`` that resolves to the pipeline's ``RequestResult``.
 
-One thread, one FIFO queue: requests never run concurrently, so the model
-registry is only ever touched from that thread. A handler that raises does not
-kill the thread; its exception becomes a result whose report holds ``"error"``.
+One thread, one FIFO queue, so the model registry is only ever touched from that
+thread. When it takes a task, queued tasks the pipeline gives the same batch key
+(``PipelineLike.batch_key``: same models, size, sampler...) join it, whole requests
+in queue order up to the batch cap (``max_batch`` images; default what the budget
+holds), and the pipeline's ``process_batch`` runs them together in shared UNet
+batches, each with its own progress, Stop/Skip and result. Tasks of other keys
+keep their place: they wait for that one batch, never longer. ``batch_window_ms``
+waits that long for compatible tasks to arrive (default 0). A plain handler (or a
+pipeline without ``process_batch``) runs one task at a time. A handler that raises
+does not kill the thread; its exception becomes a result whose report holds ``"error"``.
 
 Jobs belong to an owner (a page's login and browser token, an API client's login
 or address): ``stop_owned``/``skip_owned`` act only on that owner's tasks, so one
@@ -38,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from modules.task_types import TaskControl
+from modules.task_types import BatchKey, TaskControl
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +119,15 @@ SAMPLING_SHARE = 0.9
 def progress_percent(event: ProgressLike) -> float:
     """Overall percentage of a request from one per-step event.
 
-    ``image_index`` is 0-based; ``step`` counts completed steps of that image.
+    ``image_index`` is 0-based; ``step`` counts completed steps of that image and of the
+    ``images`` - 1 after it that sample in the same UNet batch (optional, default 1).
     """
     count = max(int(event.image_count), 1)
     steps = max(int(event.steps), 1)
     index = min(max(int(event.image_index), 0), count - 1)
+    images = min(max(int(getattr(event, "images", 1)), 1), count - index)
     step = min(max(int(event.step), 0), steps)
-    return max(0.0, 100.0 * (index + SAMPLING_SHARE * step / steps) / count)
+    return max(0.0, 100.0 * (index + images * SAMPLING_SHARE * step / steps) / count)
 
 
 _task_ids = itertools.count(1)
@@ -171,7 +180,8 @@ class AsyncTask:
             preview = getattr(event, "preview", None)
             if preview is not None:
                 details["preview"] = preview
-            self.set_progress(progress_percent(event), str(event.message),
+            # Never backwards: a batch's images finish sampling together, then are saved one by one.
+            self.set_progress(max(self._progress.percent, progress_percent(event)), str(event.message),
                               image_index=int(event.image_index), image_count=int(event.image_count),
                               step=int(event.step), steps=int(event.steps), **details)
 
@@ -220,6 +230,11 @@ class PipelineLike(Protocol):
 
     def flush_writer(self) -> None: ...
 
+    # Optional (a pipeline without them runs one task at a time):
+    # def batch_key(self, request: dict) -> BatchKey | None: ...
+    # def process_batch(self, requests: list[dict], controls: list[TaskControl],
+    #                   progresses: list[Callable[[Any], None]]) -> list[ResultLike]: ...
+
 
 def _failed(message: str) -> ResultLike:
     return FailedResult(images=[], report={"error": message})
@@ -232,14 +247,19 @@ class Worker:
                  name: str = "fooocus-worker", status: StatusHook | None = None,
                  max_pending: int | None = None,
                  pipeline_factory: Callable[[], PipelineLike] | None = None,
-                 max_pending_per_owner: int | None = None) -> None:
+                 max_pending_per_owner: int | None = None,
+                 max_batch: int | None = None, batch_window_ms: float = 0.0) -> None:
         """Either `handler` (and optionally `status`) or `pipeline_factory`: the worker then
-        makes its one pipeline on first use and runs every request through it."""
+        makes its one pipeline on first use and runs every request through it, compatible
+        queued ones together (`max_batch` images at most, None: the pipeline's answer; 1: never)."""
         self._handler = handler
         self._pipeline_factory = pipeline_factory
         self._pipeline: PipelineLike | None = None
         self.max_pending = max_pending   # None: unbounded
         self.max_pending_per_owner = max_pending_per_owner   # queued tasks one owner may have; None: no cap
+        self.max_batch = max_batch
+        self.batch_window_ms = batch_window_ms
+        self._keys: dict[int, BatchKey | None] = {}   # task id -> its batch key, asked once
         self._error_result = error_result
         self._status_hook = status
         self._name = name
@@ -247,7 +267,7 @@ class Worker:
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.SimpleQueue()
         self._lock = threading.RLock()   # re-entrant: finishing a task runs its callbacks
         self._thread: threading.Thread | None = None
-        self._current: AsyncTask | None = None
+        self._running: list[AsyncTask] = []            # the task, or the batch, running now
         self._unfinished: dict[int, AsyncTask] = {}   # queued and running tasks, by id
         self._status: dict | None = None              # the last published registry snapshot
         self.last_report: dict | None = None          # the report of the last finished task
@@ -291,7 +311,13 @@ class Worker:
 
     @property
     def current(self) -> AsyncTask | None:
-        return self._current
+        """The running task (the first of a running batch)."""
+        running = self._running
+        return running[0] if running else None
+
+    def running(self) -> list[AsyncTask]:
+        """Every task running now (several when they share a batch)."""
+        return list(self._running)
 
     def pending(self) -> int:
         """Tasks queued and not started."""
@@ -327,11 +353,13 @@ class Worker:
 
     def skip_owned(self, owner: str | None) -> AsyncTask | None:
         """Skip the current image of ``owner``'s running task, if it has one."""
-        task = self._current
-        if task is None or owner is None or task.owner != owner:
+        if owner is None:
             return None
-        self.skip(task)
-        return task
+        for task in self._running:
+            if task.owner == owner:
+                self.skip(task)
+                return task
+        return None
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on the worker thread before the next task starts (after the running one).
@@ -361,8 +389,8 @@ class Worker:
             self._closed = True
             thread = self._thread
             if stop_tasks:
-                if self._current is not None:
-                    self._current.control.stop.set()
+                for task in self._running:
+                    task.control.stop.set()
                 while True:
                     try:
                         queued = self._queue.get_nowait()
@@ -388,6 +416,7 @@ class Worker:
     def _forget(self, task: AsyncTask) -> None:
         with self._lock:
             self._unfinished.pop(task.id, None)
+            self._keys.pop(task.id, None)
 
     def pipeline(self) -> PipelineLike | None:
         """The pipeline this worker owns (made on first use), or None with a plain handler.
@@ -460,18 +489,96 @@ class Worker:
             task: AsyncTask = item
             if self._status is None:   # readers during the first task get a snapshot too
                 self._publish_status()
+            if task.done():  # stopped while queued
+                continue
+            tasks = self._batch_for(task)
             with self._lock:
-                if task.done():  # stopped while queued
-                    continue
-                task.state = TaskState.RUNNING
-                task.started_at = time.time()
-                self._current = task
+                tasks = [t for t in tasks if not t.done()]   # stopped while the batch was joined
+                for t in tasks:
+                    t.state = TaskState.RUNNING
+                    t.started_at = time.time()
+                self._running = tasks
             try:
-                self._execute(task)
+                if len(tasks) == 1:
+                    self._execute(tasks[0])
+                elif tasks:
+                    self._execute_batch(tasks)
             finally:
                 with self._lock:
-                    self._current = None
+                    self._running = []
                 self._publish_status()
+
+    # -- batches -------------------------------------------------------------------
+
+    def _batching_pipeline(self) -> Any:
+        """The pipeline when it runs batches (and the cap allows more than one image), else None."""
+        if self.max_batch == 1 or self._pipeline_factory is None:
+            return None
+        pipeline = self.pipeline()
+        if not (hasattr(pipeline, "batch_key") and hasattr(pipeline, "process_batch")):
+            return None
+        return pipeline
+
+    def _key(self, pipeline: Any, task: AsyncTask) -> BatchKey | None:
+        if task.id not in self._keys:
+            try:
+                self._keys[task.id] = pipeline.batch_key(task.request)
+            except Exception:   # the task's own run reports what is wrong with it
+                log.exception("batch key of task %d", task.id)
+                self._keys[task.id] = None
+        return self._keys[task.id]
+
+    def _batch_for(self, task: AsyncTask) -> list[AsyncTask]:
+        """`task` and the queued tasks that join it: the same batch key, whole requests in queue
+        order, as long as their images fit the cap; for `batch_window_ms`, also those arriving."""
+        pipeline = self._batching_pipeline()
+        key = None if pipeline is None else self._key(pipeline, task)
+        if key is None:
+            return [task]
+        cap = self.max_batch or key.capacity
+        tasks, images = [task], key.images
+        deadline = time.monotonic() + self.batch_window_ms / 1000
+        while images < cap:
+            images = self._join(pipeline, key.key, cap, tasks, images)
+            remaining = deadline - time.monotonic()
+            if images >= cap or remaining <= 0:
+                break
+            with self._queue.not_empty:   # notified by every put: a task (or a call) arrived
+                self._queue.not_empty.wait(remaining)
+        return tasks
+
+    def _join(self, pipeline: Any, key: Any, cap: int, tasks: list[AsyncTask], images: int) -> int:
+        """Move the queued tasks of `key` that fit into `tasks`; returns the images now in it."""
+        with self._queue.mutex:
+            queued = [t for t in self._queue.queue if isinstance(t, AsyncTask)]
+        for other in queued:
+            if images >= cap:
+                break
+            if other.done():
+                continue
+            found = self._key(pipeline, other)
+            if found is None or found.key != key or images + found.images > cap:
+                continue
+            with self._queue.mutex:   # only this thread takes from the queue: it is still there
+                self._queue.queue.remove(other)
+            tasks.append(other)
+            images += found.images
+        return images
+
+    def _execute_batch(self, tasks: list[AsyncTask]) -> None:
+        for task in tasks:
+            task.set_progress(0.0, "Starting", stage="loading")
+        try:
+            results = self.pipeline().process_batch([t.request for t in tasks], [t.control for t in tasks],
+                                                    [t.report_progress for t in tasks])
+            if len(results) != len(tasks) or not all(hasattr(r, "images") and hasattr(r, "report")
+                                                     for r in results):
+                raise TypeError(f"process_batch returned {len(results)} results for {len(tasks)} tasks")
+        except Exception as e:  # the thread must survive anything a batch does
+            log.exception("batch of tasks %s failed", [t.id for t in tasks])
+            results = [self._make_error(f"{type(e).__name__}: {e}") for _ in tasks]
+        for task, result in zip(tasks, results):
+            self._finish_task(task, result)
 
     def _execute(self, task: AsyncTask) -> None:
         task.set_progress(0.0, "Starting", stage="loading")
@@ -483,6 +590,9 @@ class Worker:
         except Exception as e:  # the thread must survive anything a request does
             log.exception("task %d failed", task.id)
             result = self._make_error(f"{type(e).__name__}: {e}")
+        self._finish_task(task, result)
+
+    def _finish_task(self, task: AsyncTask, result: ResultLike) -> None:
         report = result.report if isinstance(result.report, dict) else {}
         self.last_report = report
         error, stopped = report.get("error"), report.get("stopped") or task.control.stop.is_set()

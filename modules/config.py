@@ -136,6 +136,8 @@ class Config:
     metadata: bool = True
     downloads: bool = True
     always_download_new_model: bool = False
+    max_batch: int | None = None      # --max-batch: images in one UNet batch (None: what the budget allows)
+    batch_window_ms: float = 0.0      # --batch-window-ms: how long the worker waits for requests to join
 
     @property
     def temp_root(self) -> Path:
@@ -496,7 +498,9 @@ def _cli_settings(a) -> dict:
             "temp_path": Path(temp).expanduser().absolute() if temp else None,
             "metadata": not getattr(a, "disable_metadata", False),
             "downloads": not getattr(a, "disable_preset_download", False),
-            "always_download_new_model": bool(getattr(a, "always_download_new_model", False))}
+            "always_download_new_model": bool(getattr(a, "always_download_new_model", False)),
+            "max_batch": getattr(a, "max_batch", None),
+            "batch_window_ms": float(getattr(a, "batch_window_ms", 0.0) or 0.0)}
 
 
 def with_preset(name: str) -> Config:

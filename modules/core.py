@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -257,28 +258,52 @@ def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str, embeddings
     pooled (projected) output of the second (from the first window).
 
     `embeddings`: name -> modules.embeddings.Embedding for the prompt's references."""
+    return encode_prompts(clip, tokenizers, [prompt], [embeddings])[0]
+
+
+def encode_prompts(clip: ModelPatcher, tokenizers: tuple, prompts: Sequence[str],
+                   embeddings: Sequence[dict | None] | None = None) -> list[Conditioning]:
+    """`encode_prompt` of several prompts in one call per encoder: every prompt's token
+    windows are rows of one batch (CLIP reads each 77-token window on its own).
+
+    `embeddings`: per prompt, the embeddings its references name (or None)."""
     model_management.load_models_gpu([clip])
     encoders: SDXLTextEncoders = clip.model  # type: ignore[assignment]
     device = clip.load_device
-    hidden, pooled = [], None
+    per_prompt = list(embeddings) if embeddings is not None else [None] * len(prompts)
+    hidden: list[list[torch.Tensor]] = [[] for _ in prompts]
+    pooled: list[torch.Tensor | None] = [None] * len(prompts)
     pairs = [(tokenizers[0], encoders.text_encoder, "text_encoder"),
              (tokenizers[1], encoders.text_encoder_2, "text_encoder_2")]
     with torch.inference_mode():
         for tokenizer, encoder, name in pairs:
             if encoder is None:
                 continue
-            if embeddings:
-                width = encoder.get_input_embeddings().weight.shape[1]
-                tokens = embedding_tokens(tokenizer, prompt, embeddings, name, width)
-                states, first = _encode_windows(encoder, tokens.windows, tokens.vectors, device)
-                if tokens.weights:
-                    empty, _ = _encode_windows(encoder, token_windows(tokenizer, ""), {}, device)
-                    states = _weighted(states, empty[0], tokens.weights)
-            else:
-                states, first = _encode_windows(encoder, token_windows(tokenizer, prompt), {}, device)
-            hidden.append(states.reshape(1, -1, states.shape[-1]))   # windows side by side in sequence
-            pooled = first[:1]
-    return Conditioning(embeds=torch.cat(hidden, dim=-1), pooled=pooled)
+            tokens = [_prompt_tokens(tokenizer, encoder, name, prompt, found)
+                      for prompt, found in zip(prompts, per_prompt)]
+            starts = [0]
+            for token in tokens:
+                starts.append(starts[-1] + token.windows.shape[0])
+            vectors = {(start + window, position): vector for start, token in zip(starts, tokens)
+                       for (window, position), vector in token.vectors.items()}
+            states, first = _encode_windows(encoder, torch.cat([t.windows for t in tokens]), vectors, device)
+            empty = None
+            for i, token in enumerate(tokens):
+                own = states[starts[i]:starts[i + 1]]
+                if token.weights:
+                    if empty is None:
+                        empty, _ = _encode_windows(encoder, token_windows(tokenizer, ""), {}, device)
+                    own = _weighted(own, empty[0], token.weights)
+                hidden[i].append(own.reshape(1, -1, own.shape[-1]))   # windows side by side in sequence
+                pooled[i] = first[starts[i]:starts[i] + 1]
+    return [Conditioning(embeds=torch.cat(h, dim=-1), pooled=p) for h, p in zip(hidden, pooled)]
+
+
+def _prompt_tokens(tokenizer, encoder, name: str, prompt: str, embeddings: dict | None) -> PromptTokens:
+    if not embeddings:
+        return PromptTokens(windows=token_windows(tokenizer, prompt), vectors={}, weights={})
+    width = encoder.get_input_embeddings().weight.shape[1]
+    return embedding_tokens(tokenizer, prompt, embeddings, name, width)
 
 
 def _same_length(embeds: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -305,8 +330,39 @@ class UNetStage:
     refiner: bool = False
 
 
-class SkipImage(Exception):
-    """Raised by a step callback to finish the current image early."""
+@dataclass
+class BatchImage:
+    """One image of a sampling batch: its seed (its own noise stream, as if it ran alone)
+    and its conditionings, one UNetStage per model (base, then the refiner)."""
+
+    seed: int
+    stages: list[UNetStage]
+
+
+@dataclass
+class UNetCalls:
+    """UNet forward calls and the rows each carried, counted where the UNet is called.
+    Cumulative: a request reads its share with `mark()` and `since()`."""
+
+    calls: int = 0
+    rows: Counter = field(default_factory=Counter)   # rows in one call -> calls with that many
+
+    def count(self, rows: int) -> None:
+        self.calls += 1
+        self.rows[rows] += 1
+
+    def mark(self) -> "UNetCalls":
+        return UNetCalls(self.calls, Counter(self.rows))
+
+    def since(self, mark: "UNetCalls") -> "UNetCalls":
+        return UNetCalls(self.calls - mark.calls, self.rows - mark.rows)
+
+    def add(self, other: "UNetCalls") -> None:
+        self.calls += other.calls
+        self.rows.update(other.rows)
+
+
+UNET_CALLS = UNetCalls()
 
 
 def latent_shape(unet: ModelPatcher, vae: ModelPatcher, width: int, height: int) -> tuple[int, int, int, int]:
@@ -358,14 +414,28 @@ def _check_img2img(shape, init_latents: torch.Tensor | None, mask: torch.Tensor 
             raise ValueError(f"mask has size {tuple(mask.shape[-2:])}, the latents are {tuple(shape[-2:])}")
 
 
-def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int, cfg: float,
-           width: int, height: int, seed: int, shape: tuple[int, int, int, int],
-           switch_step: int | None = None, callback: Callable[[int, int, torch.Tensor], None] | None = None,
-           guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL,
-           init_latents: torch.Tensor | None = None, denoise: float = 1.0,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Denoise one image of latent `shape`; returns latents. `switch_step` hands over to stages[1].
+def sample(stages: list[UNetStage], *, seed: int, **options) -> torch.Tensor | None:
+    """Denoise one image: `sample_batch` of one (None if the callback dropped it)."""
+    return sample_batch([BatchImage(seed, stages)], **options)[0]
+
+
+# A step callback: (step, steps, {image position: its x0 estimate}) -> positions to drop now.
+StepCallback = Callable[[int, int, dict[int, torch.Tensor]], Iterable[int] | None]
+
+
+def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, steps: int, cfg: float,
+                 width: int, height: int, shape: tuple[int, int, int, int], switch_step: int | None = None,
+                 callback: StepCallback | None = None, guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL,
+                 init_latents: torch.Tensor | None = None, denoise: float = 1.0,
+                 mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+    """Denoise images of latent `shape` (one image's) together; returns each one's latents,
+    None for those the callback dropped. `switch_step` hands over to stages[1].
     `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step.
+
+    Each image has its own generator (its seed) and its own scheduler, so its noise and any
+    ancestral/SDE noise are drawn exactly as when it runs alone; only the UNet calls are
+    shared (`_predict_batch`). The callback runs after every step and may drop images:
+    their rows leave the next UNet call.
 
     Image to image: `init_latents` (VAE-encoded and scaled, `shape`) noised to the first
     kept timestep of the `denoise` schedule (see kept_schedule) replace pure noise.
@@ -373,52 +443,101 @@ def sample(stages: list[UNetStage], *, sampler: str, scheduler: str, steps: int,
     put back to init_latents at the current noise level after every step, and to
     init_latents exactly after the last, so any checkpoint can inpaint."""
     _check_img2img(shape, init_latents, mask)
-    sched = make_scheduler(sampler, scheduler)
-    first = stages[0].unet
+    first = images[0].stages[0].unet
     device = first.load_device
-    # With image-prompt controls applied to the UNet, their ControlNets load with it.
-    model_management.load_models_gpu(*controlnet.with_controls(first, model_management.working_memory_bytes(
-        "unet", width, height, 1, first.model_dtype())))
-    total, start = kept_schedule(steps, denoise) if init_latents is not None else (steps, 0)
-    timesteps = _start_at(sched, total, start, device) if init_latents is not None else None
-    if timesteps is None:
-        sched.set_timesteps(steps, device=device)
-        timesteps = sched.timesteps
-    # Noise is drawn on the CPU so a seed gives the same image on every device; the
-    # same generator then feeds the stochastic samplers, as in diffusers' pipeline.
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-    if init_latents is None:
-        latents = noise * sched.init_noise_sigma
-    else:
+    _load_unet(first, width, height, len(images))
+    if init_latents is not None:
         init_latents = init_latents.to(device, torch.float32)
-        latents = _noised(sched, init_latents, noise, timesteps[0])
+    flights = [_InFlight.start(position, image, sampler, scheduler, steps, denoise, shape, device, init_latents)
+               for position, image in enumerate(images)]
     keep = None if mask is None else 1.0 - mask.to(device, torch.float32)
+    timesteps = flights[0].timesteps
+    live = list(flights)
     active = 0
-    denoised = latents
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
-            if switch_step is not None and i == switch_step and len(stages) > 1 and active == 0:
+            if switch_step is not None and i == switch_step and len(images[0].stages) > 1 and active == 0:
                 active = 1
-                model_management.load_models_gpu([stages[1].unet], model_management.working_memory_bytes(
-                    "unet", width, height, 1, stages[1].unet.model_dtype()))
-            stage = stages[active]
-            noise_pred = _predict(stage, sched, latents, t, cfg, width, height, guidance)
-            out = sched.step(noise_pred, t, latents, generator=generator, return_dict=True)
-            latents = out.prev_sample
-            denoised = getattr(out, "pred_original_sample", None)
-            if denoised is None:
-                denoised = getattr(out, "denoised", None)
-            if keep is not None:
-                last = i + 1 == len(timesteps)
-                latents, denoised = _keep_outside(sched, latents, denoised, init_latents, noise, keep,
-                                                  None if last else timesteps[i + 1])
-            try:
-                if callback is not None:   # (step, steps, x0 estimate: a preview may use it)
-                    callback(i + 1, steps, denoised if denoised is not None else latents)
-            except SkipImage:
-                return denoised if denoised is not None else latents
-    return latents
+                _load_unet(images[0].stages[1].unet, width, height, len(live))
+            preds = _predict_batch([(f.image.stages[active], f.sched, f.latents) for f in live], t, cfg,
+                                   width, height, guidance)
+            next_t = None if i + 1 == len(timesteps) else timesteps[i + 1]
+            for flight, pred in zip(live, preds):
+                flight.step(pred, t, init_latents, keep, next_t)
+            if callback is not None:   # (step, steps, x0 estimates: a preview may use them)
+                dropped = set(callback(i + 1, steps, {f.position: f.estimate() for f in live}) or ())
+                live = [f for f in live if f.position not in dropped]
+                if not live:
+                    break
+    kept = {f.position for f in live}
+    return [f.latents if f.position in kept else None for f in flights]
+
+
+def batchable(sampler: str) -> bool:
+    """Whether images of this sampler can share UNet calls: not an adaptive one, which picks
+    each image's noise levels from that image's own error (upstream sizes them on the batch)."""
+    return sampler not in samplers.ADAPTIVE
+
+
+def _load_unet(unet: ModelPatcher, width: int, height: int, images: int) -> None:
+    """A sampling stage's UNet, with the image-prompt ControlNets applied to it (they load
+    together, so a conservative load evicts neither)."""
+    model_management.load_models_gpu(*controlnet.with_controls(unet, model_management.working_memory_bytes(
+        "unet", width, height, images, unet.model_dtype())))
+
+
+def unet_batch_size(unet: ModelPatcher, width: int, height: int, wanted: int) -> int:
+    """How many images of this size the UNet can denoise in one batch: the UNet is loaded,
+    then the ledger says how many images' working memory fit beside it (1 to `wanted`)."""
+    per_image = model_management.working_memory_bytes("unet", width, height, 1, unet.model_dtype())
+    model_management.load_models_gpu([unet], per_image)
+    return model_management.batch_that_fits([unet], per_image, wanted)
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """One image's denoising state: its own scheduler (multistep samplers keep history per
+    image) and its own generator, as when it runs alone."""
+
+    position: int
+    image: BatchImage
+    sched: Any
+    timesteps: torch.Tensor
+    generator: torch.Generator
+    noise: torch.Tensor
+    latents: torch.Tensor
+    denoised: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, position: int, image: BatchImage, sampler: str, scheduler: str, steps: int, denoise: float,
+              shape, device, init_latents: torch.Tensor | None) -> "_InFlight":
+        sched = make_scheduler(sampler, scheduler)
+        if init_latents is not None:
+            total, first = kept_schedule(steps, denoise)
+            timesteps = _start_at(sched, total, first, device)
+        else:
+            sched.set_timesteps(steps, device=device)
+            timesteps = sched.timesteps
+        # Noise is drawn on the CPU so a seed gives the same image on every device; the
+        # same generator then feeds the stochastic samplers, as in diffusers' pipeline.
+        generator = torch.Generator("cpu").manual_seed(image.seed)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        latents = (noise * sched.init_noise_sigma if init_latents is None
+                   else _noised(sched, init_latents, noise, timesteps[0]))
+        return cls(position, image, sched, timesteps, generator, noise, latents, latents)
+
+    def step(self, pred: torch.Tensor, t, init_latents: torch.Tensor | None, keep: torch.Tensor | None,
+             next_t) -> None:
+        out = self.sched.step(pred, t, self.latents, generator=self.generator, return_dict=True)
+        self.latents = out.prev_sample
+        denoised = getattr(out, "pred_original_sample", None)
+        self.denoised = denoised if denoised is not None else getattr(out, "denoised", None)
+        if keep is not None:
+            self.latents, self.denoised = _keep_outside(self.sched, self.latents, self.denoised, init_latents,
+                                                        self.noise, keep, next_t)
+
+    def estimate(self) -> torch.Tensor:
+        return self.denoised if self.denoised is not None else self.latents
 
 
 def _keep_outside(sched, latents, denoised, init, noise, keep, next_t):
@@ -448,34 +567,72 @@ def cond_batches(lengths: list[int]) -> list[list[int]]:
 
 def _predict(stage: UNetStage, sched, latents: torch.Tensor, t, cfg: float, width: int, height: int,
              guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL) -> torch.Tensor:
-    unet = stage.unet.model
-    dtype = stage.unet.model_dtype()
-    guided = cfg > 1.0 and stage.negative is not None
-    conds = [stage.negative, stage.positive] if guided else [stage.positive]
-    aesthetic = [2.5, 6.0] if guided else [6.0]
-    all_ids = torch.cat([time_ids(width, height, stage.refiner, a, latents.device, dtype) for a in aesthetic])
-    if not stage.refiner:   # rows: negative, then positive
-        all_ids = guidance_mod.scaled_size_ids(all_ids, float(t), guidance, guided)
-    preds = []
-    positive_rows = [False, True] if guided else [True]
-    for batch in cond_batches([c.embeds.shape[1] for c in conds]):
+    """One image's guided noise prediction."""
+    return _predict_batch([(stage, sched, latents)], t, cfg, width, height, guidance)[0]
+
+
+@dataclass
+class _UNetRow:
+    """One row of a UNet call: an image's positive or negative conditioning, padded as alone."""
+
+    image: int
+    cond: int            # index in the image's [negative, positive] (or [positive])
+    positive: bool
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    ids: torch.Tensor
+    sample: torch.Tensor
+
+
+def _predict_batch(images: Sequence[tuple[UNetStage, Any, torch.Tensor]], t, cfg: float, width: int,
+                   height: int, guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL) -> list[torch.Tensor]:
+    """Guided noise predictions of several images (stage, own scheduler, latents) in as few
+    UNet calls as their conditionings allow. Each image's rows are padded exactly as when it
+    runs alone (`cond_batches`); rows of equal padded length share one call; guidance and
+    sharpness are then applied per image, as alone."""
+    unet = images[0][0].unet.model
+    dtype = images[0][0].unet.model_dtype()
+    calls: dict[int, list[_UNetRow]] = {}   # padded length -> its rows
+    guided = []
+    for index, (stage, sched, latents) in enumerate(images):
+        guided.append(cfg > 1.0 and stage.negative is not None)
+        conds = [stage.negative, stage.positive] if guided[-1] else [stage.positive]
+        aesthetic = [2.5, 6.0] if guided[-1] else [6.0]
+        ids = torch.cat([time_ids(width, height, stage.refiner, a, latents.device, dtype) for a in aesthetic])
+        if not stage.refiner:   # rows: negative, then positive
+            ids = guidance_mod.scaled_size_ids(ids, float(t), guidance, guided[-1])
+        sample = sched.scale_model_input(latents, t)
+        for batch in cond_batches([c.embeds.shape[1] for c in conds]):
+            padded = _same_length([conds[i].embeds for i in batch])
+            for i, embeds in zip(batch, padded):
+                row = _UNetRow(index, i, positive=i == len(conds) - 1, embeds=embeds, pooled=conds[i].pooled,
+                               ids=ids[i:i + 1], sample=sample)
+                calls.setdefault(embeds.shape[1], []).append(row)
+    outputs: list[dict[int, torch.Tensor]] = [{} for _ in images]
+    for rows in calls.values():
         # Image prompts give the negative rows the empty image's tokens (a no-op without them).
-        ip_adapter.select_batch(unet, [positive_rows[i] for i in batch], timestep=t)
-        embeds = torch.cat(_same_length([conds[i].embeds for i in batch])).to(dtype)
-        pooled = torch.cat([conds[i].pooled for i in batch]).to(dtype)
-        ids = all_ids[batch]
-        model_input = sched.scale_model_input(torch.cat([latents] * len(batch)), t).to(dtype)
-        # PyraCanny/CPDS controls acting at t (None without): their residuals, per row of the batch.
+        ip_adapter.select_batch(unet, [r.positive for r in rows], timestep=t)
+        embeds = torch.cat([r.embeds for r in rows]).to(dtype)
+        pooled = torch.cat([r.pooled for r in rows]).to(dtype)
+        ids = torch.cat([r.ids for r in rows])
+        model_input = torch.cat([r.sample for r in rows]).to(dtype)
+        # PyraCanny/CPDS controls acting at t (None without): their residuals, per row of the call.
         control = controlnet.residuals(unet, model_input, t, embeds, pooled, ids)
-        preds.append(UNET_COMPILER(unet, model_input, t, embeds, pooled, ids, control).float())
-    pred = torch.cat(preds)
-    if guided:
-        uncond, cond = pred.chunk(2)
+        UNET_CALLS.count(len(rows))
+        pred = UNET_COMPILER(unet, model_input, t, embeds, pooled, ids, control).float()
+        for row, out in zip(rows, pred.split(1)):
+            outputs[row.image][row.cond] = out
+    preds = []
+    for (stage, sched, latents), out, is_guided in zip(images, outputs, guided):
+        if not is_guided:
+            preds.append(out[0])
+            continue
+        uncond, cond = out[0], out[1]
         if guidance.sharpness:
             cond = guidance_mod.sharpen(cond, sched.scale_model_input(latents, t), float(t), guidance,
                                         sched.alphas_cumprod)
-        pred = uncond + cfg * (cond - uncond)
-    return pred
+        preds.append(uncond + cfg * (cond - uncond))
+    return preds
 
 
 # Images over VAE_TILE_ABOVE pixels go through the VAE in tiles (its working memory is one
@@ -491,12 +648,41 @@ def _tiled_vae(width: int, height: int) -> bool:
 
 def decode(vae: ModelPatcher, latents: torch.Tensor, width: int, height: int,
            interrupt: Callable[[], None] | None = None) -> np.ndarray:
-    """Latents -> HxWx3 uint8 image. `interrupt` runs before each tile (large images) or the
-    one pass, and may raise to stop."""
-    tiled = _tiled_vae(width, height)
+    """Latents -> HxWx3 uint8 image."""
+    return decode_batch(vae, [latents], width, height, interrupt)[0]
+
+
+def decode_batch(vae: ModelPatcher, latents: Sequence[torch.Tensor], width: int, height: int,
+                 interrupt: Callable[[], None] | None = None) -> list[np.ndarray]:
+    """Latents of several images -> HxWx3 uint8 images. Small images go in as few VAE calls
+    as the ledger leaves room for (each call's working memory beside the loaded VAE); a large
+    one alone, in tiles. `interrupt` runs before each call or tile, and may raise to stop."""
+    if _tiled_vae(width, height):
+        return [_decode_tiled(vae, one, width, height, interrupt) for one in latents]
+    per_image = model_management.working_memory_bytes("vae", width, height, 1, vae.model_dtype())
+    model_management.load_models_gpu([vae], per_image)
+    batch = model_management.batch_that_fits([vae], per_image, len(latents))
+    if batch > 1:   # room for the whole batch's activations
+        model_management.load_models_gpu([vae], batch * per_image)
+    model = vae.model
+    images = []
+    for start in range(0, len(latents), batch):
+        if interrupt is not None:
+            interrupt()
+        with torch.inference_mode():
+            chunk = torch.cat(list(latents[start:start + batch]))
+            scaled = chunk.to(vae.load_device, vae.model_dtype()) / model.config.scaling_factor
+            image = model.decode(scaled, return_dict=False)[0].float()
+        images += _to_pixels(image)
+    return images
+
+
+def _decode_tiled(vae: ModelPatcher, latents: torch.Tensor, width: int, height: int,
+                  interrupt: Callable[[], None] | None) -> np.ndarray:
+    """One large image through the VAE tile by tile (working memory: one tile's)."""
     side = min(VAE_TILE, width), min(VAE_TILE, height)
     model_management.load_models_gpu([vae], model_management.working_memory_bytes(
-        "vae", *(side if tiled else (width, height)), latents.shape[0], vae.model_dtype()))
+        "vae", *side, latents.shape[0], vae.model_dtype()))
     model = vae.model
     factor = 2 ** (len(model.config.block_out_channels) - 1)
 
@@ -505,15 +691,14 @@ def decode(vae: ModelPatcher, latents: torch.Tensor, width: int, height: int,
 
     with torch.inference_mode():
         scaled = latents.to(vae.load_device, vae.model_dtype()) / model.config.scaling_factor
-        if tiled:
-            image = tiling.run_tiled(run, scaled, VAE_TILE // factor, VAE_TILE_OVERLAP // factor, Fraction(factor),
-                                     interrupt)
-        else:
-            if interrupt is not None:
-                interrupt()
-            image = run(scaled)
-    image = (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
-    return (image * 255).round().astype(np.uint8)
+        image = tiling.run_tiled(run, scaled, VAE_TILE // factor, VAE_TILE_OVERLAP // factor, Fraction(factor),
+                                 interrupt)
+    return _to_pixels(image)[0]
+
+
+def _to_pixels(image: torch.Tensor) -> list[np.ndarray]:
+    pixels = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [(p * 255).round().astype(np.uint8) for p in pixels]
 
 
 def _crop_to_multiple(pixels: np.ndarray, multiple: int) -> np.ndarray:

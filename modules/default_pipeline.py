@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -28,12 +29,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ldm_patched.modules import model_management
+from ldm_patched.modules import model_management, telemetry
 from ldm_patched.modules.checkpoint import CheckpointError, load_checkpoint, load_vae
 from ldm_patched.modules.file_version import FileVersion
 from ldm_patched.modules.lora import (LoraError, LoraFileCache, LoraMatch, match_lora, text_encoder_lora_names,
                                       unet_lora_names)
 from ldm_patched.modules.model_patcher import ModelPatcher
+from ldm_patched.modules.sized_cache import SizedCache
 from modules import config as config_module
 from modules import (controlnet, core, flags, guidance, history_log, image_inputs, image_output, ip_adapter,
                      parameters, preprocessors, presets, sdxl_styles, upscaler, wildcards)
@@ -43,7 +45,7 @@ from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SE
                                         check_cost, check_lora_weight, check_prompt_tokens, model_name, preset_config,
                                         resolve_checkpoint, resolve_lora, scrub_paths, split_lora_tags)
 from modules.generation_request import _resolve as resolve_model
-from modules.task_types import ProgressEvent, RequestError, RequestResult, StopRequested, TaskControl
+from modules.task_types import BatchKey, ProgressEvent, RequestError, RequestResult, StopRequested, TaskControl
 
 log = logging.getLogger("fooocus_resident.pipeline")
 
@@ -52,6 +54,8 @@ PREVIEW_EVERY = 2   # steps between two live previews
 MAX_PATCHED_SETS = 4
 MAX_CONDITIONS = 64
 INPUT_IMAGE_SIZE = "field 'input_image' (its size sets the working size)"
+# Request fields that make it an input-image request (those run alone, not in a shared batch).
+INPUT_IMAGE_FIELDS = ("input_image", "uov_method", "inpaint_mask", "outpaint_selections", "image_prompts")
 
 
 def latent_preview(latents: torch.Tensor) -> np.ndarray:
@@ -128,7 +132,8 @@ class PipelineState:
     lora_matches: dict[tuple[FileVersion, int, bool], LoraMatch] = field(default_factory=dict)
     embeddings: EmbeddingCache = field(default_factory=EmbeddingCache)
     patched: "OrderedDict[tuple, PatchedModels]" = field(default_factory=OrderedDict)
-    conditions: "OrderedDict[tuple, core.Conditioning]" = field(default_factory=OrderedDict)
+    # Measured once per entry: the ledger asks for its bytes many times per request.
+    conditions: SizedCache[tuple, core.Conditioning] = field(default_factory=lambda: SizedCache(conditioning_bytes))
     vaes: "OrderedDict[FileVersion, ModelPatcher]" = field(default_factory=OrderedDict)   # models/vae files
     # Input-image models (each a model kind in the registry): Upscale/Vary, Image Prompt, the
     # PyraCanny/CPDS ControlNets, Inpaint.
@@ -140,7 +145,7 @@ class PipelineState:
 
     def conditions_bytes(self) -> int:
         """Bytes the conditioning cache holds (on the text encoders' device)."""
-        return sum(conditioning_bytes(c) for c in list(self.conditions.values()))
+        return self.conditions.nbytes()
 
 
 def max_cached_checkpoints(manager: model_management.ModelManager) -> int:
@@ -192,17 +197,19 @@ class RequestRun:
     done: RequestProgress = field(default_factory=RequestProgress)
 
     def event(self, stage: str, message: str, index: int = 0, count: int = 1,
-              step: int = 0, steps: int = 1, image: str | None = None) -> None:
+              step: int = 0, steps: int = 1, image: str | None = None, images: int = 1) -> None:
         if self.progress is not None:
-            self.progress(ProgressEvent(index, count, step, steps, message, stage=stage, image=image))
-
-    def check_stop(self) -> None:
-        if self.control is not None and self.control.stop.is_set():
-            raise StopRequested()
+            self.progress(ProgressEvent(index, count, step, steps, message, stage=stage, image=image, images=images))
 
     def timed(self, name: str) -> "_stage":
         self.stage_ms.setdefault(name, 0.0)
         return _stage(self.stage_ms, name)
+
+    def check_stop(self) -> None:
+        """Raise StopRequested when the request's Stop was asked: the polling point of its own
+        long stages (upscaling, VAE encode tile by tile)."""
+        if self.control is not None and self.control.stop.is_set():
+            raise StopRequested()
 
 
 @dataclass
@@ -268,6 +275,81 @@ class ImageSource:
     image_prompts: ip_adapter.PreparedImagePrompts | None = None
     controls: controlnet.ControlSet | None = None   # PyraCanny/CPDS image prompts
     previews: list[np.ndarray] | None = None        # Debug Preprocessors: these are the result
+
+
+@dataclass(eq=False)
+class BatchJob:
+    """One request of a batch (a request alone is a batch of one): its run, what its own
+    stages decided, and what it takes part in of the stages it shares with the others."""
+
+    request: dict
+    run: RequestRun
+    started: float = field(default_factory=time.perf_counter)
+    plan: RequestPlan | None = None
+    models: RequestModels | None = None
+    source: ImageSource | None = None
+    positive_texts: list[str] = field(default_factory=list)
+    stage_sets: dict[str, list[core.UNetStage]] = field(default_factory=dict)
+    prepared: bool = False       # its own stages (resolve .. encode) are done
+    ended: bool = False          # failed or stopped: takes no part in further batches
+    skipped: list[int] = field(default_factory=list)
+    announced: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    counters: telemetry.MoveCounters = field(default_factory=telemetry.MoveCounters)   # its share
+    unet: core.UNetCalls = field(default_factory=core.UNetCalls)   # the UNet calls its rows were in
+    batched_with: int = 1        # the most images a UNet batch of its images held
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.run.report
+
+    @property
+    def count(self) -> int:
+        return 1 if self.source is not None and self.source.direct is not None else self.plan.image_count
+
+    def waiting(self) -> list[int]:
+        """Indices of its images still to sample."""
+        if not self.prepared or self.ended or self.source.previews is not None:
+            return []
+        return list(range(self.run.done.next_image, self.count))
+
+    def sampling_key(self) -> tuple:
+        """What its images must share with others' to be in the same UNet batch."""
+        plan, models, source = self.plan, self.models, self.source
+        switch = round(plan.steps * plan.req.refiner_switch) if models.refiner is not None else None
+        image_input = (source.init_latents is not None or source.mask is not None or source.head is not None
+                       or source.image_prompts is not None or source.controls is not None)
+        return (id(models.unet), id(models.refiner_unet()), id(models.vae), source.width, source.height,
+                plan.sampler, plan.scheduler, plan.steps, plan.cfg_scale, switch,
+                sampling_guidance(plan.req, plan.settings), id(source) if image_input else None)
+
+    def check_stop(self) -> bool:
+        """True (and the job ends, stopped) when its Stop was asked."""
+        control = self.run.control
+        if control is not None and control.stop.is_set() and not self.ended:
+            self.ended = True
+            self.report["stopped"] = True
+        return self.ended
+
+    def take_skip(self) -> bool:
+        control = self.run.control
+        if control is None or not control.skip.is_set():
+            return False
+        control.skip.clear()
+        return True
+
+    def announce(self, wait: bool) -> None:
+        """Tell the page about images written since the last call (from the worker thread only)."""
+        run, steps = self.run, self.plan.steps
+        for write in run.done.writes[len(self.announced):]:
+            if not (wait or write.done()) or write.exception() is not None:
+                return
+            self.announced.append(write.result().path)
+            run.event("saving", f"Saved image {len(self.announced)}/{self.count}", len(self.announced) - 1,
+                      self.count, steps, steps, image=self.announced[-1])
+
+    def charge(self, counters: telemetry.MoveCounters) -> None:
+        self.counters = self.counters.plus(counters)
 
 
 # -- the pipeline ----------------------------------------------------------------------
@@ -472,101 +554,153 @@ class Pipeline:
 
     def encode(self, clip: ModelPatcher, tokenizers: tuple, prompt: str, counts: dict,
                embedding_folders=(), max_cache_bytes: int = 512 * 2 ** 20) -> core.Conditioning:
-        """Encode a prompt; in resident mode the same prompt under the same text-encoder
-        weights and the same embedding file versions is served from the cache, which is
-        bounded in entries and in bytes."""
+        """Encode a prompt (see `encode_many`)."""
+        return self.encode_many(clip, tokenizers, [prompt], counts, embedding_folders, max_cache_bytes)[0]
+
+    def encode_many(self, clip: ModelPatcher, tokenizers: tuple, prompts: list[str], counts: dict,
+                    embedding_folders=(), max_cache_bytes: int = 512 * 2 ** 20) -> list[core.Conditioning]:
+        """Encode prompts, those not cached in one text-encoder batch. In resident mode the same
+        prompt under the same text-encoder weights and the same embedding file versions is
+        served from the cache, which is bounded in entries and in bytes."""
         manager, state = self.manager, self.state
-        try:
-            embeddings = state.embeddings.for_prompt(prompt, embedding_folders)
-        except EmbeddingError as error:
-            raise RequestError(str(error)) from error
-        files = tuple(sorted((name, e.file) for name, e in embeddings.items()))
-        key = (id(clip.model), clip.weight_signature().digest, prompt, files)
-        if manager.resident and key in state.conditions:
-            state.conditions.move_to_end(key)
-            return state.conditions[key]
-        try:
-            cond = core.encode_prompt(clip, tokenizers, prompt, embeddings or None)
-        except EmbeddingError as error:
-            raise RequestError(str(error)) from error
-        counts["text_encodes"] += 1
-        if manager.resident and conditioning_bytes(cond) <= max_cache_bytes:
-            state.conditions[key] = cond
-            while len(state.conditions) > MAX_CONDITIONS or state.conditions_bytes() > max_cache_bytes:
-                state.conditions.popitem(last=False)
-            # Kept conditionings live on the encoders' device: charged there, freed in the first tier.
-            manager.register_cache("conditionings", clip.load_device, state.conditions_bytes,
-                                   state.conditions.clear)
-        return cond
+        weights = clip.weight_signature().digest
+        asked: list[tuple[tuple, dict]] = []
+        for prompt in prompts:
+            try:
+                embeddings = state.embeddings.for_prompt(prompt, embedding_folders)
+            except EmbeddingError as error:
+                raise RequestError(str(error)) from error
+            files = tuple(sorted((name, e.file) for name, e in embeddings.items()))
+            asked.append(((id(clip.model), weights, prompt, files), embeddings))
+        found: dict[tuple, core.Conditioning] = {}
+        missing: dict[tuple, dict] = {}
+        for key, embeddings in asked:
+            if manager.resident and key in state.conditions:
+                state.conditions.move_to_end(key)
+                found[key] = state.conditions[key]
+            else:
+                missing[key] = embeddings
+        if missing:
+            try:
+                conds = core.encode_prompts(clip, tokenizers, [key[2] for key in missing],
+                                            [e or None for e in missing.values()])
+            except EmbeddingError as error:
+                raise RequestError(str(error)) from error
+            counts["text_encodes"] += len(missing)
+            found.update(zip(missing, conds))
+            if manager.resident:
+                self._cache_conditions(clip, dict(zip(missing, conds)), max_cache_bytes)
+        return [found[key] for key, _ in asked]
+
+    def _cache_conditions(self, clip: ModelPatcher, new: dict[tuple, core.Conditioning], max_bytes: int) -> None:
+        conditions = self.state.conditions
+        for key, cond in new.items():
+            if conditioning_bytes(cond) <= max_bytes:
+                conditions[key] = cond
+        while len(conditions) > MAX_CONDITIONS or conditions.nbytes() > max_bytes:
+            conditions.popitem(last=False)
+        # Kept conditionings live on the encoders' device: charged there, freed in the first tier.
+        self.manager.register_cache("conditionings", clip.load_device, self.state.conditions_bytes,
+                                    conditions.clear)
 
     def encode_texts(self, clip: ModelPatcher, tokenizers: tuple, texts: tuple[str, ...], pool_top_k: int,
                      counts: dict, embedding_folders=(), max_cache_bytes: int = 512 * 2 ** 20) -> core.Conditioning:
-        """Upstream's conditioning of several texts: each encoded on its own (and cached),
-        their token states concatenated, the pooled outputs of the first `pool_top_k` summed."""
-        conds = [self.encode(clip, tokenizers, text, counts, embedding_folders, max_cache_bytes) for text in texts]
-        if len(conds) == 1:
-            return conds[0]
-        pooled = sum(c.pooled for c in conds[:max(pool_top_k, 1)])
-        return core.Conditioning(embeds=torch.cat([c.embeds for c in conds], dim=1), pooled=pooled)
+        """Upstream's conditioning of several texts (see `joined_conditioning`), each encoded on
+        its own (and cached)."""
+        conds = self.encode_many(clip, tokenizers, list(texts), counts, embedding_folders, max_cache_bytes)
+        return joined_conditioning(conds, pool_top_k)
 
     # -- one request ----------------------------------------------------------------------
 
     def process_request(self, request: dict, control: TaskControl | None = None,
                         progress: Callable[[ProgressEvent], None] | None = None) -> RequestResult:
-        """Run one request; bad input and failures come back as report["error"].
+        """Run one request (a batch of one); bad input and failures come back as report["error"]."""
+        return self.process_batch([request], [control], [progress])[0]
 
-        An out-of-memory frees what the request does not need and retries once; a second one
-        fails the request alone, saying what it needed and what the budget is."""
+    def process_batch(self, requests: list[dict], controls: list[TaskControl | None] | None = None,
+                      progresses: list[Callable[[ProgressEvent], None] | None] | None = None) -> list[RequestResult]:
+        """Run requests together (the worker joins those of one `batch_key`): each one's own
+        stages up to encoding, then all their images in shared UNet batches, decoded together
+        and saved per request. Each gets its own result and report; one's bad input, Stop or
+        Skip leaves the others' images as they would be alone.
+
+        An out-of-memory in a batch of several images retries them in halves; with one image it
+        frees what the requests do not need and retries once; a second one fails them, saying
+        what they needed and what the budget is."""
         manager = self.manager
-        started = time.perf_counter()
         manager.begin_request()
         compile_mark = core.UNET_COMPILER.mark()
-        run = RequestRun(control, progress, {"mode": manager.settings.policy.value, "seed": -1})
-        report = run.report
-        images: list[str] = []
+        controls = controls or [None] * len(requests)
+        progresses = progresses or [None] * len(requests)
+        jobs = [BatchJob(request, RequestRun(control, progress, {"mode": manager.settings.policy.value, "seed": -1}))
+                for request, control, progress in zip(requests, controls, progresses)]
         for attempt in (1, 2):
             oom = None
             try:
-                images = self._run(request, run)
+                self._run(jobs)
             except torch.OutOfMemoryError as error:
                 oom = str(error).splitlines()[0] if str(error) else "out of memory"
-            except StopRequested:
-                report["stopped"] = True
-                images = _finished_writes(run.done.writes)   # a Stop keeps the images already done
-            except (RequestError, CheckpointError, LoraError, config_module.ConfigError) as error:
-                report["error"] = str(error)
-            except ValueError as error:  # unknown sampler/scheduler, bad aspect ratio...
-                report["error"] = str(error)
-            except Exception as error:  # keep serving whatever went wrong
-                log.exception("request failed")
-                report["error"] = f"internal error: {type(error).__name__}: {error}"
+            except Exception as error:  # a shared stage failed: every job still going reports it
+                for job in jobs:
+                    if not job.ended:
+                        self._end_with(job, error)
             if oom is None:
                 break
             # Here, outside the `except`, the traceback and the activations it held are gone.
-            self._after_out_of_memory(run, oom, last=attempt == 2)
+            self._after_out_of_memory(jobs, oom, last=attempt == 2)
+        before_end = telemetry.snapshot()
         summary = manager.end_request()
-        report["compile"] = core.UNET_COMPILER.report_since(compile_mark)   # ran compiled? compiled?
+        jobs[0].charge(telemetry.snapshot().minus(before_end))   # the trim after the batch
+        compiled = core.UNET_COMPILER.report_since(compile_mark)   # ran compiled? compiled?
+        return [self._result(job, jobs, summary, compiled) for job in jobs]
+
+    def _end_with(self, job: BatchJob, error: Exception) -> None:
+        """A job's stages failed with `error`: it becomes the job's error (the others go on)."""
+        job.ended = True
+        if isinstance(error, (RequestError, CheckpointError, LoraError, config_module.ConfigError, ValueError)):
+            job.report["error"] = str(error)   # ValueError: unknown sampler/scheduler, bad aspect ratio...
+        else:  # keep serving whatever went wrong
+            log.error("request failed", exc_info=error)
+            job.report["error"] = f"internal error: {type(error).__name__}: {error}"
+
+    def _result(self, job: BatchJob, jobs: list[BatchJob], summary: model_management.RequestSummary,
+                compiled: dict) -> RequestResult:
+        report = job.report
+        report["compile"] = compiled
         if "error" in report:
             images = []
             report["error"] = self._client_error(report["error"])
-        self._finish_report(run, summary, started, images)
+        elif report.get("stopped"):
+            images = _finished_writes(job.run.done.writes)   # a Stop keeps the images already done
+        else:
+            images = job.images
+        report["unet_calls"] = job.unet.calls
+        report["unet_rows_per_call"] = {str(rows): calls for rows, calls in sorted(job.unet.rows.items())}
+        if len(jobs) > 1:
+            # Shared stages (sampling, VAE decode, their model management) are split by each
+            # request's share of a batch's images; bytes and counts of shared loads are the first's.
+            report["batch"] = {"requests": len(jobs), "position": jobs.index(job),
+                               "images_per_unet_batch": job.batched_with, "shared_times": "split by images"}
+        self._finish_report(job.run, summary, job.counters, job.started, images)
         return RequestResult(images=images, report=report)
 
-    def _after_out_of_memory(self, run: RequestRun, message: str, last: bool) -> None:
+    def _after_out_of_memory(self, jobs: list[BatchJob], message: str, last: bool) -> None:
         manager = self.manager
         needed = manager.request_peak_bytes()
         budget = manager.effective_budget
-        manager.recover_from_oom(keep_loaded=run.done.patchers)
-        run.report["out_of_memory"] = {"message": message, "needed_bytes": needed, "budget_bytes": budget,
-                                       "effective_budget_bytes": manager.effective_budget}
-        if not last:
-            run.counts["oom_retries"] += 1
-            return
+        manager.recover_from_oom(keep_loaded=[p for job in jobs for p in job.run.done.patchers])
         gib = model_management.GIB
-        run.report["error"] = (f"out of memory on {manager.device} twice: the request needed about "
-                               f"{needed / gib:.2f} GB (models, patches and working memory) with a budget of "
-                               f"{budget / gib:.2f} GB; the effective budget is now "
-                               f"{manager.effective_budget / gib:.2f} GB. Try a smaller size or fewer images")
+        for job in (j for j in jobs if not j.ended):
+            job.report["out_of_memory"] = {"message": message, "needed_bytes": needed, "budget_bytes": budget,
+                                           "effective_budget_bytes": manager.effective_budget}
+            if not last:
+                job.run.counts["oom_retries"] += 1
+                continue
+            job.ended = True
+            job.report["error"] = (f"out of memory on {manager.device} twice: the request needed about "
+                                   f"{needed / gib:.2f} GB (models, patches and working memory) with a budget of "
+                                   f"{budget / gib:.2f} GB; the effective budget is now "
+                                   f"{manager.effective_budget / gib:.2f} GB. Try a smaller size or fewer images")
 
     def _client_error(self, message: str) -> str:
         try:
@@ -574,20 +708,68 @@ class Pipeline:
         except Exception:   # a config that cannot load: the message as it is
             return message
 
-    def _run(self, request: dict, run: RequestRun) -> list[str]:
-        """The stages of a request, in order."""
-        plan = self._resolve(request, run)
+    def batch_key(self, request: dict) -> BatchKey | None:
+        """What a queued request must share with others to join their batch (the worker asks,
+        on its thread): the resident set (checkpoint, refiner, VAE, LoRA set with weights),
+        size, sampler, scheduler, steps, cfg, refiner switch, sharpness and ADM. None: it runs
+        alone (input images, or an input error its own run will report)."""
+        if any(request.get(name) not in (None, "", [], flags.UOV_DISABLED) for name in INPUT_IMAGE_FIELDS):
+            return None
+        try:
+            plan = self._resolve(dict(request), RequestRun(None, None, {}))
+            cfg, req, settings = plan.cfg, plan.req, plan.settings
+            refiner = (req.refiner_model if req.refiner_model not in ("", flags.NONE_NAME)
+                       and settings.refiner_enabled and req.refiner_switch < 1.0 else None)
+            key = (resolve_checkpoint(req.base_model, cfg),
+                   None if refiner is None else (resolve_checkpoint(refiner, cfg), req.refiner_switch), req.vae,
+                   tuple((resolve_lora(name, cfg), weight) for name, weight in req.loras + plan.tag_loras),
+                   None if settings.lora is None else (settings.lora.file_name, settings.lora.weight),
+                   req.width, req.height, plan.sampler, plan.scheduler, plan.steps, plan.cfg_scale,
+                   sampling_guidance(req, settings))
+        except Exception:   # its own run reports what is wrong with it
+            return None
+        if not core.batchable(plan.sampler):
+            return None
+        manager = self.manager
+        per_image = model_management.working_memory_bytes("unet", req.width, req.height, 1,
+                                                          manager.dtype_for("unet"))
+        return BatchKey(key, plan.image_count, manager.largest_batch([], per_image, MAX_IMAGES))
+
+    def _run(self, jobs: list[BatchJob]) -> None:
+        """The stages of the requests, in order: each one's own, then their images together."""
+        for job in jobs:
+            if job.ended or job.prepared:
+                continue
+            before = telemetry.snapshot()
+            try:
+                self._prepare(job)
+            except torch.OutOfMemoryError:
+                raise
+            except StopRequested:   # stopped in its own stages: nothing of it was made yet
+                job.ended = True
+                job.report["stopped"] = True
+            except Exception as error:
+                self._end_with(job, error)
+            finally:
+                job.charge(telemetry.snapshot().minus(before))
+        self._generate([job for job in jobs if not job.ended])
+
+    def _prepare(self, job: BatchJob) -> None:
+        """One request's own stages: resolve, patch, image source, prompts, encode."""
+        run = job.run
+        plan = job.plan = job.plan or self._resolve(job.request, run)   # a retry keeps the seed it drew
         run.event("loading", loading_message(plan), count=plan.image_count)
-        models = self._patch(plan, run)
-        source = self._image_source(plan, models, run)
-        if source.previews is not None:   # Debug Preprocessors: the preprocessed images, nothing sampled
-            return self._save_previews(plan, source.previews, run)
-        if source.direct is not None:   # Upscale (Fast 2x): nothing to sample, no prompt to encode
-            return self._generate(plan, models, plan.image_texts[:1], {}, source, run)
-        positive_texts = self._positive_texts(plan, run)
-        run.event("encoding", "Encoding the prompt", count=plan.image_count)
-        stage_sets = self._encode(plan, models, positive_texts, run)
-        return self._generate(plan, models, positive_texts, stage_sets, source, run)
+        models = job.models = self._patch(plan, run)
+        job.source = self._image_source(plan, models, run)
+        if job.source.previews is not None:   # Debug Preprocessors: the preprocessed images, nothing sampled
+            job.images = self._save_previews(plan, job.source.previews, run)
+        elif job.source.direct is not None:   # Upscale (Fast 2x): nothing to sample, no prompt to encode
+            job.positive_texts = plan.image_texts[:1]
+        else:
+            job.positive_texts = self._positive_texts(plan, run)
+            run.event("encoding", "Encoding the prompt", count=plan.image_count)
+            job.stage_sets = self._encode(plan, models, job.positive_texts, run)
+        job.prepared = True
 
     def _resolve(self, request: dict, run: RequestRun) -> RequestPlan:
         """Stage 1: parse and check the request, decide the mode's settings and the seed."""
@@ -751,26 +933,34 @@ class Pipeline:
 
     def _encode(self, plan: RequestPlan, models: RequestModels, positive_texts: list[sdxl_styles.ImageTexts],
                 run: RequestRun) -> dict[sdxl_styles.ImageTexts, list[core.UNetStage]]:
-        """Stage 3: each different image's texts once, for the base and the refiner. At guidance 1
-        (the distilled modes) sampling never reads the negative, so it is not encoded (as upstream)."""
+        """Stage 3: every different text of the images once, in one text-encoder batch for the
+        base and one for the refiner; each image's texts are then joined as upstream
+        (`joined_conditioning`). At guidance 1 (the distilled modes) sampling never reads the
+        negative, so it is not encoded (as upstream)."""
         folders, limit = plan.cfg.path_embeddings, int(plan.cfg.max_conditioning_cache_mb * 2 ** 20)
+        images = list(dict.fromkeys(positive_texts[run.done.next_image:]))
         guided = plan.cfg_scale > 1.0
+        texts = list(dict.fromkeys(s for t in images for s in (*t.positive, *(t.negative if guided else ()))))
 
-        def both(clip: ModelPatcher, tokenizers: tuple,
-                 text: sdxl_styles.ImageTexts) -> tuple[core.Conditioning, core.Conditioning | None]:
-            return (self.encode_texts(clip, tokenizers, text.positive, text.positive_top_k, run.counts, folders, limit),
-                    self.encode_texts(clip, tokenizers, text.negative, text.negative_top_k, run.counts, folders, limit)
-                    if guided else None)
+        def encoded(clip: ModelPatcher, tokenizers: tuple) -> dict[str, core.Conditioning]:
+            return dict(zip(texts, self.encode_many(clip, tokenizers, texts, run.counts, folders, limit)))
+
+        def conditionings(image: sdxl_styles.ImageTexts,
+                          by_text: dict[str, core.Conditioning]) -> tuple[core.Conditioning, core.Conditioning | None]:
+            positive = joined_conditioning([by_text[s] for s in image.positive], image.positive_top_k)
+            return positive, (joined_conditioning([by_text[s] for s in image.negative], image.negative_top_k)
+                              if guided else None)
 
         stage_sets: dict[sdxl_styles.ImageTexts, list[core.UNetStage]] = {}
         with run.timed("text_encode"):
-            for text in dict.fromkeys(positive_texts[run.done.next_image:]):
-                stages = [core.UNetStage(models.unet, *both(models.patched.clip, models.base.tokenizers, text))]
-                if models.refiner is not None:
-                    stages.append(core.UNetStage(models.refiner_unet(),
-                                                 *both(models.refiner_clip(), models.refiner.tokenizers, text),
+            base = encoded(models.patched.clip, models.base.tokenizers)
+            refined = None if models.refiner is None else encoded(models.refiner_clip(), models.refiner.tokenizers)
+            for image in images:
+                stages = [core.UNetStage(models.unet, *conditionings(image, base))]
+                if refined is not None:
+                    stages.append(core.UNetStage(models.refiner_unet(), *conditionings(image, refined),
                                                  refiner=models.refiner.kind == "refiner"))
-                stage_sets[text] = stages
+                stage_sets[image] = stages
         return stage_sets
 
     # -- input images -------------------------------------------------------------------
@@ -944,89 +1134,112 @@ class Pipeline:
 
     # -- images ---------------------------------------------------------------------------
 
-    def _generate(self, plan: RequestPlan, models: RequestModels, positive_texts: list[sdxl_styles.ImageTexts],
-                  stage_sets: dict[sdxl_styles.ImageTexts, list[core.UNetStage]], source: ImageSource,
-                  run: RequestRun) -> list[str]:
-        """Stages 4-6 per image: sample, decode, then save on the writer thread while the
-        next image samples; finished files are announced to the page as they land."""
-        req, steps, count = plan.req, plan.steps, plan.image_count
-        tweaks = sampling_guidance(req, plan.settings)
-        run.report["guidance"] = asdict(tweaks)
-        writes = run.done.writes
-        skipped: list[int] = []
-        announced: list[str] = []
+    def _generate(self, jobs: list[BatchJob]) -> None:
+        """Stages 4-6 for every image of `jobs`: sampled together in UNet batches (as many
+        images as the ledger has working memory for, at most --max-batch), decoded together,
+        saved per job on the writer thread while the next batch samples; finished files are
+        announced to each job's page as they land. An out-of-memory in a batch of several
+        images retries them in halves."""
+        for job in jobs:
+            if job.source.direct is not None:
+                self._save_direct(job)
+        limit: int | None = None   # lowered by an out-of-memory
+        while True:
+            before = telemetry.snapshot()
+            batch = self._next_batch(jobs, limit)
+            if not batch:
+                break
+            oom = None
+            try:
+                self._sample_decode_save(batch)
+            except torch.OutOfMemoryError as error:
+                if len(batch) == 1:
+                    raise
+                oom = str(error).splitlines()[0] if str(error) else "out of memory"
+            finally:
+                _charge_shared(batch, telemetry.snapshot().minus(before))
+            if oom is not None:   # outside the `except`: the activations it held are gone
+                limit = len(batch) // 2
+                self._halve_after_out_of_memory(batch, oom)
+        for job in jobs:
+            if not job.ended and job.source.previews is None:   # previews: the images are already there
+                job.images = self._finish_images(job)
 
-        def announce(wait: bool) -> None:
-            """Tell the page about images written since the last call (from this thread only)."""
-            for write in writes[len(announced):]:
-                if not (wait or write.done()) or write.exception() is not None:
-                    return
-                announced.append(write.result().path)
-                run.event("saving", f"Saved image {len(announced)}/{count}", len(announced) - 1, count,
-                          steps, steps, image=announced[-1])
+    def _next_batch(self, jobs: list[BatchJob], limit: int | None) -> list[tuple[BatchJob, int]]:
+        """The next UNet batch: (job, image index) of the first waiting job and of the others
+        that can share its UNet call, in order, as many as fit."""
+        for job in jobs:
+            job.check_stop()
+        waiting = [job for job in jobs if job.waiting()]
+        if not waiting:
+            return []
+        lead = waiting[0]
+        mates = [job for job in waiting if job.sampling_key() == lead.sampling_key()]
+        images = [(job, index) for job in mates for index in job.waiting()]
+        cap = min(n for n in (len(images), limit, lead.plan.cfg.max_batch,
+                              None if core.batchable(lead.plan.sampler) else 1) if n)
+        size = core.unet_batch_size(lead.models.unet, lead.source.width, lead.source.height, cap)
+        return images[:size]
 
-        if source.direct is not None:   # nothing to sample: the one finished image is saved as it is
-            count = 1
-        for index in range(run.done.next_image, count):
-            run.check_stop()
-            if source.direct is not None:
-                writes.append(self.writer.submit(save_image, source.direct, self._image_parameters(
-                    plan, positive_texts[index], index, run), plan.cfg, req.output_format))
-                run.done.next_image = index + 1
+    def _sample_decode_save(self, batch: list[tuple[BatchJob, int]]) -> None:
+        """One UNet batch: its images sampled together, the ones not dropped decoded together,
+        each saved by its own job."""
+        jobs = list(dict.fromkeys(job for job, _ in batch))
+        lead = batch[0][0]
+        models, source = lead.models, lead.source
+        shared = {"sampling": 0.0, "vae_decode": 0.0}
+        calls = core.UNET_CALLS.mark()
+        latents = self._sample(batch, shared)
+        calls = core.UNET_CALLS.since(calls)
+        finished = [(job, index, x) for (job, index), x in zip(batch, latents) if x is not None]
+        for job in jobs:
+            job.unet.add(calls)
+            job.batched_with = max(job.batched_with, len(batch))
+            mine = [index for j, index, _ in finished if j is job]
+            if mine:
+                job.run.event("decoding", _images_text("Decoding", mine, job.count), mine[0], job.count,
+                              job.plan.steps, job.plan.steps, images=len(mine))
+
+        def interrupt() -> None:
+            """Polled before each VAE call or tile: once every job of the batch is stopped, no more."""
+            if all([job.check_stop() for job in jobs]):
+                raise StopRequested()
+
+        try:
+            with _stage(shared, "vae_decode"):
+                pixels = (core.decode_batch(models.vae, [x for _, _, x in finished], source.width, source.height,
+                                            interrupt) if finished else [])
+                pixels = [job.source.finish(image) for (job, _, _), image in zip(finished, pixels)]
+        except StopRequested:   # every job of the batch has ended, stopped: nothing of this batch is kept
+            return
+        for (job, index, _), image in zip(finished, pixels):
+            if job.check_stop():   # stopped while the batch decoded: its images of this batch are dropped
                 continue
-            latents = self._sample(plan, models, stage_sets[positive_texts[index]], tweaks, source, index, run,
-                                   on_step_extra=lambda: announce(wait=False), skipped=skipped)
-            if skipped and skipped[-1] == index:   # Skip: the unfinished image is dropped
-                run.done.next_image = index + 1
-                run.event("skipped", f"Skipped image {index + 1}/{count}", index, count, steps, steps)
-                continue
-            run.event("decoding", f"Decoding image {index + 1}/{count}", index, count, steps, steps)
-            with run.timed("vae_decode"):
-                pixels = source.finish(core.decode(models.vae, latents, source.width, source.height, run.check_stop))
-            writes.append(self.writer.submit(save_image, pixels, self._image_parameters(plan, positive_texts[index],
-                                                                                        index, run),
-                                             plan.cfg, req.output_format))
-            run.done.next_image = index + 1
-            announce(wait=False)
-        run.event("saving", "Saving images", count - 1, count, steps, steps)
-        with run.timed("save_images"):   # only the part that did not overlap: waiting for the commits
-            saved = [write.result() for write in writes]
-        announce(wait=True)
-        report = run.report
-        report["seeds"] = [plan.seed + i for i in range(count) if i not in skipped]
-        if skipped:
-            report["skipped"] = [plan.seed + i for i in skipped]
-        report["output_format"] = req.output_format
-        warnings = sorted({s.warning for s in saved if s.warning})
-        if warnings:
-            report["warnings"] = report.get("warnings", []) + warnings
-        return [s.path for s in saved]
+            job.run.done.writes.append(self.writer.submit(
+                save_image, image, self._image_parameters(job.plan, job.positive_texts[index], index, job.run),
+                job.plan.cfg, job.plan.req.output_format))
+        for job in jobs:
+            share = sum(1 for j, _ in batch if j is job) / len(batch)
+            for name, ms in shared.items():
+                job.run.stage_ms[name] += ms * share
+            if not job.ended:
+                job.run.done.next_image = max(index for j, index in batch if j is job) + 1
+                job.announce(wait=False)
 
-    def _sample(self, plan: RequestPlan, models: RequestModels, stages: list[core.UNetStage],
-                tweaks: guidance.Guidance, source: ImageSource, index: int, run: RequestRun,
-                on_step_extra: Callable[[], None], skipped: list[int]) -> torch.Tensor:
-        """Stage 4: one image's latents; Stop and Skip are honoured between steps."""
-        req, count = plan.req, plan.image_count
-        control = run.control
-
-        def on_step(step: int, total: int, latents: torch.Tensor | None = None) -> None:
-            run.check_stop()
-            on_step_extra()
-            if control is not None and control.skip.is_set():
-                control.skip.clear()
-                skipped.append(index)
-                raise core.SkipImage()
-            if run.progress is not None:
-                preview = (latent_preview(latents) if latents is not None
-                           and (step % PREVIEW_EVERY == 0 or step == total) else None)
-                run.progress(ProgressEvent(index, count, step, total,
-                                           f"Sampling image {index + 1}/{count}, step {step}/{total}",
-                                           preview=preview))
-
-        switch = round(plan.steps * req.refiner_switch) if models.refiner is not None else None
+    def _sample(self, batch: list[tuple[BatchJob, int]], shared_ms: dict[str, float]) -> list[torch.Tensor | None]:
+        """Stage 4: the batch's latents, each image with its own seed; each job's Stop and
+        Skip are honoured between steps (its rows leave the batch; None for those)."""
+        lead = batch[0][0]
+        plan, models, source = lead.plan, lead.models, lead.source
+        tweaks = sampling_guidance(plan.req, plan.settings)
+        images = [core.BatchImage(job.plan.seed + index, job.stage_sets[job.positive_texts[index]])
+                  for job, index in batch]
+        for job in dict.fromkeys(job for job, _ in batch):
+            job.report["guidance"] = asdict(tweaks)
+        switch = round(plan.steps * plan.req.refiner_switch) if models.refiner is not None else None
         shape = (tuple(source.init_latents.shape) if source.init_latents is not None
                  else core.latent_shape(models.unet, models.vae, source.width, source.height))
-        with run.timed("sampling"), contextlib.ExitStack() as extras:
+        with _stage(shared_ms, "sampling"), contextlib.ExitStack() as extras:
             if source.image_prompts is not None:
                 extras.enter_context(ip_adapter.applied(models.unet.model, source.image_prompts))
             if source.controls is not None:
@@ -1035,11 +1248,46 @@ class Pipeline:
                 head, head_latent, head_mask = source.head
                 extras.enter_context(inpaint_mod.head_applied(models.unet, head, head_latent, head_mask,
                                                               load_with=[models.unet]))
-            return core.sample(stages, sampler=plan.sampler, scheduler=plan.scheduler, steps=plan.steps,
-                               cfg=plan.cfg_scale, width=source.width, height=source.height,
-                               seed=plan.seed + index, shape=shape, switch_step=switch, callback=on_step,
-                               guidance=tweaks, init_latents=source.init_latents, denoise=source.denoise,
-                               mask=source.mask)
+            return core.sample_batch(images, sampler=plan.sampler, scheduler=plan.scheduler, steps=plan.steps,
+                                     cfg=plan.cfg_scale, width=source.width, height=source.height, shape=shape,
+                                     switch_step=switch, callback=_step_callback(batch), guidance=tweaks,
+                                     init_latents=source.init_latents, denoise=source.denoise, mask=source.mask)
+
+    def _halve_after_out_of_memory(self, batch: list[tuple[BatchJob, int]], message: str) -> None:
+        """A batch of several images ran out of memory: free what its jobs do not need; the
+        next batches hold half as many images."""
+        jobs = list(dict.fromkeys(job for job, _ in batch))
+        manager = self.manager
+        manager.recover_from_oom(keep_loaded=[p for job in jobs for p in job.run.done.patchers])
+        for job in jobs:
+            job.run.counts["oom_batch_halvings"] = job.run.counts.get("oom_batch_halvings", 0) + 1
+            job.report["out_of_memory"] = {"message": message, "batch_images": len(batch),
+                                           "effective_budget_bytes": manager.effective_budget}
+
+    def _save_direct(self, job: BatchJob) -> None:
+        """An image that needs no sampling (Upscale (Fast 2x)) is saved as it is."""
+        plan, run = job.plan, job.run
+        if run.done.next_image == 0:
+            run.done.writes.append(self.writer.submit(save_image, job.source.direct, self._image_parameters(
+                plan, job.positive_texts[0], 0, run), plan.cfg, plan.req.output_format))
+            run.done.next_image = 1
+
+    def _finish_images(self, job: BatchJob) -> list[str]:
+        """Wait for the job's files; its report gets the seeds made and skipped."""
+        plan, run, report = job.plan, job.run, job.report
+        steps, count = plan.steps, job.count
+        run.event("saving", "Saving images", count - 1, count, steps, steps)
+        with run.timed("save_images"):   # only the part that did not overlap: waiting for the commits
+            saved = [write.result() for write in run.done.writes]
+        job.announce(wait=True)
+        report["seeds"] = [plan.seed + i for i in range(count) if i not in job.skipped]
+        if job.skipped:
+            report["skipped"] = [plan.seed + i for i in job.skipped]
+        report["output_format"] = plan.req.output_format
+        warnings = sorted({s.warning for s in saved if s.warning})
+        if warnings:
+            report["warnings"] = report.get("warnings", []) + warnings
+        return [s.path for s in saved]
 
     def _image_parameters(self, plan: RequestPlan, texts: sdxl_styles.ImageTexts, index: int,
                           run: RequestRun) -> parameters.ImageMetadata:
@@ -1064,14 +1312,15 @@ class Pipeline:
             scheduler=plan.scheduler, vae=req.vae, seed=plan.seed + index, loras=loras,
             scheme=req.metadata_scheme, save=req.save_metadata_to_images, model_files=files)
 
-    def _finish_report(self, run: RequestRun, summary: model_management.RequestSummary, started: float,
-                       images: list[str]) -> None:
-        report, counters, counts = run.report, summary.counters, run.counts
+    def _finish_report(self, run: RequestRun, summary: model_management.RequestSummary,
+                       counters: telemetry.MoveCounters, started: float, images: list[str]) -> None:
+        report, counts = run.report, run.counts
         report["timings_ms"] = {"total": round((time.perf_counter() - started) * 1000, 3),
                                 "model_management": round(counters.management_seconds * 1000, 3),
                                 **{k: round(v, 3) for k, v in run.stage_ms.items()}}
         report["model_management"] = {**counters.as_report(), "text_encodes": counts["text_encodes"],
                                       "over_budget": summary.over_budget, "oom_retries": counts["oom_retries"],
+                                      "oom_batch_halvings": counts.get("oom_batch_halvings", 0),
                                       "switch": _switch_served(counters),
                                       "conditioning_cache_bytes": self.state.conditions_bytes()}
         report["vram"] = {"budget_bytes": summary.budget_bytes, "resident_bytes": summary.resident_bytes,
@@ -1100,8 +1349,7 @@ class Pipeline:
         status = self.manager.status()
         status["checkpoints"] = [os.path.basename(c.file.path) for c in state.checkpoints.values()]
         status["lora_files_cached"] = len(state.lora_files)
-        status["lora_files"] = [{"name": f.name, "bytes": p.nbytes()}
-                                for f, p in list(getattr(state.lora_files, "_files", {}).items())]
+        status["lora_files"] = [{"name": f.name, "bytes": n} for f, n in state.lora_files.sizes().items()]
         status["conditioning_cache"] = {"entries": len(state.conditions), "bytes": state.conditions_bytes()}
         from modules import expansion
         status["prompt_expansion"] = expansion.status()
@@ -1161,6 +1409,71 @@ def preprocessor_previews(inputs: image_inputs.ImageInputs, width: int, height: 
             previews.append(preprocessors.control_hint(prompt.image, prompt.kind, width, height, options.canny_low,
                                                        options.canny_high, options.skip_preprocessors))
     return previews
+
+
+def joined_conditioning(conds: list[core.Conditioning], pool_top_k: int) -> core.Conditioning:
+    """Upstream's conditioning of several texts, each encoded on its own: their token states
+    concatenated, the pooled outputs of the first `pool_top_k` summed."""
+    if len(conds) == 1:
+        return conds[0]
+    pooled = sum(c.pooled for c in conds[:max(pool_top_k, 1)])
+    return core.Conditioning(embeds=torch.cat([c.embeds for c in conds], dim=1), pooled=pooled)
+
+
+def _charge_shared(batch: list[tuple[BatchJob, int]], counters: telemetry.MoveCounters) -> None:
+    """A shared stage's model management: its time split by each job's share of the batch's
+    images, its bytes and counts on the first job (whole numbers do not split)."""
+    jobs = list(dict.fromkeys(job for job, _ in batch))
+    for job in jobs:
+        share = sum(1 for j, _ in batch if j is job) / len(batch)
+        whole = counters if job is jobs[0] else telemetry.MoveCounters()
+        job.charge(dataclasses.replace(whole, management_seconds=counters.management_seconds * share))
+
+
+def _images_text(verb: str, indices: list[int], count: int) -> str:
+    """'Sampling image 2/4' or, for several, 'Sampling images 1-3/4'."""
+    if len(indices) == 1:
+        return f"{verb} image {indices[0] + 1}/{count}"
+    return f"{verb} images {indices[0] + 1}-{indices[-1] + 1}/{count}"
+
+
+def _step_callback(batch: list[tuple[BatchJob, int]]) -> core.StepCallback:
+    """Between two steps of a UNet batch, for each job in it: a Stop drops all its rows, a
+    Skip its first image's; otherwise its page hears the step (one event for its images,
+    with a preview of the first every PREVIEW_EVERY steps)."""
+    positions: dict[BatchJob, list[int]] = {}
+    for position, (job, _) in enumerate(batch):
+        positions.setdefault(job, []).append(position)
+
+    def on_step(step: int, total: int, estimates: dict[int, torch.Tensor]) -> list[int]:
+        dropped: list[int] = []
+        for job, mine in positions.items():
+            live = [p for p in mine if p in estimates]
+            if not live:
+                continue
+            if job.check_stop():
+                dropped += live
+                continue
+            count = job.count
+            if job.take_skip():   # Skip: its first unfinished image is dropped
+                first = live.pop(0)
+                dropped.append(first)
+                job.skipped.append(batch[first][1])
+                index = batch[first][1]
+                job.run.event("skipped", f"Skipped image {index + 1}/{count}", index, count, total, total)
+                if not live:
+                    continue
+            job.announce(wait=False)
+            if job.run.progress is not None:
+                indices = [batch[p][1] for p in live]
+                preview = (latent_preview(estimates[live[0]])
+                           if step % PREVIEW_EVERY == 0 or step == total else None)
+                job.run.progress(ProgressEvent(indices[0], count, step, total,
+                                               f"{_images_text('Sampling', indices, count)}, step {step}/{total}",
+                                               preview=preview, images=len(indices)))
+        return dropped
+
+    return on_step
 
 
 def _finished_writes(writes: list[concurrent.futures.Future]) -> list[str]:

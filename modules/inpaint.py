@@ -49,6 +49,7 @@ from ldm_patched.modules.file_version import FileReadError, FileVersion, read_fi
 from ldm_patched.modules.lora_adapters import QuantizedDiff
 from ldm_patched.modules.model_patcher import ModelPatcher
 from ldm_patched.modules.sdxl_layout import invert_key_map, unet_key_map
+from ldm_patched.modules.sized_cache import SizedCache
 
 # -- upstream constants (Fooocus 2.5: modules/flags.py, modules/config.py, async_worker, inpaint_worker)
 OUTPAINT_DIRECTIONS = ("left", "right", "top", "bottom")
@@ -435,7 +436,7 @@ class InpaintModels:
     device copies they cache survive between requests."""
 
     def __init__(self) -> None:
-        self._patches: dict[str, _CachedPatch] = {}
+        self._patches: SizedCache[str, _CachedPatch] = SizedCache(lambda cached: cached.parsed.nbytes())
         self._heads: dict[str, tuple[FileVersion, ModelPatcher]] = {}
 
     @staticmethod
@@ -472,7 +473,7 @@ class InpaintModels:
         return patcher
 
     def nbytes(self) -> int:
-        return sum(c.parsed.nbytes() for c in self._patches.values())
+        return self._patches.nbytes()
 
 
 # -- the head's hook on the UNet ---------------------------------------------------------------

@@ -38,7 +38,6 @@ import io
 import math
 import os
 import re
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from ldm_patched.modules import model_management
 from ldm_patched.modules.file_version import FileReadError, FileVersion, read_file, read_safetensors
 from ldm_patched.modules.model_patcher import ModelPatcher, compute_device_and_dtype
+from ldm_patched.modules.sized_cache import SizedCache
 
 IP_ADAPTER_FILE = "ip-adapter-plus_sdxl_vit-h.bin"
 CLIP_VISION_FILE = "clip_vision_vit_h.safetensors"
@@ -325,6 +325,9 @@ class ImageTokens:
     uncond: torch.Tensor
     identity: tuple   # (image sha256, IP-Adapter version, CLIP vision version)
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.cond, self.uncond))
+
 
 @dataclass(frozen=True)
 class ImagePrompt:
@@ -387,7 +390,7 @@ class ImagePromptAdapter:
     """One IP-Adapter file with one CLIP vision file: patchers and the token cache."""
 
     def __init__(self, ip_patcher: ModelPatcher, clip_patcher: ModelPatcher, ip_version: FileVersion,
-                 clip_version: FileVersion, cache: "OrderedDict[tuple, ImageTokens]") -> None:
+                 clip_version: FileVersion, cache: SizedCache[tuple, ImageTokens]) -> None:
         self.ip = ip_patcher
         self.clip = clip_patcher
         self.ip_version = ip_version
@@ -483,7 +486,7 @@ class ImagePromptModels:
     def __init__(self) -> None:
         self._ip: dict[str, tuple[FileVersion, ModelPatcher]] = {}
         self._clip: dict[str, tuple[FileVersion, ModelPatcher]] = {}
-        self._tokens: "OrderedDict[tuple, ImageTokens]" = OrderedDict()
+        self._tokens: SizedCache[tuple, ImageTokens] = SizedCache(ImageTokens.nbytes)
         self._adapters: dict[tuple[FileVersion, FileVersion], ImagePromptAdapter] = {}
 
     def get(self, ip_path: str, clip_path: str) -> ImagePromptAdapter:
@@ -503,11 +506,8 @@ class ImagePromptModels:
 
     def _register_cache(self) -> None:
         """Charge the cached tokens (host memory) to the host ledger; freeable in the first tier."""
-        def nbytes() -> int:
-            return sum(t.cond.numel() * t.cond.element_size() + t.uncond.numel() * t.uncond.element_size()
-                       for t in self._tokens.values())
         model_management.get_manager().register_cache("image_prompt_tokens", model_management.HOST,
-                                                      nbytes, self._tokens.clear)
+                                                      self._tokens.nbytes, self._tokens.clear)
 
     def _current_versions(self) -> set[FileVersion]:
         return {v for v, _ in self._ip.values()} | {v for v, _ in self._clip.values()}

@@ -32,7 +32,8 @@ def get_worker() -> Worker:
             cfg = config.get_config()
             queue_size = getattr(args_manager.args, "queue_size", None)   # --queue-size wins over the key
             _worker = Worker(max_pending=queue_size or cfg.max_queue_length, pipeline_factory=_new_pipeline,
-                             max_pending_per_owner=cfg.max_queue_per_client)
+                             max_pending_per_owner=cfg.max_queue_per_client, max_batch=cfg.max_batch,
+                             batch_window_ms=cfg.batch_window_ms)
         return _worker
 
 

@@ -31,6 +31,7 @@ class ProgressEvent:
     stage: str = "sampling"      # loading, encoding, sampling, skipped, decoding, saving
     preview: Any = None          # small RGB uint8 array (sampling), every few steps
     image: str | None = None     # path of an image that has just been written (saving)
+    images: int = 1              # images from image_index on that this step advanced (a UNet batch)
 
 
 @dataclass
@@ -39,6 +40,16 @@ class RequestResult:
 
     images: list[str]
     report: dict
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What the pipeline tells the worker about a queued request, so compatible ones join one
+    batch: requests with equal `key`s may share UNet batches."""
+
+    key: Any
+    images: int      # images the request makes
+    capacity: int    # images one batch of this kind may hold (the memory budget's answer now)
 
 
 class RequestError(ValueError):

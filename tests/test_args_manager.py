@@ -150,7 +150,19 @@ def test_every_flag_has_help_and_ours_are_marked() -> None:
     assert all(a.help for a in actions)
     ours = {a.option_strings[0] for a in actions if a.help.startswith("[ours]")}
     assert ours == {"--keep-models-resident", "--vram-budget", "--check-memory-accounting", "--compile-unet",
-                    "--compile-backend", "--compile-mode", "--webhook-allow"}
+                    "--compile-backend", "--compile-mode", "--webhook-allow", "--max-batch",
+                    "--batch-window-ms"}
+
+
+def test_batch_flags_reach_the_config_and_bad_values_are_refused() -> None:
+    from modules import config
+
+    args = parse_args(["--max-batch", "3", "--batch-window-ms", "20"])
+    assert (config._cli_settings(args)["max_batch"], config._cli_settings(args)["batch_window_ms"]) == (3, 20.0)
+    assert config._cli_settings(parse_args([]))["max_batch"] is None
+    for bad in (["--max-batch", "0"], ["--batch-window-ms", "-1"], ["--batch-window-ms", "nan"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def test_importing_ignores_the_real_command_line() -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from modules.task_types import ProgressEvent
+from modules.task_types import BatchKey, ProgressEvent
 from modules.async_worker import STOPPED_BEFORE_START, AsyncTask, TaskControl, TaskState, Worker, progress_percent
 
 TIMEOUT = 10.0  # generous upper bound for events that should happen in milliseconds
@@ -282,6 +282,13 @@ def test_progress_keeps_every_stage_in_order_even_between_polls() -> None:
     assert latest.stages == ("queued", "loading", "encoding", "sampling", "decoding", "saving", "finished")
 
 
+def test_progress_never_goes_back_when_a_batch_saves_its_images() -> None:
+    task = AsyncTask(request={"prompt": "batch"})
+    task.report_progress(ProgressEvent(0, 4, 8, 8, "Decoding images 1-4/4", stage="decoding", images=4))
+    task.report_progress(ProgressEvent(0, 4, 8, 8, "Saved image 1/4", stage="saving"))   # 22.5 % on its own
+    assert task.progress.percent == pytest.approx(90.0) and task.progress.text == "Saved image 1/4"
+
+
 def test_wait_for_update_times_out_without_change() -> None:
     task = AsyncTask(request={"prompt": "idle"})
     snap = task.wait_for_update(task.progress.version, 0.05)
@@ -296,9 +303,96 @@ def test_wait_for_update_times_out_without_change() -> None:
     (ProgressEvent(1, 2, 10, 10, ""), 95.0),    # the last image decodes: not 100 % before "finished"
     (ProgressEvent(5, 2, 99, 10, ""), 95.0),    # out-of-range values are clamped
     (ProgressEvent(0, 0, 0, 0, ""), 0.0),       # degenerate counts don't divide by zero
+    (ProgressEvent(0, 4, 5, 10, "", images=4), 45.0),   # four images in one UNet batch, half way
+    (ProgressEvent(2, 4, 5, 10, "", images=4), 72.5),   # a batch never counts past the last image
 ])
 def test_progress_percent(event: ProgressEvent, want: float) -> None:
     assert progress_percent(event) == pytest.approx(want)
+
+
+@dataclass
+class BatchingRecorder:
+    """A fake pipeline that runs batches: a request's batch key is its "key" (None: alone),
+    its images its "n"; one batch holds 4 images. Batches wait for `gate` when it is given."""
+
+    batches: list[list[str]] = field(default_factory=list)
+    asked: threading.Event = field(default_factory=threading.Event)   # a batch key was asked for
+    running: threading.Event = field(default_factory=threading.Event)
+    gate: threading.Event | None = None
+
+    def batch_key(self, request: dict) -> BatchKey | None:
+        self.asked.set()
+        return None if request.get("key") is None else BatchKey(request["key"], request.get("n", 1), capacity=4)
+
+    def process_batch(self, requests, controls, progresses) -> list[FakeResult]:
+        self.batches.append([r["prompt"] for r in requests])
+        self.running.set()
+        if self.gate is not None:
+            assert self.gate.wait(TIMEOUT)
+        return [FakeResult([f"{r['prompt']}.png"], {"skipped": c.skip.is_set()}) for r, c in zip(requests, controls)]
+
+    def process_request(self, request, control=None, progress=None) -> FakeResult:
+        return self.process_batch([request], [control or TaskControl()], [progress])[0]
+
+    def model_status(self) -> dict:
+        return {}
+
+    def flush_writer(self) -> None:
+        pass
+
+
+def _held_worker(pipeline: BatchingRecorder, **options) -> tuple[Worker, threading.Event]:
+    """A worker kept busy (by a call) until the returned event is set, so tasks queue up."""
+    worker = Worker(pipeline_factory=lambda: pipeline, **options)
+    held = threading.Event()
+    worker.call(lambda: held.wait(TIMEOUT))
+    return worker, held
+
+
+@pytest.mark.parametrize("max_batch", [None, 1])
+def test_queued_tasks_of_one_batch_key_join_the_first_in_order_up_to_the_cap(max_batch) -> None:
+    pipeline = BatchingRecorder()
+    worker, held = _held_worker(pipeline, max_batch=max_batch)
+    try:
+        queued = [("a", "A", 1), ("b", "B", 1), ("c", "A", 1), ("d", "A", 2), ("e", "A", 1), ("f", None, 1)]
+        tasks = [worker.submit({"prompt": p, "key": k, "n": n}) for p, k, n in queued]
+        held.set()
+        assert [t.result(TIMEOUT).images for t in tasks] == [[f"{p}.png"] for p, _, _ in queued]
+    finally:
+        worker.shutdown(TIMEOUT)
+    if max_batch == 1:   # --max-batch 1: one task at a time, as upstream
+        assert pipeline.batches == [[p] for p, _, _ in queued]
+    else:   # a, c and d fill the 4 images; b (another key) waits for that one batch only
+        assert pipeline.batches == [["a", "c", "d"], ["b"], ["e"], ["f"]]
+
+
+def test_the_batch_window_waits_for_a_compatible_task_to_arrive() -> None:
+    pipeline = BatchingRecorder()
+    worker = Worker(pipeline_factory=lambda: pipeline, batch_window_ms=600_000)   # ends when the batch is full
+    try:
+        first = worker.submit({"prompt": "a", "key": "A", "n": 3})
+        assert pipeline.asked.wait(TIMEOUT)   # the worker has taken it and waits for more
+        late = worker.submit({"prompt": "b", "key": "A"})
+        assert first.result(TIMEOUT).images == ["a.png"] and late.result(TIMEOUT).images == ["b.png"]
+    finally:
+        worker.shutdown(TIMEOUT)
+    assert pipeline.batches == [["a", "b"]]
+
+
+def test_skip_owned_reaches_the_owners_task_inside_a_running_batch() -> None:
+    pipeline = BatchingRecorder(gate=threading.Event())
+    worker, held = _held_worker(pipeline)
+    try:
+        alice = worker.submit({"prompt": "a", "key": "A"}, owner="alice")
+        bob = worker.submit({"prompt": "b", "key": "A"}, owner="bob")
+        held.set()
+        assert pipeline.running.wait(TIMEOUT)
+        assert worker.running() == [alice, bob] and worker.current is alice
+        assert worker.skip_owned("bob") is bob
+        pipeline.gate.set()
+        assert (alice.result(TIMEOUT).report, bob.result(TIMEOUT).report) == ({"skipped": False}, {"skipped": True})
+    finally:
+        worker.shutdown(TIMEOUT)
 
 
 def test_submit_after_shutdown_is_refused(recorder: Recorder) -> None:

@@ -12,7 +12,8 @@ from ldm_patched.modules import model_management
 from tests.benchmarks import harness, models
 from tests.benchmarks.checks import (assert_compiled_runs_without_recompiling, assert_conservative_repatches,
                                      assert_conservative_session_reloads, assert_resident_session_loads_nothing,
-                                     assert_resident_steady_state_is_free, requests_of)
+                                     assert_resident_steady_state_is_free,
+                                     assert_throughput_batches_share_unet_calls, requests_of)
 
 SUMMARY_FIELDS = ("timings_ms", "counts", "peak_allocated_bytes", "ratio_total", "ratio_model_management",
                   "requests", "step_ms", "compile", "warmup_compile")
@@ -44,7 +45,8 @@ def test_every_scenario_and_configuration_has_every_metric(dry_run):
             assert all(set(v) == {"sum", "median"} for v in summary["counts"].values())
             assert len(summary["requests"]) == results["options"]["counted_requests"][scenario]
     assert results["options"]["counted_requests"] == {**{s: 2 for s in harness.SCENARIOS},
-                                                      harness.SESSION: len(harness.SESSION_MODES)}
+                                                      harness.SESSION: len(harness.SESSION_MODES),
+                                                      harness.THROUGHPUT: harness.THROUGHPUT_CLIENTS * 2}
     assert results["results"]["steady"]["conservative"]["ratio_total"] == pytest.approx(1.0)
     for key in ("cpu", "torch", "date", "git_commit"):
         assert results["machine"][key]
@@ -54,6 +56,7 @@ def test_resident_steady_state_moves_and_patches_nothing(dry_run):
     assert_resident_steady_state_is_free(dry_run[0])
     for request in requests_of(dry_run[0], "steady", "resident"):
         assert request["model_management"]["text_encodes"] == 0
+    assert dry_run[0]["results"]["steady"]["resident"]["cached_lora_files"] == harness.CACHED_LORA_FILES
 
 
 def test_conservative_steady_state_repatches_the_lcm_lora_every_request(dry_run):
@@ -83,7 +86,8 @@ def test_markdown_has_the_table(dry_run):
     results, markdown = dry_run
     assert harness.TABLE_HEADER in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| steady |")]
-    assert len(rows) == len(harness.CONFIGURATIONS) + 2   # + compiled-vs-eager: resident, compiled
+    steady = [n for n in harness.CONFIGURATIONS if harness.runs(n, "steady")]
+    assert len(rows) == len(steady) + 2   # + compiled-vs-eager: resident, compiled
     assert harness.PEER_HEADER in markdown and harness.COMPILE_HEADER in markdown
     assert f"| {harness.PEER} (LCM LoRA fused in" in markdown
 
@@ -104,7 +108,7 @@ def test_the_peer_fuses_the_lora_into_copies_not_into_the_benchmarked_modules(dr
     # Had the fuse touched bench_base's own modules, conservative's first load would see
     # LoRA-merged "originals"; every configuration draws the peer's picture only if not.
     diffs = {n: s["max_pixel_diff_vs_peer"] for n, s in results["results"]["steady"].items()}
-    assert len(diffs) == len(harness.CONFIGURATIONS) and max(diffs.values()) <= 2
+    assert set(diffs) == {n for n in harness.CONFIGURATIONS if harness.runs(n, "steady")} and max(diffs.values()) <= 2
 
 
 def test_compiled_configuration_recompiles_nothing_across_lora_switches(dry_run):
@@ -165,3 +169,14 @@ def test_conservative_fooocus_session_reloads_every_request(dry_run):
     # On the CPU bytes moved are 0 in every configuration (load device = offload device):
     # what tells upstream's per-request reload apart here is models_loaded.
     assert_conservative_session_reloads(dry_run[0])
+
+
+def test_throughput_batches_the_queued_clients_and_one_at_a_time_does_not(dry_run):
+    results, markdown = dry_run
+    assert_throughput_batches_share_unet_calls(results)
+    assert set(results["results"][harness.THROUGHPUT]) == {harness.EAGER, harness.UNBATCHED}
+    for summary in results["results"][harness.THROUGHPUT].values():
+        for performance in ("Extreme Speed", "Speed"):
+            round_ = summary["per_performance"][performance]
+            assert round_["requests"] == harness.THROUGHPUT_CLIENTS and round_["images_per_s"] > 0
+    assert harness.THROUGHPUT_HEADER in markdown

@@ -37,7 +37,7 @@ def fail_once(monkeypatch, owner, name: str, times: int = 1) -> list:
 def test_out_of_memory_in_sampling_is_retried_once_and_keeps_the_image(pipeline, monkeypatch, policy):
     pipeline(policy)
     clean = pipelines.process_request(dict(SMALL))
-    calls = fail_once(monkeypatch, core, "sample")
+    calls = fail_once(monkeypatch, core, "sample_batch")
     result = pipelines.process_request(dict(SMALL))
     assert "error" not in result.report, result.report
     assert result.report["model_management"]["oom_retries"] == 1 and len(calls) == 2
@@ -65,28 +65,33 @@ def test_out_of_memory_in_a_merge_is_retried_and_the_next_request_is_steady(pipe
 def test_out_of_memory_twice_fails_the_request_alone_with_what_it_needed(pipeline, monkeypatch):
     pipeline(mm.Policy.RESIDENT)
     with monkeypatch.context() as patch:
-        fail_once(patch, core, "sample", times=2)
+        fail_once(patch, core, "sample_batch", times=2)
         failed = pipelines.process_request(dict(SMALL))
     error = failed.report["error"]
     assert failed.images == [] and "out of memory" in error and "needed about" in error and "budget" in error
     assert "error" not in pipelines.process_request(dict(SMALL)).report
 
 
-def test_a_retry_does_not_make_finished_images_again(pipeline, monkeypatch):
+def test_an_out_of_memory_batch_is_retried_in_halves_and_finished_images_are_not_made_again(pipeline,
+                                                                                             monkeypatch):
     folders = pipeline(mm.Policy.RESIDENT)
-    original = core.sample
+    original = core.sample_batch
     calls = []
 
-    def second_image_fails_once(*args, **kwargs):
-        calls.append(kwargs["seed"])
-        if len(calls) == 2:
+    def fails_at_two_images_and_once_at_the_second(images, **kwargs):
+        calls.append([image.seed for image in images])
+        if len(images) == 2 or calls.count([8]) == 1 and images[0].seed == 8:
             raise torch.OutOfMemoryError("injected")
-        return original(*args, **kwargs)
+        return original(images, **kwargs)
 
-    monkeypatch.setattr(core, "sample", second_image_fails_once)
+    monkeypatch.setattr(core, "sample_batch", fails_at_two_images_and_once_at_the_second)
     result = pipelines.process_request({**SMALL, "image_number": 2})
-    assert len(result.images) == 2 and calls == [7, 8, 8]
-    assert len(list(folders["outputs"].rglob("*.png"))) == 2
+    # Both images in one batch: out of memory, so halves; the second half fails once more
+    # (one image: the request's retry) and the finished first image is not made again.
+    assert "error" not in result.report and calls == [[7, 8], [7], [8], [8]]
+    assert result.report["model_management"]["oom_batch_halvings"] == 1
+    assert result.report["model_management"]["oom_retries"] == 1
+    assert len(result.images) == 2 and len(list(folders["outputs"].rglob("*.png"))) == 2
 
 
 def test_a_refiner_that_is_the_base_is_not_a_second_patch_set(pipeline, tiny_components):
@@ -135,3 +140,34 @@ def test_cached_checkpoint_parts_the_registry_does_not_hold_are_charged_to_the_h
         assert manager.ledger(mm.HOST)["caches"]["checkpoints"] == every_part
     finally:
         mm.configure(mm.MemorySettings())
+
+
+def test_a_steady_request_measures_no_cached_tensor_with_50_lora_files_cached(pipeline, tiny_components,
+                                                                                 monkeypatch):
+    """Ledger queries read the caches' kept byte counts: with 50 parsed LoRA files cached, a
+    steady request calls no per-tensor size function, and the counts still equal the tensors."""
+    from ldm_patched.modules import lora_adapters
+    from modules import default_pipeline
+
+    folders = pipeline(mm.Policy.RESIDENT)
+    paths = [kohya_lora(tiny_components, folders["loras"] / f"style{i}.safetensors", rank=2)
+             for i in range(50)]
+    state = pipelines.current().state
+    for path in paths:
+        state.lora_files.get(path)
+    request = {**SMALL, "loras": [["style0.safetensors", 0.8]]}
+    pipelines.process_request(dict(request))   # registers the caches, encodes, patches
+    measured = []
+    for owner, name in ((lora_adapters, "_nbytes"), (default_pipeline, "conditioning_bytes")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name: measured.append(_n) or _f(*a))
+    steady = pipelines.process_request(dict(request))
+    assert "error" not in steady.report and steady.report["model_management"]["weights_patched"] == 0
+    assert measured == []
+    monkeypatch.undo()
+    factor_bytes = sum(t.numel() * t.element_size() for path in paths
+                       for adapter in state.lora_files.get(path).layers.values() for t in adapter.tensors())
+    caches = mm.get_manager().ledger(mm.HOST)["caches"]
+    assert len(state.lora_files) == 50 and caches["lora_files"] == factor_bytes
+    assert caches["conditionings"] == sum(t.numel() * t.element_size() for c in state.conditions.values()
+                                          for t in (c.embeds, c.pooled))

@@ -280,3 +280,18 @@ def test_a_stop_ends_the_upscaler_and_the_vae_at_the_next_tile(served, monkeypat
     stage_calls = [kind for kind, _ in work if kind == stage]
     assert stage_calls == [stage], work   # one tile of several, then nothing
     assert [kind for kind, after_stop in work if after_stop] == [], work
+
+
+@pytest.mark.parametrize("mode", ["vary", "image prompt", "inpaint"])
+def test_an_input_image_requests_images_share_one_unet_batch_each_as_its_seed_alone(served, mode):
+    """Its images start from the same input, each with its own seed: one UNet batch (the
+    request does not join others'), each image within BATCH_TOLERANCE of its seed alone."""
+    served(mm.Policy.RESIDENT)
+    extra = MODES[mode][0]
+    images, report = run({**extra, "image_number": 2})
+    assert "error" not in report, report
+    assert report["unet_rows_per_call"] == {"4": report["unet_calls"]} and len(images) == 2
+    assert pipelines.current().batch_key({**BASE, **extra}) is None
+    for i, path in enumerate(images):
+        alone, _ = run({**extra, "seed": BASE["seed"] + i})
+        assert pipelines.max_difference(path, alone[0]) <= pipelines.BATCH_TOLERANCE

@@ -7,19 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.helpers.serving import answers, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 300.0
@@ -38,12 +37,6 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_until(condition, deadline_s: float, what: str, alive=lambda: True) -> None:
     """Poll an observable condition (a port answering, a file appearing)."""
     deadline = time.monotonic() + deadline_s
@@ -54,14 +47,6 @@ def wait_until(condition, deadline_s: float, what: str, alive=lambda: True) -> N
             return
         threading.Event().wait(0.2)   # polling interval, not synchronisation
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 @pytest.fixture(scope="module")

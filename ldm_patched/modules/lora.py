@@ -22,7 +22,6 @@ with or without `text_model.` whatever level the installed transformers has.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable
 
@@ -32,6 +31,7 @@ from ldm_patched.modules import telemetry
 from ldm_patched.modules.file_version import FileReadError, FileVersion, read_safetensors
 from ldm_patched.modules.lora_adapters import (DoraFactors, GloraFactors, LohaFactors, LokrFactors,
                                                LoraFactors)
+from ldm_patched.modules.sized_cache import SizedCache
 
 __all__ = ["LoraError", "FileVersion", "LoraFactors", "LohaFactors", "LokrFactors", "GloraFactors",
            "DoraFactors", "LoraPatch", "ParsedLora", "LoraFileCache", "LoraMatch", "match_lora",
@@ -289,11 +289,12 @@ def read_lora_file(path: "str | os.PathLike[str]") -> ParsedLora:
 
 
 class LoraFileCache:
-    """Parsed LoRA files by version, least-recently-used out past `max_bytes`."""
+    """Parsed LoRA files by version, least-recently-used out past `max_bytes`. Each file is
+    measured once, when it is read: `nbytes()` (a ledger query) walks no tensor."""
 
     def __init__(self, max_bytes: int = 8 * 1024 ** 3) -> None:
         self.max_bytes = max_bytes
-        self._files: "OrderedDict[FileVersion, ParsedLora]" = OrderedDict()
+        self._files: SizedCache[FileVersion, ParsedLora] = SizedCache(ParsedLora.nbytes)
 
     def get(self, path: str) -> ParsedLora:
         file = _version(path)
@@ -313,7 +314,7 @@ class LoraFileCache:
             del self._files[old]
 
     def _trim(self, keep: FileVersion) -> None:
-        while sum(p.nbytes() for p in self._files.values()) > self.max_bytes and len(self._files) > 1:
+        while self._files.nbytes() > self.max_bytes and len(self._files) > 1:
             oldest = next(iter(self._files))
             if oldest == keep:
                 break
@@ -323,7 +324,11 @@ class LoraFileCache:
         return file in self._files
 
     def nbytes(self) -> int:
-        return sum(p.nbytes() for p in self._files.values())
+        return self._files.nbytes()
+
+    def sizes(self) -> dict[FileVersion, int]:
+        """Bytes of each cached file, oldest first (as measured when it was read)."""
+        return {file: self._files.size_of(file) for file in self._files}
 
     def __len__(self) -> int:
         return len(self._files)

@@ -777,6 +777,21 @@ class ModelManager:
         factors = patcher.pending_factor_bytes() if patcher.patches else 0
         return native, max(native, wide), factors, patcher.pending_variant_bytes()
 
+    def largest_batch(self, patchers: Sequence[ModelPatcher], per_item: int, wanted: int) -> int:
+        """How many items (images) of `per_item` working memory one call of `patchers` (loaded)
+        can take: what the ledger has free on their device, and, only when that is short, what
+        freeing tiers and evicting other models would give. At least 1, at most `wanted`."""
+        if wanted <= 1 or per_item <= 0:
+            return max(1, wanted)
+        device = self._stage_device(patchers)
+        room = self.free_bytes(device)
+        if room < wanted * per_item:   # counted only when short: the steady state stays O(1)
+            keep = {id(p.model) for p in patchers}
+            room += sum(e.bytes_on(device) for e in self.loaded if id(e.module) not in keep)
+            if self.resident:
+                room += self._reclaimable(device, patchers, TIERS[:3])
+        return max(1, min(wanted, room // per_item))
+
     # -- freeing in tiers --------------------------------------------------------------
 
     def _reclaimable(self, device: torch.device, keep: Sequence[ModelPatcher], tiers: Iterable[str]) -> int:
@@ -1219,6 +1234,10 @@ def get_torch_device() -> torch.device:
 
 def load_models_gpu(models: Sequence[ModelPatcher], memory_required: int = 0) -> LoadPlan:
     return get_manager().load_models(models, memory_required)
+
+
+def batch_that_fits(models: Sequence[ModelPatcher], per_item: int, wanted: int) -> int:
+    return get_manager().largest_batch(models, per_item, wanted)
 
 
 def load_model_gpu(model: ModelPatcher) -> LoadPlan:

@@ -34,6 +34,10 @@ class MoveCounters:
         return MoveCounters(**{f.name: getattr(self, f.name) - getattr(earlier, f.name)
                                for f in dataclasses.fields(self)})
 
+    def plus(self, other: "MoveCounters") -> "MoveCounters":
+        return MoveCounters(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                               for f in dataclasses.fields(self)})
+
     def as_report(self) -> dict[str, int]:
         """The `model_management` block of the per-request report (DESIGN.md §4)."""
         return {f.name: int(getattr(self, f.name)) for f in dataclasses.fields(self)

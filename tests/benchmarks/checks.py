@@ -83,3 +83,20 @@ def assert_conservative_session_reloads(results: dict[str, Any]) -> None:
     models again, as upstream does per request."""
     for request in requests_of(results, SESSION, "conservative"):
         assert request["model_management"]["models_loaded"] > 0, (request["mode"], request["model_management"])
+
+
+# -- throughput (issue 19) ------------------------------------------------------------------
+
+def assert_throughput_batches_share_unet_calls(results: dict[str, Any]) -> None:
+    """One image at a time costs `steps` UNet calls per request. Batched, the round starts
+    with every client's first request queued, and they run as one UNet batch: `steps` calls
+    for all of them, so at most steps x (requests - clients + 1) in the round."""
+    from tests.benchmarks.harness import EAGER, THROUGHPUT, UNBATCHED
+
+    per_config = results["results"][THROUGHPUT]
+    clients = per_config[EAGER]["clients"]
+    for performance, batched in per_config[EAGER]["per_performance"].items():
+        alone = per_config[UNBATCHED]["per_performance"][performance]
+        assert alone["unet_calls"] == alone["steps"] * alone["requests"], (performance, alone)
+        assert batched["unet_calls"] <= batched["steps"] * (batched["requests"] - clients + 1), (performance, batched)
+        assert batched["largest_unet_batch_rows"] >= clients, (performance, batched)

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
+import threading
 import gc
 import json
 import os
@@ -77,11 +79,14 @@ CONFIGURATIONS: dict[str, list[str]] = {
     "conservative --always-gpu": ["--always-gpu"],
     "resident": ["--keep-models-resident"],
     "resident --compile-unet": ["--keep-models-resident", "--compile-unet"],
+    "resident --max-batch 1": ["--keep-models-resident", "--max-batch", "1"],
 }
 BASELINE = "conservative"
 COMPILED = "resident --compile-unet"
 EAGER = "resident"
-SCENARIOS = ("steady", "lora_switch", "base_switch", "refiner", "fooocus_session")
+UNBATCHED = "resident --max-batch 1"
+THROUGHPUT = "throughput"
+SCENARIOS = ("steady", "lora_switch", "base_switch", "refiner", "fooocus_session", THROUGHPUT)
 SESSION = "fooocus_session"
 # fooocus_session's cycle, in order; each counted request is labelled with its mode.
 SESSION_MODES = ("text-to-image", "vary", "upscale", "image prompt", "inpaint")
@@ -89,7 +94,13 @@ MODE_KEY = "_bench_mode"   # a label in the harness's request dicts, removed bef
 INPUT_IMAGE_FOLDERS = ("upscale_models", "controlnet", "clip_vision", "inpaint")
 # The compiled configuration runs what compares it with eager (per-step time, switches);
 # every extra scenario would only add compiles of more modules and shapes.
-CONFIGURATION_SCENARIOS: dict[str, tuple[str, ...]] = {COMPILED: ("steady", "lora_switch")}
+CONFIGURATION_SCENARIOS: dict[str, tuple[str, ...]] = {COMPILED: ("steady", "lora_switch"),
+                                                        UNBATCHED: (THROUGHPUT,)}
+# Throughput compares UNet batches with one image at a time, both resident.
+SCENARIO_CONFIGURATIONS: dict[str, tuple[str, ...]] = {THROUGHPUT: (EAGER, UNBATCHED)}
+# throughput: concurrent clients, each sending its requests one after another, per performance.
+THROUGHPUT_CLIENTS = 4
+THROUGHPUT_PERFORMANCES = (flags.Performance.EXTREME_SPEED, flags.Performance.SPEED)
 PEER = "diffusers StableDiffusionXLPipeline"
 TIMINGS = ("total", "model_management", "text_encode", "sampling", "vae_decode", "save_images", "input_image",
            "other")
@@ -97,6 +108,9 @@ TIMINGS = ("total", "model_management", "text_encode", "sampling", "vae_decode",
 INPUT_IMAGE_STAGES = ("upscale", "vae_encode", "image_prompt")
 COUNTS = ("bytes_to_device", "bytes_to_offload", "weights_patched", "weights_restored", "weights_from_variants",
           "models_loaded", "models_unloaded", "lora_files_read", "text_encodes")
+# LoRA files parsed in the file cache during `steady` (the LCM one and small others): ledger
+# queries must not grow with what is cached (issue 19: under 1 ms of management with 50).
+CACHED_LORA_FILES = 50
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
 NEGATIVE = "blurry, low quality"
 
@@ -132,7 +146,8 @@ class BenchOptions:
 
 def runs(name: str, scenario: str) -> bool:
     """Whether configuration `name` runs `scenario`."""
-    return scenario in CONFIGURATION_SCENARIOS.get(name, SCENARIOS)
+    return (scenario in CONFIGURATION_SCENARIOS.get(name, SCENARIOS)
+            and name in SCENARIO_CONFIGURATIONS.get(scenario, CONFIGURATIONS))
 
 
 # -- flags -> settings --------------------------------------------------------------------
@@ -157,8 +172,12 @@ def compile_settings_for(name: str, options: BenchOptions) -> compiled_unet.Comp
     return compiled_unet.settings_from_args(args_manager.parse_args(wanted))
 
 
+def configuration_args(name: str, device: str):
+    return args_manager.parse_args(configuration_flags(name, device))
+
+
 def settings_for(name: str, device: str) -> model_management.MemorySettings:
-    settings = model_management.settings_from_args(args_manager.parse_args(configuration_flags(name, device)))
+    settings = model_management.settings_from_args(configuration_args(name, device))
     if settings.device.type != torch.device(device).type:
         raise RuntimeError(f"configuration {name!r} resolved to {settings.device}, not {device}")
     return settings
@@ -176,6 +195,7 @@ class BuiltModels:
     lora_bytes: int
     parameters: dict[str, int]
     dtypes: models.Dtypes
+    cached_loras: list[Path]   # read into the LoRA file cache before `steady` (with the LCM file: 50)
 
     def modules(self) -> Iterator[torch.nn.Module]:
         for _, parts in self.checkpoints.values():
@@ -196,13 +216,15 @@ def build_models(options: BenchOptions, folders: dict[str, Path]) -> BuiltModels
     factor_dtype = torch.float16 if device.type == "cuda" else torch.float32
     keys = models.write_lcm_shaped_lora(checkpoints["bench_base.safetensors"][1]["unet"], lora_path,
                                         options.lora_rank or spec.lora_rank, factor_dtype)
+    cached = models.write_cached_loras(checkpoints["bench_base.safetensors"][1]["unet"], folders["loras"],
+                                       CACHED_LORA_FILES - 1, factor_dtype)
     # fooocus_session's networks (upscaler, IP-Adapter + CLIP vision, inpaint patch + head),
     # shaped for bench_base's UNet; the builders read only its shapes (any device) and
     # write float32 CPU tensors, as the loaders cast to the configuration's dtypes.
     if SESSION in options.scenarios:
         input_image_files.write_all(folders, checkpoints["bench_base.safetensors"][1]["unet"])
     return BuiltModels(checkpoints=checkpoints, tokenizers=load_tokenizers(), lora_keys=keys,
-                       lora_bytes=lora_path.stat().st_size, dtypes=dtypes,
+                       lora_bytes=lora_path.stat().st_size, dtypes=dtypes, cached_loras=cached,
                        parameters={n: models.parameter_count(p) for n, (_, p) in checkpoints.items()})
 
 
@@ -246,6 +268,9 @@ def install_configuration(name: str, options: BenchOptions, built: BuiltModels,
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     pipeline = pipelines.install()
+    # --max-batch reaches the pipeline through its config, as launch's flags do.
+    cfg = dataclasses.replace(config_module.get_config(), max_batch=configuration_args(name, options.device).max_batch)
+    pipeline.config = lambda: cfg
     pipeline.state.max_checkpoints = 8
     for file_name, (kind, parts) in built.checkpoints.items():
         pipeline.adopt_checkpoint(FileVersion.of(str(folders["checkpoints"] / file_name)), kind,
@@ -254,6 +279,13 @@ def install_configuration(name: str, options: BenchOptions, built: BuiltModels,
 
 
 # -- scenarios ------------------------------------------------------------------------------
+
+def fill_lora_cache(built: BuiltModels) -> None:
+    """Parse the small LoRA files into the pipeline's file cache (no request, nothing counted)."""
+    files = pipelines.current().state.lora_files
+    for path in built.cached_loras:
+        files.get(str(path))
+
 
 def base_request(options: BenchOptions, performance: flags.Performance,
                  base: str = "bench_base.safetensors") -> dict[str, Any]:
@@ -314,7 +346,10 @@ def session_cycle(options: BenchOptions) -> list[dict[str, Any]]:
 
 def counted_requests(scenario: str, options: BenchOptions) -> int:
     """`repeats`; for fooocus_session rounded up to whole rounds, so every mode is counted
-    equally often (a dry run with repeats=2 counts one round of 5)."""
+    equally often (a dry run with repeats=2 counts one round of 5); for throughput every
+    client's requests of every performance."""
+    if scenario == THROUGHPUT:
+        return THROUGHPUT_CLIENTS * throughput_requests_per_client(options) * len(THROUGHPUT_PERFORMANCES)
     if scenario != SESSION:
         return options.repeats
     modes = len(SESSION_MODES)
@@ -336,8 +371,11 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     """One request through the pipeline; the benchmark fails on any request error."""
     request = dict(request)
     mode = request.pop(MODE_KEY, None)
-    result = pipelines.process_request(request)
-    report = result.report
+    return request_numbers(pipelines.process_request(request).report, mode)
+
+
+def request_numbers(report: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
+    """What the benchmark keeps of one request's report."""
     if "error" in report:
         raise RuntimeError(f"benchmark request failed: {report['error']}")
     timings = dict(report["timings_ms"])
@@ -352,6 +390,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
             "compile": {k: compiled[k] for k in ("ran_compiled", "graphs_compiled", "recompilations",
                                                  "compile_ms")},
             "model_management": {k: int(report["model_management"][k]) for k in COUNTS},
+            "unet_calls": int(report["unet_calls"]), "unet_rows_per_call": dict(report["unet_rows_per_call"]),
             "peak_allocated_bytes": int(report["vram"]["peak_allocated_bytes"]),
             "resident_bytes": int(report["vram"]["resident_bytes"])}
 
@@ -360,6 +399,84 @@ def _image_size(path: str) -> list[int]:
     """(width, height) of a written image (its header only); the files go with the run's folder."""
     with Image.open(path) as image:
         return list(image.size)
+
+
+# -- throughput: concurrent clients through the worker ----------------------------------------
+
+def throughput_requests_per_client(options: BenchOptions) -> int:
+    return max(1, -(-options.repeats // THROUGHPUT_CLIENTS))
+
+
+def throughput_requests(options: BenchOptions, performance: flags.Performance) -> list[list[dict[str, Any]]]:
+    """Per client, its requests: the same models and size, each with its own prompt and seed
+    (compatible requests: the worker may batch them)."""
+    per_client = throughput_requests_per_client(options)
+    base = base_request(options, performance)
+    return [[{**base, "prompt": f"{PROMPT}, client {k}, request {m}", "seed": options.seed + k * per_client + m}
+             for m in range(per_client)] for k in range(THROUGHPUT_CLIENTS)]
+
+
+def run_throughput(options: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    """THROUGHPUT_CLIENTS client threads submit to the real worker (the configuration's
+    pipeline, --max-batch from its flags), each its requests one after another. Per
+    performance: one uncounted warm-up request, then a round that starts with every client's
+    first request queued (the worker is held until then). Latency: submit to result."""
+    from modules.async_worker import Worker
+
+    pipeline = pipelines.current()
+    worker = Worker(pipeline_factory=lambda: pipeline, max_batch=pipeline.config().max_batch)
+    rounds, requests, warmed = {}, [], []
+    try:
+        for performance in THROUGHPUT_PERFORMANCES:
+            warmed.append(request_numbers(worker.submit(base_request(options, performance)).result().report))
+            numbers, wall_s, calls = _throughput_round(worker, throughput_requests(options, performance))
+            requests += numbers
+            rounds[performance.value] = _throughput_summary(numbers, wall_s, calls)
+            log(f"[bench]   throughput {performance.value}: {rounds[performance.value]['images_per_s']:.2f} "
+                f"images/s, latency p50 {rounds[performance.value]['latency_ms']['p50']:.0f} ms")
+    finally:
+        worker.shutdown()
+    return {**summarize(requests), "per_performance": rounds, "clients": THROUGHPUT_CLIENTS,
+            "requests_per_client": throughput_requests_per_client(options), "warmup": warmed,
+            "warmup_compile": compile_totals(warmed)}
+
+
+def _throughput_round(worker, per_client: list[list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], float, int]:
+    """(each request's numbers, the round's wall time in s, the UNet calls it made)."""
+    held, queued = threading.Event(), threading.Barrier(len(per_client) + 1)
+    numbers: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def client(requests: list[dict[str, Any]]) -> None:
+        for i, request in enumerate(requests):
+            submitted = time_ms()
+            task = worker.submit(request)
+            if i == 0:
+                queued.wait()
+            report = task.result().report
+            with lock:
+                numbers.append({**request_numbers(report), "latency_ms": time_ms() - submitted})
+
+    worker.call(lambda: held.wait())
+    threads = [threading.Thread(target=client, args=(requests,)) for requests in per_client]
+    for thread in threads:
+        thread.start()
+    queued.wait()   # every client's first request is in the queue
+    calls = core.UNET_CALLS.mark()
+    started = time_ms()
+    held.set()
+    for thread in threads:
+        thread.join()
+    return numbers, (time_ms() - started) / 1000, core.UNET_CALLS.since(calls).calls
+
+
+def _throughput_summary(numbers: list[dict[str, Any]], wall_s: float, unet_calls: int) -> dict[str, Any]:
+    latencies = [n["latency_ms"] for n in numbers]
+    return {"requests": len(numbers), "images": len(numbers), "wall_s": wall_s,
+            "images_per_s": len(numbers) / wall_s if wall_s > 0 else 0.0,
+            "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95)},
+            "unet_calls": unet_calls, "steps": numbers[0]["steps"],
+            "largest_unet_batch_rows": max(int(rows) for n in numbers for rows in n["unet_rows_per_call"])}
 
 
 # -- statistics -----------------------------------------------------------------------------
@@ -483,9 +600,17 @@ def _run_configuration(name: str, options: BenchOptions, built: BuiltModels, fol
         f"policy={manager.settings.policy.value}, vram_state={manager.settings.vram_state.name}, "
         f"budget={manager.settings.budget_bytes / 2**30:.1f} GiB")
     for scenario in (s for s in options.scenarios if runs(name, s)):
+        if scenario == THROUGHPUT:
+            summary = run_throughput(options, log)
+            document["results"].setdefault(scenario, {})[name] = summary
+            continue
         warmup, counted = scenario_requests(scenario, options)
+        if scenario == "steady":
+            fill_lora_cache(built)
         warmed = [run_request(r) for r in warmup]
         summary = summarize([run_request(r) for r in counted])
+        if scenario == "steady":
+            summary["cached_lora_files"] = len(pipelines.current().state.lora_files)
         if scenario == SESSION:   # the modes cost very different amounts: also summarized one by one
             summary["per_mode"] = per_mode_summaries(summary["requests"])
         summary["warmup"] = warmed
@@ -503,6 +628,8 @@ def _options_json(options: BenchOptions) -> dict[str, Any]:
             "side": options.side or spec.side, "speed_steps": options.speed_steps or spec.speed_steps,
             "counted_requests": {s: counted_requests(s, options) for s in options.scenarios},
             "session_input_side": session_input_side(options),
+            "throughput": {"clients": THROUGHPUT_CLIENTS, "requests_per_client": throughput_requests_per_client(options),
+                           "performances": [p.value for p in THROUGHPUT_PERFORMANCES]},
             "session_modes": list(SESSION_MODES),
             "peer": options.peer, "compile_backend": options.backend(),
             "extreme_speed_steps": flags.performance_settings(flags.Performance.EXTREME_SPEED).steps}
@@ -667,7 +794,8 @@ def markdown_report(document: dict[str, Any]) -> str:
     if any(v is not None for v in switch.values()):
         lines.append("LoRA switch-on, median total minus steady-state median total (ms): "
                      + ", ".join(f"{n} {v:.1f}" for n, v in switch.items() if v is not None))
-    lines += ["", *session_table(document), "", *peer_table(document), "", *compile_table(document)]
+    lines += ["", *session_table(document), "", *peer_table(document), "", *compile_table(document), "",
+              *throughput_table(document)]
     return "\n".join(lines) + "\n"
 
 
@@ -700,6 +828,26 @@ def session_table(document: dict[str, Any]) -> list[str]:
                 f"| {c['models_loaded']['median']:g} "
                 f"| {c['weights_patched']['median']:g} / {c['weights_patched']['sum']} "
                 f"| {c['weights_from_variants']['sum']} | {c['weights_restored']['sum']} |")
+    return lines if len(lines) > 2 else []
+
+
+THROUGHPUT_HEADER = ("| throughput | configuration | clients x requests | wall s | images/s | latency p50 / p95 ms "
+                     "| UNet calls (steps x requests) | largest UNet batch (rows) | images/s vs --max-batch 1 |")
+
+
+def throughput_table(document: dict[str, Any]) -> list[str]:
+    per_config = document["results"].get(THROUGHPUT, {})
+    lines = [THROUGHPUT_HEADER, "|" + " --- |" * THROUGHPUT_HEADER.count(" | ") + " --- |"]
+    for performance in (p.value for p in THROUGHPUT_PERFORMANCES):
+        unbatched = per_config.get(UNBATCHED, {}).get("per_performance", {}).get(performance)
+        for name, summary in per_config.items():
+            r = summary["per_performance"][performance]
+            ratio = r["images_per_s"] / unbatched["images_per_s"] if unbatched and unbatched["images_per_s"] else None
+            lines.append(f"| {performance} | {name} | {summary['clients']} x {summary['requests_per_client']} "
+                         f"| {r['wall_s']:.1f} | {r['images_per_s']:.2f} "
+                         f"| {r['latency_ms']['p50']:.0f} / {r['latency_ms']['p95']:.0f} "
+                         f"| {r['unet_calls']} ({r['steps'] * r['requests']}) | {r['largest_unet_batch_rows']} "
+                         f"| {_ratio(ratio)} |")
     return lines if len(lines) > 2 else []
 
 

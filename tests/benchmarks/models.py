@@ -182,12 +182,14 @@ def lora_targets(unet: torch.nn.Module) -> list[tuple[str, torch.Size]]:
     return targets
 
 
-def write_lcm_shaped_lora(unet: torch.nn.Module, path: Path, rank: int, dtype: torch.dtype) -> int:
-    """A kohya-format full-coverage LoRA (random factors) over `unet`; returns its key count."""
+def write_lcm_shaped_lora(unet: torch.nn.Module, path: Path, rank: int, dtype: torch.dtype,
+                          targets: list[tuple[str, torch.Size]] | None = None) -> int:
+    """A kohya-format LoRA (random factors) over `targets` of `unet` (default: every layer the
+    LCM LoRA covers); returns its key count."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    for module, shape in lora_targets(unet):
+    for module, shape in lora_targets(unet) if targets is None else targets:
         base = "lora_unet_" + module.replace(".", "_")
         # Seeded by name: the same file for the same model, whatever the device.
         generator = torch.Generator().manual_seed(zlib.crc32(base.encode()))
@@ -199,3 +201,18 @@ def write_lcm_shaped_lora(unet: torch.nn.Module, path: Path, rank: int, dtype: t
         tensors[f"{base}.alpha"] = torch.tensor(float(rank), dtype=dtype)
     save_file(tensors, str(path))
     return len(tensors) // 3
+
+
+def write_cached_loras(unet: torch.nn.Module, folder: Path, count: int, dtype: torch.dtype,
+                       keys: int = 8, rank: int = 4) -> list[Path]:
+    """`count` small LoRA files (`keys` layers each, a different slice of the targets per file)
+    that the steady scenario keeps parsed in the LoRA file cache: what a server that has
+    served many LoRAs holds while it repeats one request."""
+    targets = lora_targets(unet)
+    paths = []
+    for i in range(count):
+        path = folder / f"bench_cached_{i:02d}.safetensors"
+        start = i * keys % len(targets)
+        write_lcm_shaped_lora(unet, path, rank, dtype, (targets + targets)[start:start + keys])
+        paths.append(path)
+    return paths

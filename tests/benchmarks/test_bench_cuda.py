@@ -16,7 +16,8 @@ import pytest
 
 from tests.benchmarks.checks import (assert_compiled_runs_without_recompiling, assert_conservative_repatches,
                                      assert_conservative_session_reloads, assert_resident_session_loads_nothing,
-                                     assert_resident_steady_state_is_free)
+                                     assert_resident_steady_state_is_free,
+                                     assert_throughput_batches_share_unet_calls)
 from tests.benchmarks.harness import COMPILED, BenchOptions, run_benchmark
 
 
@@ -30,6 +31,7 @@ def test_cuda_sdxl_side_by_side(monkeypatch):
                                          repeats=int(os.environ.get("BENCH_REPEATS", "10"))))
     assert results["models"]["dtypes"]["unet"] == "torch.float16"
     assert_resident_steady_state_is_free(results)
+    assert_throughput_batches_share_unet_calls(results)
     assert_conservative_repatches(results)
     assert_resident_session_loads_nothing(results)
     assert_conservative_session_reloads(results)

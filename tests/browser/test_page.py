@@ -124,7 +124,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), "--port", str(port),
                                     "--keep-models-resident", "--disable-preset-download",
-                                    "--disable-in-browser"],
+                                    "--disable-in-browser", "--max-batch", "2"],   # a 6-image run: 3 batches
                                    cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     srv = Server(f"http://127.0.0.1:{port}/", process, log_path)
     try:
@@ -380,7 +380,7 @@ def test_stop_keeps_the_finished_images(page: PageDriver) -> None:
 def test_skip_discards_the_unfinished_image(page: PageDriver) -> None:
     page.set_image_number(2)
     page.generate("skip one")
-    page.wait_text("Sampling image 1/2")
+    page.wait_text("Sampling images 1-2/2")   # one UNet batch; Skip drops the first image's rows
     page.click("skip_button")
     assert page.wait_stage("finished", "stopped", "error") == "finished"
     page.wait_gallery(1)
@@ -391,7 +391,7 @@ def test_skip_discards_the_unfinished_image(page: PageDriver) -> None:
 def test_a_reload_during_a_run_reconnects(page: PageDriver) -> None:
     page.set_image_number(4)
     page.generate("survive a reload")
-    page.wait_text("Sampling image 1/4")
+    page.wait_text("Sampling images 1-2/4")
     page.page.reload()
     page.page.locator("#generate_button").wait_for(state="attached")
     page.watch_stages()

@@ -23,6 +23,25 @@ def pixels(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
 
 
+def max_difference(path: str, other: str) -> int:
+    """Largest pixel difference (0-255) between two image files."""
+    return int(np.abs(pixels(path) - pixels(other)).max())
+
+
+# An image of a UNet batch against the same seed alone on the CPU in float32: batched
+# matrix products round differently in the last bits, which can move a pixel by one level.
+BATCH_TOLERANCE = 1
+
+
+def use_max_batch(monkeypatch, images: int) -> None:
+    """The process's config with --max-batch `images` (for one test: monkeypatch undoes it)."""
+    import dataclasses
+
+    from modules import config
+
+    monkeypatch.setattr(config, "_cached", dataclasses.replace(config.get_config(), max_batch=images))
+
+
 def graphs_compiled() -> int:
     """Dynamo's own process-wide count of graphs compiled: the oracle for "nothing recompiled"."""
     from torch._dynamo.utils import counters

@@ -72,13 +72,14 @@ class LaunchedServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """True when `url` answers 200 (a server that has started)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
@@ -104,7 +105,7 @@ def launched(root: Path, args: list[str], settings: dict | None = None,
     env = {k: v for k, v in os.environ.items() if not k.startswith(("path_", "default_"))}
     env.update(config_path=str(config_file), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1", TMPDIR=str(root / "system_temp"))
-    port = _free_port()
+    port = free_port()
     log_path = root / "server.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), "--listen", "127.0.0.1",
@@ -113,7 +114,7 @@ def launched(root: Path, args: list[str], settings: dict | None = None,
     server = LaunchedServer(f"http://127.0.0.1:{port}/", process, log_path, folders)
     try:
         deadline = time.monotonic() + start_timeout_s
-        while not _answers(server.url):
+        while not answers(server.url):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the server did not start\n--- server log ---\n{server.log()}")
             threading.Event().wait(0.2)   # polling interval, not synchronisation
