@@ -559,7 +559,10 @@ class Pipeline:
 
     def encode_many(self, clip: ModelPatcher, tokenizers: tuple, prompts: list[str], counts: dict,
                     embedding_folders=(), max_cache_bytes: int = 512 * 2 ** 20) -> list[core.Conditioning]:
-        """Encode prompts, those not cached in one text-encoder batch. In resident mode the same
+        """Encode prompts, those not cached each on its own, as upstream does: a prompt's
+        conditioning does not depend on what else was encoded with it, so a cached one is the
+        one a fresh encode would give (CLIP in a batch of other prompts differs in the last
+        bits, which then shows in pixels). In resident mode the same
         prompt under the same text-encoder weights and the same embedding file versions is
         served from the cache, which is bounded in entries and in bytes."""
         manager, state = self.manager, self.state
@@ -582,8 +585,8 @@ class Pipeline:
                 missing[key] = embeddings
         if missing:
             try:
-                conds = core.encode_prompts(clip, tokenizers, [key[2] for key in missing],
-                                            [e or None for e in missing.values()])
+                conds = [core.encode_prompt(clip, tokenizers, key[2], embeddings or None)
+                         for key, embeddings in missing.items()]
             except EmbeddingError as error:
                 raise RequestError(str(error)) from error
             counts["text_encodes"] += len(missing)
@@ -1178,6 +1181,8 @@ class Pipeline:
         images = [(job, index) for job in mates for index in job.waiting()]
         cap = min(n for n in (len(images), limit, lead.plan.cfg.max_batch,
                               None if core.batchable(lead.plan.sampler) else 1) if n)
+        if cap == 1:   # nothing to size: the sampling stage's own load is the only one
+            return images[:1]
         size = core.unet_batch_size(lead.models.unet, lead.source.width, lead.source.height, cap)
         return images[:size]
 

@@ -371,11 +371,12 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     """One request through the pipeline; the benchmark fails on any request error."""
     request = dict(request)
     mode = request.pop(MODE_KEY, None)
-    return request_numbers(pipelines.process_request(request).report, mode)
+    return request_numbers(pipelines.process_request(request), mode)
 
 
-def request_numbers(report: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
-    """What the benchmark keeps of one request's report."""
+def request_numbers(result, mode: str | None = None) -> dict[str, Any]:
+    """What the benchmark keeps of one request's result (its report; its images' paths)."""
+    report = result.report
     if "error" in report:
         raise RuntimeError(f"benchmark request failed: {report['error']}")
     timings = dict(report["timings_ms"])
@@ -428,7 +429,7 @@ def run_throughput(options: BenchOptions, log: Callable[[str], None]) -> dict[st
     rounds, requests, warmed = {}, [], []
     try:
         for performance in THROUGHPUT_PERFORMANCES:
-            warmed.append(request_numbers(worker.submit(base_request(options, performance)).result().report))
+            warmed.append(request_numbers(worker.submit(base_request(options, performance)).result()))
             numbers, wall_s, calls = _throughput_round(worker, throughput_requests(options, performance))
             requests += numbers
             rounds[performance.value] = _throughput_summary(numbers, wall_s, calls)
@@ -453,9 +454,9 @@ def _throughput_round(worker, per_client: list[list[dict[str, Any]]]) -> tuple[l
             task = worker.submit(request)
             if i == 0:
                 queued.wait()
-            report = task.result().report
+            result = task.result()
             with lock:
-                numbers.append({**request_numbers(report), "latency_ms": time_ms() - submitted})
+                numbers.append({**request_numbers(result), "latency_ms": time_ms() - submitted})
 
     worker.call(lambda: held.wait())
     threads = [threading.Thread(target=client, args=(requests,)) for requests in per_client]
