@@ -33,7 +33,7 @@ UNet's skip connections and middle block. With no control acting the UNet call i
 
 Request order for the pipeline::
 
-    models = ControlNetModels()                                  # one per pipeline state
+    models = ControlNetModels()                                  # one per model catalogue
     patcher = models.get(path, checkpoint_unet, request_unet)    # loads/reuses per version and LoRA set
     controls = ControlSet([PreparedControl(patcher, hint_tensor(hint), weight, stop)], softness)
     with applied(request_unet.model, controls):                  # around core.sample
@@ -206,7 +206,7 @@ class ControlNetModels:
     """ControlNets by (file version, checkpoint UNet), and their clones per LoRA set.
 
     A new version of a file replaces the old one; a checkpoint dropped from the pipeline drops
-    its ControlNets (`drop_for`). Holds no module globals: a pipeline state owns one."""
+    its ControlNets (`drop_for`). Holds no module globals: a model catalogue owns one."""
 
     def __init__(self) -> None:
         self._built: "OrderedDict[tuple[FileVersion, int], _Built]" = OrderedDict()

@@ -24,7 +24,7 @@ from ldm_patched.modules.lora import (LoraError, LoraFileCache, match_lora, text
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
 from modules.core import SDXLTextEncoders
-from modules.default_pipeline import FUSED_LORAS_METADATA_KEY
+from modules.model_catalogue import FUSED_LORAS_METADATA_KEY
 
 CPU = torch.device("cpu")
 

@@ -23,7 +23,7 @@ UNet; otherwise it calls the layer's original processor, so outputs stay bit-exa
 
 Request order for the pipeline::
 
-    models = ImagePromptModels()                       # one per pipeline state, kept
+    models = ImagePromptModels()                       # one per model catalogue, kept
     adapter = models.get(ip_path, clip_path)           # loads/reuses per file version
     tokens = adapter.image_tokens([img1, img2])        # CLIP + resampler, cached per pixels
     prepared = adapter.prepare(unet_patcher.model, [ImagePrompt(t, weight, stop) ...])
@@ -481,7 +481,7 @@ class ImagePromptAdapter:
 class ImagePromptModels:
     """The loaded image-prompt files, keyed by file version: a new version of a path
     replaces the old (its module is forgotten by the registry). Holds no module globals,
-    so a pipeline state owns one and tests make their own."""
+    so a model catalogue owns one and tests make their own."""
 
     def __init__(self) -> None:
         self._ip: dict[str, tuple[FileVersion, ModelPatcher]] = {}

@@ -221,11 +221,11 @@ class Worker:
             torch.set_num_threads(spec.threads)
         cfg.ensure_folders()
         from ldm_patched.modules import model_management as mm
-        from modules import default_pipeline
+        from modules import default_pipeline, model_catalogue
 
         manager = mm.configure(replica_settings(mm.settings_from_args(args), spec.host_share))
         set_bytes = spec.set_bytes or estimated_set_bytes(cfg)
-        self.cap = sets_per_replica(manager.settings.budget_bytes, set_bytes, default_pipeline.MAX_PATCHED_SETS)
+        self.cap = sets_per_replica(manager.settings.budget_bytes, set_bytes, model_catalogue.MAX_PATCHED_SETS)
         self.pipeline = default_pipeline.Pipeline()   # this replica's state, used under self.lock
         self.load_set = serve.multiplexed(max_num_models_per_replica=self.cap)(self._mark_resident)
         self.lock = threading.Lock()

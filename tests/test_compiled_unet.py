@@ -51,7 +51,7 @@ def test_lora_switches_and_returns_recompile_nothing_and_match_eager(pipeline, t
     before = graphs_compiled()
     first = run_sets(names, LORA_SETS[:1])
     after_first = graphs_compiled()
-    unet = next(iter(pipelines.current().state.checkpoints.values())).unet.model
+    unet = next(iter(pipelines.current().catalogue.state.checkpoints.values())).unet.model
     addresses = {name: p.data_ptr() for name, p in unet.named_parameters()}
     rest = run_sets(names, LORA_SETS[1:])
     # What lets a CUDA graph captured for the first request be replayed after the switches:

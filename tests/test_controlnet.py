@@ -225,12 +225,12 @@ def test_resident_second_round_loads_and_patches_nothing(served):
     assert "error" not in first, first
     assert first["model_management"]["models_loaded"] > 0
     pipeline = pipelines.current()
-    builds = pipeline.state.controlnets.builds
+    builds = pipeline.catalogue.state.controlnets.builds
     assert builds == 2
     second_images, second = run(request)
     assert second["model_management"]["models_loaded"] == 0
     assert second["model_management"]["weights_patched"] == 0
-    assert pipeline.state.controlnets.builds == builds
+    assert pipeline.catalogue.state.controlnets.builds == builds
     assert np.array_equal(_pixels(first_images), _pixels(second_images))
     names = [m["name"] for m in pipeline.model_status()["models"]]
     for name in (controlnet.CANNY_FILE, controlnet.CPDS_FILE):
@@ -245,7 +245,7 @@ def test_a_rewritten_control_file_replaces_the_built_controlnet(served, tiny_com
                                              seed=9)
     images, report = run(request)
     assert "error" not in report, report
-    assert pipelines.current().state.controlnets.builds == 2 and len(pipelines.current().state.controlnets) == 1
+    assert pipelines.current().catalogue.state.controlnets.builds == 2 and len(pipelines.current().catalogue.state.controlnets) == 1
     names = [m["name"] for m in pipelines.current().model_status()["models"]]
     assert names.count(f"{controlnet.CANNY_FILE}:controlnet") == 1   # the old version left the registry
     assert not np.array_equal(_pixels(images), before)

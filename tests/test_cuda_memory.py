@@ -47,7 +47,7 @@ def test_same_pixels_in_both_policies_and_exact_removal(gpu_pipeline, tiny_compo
     gpu_pipeline(mm.Policy.RESIDENT, dtype)
     kohya_lora(tiny_components, folders["loras"] / "a.safetensors")
     pipelines.process_request(dict(SMALL))
-    checkpoint = next(iter(pipelines.current().state.checkpoints.values()))
+    checkpoint = next(iter(pipelines.current().catalogue.state.checkpoints.values()))
     originals = {"unet": weights(checkpoint.unet.model), "clip": weights(checkpoint.clip.model)}
     resident = pixels(pipelines.process_request(dict(request)).images[0])
     assert np.array_equal(conservative, resident)
@@ -63,7 +63,7 @@ def test_pinned_host_backups_restore_exactly(gpu_pipeline, tiny_components, back
     kohya_lora(tiny_components, folders["loras"] / "a.safetensors")
     pipelines.process_request(dict(SMALL))
     manager = mm.get_manager()
-    checkpoint = next(iter(pipelines.current().state.checkpoints.values()))
+    checkpoint = next(iter(pipelines.current().catalogue.state.checkpoints.values()))
     original = weights(checkpoint.unet.model)
     if backups_on_host:   # a budget with room for the weights only: backups go to pinned host memory
         manager.effective_budget = manager.used_bytes()

@@ -130,7 +130,7 @@ def test_lora_switch_patches_only_the_changed_keys(pipeline, tiny_components):
 def test_small_budget_evicts_least_recently_used_and_stays_within_it(pipeline, monkeypatch):
     pipeline(mm.Policy.RESIDENT)
     monkeypatch.setattr(mm, "working_memory_bytes", lambda *a, **k: 0)
-    checkpoint = pipelines.current().get_checkpoint(generation_request.resolve_checkpoint(BASE, _config()))
+    checkpoint = pipelines.current().catalogue.get_checkpoint(generation_request.resolve_checkpoint(BASE, _config()))
     sizes = {name: p.model_size() for name, p in
              (("clip", checkpoint.clip), ("unet", checkpoint.unet), ("vae", checkpoint.vae))}
     budget = sizes["clip"] + sizes["unet"]        # two of three fit; the VAE makes it tight
@@ -190,7 +190,7 @@ def test_stop_mid_sampling_leaves_consistent_weights(policy, pipeline, tiny_comp
     clip.add_patches(match.patches["clip"], 0.6)
     unet.patch_model()
     clip.patch_model()
-    resident = next(iter(pipelines.current().state.checkpoints.values()))
+    resident = next(iter(pipelines.current().catalogue.state.checkpoints.values()))
     if policy is mm.Policy.RESIDENT:  # the patched state stays, with the request's signature
         assert checksums(resident.unet.model) == checksums(unet.model)
         assert checksums(resident.clip.model) == checksums(clip.model)

@@ -60,7 +60,7 @@ def test_the_ledger_sizes_the_batch_and_max_batch_caps_it(pipeline, monkeypatch)
     request = {**SMALL, "image_number": 4, "steps": 2}
     assert "error" not in pipelines.process_request(dict(SMALL)).report
     manager = mm.get_manager()
-    unet = next(iter(pipelines.current().state.checkpoints.values())).unet
+    unet = next(iter(pipelines.current().catalogue.state.checkpoints.values())).unet
     # Working memory of the published estimate, recomputed here: 2 CFG rows of 16 KiB per latent pixel.
     per_image = 2 * (64 // 8) * (64 // 8) * 16 * 1024 * unet.model_dtype().itemsize // 2
     manager.effective_budget = unet.model_size() + 2 * per_image + per_image // 2   # room for two images

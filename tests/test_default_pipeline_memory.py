@@ -110,7 +110,7 @@ def test_lora_files_and_conditionings_are_charged(pipeline, tiny_components):
     pipelines.process_request({**SMALL, "loras": [["style.safetensors", 0.8]]})
     manager = mm.get_manager()
     caches = manager.ledger(mm.HOST)["caches"]
-    assert caches["lora_files"] == pipelines.current().state.lora_files.nbytes() > 0
+    assert caches["lora_files"] == pipelines.current().catalogue.state.lora_files.nbytes() > 0
     assert caches["conditionings"] > 0
     assert manager.used_bytes() == sum(e.bytes_on(manager.device) for e in manager.loaded) + sum(caches.values())
 
@@ -127,7 +127,7 @@ def test_cached_checkpoint_parts_the_registry_does_not_hold_are_charged_to_the_h
     mm.configure(meta_settings(budget=1 << 40))
     try:
         parts = {name: copy.deepcopy(tiny_components[name]) for name in ("unet", "vae", "text_encoder_2")}
-        checkpoint = Pipeline().adopt_checkpoint(FileVersion("base.safetensors", 1, 1), "sdxl", parts, (None, None))
+        checkpoint = Pipeline().catalogue.adopt_checkpoint(FileVersion("base.safetensors", 1, 1), "sdxl", parts, (None, None))
         manager = mm.get_manager()
         every_part = sum(_tensor_bytes(m) for m in parts.values())
         assert manager.ledger(mm.HOST)["caches"]["checkpoints"] == every_part > 0
@@ -147,18 +147,18 @@ def test_a_steady_request_measures_no_cached_tensor_with_50_lora_files_cached(pi
     """Ledger queries read the caches' kept byte counts: with 50 parsed LoRA files cached, a
     steady request calls no per-tensor size function, and the counts still equal the tensors."""
     from ldm_patched.modules import lora_adapters
-    from modules import default_pipeline
+    from modules import model_catalogue
 
     folders = pipeline(mm.Policy.RESIDENT)
     paths = [kohya_lora(tiny_components, folders["loras"] / f"style{i}.safetensors", rank=2)
              for i in range(50)]
-    state = pipelines.current().state
+    state = pipelines.current().catalogue.state
     for path in paths:
         state.lora_files.get(path)
     request = {**SMALL, "loras": [["style0.safetensors", 0.8]]}
     pipelines.process_request(dict(request))   # registers the caches, encodes, patches
     measured = []
-    for owner, name in ((lora_adapters, "_nbytes"), (default_pipeline, "conditioning_bytes")):
+    for owner, name in ((lora_adapters, "_nbytes"), (model_catalogue, "conditioning_bytes")):
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name: measured.append(_n) or _f(*a))
     steady = pipelines.process_request(dict(request))

@@ -113,7 +113,7 @@ def test_checkpoint_rewritten_in_place_is_served_as_the_new_version(pipeline, po
     rewritten = pipelines.process_request(dict(SMALL))
     assert "error" not in rewritten.report, rewritten.report
     assert pipelines.current().model_status()["checkpoints"] == [BASE]   # the old version is gone
-    assert len(pipelines.current().state.checkpoints) == 1
+    assert len(pipelines.current().catalogue.state.checkpoints) == 1
     assert len(mm.get_manager().loaded) <= 3    # unet, text encoders, vae of one version
     pipeline(policy)   # a fresh process state: the oracle for "the new file's pixels"
     fresh = pixels(pipelines.process_request(dict(SMALL)).images[0])
@@ -134,7 +134,7 @@ def test_lora_rewritten_in_place_changes_the_next_request(pipeline, tiny_compone
     ctime_changed(path, before)
     result = pipelines.process_request(dict(request))
     assert result.report["model_management"]["lora_files_read"] == 1
-    assert len(pipelines.current().state.lora_files) == 1
+    assert len(pipelines.current().catalogue.state.lora_files) == 1
     pipeline(mm.Policy.RESIDENT)
     fresh = pipelines.process_request(dict(request))
     assert np.array_equal(pixels(result.images[0]), pixels(fresh.images[0]))

@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from ldm_patched.modules import model_management as mm
-from modules import default_pipeline, fuse_lora
+from modules import fuse_lora, model_catalogue
 from tests.helpers.pipelines import SMALL, pixels
 from tests.helpers.lora_files import kohya_lora
 from tests.helpers import pipelines
@@ -28,7 +28,7 @@ def test_fused_checkpoint_draws_like_base_plus_lora(pipeline, tiny_components, t
     assert fuse_lora.main([str(folders["checkpoints"] / SMALL["base_model"]), "--lora", f"{lora}:0.75",
                            "-o", str(fused_path)]) == 0
     with safe_open(str(fused_path), framework="pt") as handle:
-        recorded = json.loads(handle.metadata()[default_pipeline.FUSED_LORAS_METADATA_KEY])
+        recorded = json.loads(handle.metadata()[model_catalogue.FUSED_LORAS_METADATA_KEY])
     assert recorded == [["style.safetensors", 0.75]]
     fused = pipelines.process_request({**SMALL, "base_model": "fused.safetensors"})
     plain = pipelines.process_request(dict(SMALL))

@@ -75,7 +75,7 @@ def test_neutral_settings_give_the_plain_image_and_match_diffusers(pipeline, tin
 def test_adm_scales_the_size_conditioning_of_each_side_for_the_first_steps(pipeline):
     pipeline(mm.Policy.CONSERVATIVE)
     pipelines.process_request({**SMALL, **NEUTRAL})        # loads the checkpoint
-    unet = next(iter(pipelines.current().state.checkpoints.values())).unet.model
+    unet = next(iter(pipelines.current().catalogue.state.checkpoints.values())).unet.model
     seen = []
     hook = unet.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((float(args[1]), kwargs["added_cond_kwargs"]["time_ids"].tolist())),

@@ -62,7 +62,7 @@ def test_the_parsed_inpaint_patch_is_charged_to_the_host_ledger(served):
     assert "error" not in run(MODES["inpaint"][0])[1]
     status = pipelines.current().model_status()
     host = status.get("host") or status["device_ledger"]   # the CPU device is the host
-    unet = dict(pipelines.current().state.checkpoints).popitem()[1].unet.model
+    unet = dict(pipelines.current().catalogue.state.checkpoints).popitem()[1].unet.model
     quantized = sum(unet.get_parameter(name).numel() for name in input_image_files.INPAINT_PATCH_KEYS.values())
     assert host["caches"]["inpaint_patches"] >= quantized   # one uint8 per patched weight, at least
 

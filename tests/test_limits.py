@@ -79,7 +79,7 @@ def test_conditioning_cache_is_bounded_in_bytes_and_counted(pipeline, monkeypatc
     pipeline(mm.Policy.RESIDENT)
     request = {"base_model": "tiny_sdxl_base.safetensors", "width": 64, "height": 64, "steps": 1, "seed": 1}
     pipelines.process_request({**request, "prompt": "warm up"})
-    one = pipelines.current().state.conditions_bytes() // 2   # prompt and negative: two entries
+    one = pipelines.current().catalogue.state.conditions_bytes() // 2   # prompt and negative: two entries
     assert one > 0
     limit_mb = 3.5 * one / 2 ** 20   # room for three conditionings, not more
     monkeypatch.setenv("max_conditioning_cache_mb", repr(limit_mb))
@@ -89,7 +89,7 @@ def test_conditioning_cache_is_bounded_in_bytes_and_counted(pipeline, monkeypatc
         assert "error" not in report, report
         assert report["model_management"]["conditioning_cache_bytes"] <= limit_mb * 2 ** 20
     status = pipelines.current().model_status()["conditioning_cache"]
-    assert status["entries"] == 3 and status["bytes"] == pipelines.current().state.conditions_bytes()
+    assert status["entries"] == 3 and status["bytes"] == pipelines.current().catalogue.state.conditions_bytes()
 
 
 def test_the_cost_cap_refuses_a_request_before_loading_anything(pipeline, monkeypatch):

@@ -62,7 +62,7 @@ def test_resident_switch_loha_lokr_lora_patches_exactly_the_changed_keys(pipelin
     assert n == len(read_lora_file(folders["loras"] / "lokr.safetensors").layers) > 0
 
     run(dict(SMALL))
-    checkpoint = next(iter(pipelines.current().state.checkpoints.values()))
+    checkpoint = next(iter(pipelines.current().catalogue.state.checkpoints.values()))
     original = _snapshot(checkpoint)
     prompts = iter(f"a cat number {i}" for i in range(10))   # new prompts: the text encoders run each time
 
@@ -110,8 +110,8 @@ def test_refiner_takes_the_loras_that_fit_it(pipeline, tiny_components, tiny_ref
     assert report["refiner_loras"] == ["text.safetensors"]
     assert [entry["refiner"] for entry in report["loras"]] == [True, False]
     # The refiner's CLIP-G got the same change the base's did.
-    refiner = next(c for c in pipelines.current().state.checkpoints.values() if c.kind == "refiner")
-    base = next(c for c in pipelines.current().state.checkpoints.values() if c.kind == "base")
+    refiner = next(c for c in pipelines.current().catalogue.state.checkpoints.values() if c.kind == "refiner")
+    base = next(c for c in pipelines.current().catalogue.state.checkpoints.values() if c.kind == "base")
     key = find_text_layers(tiny_components["text_encoder_2"], ("self_attn.q_proj",))[0][1]
     refined = refiner.clip.model.text_encoder_2.state_dict()[key] - tiny_refiner_components["text_encoder_2"].state_dict()[key]
     based = base.clip.model.text_encoder_2.state_dict()[key] - tiny_components["text_encoder_2"].state_dict()[key]

@@ -29,7 +29,7 @@ def run(request: dict) -> dict:
 
 
 def unet_patcher() -> ModelPatcher:
-    return next(iter(pipelines.current().state.checkpoints.values())).unet
+    return next(iter(pipelines.current().catalogue.state.checkpoints.values())).unet
 
 
 def raw(tensor: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ def test_fp8_images_stay_close_to_fp16_and_loras_merge_from_the_original(pipelin
     original = {k: raw(v).clone() for k, v in unet.state_dict().items()}
     widened = ModelPatcher(_float32_copy(unet), mm.HOST, mm.HOST)   # the oracle: float32 copy of the float8 weights
     run({**SMALL, "loras": [[LORA, 0.8]]})
-    lora_set = next(m for m in pipelines.current().state.patched.values() if m.unet.patches)
+    lora_set = next(m for m in pipelines.current().catalogue.state.patched.values() if m.unet.patches)
     for key, entries in lora_set.unet.patches.items():
         for entry in entries:
             widened.add_patches({key: entry.patch}, entry.strength_patch, entry.strength_model)

@@ -31,7 +31,7 @@ def test_the_pipeline_keeps_no_module_level_state() -> None:
 
     assert not hasattr(default_pipeline, "STATE")
     one, two = default_pipeline.Pipeline(), default_pipeline.Pipeline()
-    assert one.state is not two.state and one.state.checkpoints is not two.state.checkpoints
+    assert one.catalogue is not two.catalogue and one.catalogue.state.checkpoints is not two.catalogue.state.checkpoints
 
 
 def test_get_worker_is_a_singleton_owning_one_pipeline() -> None:

@@ -74,11 +74,11 @@ def test_an_upstream_style_file_in_a_configured_folder_applies_exactly(pipeline,
 def test_several_texts_are_encoded_one_by_one_concatenated_and_pooled_summed(pipeline):
     pipeline(mm.Policy.CONSERVATIVE)
     pipe = pipelines.current()
-    checkpoint = pipe.get_checkpoint(str(config.get_config().path_checkpoints[0] / pipelines.BASE))
+    checkpoint = pipe.catalogue.get_checkpoint(str(config.get_config().path_checkpoints[0] / pipelines.BASE))
     texts = ("a cat", "oil painting, " * 40 + "thick brush", "soft glow")   # the second spans two windows
     singles = [core.encode_prompt(checkpoint.clip, checkpoint.tokenizers, t) for t in texts]
     counts = {"text_encodes": 0}
-    joined = pipe.encode_texts(checkpoint.clip, checkpoint.tokenizers, texts, 2, counts)
+    joined = pipe.catalogue.encode_texts(checkpoint.clip, checkpoint.tokenizers, texts, 2, counts)
     assert counts["text_encodes"] == 3 and joined.embeds.shape[1] == 77 * 4
     assert torch.equal(joined.embeds, torch.cat([c.embeds for c in singles], dim=1))
     assert torch.equal(joined.pooled, singles[0].pooled + singles[1].pooled)   # the first top_k only

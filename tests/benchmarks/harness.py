@@ -9,7 +9,7 @@ run and the dry run in the default test suite. Per run:
 2. for each configuration in turn: real flag path (`args_manager.parse_args` ->
    `settings_from_args` -> `model_management.configure`), every module put on that
    configuration's offload device (as after loading a file), a fresh
-   `PipelineState(max_checkpoints=8)` and `adopt_checkpoint` of the three in-memory
+   `CatalogueState(max_checkpoints=8)` and `adopt_checkpoint` of the three in-memory
    checkpoints under the file ids of empty placeholder files, so requests resolve
    them by name and no disk reload is ever part of a measurement;
 3. each scenario: an uncounted warm-up (one pass over the scenario's distinct requests:
@@ -271,9 +271,9 @@ def install_configuration(name: str, options: BenchOptions, built: BuiltModels,
     # --max-batch reaches the pipeline through its config, as launch's flags do.
     cfg = dataclasses.replace(config_module.get_config(), max_batch=configuration_args(name, options.device).max_batch)
     pipeline.config = lambda: cfg
-    pipeline.state.max_checkpoints = 8
+    pipeline.catalogue.state.max_checkpoints = 8
     for file_name, (kind, parts) in built.checkpoints.items():
-        pipeline.adopt_checkpoint(FileVersion.of(str(folders["checkpoints"] / file_name)), kind,
+        pipeline.catalogue.adopt_checkpoint(FileVersion.of(str(folders["checkpoints"] / file_name)), kind,
                                   parts, built.tokenizers)
     return manager
 
@@ -282,7 +282,7 @@ def install_configuration(name: str, options: BenchOptions, built: BuiltModels,
 
 def fill_lora_cache(built: BuiltModels) -> None:
     """Parse the small LoRA files into the pipeline's file cache (no request, nothing counted)."""
-    files = pipelines.current().state.lora_files
+    files = pipelines.current().catalogue.state.lora_files
     for path in built.cached_loras:
         files.get(str(path))
 
@@ -611,7 +611,7 @@ def _run_configuration(name: str, options: BenchOptions, built: BuiltModels, fol
         warmed = [run_request(r) for r in warmup]
         summary = summarize([run_request(r) for r in counted])
         if scenario == "steady":
-            summary["cached_lora_files"] = len(pipelines.current().state.lora_files)
+            summary["cached_lora_files"] = len(pipelines.current().catalogue.state.lora_files)
         if scenario == SESSION:   # the modes cost very different amounts: also summarized one by one
             summary["per_mode"] = per_mode_summaries(summary["requests"])
         summary["warmup"] = warmed

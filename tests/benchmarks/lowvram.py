@@ -117,7 +117,7 @@ def run_row(policy: str, budget: str, options: LowVramOptions, parts: dict, toke
         if module is not None:
             module.to(manager.offload_device())
     pipeline = pipelines.install()
-    pipeline.adopt_checkpoint(FileVersion.of(str(folders["checkpoints"] / CHECKPOINT)), "base", parts, tokenizers)
+    pipeline.catalogue.adopt_checkpoint(FileVersion.of(str(folders["checkpoints"] / CHECKPOINT)), "base", parts, tokenizers)
     reports = []
     for _ in range(1 + options.repeats):   # the first is the warm-up
         result = pipelines.process_request(request(options))

@@ -145,7 +145,7 @@ class Dtypes:
 
 def build_checkpoint(spec: SizeSpec, device: torch.device, dtypes: Dtypes, seed: int,
                      refiner: bool = False) -> dict[str, torch.nn.Module | None]:
-    """Components for `Pipeline.adopt_checkpoint`. A refiner gets no VAE of
+    """Components for `ModelCatalogue.adopt_checkpoint`. A refiner gets no VAE of
     its own: the pipeline decodes with the base's VAE."""
     base = seed * 16 + (8 if refiner else 0)   # distinct random streams per component
     unet_config = spec.refiner_unet if refiner else spec.unet
