@@ -227,8 +227,15 @@ class _InsertVectors:
         return output
 
 
-def _encode_windows(encoder, windows: torch.Tensor, vectors: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate hidden states [k, 77, width], output[0]) of one encoder call."""
+# Upstream's default CLIP skip: the penultimate layer's hidden states condition SDXL.
+DEFAULT_CLIP_SKIP = 2
+
+
+def _encode_windows(encoder, windows: torch.Tensor, vectors: dict, device,
+                    clip_skip: int = DEFAULT_CLIP_SKIP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [k, 77, width] of the `clip_skip`-th layer from the end, output[0]) of
+    one encoder call. As upstream (ComfyUI's clip_layer), a skip past the first layer takes
+    the final, normed output; the pooled output never changes with it."""
     hook = None
     if vectors:
         hook = encoder.get_input_embeddings().register_forward_hook(_InsertVectors(vectors))
@@ -237,7 +244,9 @@ def _encode_windows(encoder, windows: torch.Tensor, vectors: dict, device) -> tu
     finally:
         if hook is not None:
             hook.remove()
-    return out.hidden_states[-2], out[0]
+    if clip_skip >= len(out.hidden_states):
+        return out.last_hidden_state, out[0]
+    return out.hidden_states[-clip_skip], out[0]
 
 
 def _weighted(states: torch.Tensor, empty: torch.Tensor, weights: dict[tuple[int, int], float]) -> torch.Tensor:
@@ -253,16 +262,19 @@ def _weighted(states: torch.Tensor, empty: torch.Tensor, weights: dict[tuple[int
     return states
 
 
-def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str, embeddings: dict | None = None) -> Conditioning:
+def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str, embeddings: dict | None = None,
+                  clip_skip: int = DEFAULT_CLIP_SKIP) -> Conditioning:
     """SDXL conditioning: penultimate hidden states of both encoders side by side,
     pooled (projected) output of the second (from the first window).
 
-    `embeddings`: name -> modules.embeddings.Embedding for the prompt's references."""
-    return encode_prompts(clip, tokenizers, [prompt], [embeddings])[0]
+    `embeddings`: name -> modules.embeddings.Embedding for the prompt's references.
+    `clip_skip`: which layer from the end gives the hidden states, in both encoders."""
+    return encode_prompts(clip, tokenizers, [prompt], [embeddings], clip_skip)[0]
 
 
 def encode_prompts(clip: ModelPatcher, tokenizers: tuple, prompts: Sequence[str],
-                   embeddings: Sequence[dict | None] | None = None) -> list[Conditioning]:
+                   embeddings: Sequence[dict | None] | None = None,
+                   clip_skip: int = DEFAULT_CLIP_SKIP) -> list[Conditioning]:
     """`encode_prompt` of several prompts in one call per encoder: every prompt's token
     windows are rows of one batch (CLIP reads each 77-token window on its own).
 
@@ -286,13 +298,14 @@ def encode_prompts(clip: ModelPatcher, tokenizers: tuple, prompts: Sequence[str]
                 starts.append(starts[-1] + token.windows.shape[0])
             vectors = {(start + window, position): vector for start, token in zip(starts, tokens)
                        for (window, position), vector in token.vectors.items()}
-            states, first = _encode_windows(encoder, torch.cat([t.windows for t in tokens]), vectors, device)
+            states, first = _encode_windows(encoder, torch.cat([t.windows for t in tokens]), vectors, device,
+                                            clip_skip)
             empty = None
             for i, token in enumerate(tokens):
                 own = states[starts[i]:starts[i + 1]]
                 if token.weights:
                     if empty is None:
-                        empty, _ = _encode_windows(encoder, token_windows(tokenizer, ""), {}, device)
+                        empty, _ = _encode_windows(encoder, token_windows(tokenizer, ""), {}, device, clip_skip)
                     own = _weighted(own, empty[0], token.weights)
                 hidden[i].append(own.reshape(1, -1, own.shape[-1]))   # windows side by side in sequence
                 pooled[i] = first[starts[i]:starts[i] + 1]
@@ -631,7 +644,7 @@ def _predict_batch(images: Sequence[tuple[UNetStage, Any, torch.Tensor]], t, cfg
         if guidance.sharpness:
             cond = guidance_mod.sharpen(cond, sched.scale_model_input(latents, t), float(t), guidance,
                                         sched.alphas_cumprod)
-        preds.append(uncond + cfg * (cond - uncond))
+        preds.append(uncond + guidance.cfg_at(cfg, float(t)) * (cond - uncond))
     return preds
 
 
