@@ -440,7 +440,8 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
                  width: int, height: int, shape: tuple[int, int, int, int], switch_step: int | None = None,
                  callback: StepCallback | None = None, guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL,
                  init_latents: torch.Tensor | None = None, denoise: float = 1.0,
-                 mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+                 mask: torch.Tensor | None = None, swap: str = "joint",
+                 swap_latents: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor | None]:
     """Denoise images of latent `shape` (one image's) together; returns each one's latents,
     None for those the callback dropped. `switch_step` hands over to stages[1].
     `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step.
@@ -454,7 +455,14 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
     kept timestep of the `denoise` schedule (see kept_schedule) replace pure noise.
     Inpainting: where `mask` (latent size, 1 = repaint, 0 = keep) is 0 the latents are
     put back to init_latents at the current noise level after every step, and to
-    init_latents exactly after the last, so any checkpoint can inpaint."""
+    init_latents exactly after the last, so any checkpoint can inpaint.
+
+    `swap`: how the refiner takes over at `switch_step` (upstream's refiner_swap_method).
+    "joint": the same sampler run goes on with the refiner's UNet. "separate": a fresh
+    sampler run from the switch's noise level, from the latents as they are (no new noise;
+    a multistep sampler's history starts over). "vae": the base's x0 estimate at the switch
+    goes through `swap_latents` (the base VAE's decode and the refiner VAE's encode), is
+    noised again to the switch's level with fresh noise (seed + 1) and sampled from there."""
     _check_img2img(shape, init_latents, mask)
     first = images[0].stages[0].unet
     device = first.load_device
@@ -471,6 +479,10 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
         for i, t in enumerate(timesteps):
             if switch_step is not None and i == switch_step and len(images[0].stages) > 1 and active == 0:
                 active = 1
+                if swap != "joint":
+                    for flight in live:
+                        flight.restart(sampler, scheduler, steps, denoise, switch_step, device,
+                                       swap_latents if swap == "vae" else None)
                 _load_unet(images[0].stages[1].unet, width, height, len(live))
             preds = _predict_batch([(f.image.stages[active], f.sched, f.latents) for f in live], t, cfg,
                                    width, height, guidance)
@@ -551,6 +563,20 @@ class _InFlight:
 
     def estimate(self) -> torch.Tensor:
         return self.denoised if self.denoised is not None else self.latents
+
+    def restart(self, sampler: str, scheduler: str, steps: int, denoise: float, switch_step: int, device,
+                swap_latents: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """A fresh scheduler on the same schedule, from step `switch_step` on (separate and
+        vae swaps). With `swap_latents` (vae swap) the latents become the x0 estimate through
+        it, noised to the switch's level with fresh noise of seed + 1."""
+        total, first = kept_schedule(steps, denoise)
+        self.sched = make_scheduler(sampler, scheduler)
+        self.timesteps = _start_at(self.sched, total, first + switch_step, device)
+        if swap_latents is not None:
+            clean = swap_latents(self.estimate()).to(device, torch.float32)
+            self.generator = torch.Generator("cpu").manual_seed(self.image.seed + 1)
+            self.noise = torch.randn(tuple(clean.shape), generator=self.generator, dtype=torch.float32).to(device)
+            self.latents = _noised(self.sched, clean, self.noise, self.timesteps[0])
 
 
 def _keep_outside(sched, latents, denoised, init, noise, keep, next_t):

@@ -33,7 +33,7 @@ from ldm_patched.modules.checkpoint import CheckpointError
 from ldm_patched.modules.lora import LoraError
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import (controlnet, core, flags, guidance, history_log, image_inputs, image_output, ip_adapter,
+from modules import (controlnet, core, flags, freeu, guidance, history_log, image_inputs, image_output, ip_adapter,
                      parameters, preprocessors, presets, sdxl_styles, upscaler, wildcards)
 from modules import inpaint as inpaint_mod
 from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SEED, MAX_SIDE, GenerationRequest,
@@ -877,6 +877,8 @@ class Pipeline:
         shape = (tuple(source.init_latents.shape) if source.init_latents is not None
                  else core.latent_shape(models.unet, models.vae, source.width, source.height))
         with _stage(shared_ms, "sampling"), contextlib.ExitStack() as extras:
+            if plan.req.freeu is not None:   # upstream applies FreeU to the base UNet only
+                extras.enter_context(freeu.applied(models.unet.model, freeu.FreeU(*plan.req.freeu)))
             if source.image_prompts is not None:
                 extras.enter_context(ip_adapter.applied(models.unet.model, source.image_prompts))
             if source.controls is not None:
@@ -888,7 +890,8 @@ class Pipeline:
             return core.sample_batch(images, sampler=plan.sampler, scheduler=plan.scheduler, steps=plan.steps,
                                      cfg=plan.cfg_scale, width=source.width, height=source.height, shape=shape,
                                      switch_step=switch, callback=_step_callback(batch), guidance=tweaks,
-                                     init_latents=source.init_latents, denoise=source.denoise, mask=source.mask)
+                                     init_latents=source.init_latents, denoise=source.denoise, mask=source.mask,
+                                     swap=plan.req.refiner_swap_method, swap_latents=_vae_swap(models, source))
 
     def _halve_after_out_of_memory(self, batch: list[tuple[BatchJob, int]], message: str) -> None:
         """A batch of several images ran out of memory: free what its jobs do not need; the
@@ -1106,6 +1109,15 @@ def sampling_guidance(req: GenerationRequest, settings: flags.PerformanceSetting
     return guidance.Guidance(sharpness=req.sharpness, adm_positive=req.adm_scaler_positive,
                              adm_negative=req.adm_scaler_negative, adm_end=req.adm_scaler_end,
                              adaptive_cfg=req.adaptive_cfg)
+
+
+def _vae_swap(models: RequestModels, source: ImageSource) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The vae refiner swap's latent conversion: the base VAE decodes, the refiner's VAE
+    (its checkpoint's, else the same) encodes, so the refiner starts in its own latent space."""
+    def convert(latents: torch.Tensor) -> torch.Tensor:
+        refiner_vae = (models.refiner.vae if models.refiner is not None else None) or models.vae
+        return core.encode(refiner_vae, core.decode(models.vae, latents, source.width, source.height))
+    return convert
 
 
 def req_seed(plan: RequestPlan, index: int) -> int:

@@ -201,3 +201,106 @@ def test_black_out_nsfw_is_refused_naming_the_field(pipeline):
 def test_bad_debug_values_name_the_field(field, value):
     with pytest.raises(RequestError, match=field):
         GenerationRequest.from_dict({**SMALL, field: value}, config.get_config())
+
+
+# -- FreeU ---------------------------------------------------------------------------------
+
+FREEU = {"freeu_enabled": True, "freeu_b1": 1.01, "freeu_b2": 1.5, "freeu_s1": 0.99, "freeu_s2": 0.5}
+
+
+def test_freeu_formulas_against_numpy():
+    """FreeU_V2's structure scaling and the low-frequency filter, recomputed with numpy."""
+    from modules import freeu
+
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4, 6, 6, generator=generator)
+    mean = h.numpy().mean(axis=1, keepdims=True)
+    low = mean.reshape(2, -1).min(axis=1).reshape(2, 1, 1, 1)
+    high = mean.reshape(2, -1).max(axis=1).reshape(2, 1, 1, 1)
+    expected = h.numpy().copy()
+    expected[:, :2] *= 1 + (1.4 - 1) * (mean - low) / (high - low)
+    assert np.allclose(freeu.scale_backbone(h, 1.4).numpy(), expected, atol=1e-6)
+
+    spectrum = np.fft.fftshift(np.fft.fft2(h.numpy()), axes=(-2, -1))
+    spectrum[..., 2:4, 2:4] *= 0.3                   # the 2x2 window at the centre (6 // 2 +- 1)
+    expected = np.fft.ifft2(np.fft.ifftshift(spectrum, axes=(-2, -1))).real
+    assert np.allclose(freeu.fourier_filter(h, 0.3).numpy(), expected, atol=1e-5)
+
+
+def test_freeu_hooks_the_decoder_blocks_by_backbone_channels(tiny_components):
+    """The tiny UNet's first channel count is 32: (b2, s2) act where the backbone has 64
+    channels (the first decoder block's 3 ResNets, the second's first), (b1, s1) nowhere."""
+    from modules import freeu
+
+    unet = tiny_components["unet"]
+    resnets = [r for block in unet.up_blocks for r in block.resnets]
+    with freeu.applied(unet, freeu.FreeU(1.1, 1.2, 0.9, 0.8)):
+        assert freeu.active(unet)
+        hooked = [bool(r._forward_pre_hooks) for r in resnets]
+    assert hooked == [True, True, True, True, False, False]
+    assert not freeu.active(unet) and not any(r._forward_pre_hooks for r in resnets)
+
+
+def test_freeu_changes_pixels_and_leaves_later_requests_as_they_were(pipeline):
+    pipeline(mm.Policy.RESIDENT)
+    before = pipelines.process_request(dict(SMALL))
+    with_freeu = pipelines.process_request({**SMALL, **FREEU})
+    after = pipelines.process_request(dict(SMALL))
+    assert not np.array_equal(pixels(before.images[0]), pixels(with_freeu.images[0]))
+    assert np.array_equal(pixels(before.images[0]), pixels(after.images[0]))
+    moved = with_freeu.report["model_management"]
+    assert (moved["weights_patched"], moved["models_loaded"]) == (0, 0)   # a forward-time change only
+    neutral = pipelines.process_request({**SMALL, **FREEU, "freeu_b2": 1.0, "freeu_s2": 1.0})
+    assert pipelines.max_difference(before.images[0], neutral.images[0]) <= 1   # b = s = 1: FFT rounding only
+
+
+def test_freeu_runs_eager_beside_the_compiled_unet(pipeline, use_compiler):
+    pipeline(mm.Policy.RESIDENT)
+    use_compiler(enabled=True, backend="aot_eager")
+    before = pipelines.process_request(dict(SMALL))
+    with_freeu = pipelines.process_request({**SMALL, **FREEU})
+    after = pipelines.process_request(dict(SMALL))
+    assert before.report["compile"]["ran_compiled"] and after.report["compile"]["ran_compiled"]
+    assert with_freeu.report["compile"]["compiled_calls"] == 0
+    assert with_freeu.report["compile"]["freeu_eager_calls"] == 3
+    assert after.report["compile"]["graphs_compiled"] == 0
+    assert np.array_equal(pixels(before.images[0]), pixels(after.images[0]))
+    assert not np.array_equal(pixels(before.images[0]), pixels(with_freeu.images[0]))
+
+
+# -- refiner swap methods -------------------------------------------------------------------
+
+@pytest.fixture
+def with_refiner(pipeline, tiny_refiner_checkpoint):
+    folders = pipeline(mm.Policy.RESIDENT)
+    shutil.copy(tiny_refiner_checkpoint, folders["checkpoints"] / "refiner.safetensors")
+    return {**SMALL, "steps": 4, "refiner_model": "refiner.safetensors", "refiner_switch": 0.5}
+
+
+def test_separate_swap_is_joint_for_a_one_step_sampler_and_restarts_a_multistep_one(with_refiner):
+    """Upstream's separate swap runs a second sampler from the switch on the same schedule,
+    without new noise: Euler keeps no state between steps, so it is the joint run; DPM++ 2M's
+    history starts over at the switch, so its image changes."""
+    images = {}
+    for sampler in ("euler", "dpmpp_2m"):
+        for swap in ("joint", "separate"):
+            result = pipelines.process_request({**with_refiner, "sampler": sampler, "refiner_swap_method": swap})
+            assert result.report["unet_calls"] == 4
+            images[sampler, swap] = pixels(result.images[0])
+    assert np.array_equal(images["euler", "joint"], images["euler", "separate"])
+    assert not np.array_equal(images["dpmpp_2m", "joint"], images["dpmpp_2m", "separate"])
+
+
+def test_vae_swap_goes_through_both_vaes_and_fresh_noise(with_refiner, monkeypatch):
+    calls = []
+    for name in ("decode", "encode"):
+        real = getattr(core, name)
+        monkeypatch.setattr(core, name, lambda *args, _real=real, _name=name, **kw: (calls.append(_name),
+                                                                                     _real(*args, **kw))[1])
+    joint = pipelines.process_request(dict(with_refiner))
+    assert calls == []
+    vae = pipelines.process_request({**with_refiner, "refiner_swap_method": "vae"})
+    assert calls == ["decode", "encode"] and vae.report["unet_calls"] == 4
+    assert not np.array_equal(pixels(joint.images[0]), pixels(vae.images[0]))
+    alone = pipelines.process_request({**SMALL, "steps": 4, "refiner_swap_method": "vae"})
+    assert calls == ["decode", "encode"] and "error" not in alone.report   # no refiner: nothing to swap
