@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ldm_patched.modules.model_patcher import is_streamed
+from modules import freeu
 
 log = logging.getLogger("fooocus_resident.compile")
 
@@ -141,6 +142,10 @@ class CompiledUNets:
             # Streaming swaps weights in and out in hooks around each layer: that runs eager.
             self.counts["streamed_eager_calls"] += 1
             entry = None
+        if entry is not None and freeu.active(unet):
+            # FreeU's hooks are on for this request only: eager, so no compiled graph holds them.
+            self.counts["freeu_eager_calls"] += 1
+            entry = None
         if entry is None or entry.failed:
             self.counts["eager_calls"] += 1
             return _unet_forward(unet, *inputs)
@@ -206,4 +211,5 @@ class CompiledUNets:
                 "compiled_calls": delta["compiled_calls"], "eager_calls": delta["eager_calls"],
                 "graphs_compiled": delta["graphs_compiled"], "first_compiles": delta["first_compiles"],
                 "recompilations": delta["recompilations"], "compile_ms": round(delta["compile_ms"], 3),
-                "fallbacks": delta["fallbacks"], "streamed_eager_calls": delta["streamed_eager_calls"]}
+                "fallbacks": delta["fallbacks"], "streamed_eager_calls": delta["streamed_eager_calls"],
+                "freeu_eager_calls": delta["freeu_eager_calls"]}

@@ -227,8 +227,15 @@ class _InsertVectors:
         return output
 
 
-def _encode_windows(encoder, windows: torch.Tensor, vectors: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate hidden states [k, 77, width], output[0]) of one encoder call."""
+# Upstream's default CLIP skip: the penultimate layer's hidden states condition SDXL.
+DEFAULT_CLIP_SKIP = 2
+
+
+def _encode_windows(encoder, windows: torch.Tensor, vectors: dict, device,
+                    clip_skip: int = DEFAULT_CLIP_SKIP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [k, 77, width] of the `clip_skip`-th layer from the end, output[0]) of
+    one encoder call. As upstream (ComfyUI's clip_layer), a skip past the first layer takes
+    the final, normed output; the pooled output never changes with it."""
     hook = None
     if vectors:
         hook = encoder.get_input_embeddings().register_forward_hook(_InsertVectors(vectors))
@@ -237,7 +244,9 @@ def _encode_windows(encoder, windows: torch.Tensor, vectors: dict, device) -> tu
     finally:
         if hook is not None:
             hook.remove()
-    return out.hidden_states[-2], out[0]
+    if clip_skip >= len(out.hidden_states):
+        return out.last_hidden_state, out[0]
+    return out.hidden_states[-clip_skip], out[0]
 
 
 def _weighted(states: torch.Tensor, empty: torch.Tensor, weights: dict[tuple[int, int], float]) -> torch.Tensor:
@@ -253,16 +262,19 @@ def _weighted(states: torch.Tensor, empty: torch.Tensor, weights: dict[tuple[int
     return states
 
 
-def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str, embeddings: dict | None = None) -> Conditioning:
+def encode_prompt(clip: ModelPatcher, tokenizers: tuple, prompt: str, embeddings: dict | None = None,
+                  clip_skip: int = DEFAULT_CLIP_SKIP) -> Conditioning:
     """SDXL conditioning: penultimate hidden states of both encoders side by side,
     pooled (projected) output of the second (from the first window).
 
-    `embeddings`: name -> modules.embeddings.Embedding for the prompt's references."""
-    return encode_prompts(clip, tokenizers, [prompt], [embeddings])[0]
+    `embeddings`: name -> modules.embeddings.Embedding for the prompt's references.
+    `clip_skip`: which layer from the end gives the hidden states, in both encoders."""
+    return encode_prompts(clip, tokenizers, [prompt], [embeddings], clip_skip)[0]
 
 
 def encode_prompts(clip: ModelPatcher, tokenizers: tuple, prompts: Sequence[str],
-                   embeddings: Sequence[dict | None] | None = None) -> list[Conditioning]:
+                   embeddings: Sequence[dict | None] | None = None,
+                   clip_skip: int = DEFAULT_CLIP_SKIP) -> list[Conditioning]:
     """`encode_prompt` of several prompts in one call per encoder: every prompt's token
     windows are rows of one batch (CLIP reads each 77-token window on its own).
 
@@ -286,13 +298,14 @@ def encode_prompts(clip: ModelPatcher, tokenizers: tuple, prompts: Sequence[str]
                 starts.append(starts[-1] + token.windows.shape[0])
             vectors = {(start + window, position): vector for start, token in zip(starts, tokens)
                        for (window, position), vector in token.vectors.items()}
-            states, first = _encode_windows(encoder, torch.cat([t.windows for t in tokens]), vectors, device)
+            states, first = _encode_windows(encoder, torch.cat([t.windows for t in tokens]), vectors, device,
+                                            clip_skip)
             empty = None
             for i, token in enumerate(tokens):
                 own = states[starts[i]:starts[i + 1]]
                 if token.weights:
                     if empty is None:
-                        empty, _ = _encode_windows(encoder, token_windows(tokenizer, ""), {}, device)
+                        empty, _ = _encode_windows(encoder, token_windows(tokenizer, ""), {}, device, clip_skip)
                     own = _weighted(own, empty[0], token.weights)
                 hidden[i].append(own.reshape(1, -1, own.shape[-1]))   # windows side by side in sequence
                 pooled[i] = first[starts[i]:starts[i] + 1]
@@ -427,7 +440,8 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
                  width: int, height: int, shape: tuple[int, int, int, int], switch_step: int | None = None,
                  callback: StepCallback | None = None, guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL,
                  init_latents: torch.Tensor | None = None, denoise: float = 1.0,
-                 mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+                 mask: torch.Tensor | None = None, swap: str = "joint",
+                 swap_latents: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor | None]:
     """Denoise images of latent `shape` (one image's) together; returns each one's latents,
     None for those the callback dropped. `switch_step` hands over to stages[1].
     `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step.
@@ -441,7 +455,14 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
     kept timestep of the `denoise` schedule (see kept_schedule) replace pure noise.
     Inpainting: where `mask` (latent size, 1 = repaint, 0 = keep) is 0 the latents are
     put back to init_latents at the current noise level after every step, and to
-    init_latents exactly after the last, so any checkpoint can inpaint."""
+    init_latents exactly after the last, so any checkpoint can inpaint.
+
+    `swap`: how the refiner takes over at `switch_step` (upstream's refiner_swap_method).
+    "joint": the same sampler run goes on with the refiner's UNet. "separate": a fresh
+    sampler run from the switch's noise level, from the latents as they are (no new noise;
+    a multistep sampler's history starts over). "vae": the base's x0 estimate at the switch
+    goes through `swap_latents` (the base VAE's decode and the refiner VAE's encode), is
+    noised again to the switch's level with fresh noise (seed + 1) and sampled from there."""
     _check_img2img(shape, init_latents, mask)
     first = images[0].stages[0].unet
     device = first.load_device
@@ -458,6 +479,10 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
         for i, t in enumerate(timesteps):
             if switch_step is not None and i == switch_step and len(images[0].stages) > 1 and active == 0:
                 active = 1
+                if swap != "joint":
+                    for flight in live:
+                        flight.restart(sampler, scheduler, steps, denoise, switch_step, device,
+                                       swap_latents if swap == "vae" else None)
                 _load_unet(images[0].stages[1].unet, width, height, len(live))
             preds = _predict_batch([(f.image.stages[active], f.sched, f.latents) for f in live], t, cfg,
                                    width, height, guidance)
@@ -538,6 +563,20 @@ class _InFlight:
 
     def estimate(self) -> torch.Tensor:
         return self.denoised if self.denoised is not None else self.latents
+
+    def restart(self, sampler: str, scheduler: str, steps: int, denoise: float, switch_step: int, device,
+                swap_latents: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """A fresh scheduler on the same schedule, from step `switch_step` on (separate and
+        vae swaps). With `swap_latents` (vae swap) the latents become the x0 estimate through
+        it, noised to the switch's level with fresh noise of seed + 1."""
+        total, first = kept_schedule(steps, denoise)
+        self.sched = make_scheduler(sampler, scheduler)
+        self.timesteps = _start_at(self.sched, total, first + switch_step, device)
+        if swap_latents is not None:
+            clean = swap_latents(self.estimate()).to(device, torch.float32)
+            self.generator = torch.Generator("cpu").manual_seed(self.image.seed + 1)
+            self.noise = torch.randn(tuple(clean.shape), generator=self.generator, dtype=torch.float32).to(device)
+            self.latents = _noised(self.sched, clean, self.noise, self.timesteps[0])
 
 
 def _keep_outside(sched, latents, denoised, init, noise, keep, next_t):
@@ -631,7 +670,7 @@ def _predict_batch(images: Sequence[tuple[UNetStage, Any, torch.Tensor]], t, cfg
         if guidance.sharpness:
             cond = guidance_mod.sharpen(cond, sched.scale_model_input(latents, t), float(t), guidance,
                                         sched.alphas_cumprod)
-        preds.append(uncond + cfg * (cond - uncond))
+        preds.append(uncond + guidance.cfg_at(cfg, float(t)) * (cond - uncond))
     return preds
 
 

@@ -33,7 +33,7 @@ from ldm_patched.modules.checkpoint import CheckpointError
 from ldm_patched.modules.lora import LoraError
 from ldm_patched.modules.model_patcher import ModelPatcher
 from modules import config as config_module
-from modules import (controlnet, core, flags, guidance, history_log, image_inputs, image_output, ip_adapter,
+from modules import (controlnet, core, flags, freeu, guidance, history_log, image_inputs, image_output, ip_adapter,
                      parameters, preprocessors, presets, sdxl_styles, upscaler, wildcards)
 from modules import inpaint as inpaint_mod
 from modules.generation_request import (DEMO_CHECKPOINT_NAME, MAX_IMAGES, MAX_SEED, MAX_SIDE, GenerationRequest,
@@ -205,12 +205,12 @@ class BatchJob:
     def sampling_key(self) -> tuple:
         """What its images must share with others' to be in the same UNet batch."""
         plan, models, source = self.plan, self.models, self.source
-        switch = round(plan.steps * plan.req.refiner_switch) if models.refiner is not None else None
+        switch = plan.req.switch_step(plan.steps) if models.refiner is not None else None
         image_input = (source.init_latents is not None or source.mask is not None or source.head is not None
                        or source.image_prompts is not None or source.controls is not None)
         return (id(models.unet), id(models.refiner_unet()), id(models.vae), source.width, source.height,
                 plan.sampler, plan.scheduler, plan.steps, plan.cfg_scale, switch,
-                sampling_guidance(plan.req, plan.settings), id(source) if image_input else None)
+                sampling_guidance(plan.req, plan.settings), debug_key(plan.req), id(source) if image_input else None)
 
     def check_stop(self) -> bool:
         """True (and the job ends, stopped) when its Stop was asked."""
@@ -230,6 +230,8 @@ class BatchJob:
     def announce(self, wait: bool) -> None:
         """Tell the page about images written since the last call (from the worker thread only)."""
         run, steps = self.run, self.plan.steps
+        if self.plan.req.disable_intermediate_results and not wait:   # as upstream: all at the end
+            return
         for write in run.done.writes[len(self.announced):]:
             if not (wait or write.done()) or write.exception() is not None:
                 return
@@ -370,13 +372,13 @@ class Pipeline:
             plan = self._resolve(dict(request), RequestRun(None, None, {}))
             cfg, req, settings = plan.cfg, plan.req, plan.settings
             refiner = (req.refiner_model if req.refiner_model not in ("", flags.NONE_NAME)
-                       and settings.refiner_enabled and req.refiner_switch < 1.0 else None)
+                       and settings.refiner_enabled and req.refines(plan.steps) else None)
             key = (resolve_checkpoint(req.base_model, cfg),
                    None if refiner is None else (resolve_checkpoint(refiner, cfg), req.refiner_switch), req.vae,
                    tuple((resolve_lora(name, cfg), weight) for name, weight in req.loras + plan.tag_loras),
                    None if settings.lora is None else (settings.lora.file_name, settings.lora.weight),
                    req.width, req.height, plan.sampler, plan.scheduler, plan.steps, plan.cfg_scale,
-                   sampling_guidance(req, settings))
+                   sampling_guidance(req, settings), debug_key(req))
         except Exception:   # its own run reports what is wrong with it
             return None
         if not core.batchable(plan.sampler):
@@ -462,7 +464,8 @@ class Pipeline:
             cfg_scale=settings.cfg_scale if settings.cfg_scale is not None else req.guidance_scale,
             steps=steps, prompts=prompts, inputs=inputs, seed=seed,
             # Each image's wildcards, arrays and Random Style come from its own seed, as upstream.
-            image_texts=[sdxl_styles.image_texts(prompts, seed + i, i) for i in range(req.image_number)])
+            image_texts=[sdxl_styles.image_texts(prompts, req.image_seed(seed, i), i)
+                         for i in range(req.image_number)])
         run.report.update(seed=plan.seed, performance=str(req.performance), sampler=sampler, scheduler=scheduler,
                           steps=plan.steps, cfg=plan.cfg_scale, width=req.width, height=req.height,
                           image_number=req.image_number, styles=list(req.styles))
@@ -525,7 +528,7 @@ class Pipeline:
     def _refiner(self, plan: RequestPlan, base: LoadedCheckpoint, report: dict) -> LoadedCheckpoint | None:
         req = plan.req
         if not (req.refiner_model and req.refiner_model != flags.NONE_NAME and plan.settings.refiner_enabled
-                and req.refiner_switch < 1.0):
+                and req.refines(plan.steps)):
             return None
         refiner = self.catalogue.get_checkpoint(resolve_checkpoint(req.refiner_model, plan.cfg, "refiner_model"))
         if refiner is base:
@@ -555,7 +558,7 @@ class Pipeline:
             from modules import expansion
             expander = expansion.get_expansion(plan.cfg.path_fooocus_expansion, plan.cfg.downloads)
             with run.timed("prompt_expansion"):
-                texts = [t.expanded(expander(t.prompt, plan.seed + i)) for i, t in enumerate(texts)]
+                texts = [t.expanded(expander(t.prompt, req_seed(plan, i))) for i, t in enumerate(texts)]
             run.report["prompt_expansions"] = [t.expansion for t in texts]
         run.report["prompts"] = [{"prompt": t.log_prompt, "negative_prompt": t.log_negative_prompt,
                                   "styles": list(t.styles), "full_prompt": list(t.positive),
@@ -574,7 +577,8 @@ class Pipeline:
         texts = list(dict.fromkeys(s for t in images for s in (*t.positive, *(t.negative if guided else ()))))
 
         def encoded(clip: ModelPatcher, tokenizers: tuple) -> dict[str, core.Conditioning]:
-            return dict(zip(texts, self.catalogue.encode_many(clip, tokenizers, texts, run.counts, folders, limit)))
+            return dict(zip(texts, self.catalogue.encode_many(clip, tokenizers, texts, run.counts, folders, limit,
+                                                              plan.req.clip_skip)))
 
         def conditionings(image: sdxl_styles.ImageTexts,
                           by_text: dict[str, core.Conditioning]) -> tuple[core.Conditioning, core.Conditioning | None]:
@@ -865,14 +869,16 @@ class Pipeline:
         lead = batch[0][0]
         plan, models, source = lead.plan, lead.models, lead.source
         tweaks = sampling_guidance(plan.req, plan.settings)
-        images = [core.BatchImage(job.plan.seed + index, job.stage_sets[job.positive_texts[index]])
+        images = [core.BatchImage(req_seed(job.plan, index), job.stage_sets[job.positive_texts[index]])
                   for job, index in batch]
         for job in dict.fromkeys(job for job, _ in batch):
             job.report["guidance"] = asdict(tweaks)
-        switch = round(plan.steps * plan.req.refiner_switch) if models.refiner is not None else None
+        switch = plan.req.switch_step(plan.steps) if models.refiner is not None else None
         shape = (tuple(source.init_latents.shape) if source.init_latents is not None
                  else core.latent_shape(models.unet, models.vae, source.width, source.height))
         with _stage(shared_ms, "sampling"), contextlib.ExitStack() as extras:
+            if plan.req.freeu is not None:   # upstream applies FreeU to the base UNet only
+                extras.enter_context(freeu.applied(models.unet.model, freeu.FreeU(*plan.req.freeu)))
             if source.image_prompts is not None:
                 extras.enter_context(ip_adapter.applied(models.unet.model, source.image_prompts))
             if source.controls is not None:
@@ -884,7 +890,8 @@ class Pipeline:
             return core.sample_batch(images, sampler=plan.sampler, scheduler=plan.scheduler, steps=plan.steps,
                                      cfg=plan.cfg_scale, width=source.width, height=source.height, shape=shape,
                                      switch_step=switch, callback=_step_callback(batch), guidance=tweaks,
-                                     init_latents=source.init_latents, denoise=source.denoise, mask=source.mask)
+                                     init_latents=source.init_latents, denoise=source.denoise, mask=source.mask,
+                                     swap=plan.req.refiner_swap_method, swap_latents=_vae_swap(models, source))
 
     def _halve_after_out_of_memory(self, batch: list[tuple[BatchJob, int]], message: str) -> None:
         """A batch of several images ran out of memory: free what its jobs do not need; the
@@ -913,9 +920,9 @@ class Pipeline:
         with run.timed("save_images"):   # only the part that did not overlap: waiting for the commits
             saved = [write.result() for write in run.done.writes]
         job.announce(wait=True)
-        report["seeds"] = [plan.seed + i for i in range(count) if i not in job.skipped]
+        report["seeds"] = [req_seed(plan, i) for i in range(count) if i not in job.skipped]
         if job.skipped:
-            report["skipped"] = [plan.seed + i for i in job.skipped]
+            report["skipped"] = [req_seed(plan, i) for i in job.skipped]
         report["output_format"] = plan.req.output_format
         warnings = sorted({s.warning for s in saved if s.warning})
         if warnings:
@@ -942,7 +949,7 @@ class Pipeline:
             guidance_scale=plan.cfg_scale, sharpness=tweaks.sharpness,
             adm=(tweaks.adm_positive, tweaks.adm_negative, tweaks.adm_end), base_model=report["base_model"],
             refiner_model=refiner, refiner_switch=req.refiner_switch, sampler=plan.sampler,
-            scheduler=plan.scheduler, vae=req.vae, seed=plan.seed + index, loras=loras,
+            scheduler=plan.scheduler, vae=req.vae, seed=req_seed(plan, index), loras=loras,
             scheme=req.metadata_scheme, save=req.save_metadata_to_images, model_files=files)
 
     def _finish_report(self, run: RequestRun, summary: model_management.RequestSummary,
@@ -1075,8 +1082,8 @@ def _step_callback(batch: list[tuple[BatchJob, int]]) -> core.StepCallback:
             job.announce(wait=False)
             if job.run.progress is not None:
                 indices = [batch[p][1] for p in live]
-                preview = (latent_preview(estimates[live[0]])
-                           if step % PREVIEW_EVERY == 0 or step == total else None)
+                preview = (latent_preview(estimates[live[0]]) if not job.plan.req.disable_preview
+                           and (step % PREVIEW_EVERY == 0 or step == total) else None)
                 job.run.progress(ProgressEvent(indices[0], count, step, total,
                                                f"{_images_text('Sampling', indices, count)}, step {step}/{total}",
                                                preview=preview, images=len(indices)))
@@ -1100,7 +1107,28 @@ def sampling_guidance(req: GenerationRequest, settings: flags.PerformanceSetting
     if settings.is_distilled:
         return guidance.Guidance(sharpness=settings.sharpness or 0.0)
     return guidance.Guidance(sharpness=req.sharpness, adm_positive=req.adm_scaler_positive,
-                             adm_negative=req.adm_scaler_negative, adm_end=req.adm_scaler_end)
+                             adm_negative=req.adm_scaler_negative, adm_end=req.adm_scaler_end,
+                             adaptive_cfg=req.adaptive_cfg)
+
+
+def _vae_swap(models: RequestModels, source: ImageSource) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The vae refiner swap's latent conversion: the base VAE decodes, the refiner's VAE
+    (its checkpoint's, else the same) encodes, so the refiner starts in its own latent space."""
+    def convert(latents: torch.Tensor) -> torch.Tensor:
+        refiner_vae = (models.refiner.vae if models.refiner is not None else None) or models.vae
+        return core.encode(refiner_vae, core.decode(models.vae, latents, source.width, source.height))
+    return convert
+
+
+def req_seed(plan: RequestPlan, index: int) -> int:
+    """Image `index`'s seed (the same for all with disable_seed_increment)."""
+    return plan.req.image_seed(plan.seed, index)
+
+
+def debug_key(req: GenerationRequest) -> tuple:
+    """The Developer Debug fields that change sampling, for the batch keys: requests with
+    other values never share a UNet batch."""
+    return (req.clip_skip, req.overwrite_switch, req.disable_seed_increment, req.refiner_swap_method, req.freeu)
 
 
 class _stage:

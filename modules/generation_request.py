@@ -54,6 +54,32 @@ class GenerationRequest:
     metadata_scheme: str = "fooocus"
     save_metadata_to_images: bool = True
     read_wildcards_in_order: bool = False
+    # Upstream's Developer Debug Mode sampling controls (modules/debug_controls.py says what each does).
+    adaptive_cfg: float = 7.0
+    clip_skip: int = 2
+    overwrite_step: int = -1
+    overwrite_switch: int = -1
+    overwrite_width: int = -1
+    overwrite_height: int = -1
+    disable_seed_increment: bool = False
+    refiner_swap_method: str = "joint"
+    freeu: tuple[float, float, float, float] | None = None   # (b1, b2, s1, s2) when freeu_enabled
+    disable_preview: bool = False
+    disable_intermediate_results: bool = False
+    black_out_nsfw: bool = False
+
+    def switch_step(self, steps: int) -> int:
+        """The step the refiner takes over at: overwrite_switch (a step, as upstream's), else
+        refiner_switch of `steps`."""
+        return self.overwrite_switch if self.overwrite_switch > 0 else round(steps * self.refiner_switch)
+
+    def refines(self, steps: int) -> bool:
+        """Whether a refiner (when one is chosen) takes any of the `steps`."""
+        return self.overwrite_switch < steps if self.overwrite_switch > 0 else self.refiner_switch < 1.0
+
+    def image_seed(self, seed: int, index: int) -> int:
+        """Image `index`'s seed: seed + index, or the same seed for all (disable_seed_increment)."""
+        return seed if self.disable_seed_increment else seed + index
 
     @staticmethod
     def from_dict(data: dict, cfg: config_module.Config) -> "GenerationRequest":
@@ -97,11 +123,57 @@ class GenerationRequest:
             metadata_scheme=_one_of(data, "metadata_scheme", cfg.default_metadata_scheme, flags.METADATA_SCHEMES),
             save_metadata_to_images=_bool(data, "save_metadata_to_images", cfg.default_save_metadata_to_images),
             read_wildcards_in_order=_bool(data, "read_wildcards_in_order", False),
+            **_debug_controls(data),
         )
+        _apply_overwrites(request)
         for side in ("width", "height"):
             if getattr(request, side) % 8:
                 raise RequestError(f"field '{side}' must be a multiple of 8, got {getattr(request, side)}")
         return request
+
+
+REFINER_SWAP_METHODS = ("joint", "separate", "vae")
+FREEU_DEFAULTS = {"freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.95}
+
+
+def _overwrite(data: dict, key: str, low: int, high: int) -> int:
+    """-1 (not forced) or a value in [low, high]."""
+    value = data.get(key, -1)
+    if value == -1 and is_finite_number(value):
+        return -1
+    return _int(data, key, -1, low, high)
+
+
+def _debug_controls(data: dict) -> dict[str, Any]:
+    """Upstream's Developer Debug Mode sampling fields, with upstream's ranges and defaults."""
+    if _bool(data, "black_out_nsfw", False):
+        raise RequestError("field 'black_out_nsfw': blacking out NSFW images needs a safety-checker model, "
+                           "which this server does not ship; send false")
+    freeu = tuple(_float(data, key, default, 0.0, 2.0) for key, default in FREEU_DEFAULTS.items())
+    return dict(adaptive_cfg=_float(data, "adaptive_cfg", 7.0, 1.0, 30.0),
+                clip_skip=_int(data, "clip_skip", 2, 1, 12),
+                overwrite_step=_overwrite(data, "overwrite_step", 1, MAX_STEPS),
+                overwrite_switch=_overwrite(data, "overwrite_switch", 1, MAX_STEPS),
+                overwrite_width=_overwrite(data, "overwrite_width", 64, MAX_SIDE),
+                overwrite_height=_overwrite(data, "overwrite_height", 64, MAX_SIDE),
+                disable_seed_increment=_bool(data, "disable_seed_increment", False),
+                refiner_swap_method=_one_of(data, "refiner_swap_method", "joint", REFINER_SWAP_METHODS),
+                freeu=freeu if _bool(data, "freeu_enabled", False) else None,
+                disable_preview=_bool(data, "disable_preview", False),
+                disable_intermediate_results=_bool(data, "disable_intermediate_results", False))
+
+
+def _apply_overwrites(request: GenerationRequest) -> None:
+    """Forced steps and size win over `steps`, `width`, `height` and the aspect ratio (as
+    upstream's overwrite_* do); the size errors then name the overwrite field."""
+    if request.overwrite_step > 0:
+        request.steps = request.overwrite_step
+    for side in ("width", "height"):
+        forced = getattr(request, f"overwrite_{side}")
+        if forced > 0:
+            if forced % 8:
+                raise RequestError(f"field 'overwrite_{side}' must be a multiple of 8, got {forced}")
+            setattr(request, side, forced)
 
 
 def _text(data: dict, key: str, default: str) -> str:

@@ -17,7 +17,14 @@ so changing them never moves or patches a model.
   both use the true size. Only the base model's size conditioning is scaled (the
   refiner conditions on an aesthetic score instead).
 
-With sharpness 0 and ADM 1, 1, 0 every step is exactly the plain step.
+- **CFG mimicking from TSNR** (upstream's ``adaptive_cfg``, default 7): when the
+  guidance scale is above ``adaptive_cfg``, each step's guided prediction blends the
+  real guidance with guidance at ``adaptive_cfg``, by the diffusion progress
+  ``p = 1 - t / 999``: ``real * p + mimicked * (1 - p)``. The noisy first steps
+  follow the milder scale (high scales burn them), the last ones the real one.
+
+With sharpness 0, ADM 1, 1, 0 and the guidance scale at most ``adaptive_cfg`` every
+step is exactly the plain step.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class Guidance:
     adm_positive: float = 1.0
     adm_negative: float = 1.0
     adm_end: float = 0.0
+    adaptive_cfg: float | None = None   # None: guidance is never mimicked
 
     @property
     def neutral(self) -> bool:
@@ -55,6 +63,15 @@ class Guidance:
 
     def sharpness_weight(self, t: float) -> float:
         return 0.001 * self.sharpness * (1.0 - float(t) / MAX_TIMESTEP)
+
+    def cfg_at(self, cfg: float, t: float) -> float:
+        """The guidance scale step `t` applies. Blending the real and the mimicked guided
+        predictions by p is guidance at ``cfg * p + adaptive_cfg * (1 - p)`` (both are
+        linear in the scale); at or below adaptive_cfg it is `cfg` itself."""
+        if self.adaptive_cfg is None or cfg <= self.adaptive_cfg:
+            return cfg
+        progress = 1.0 - float(t) / MAX_TIMESTEP
+        return cfg * progress + self.adaptive_cfg * (1.0 - progress)
 
 
 NEUTRAL = Guidance()

@@ -356,7 +356,8 @@ class ModelCatalogue:
     # -- prompts --------------------------------------------------------------------------
 
     def encode_many(self, clip: ModelPatcher, tokenizers: tuple, prompts: list[str], counts: dict,
-                    embedding_folders=(), max_cache_bytes: int = 512 * 2 ** 20) -> list[core.Conditioning]:
+                    embedding_folders=(), max_cache_bytes: int = 512 * 2 ** 20,
+                    clip_skip: int = core.DEFAULT_CLIP_SKIP) -> list[core.Conditioning]:
         """Encode prompts, those not cached each on its own, as upstream does: a prompt's
         conditioning does not depend on what else was encoded with it, so a cached one is the
         one a fresh encode would give (CLIP in a batch of other prompts differs in the last
@@ -372,7 +373,7 @@ class ModelCatalogue:
             except EmbeddingError as error:
                 raise RequestError(str(error)) from error
             files = tuple(sorted((name, e.file) for name, e in embeddings.items()))
-            asked.append(((id(clip.model), weights, prompt, files), embeddings))
+            asked.append(((id(clip.model), weights, prompt, files, clip_skip), embeddings))
         found: dict[tuple, core.Conditioning] = {}
         missing: dict[tuple, dict] = {}
         for key, embeddings in asked:
@@ -383,7 +384,7 @@ class ModelCatalogue:
                 missing[key] = embeddings
         if missing:
             try:
-                conds = [core.encode_prompt(clip, tokenizers, key[2], embeddings or None)
+                conds = [core.encode_prompt(clip, tokenizers, key[2], embeddings or None, clip_skip)
                          for key, embeddings in missing.items()]
             except EmbeddingError as error:
                 raise RequestError(str(error)) from error

@@ -83,7 +83,7 @@ def resident_set(request: dict, cfg) -> dict:
         base_path = dp.resolve_checkpoint(req.base_model, cfg)
         parts = [_file_version("base", base_path, cfg.path_checkpoints)]
         if (req.refiner_model and req.refiner_model != flags.NONE_NAME and settings.refiner_enabled
-                and req.refiner_switch < 1.0):
+                and req.refines(req.steps or settings.steps)):
             refiner_path = dp.resolve_checkpoint(req.refiner_model, cfg, "refiner_model")
             if refiner_path != base_path:
                 parts.append(_file_version("refiner", refiner_path, cfg.path_checkpoints))

@@ -5,8 +5,10 @@ is left out, so our config's defaults apply exactly as for ``/generate`` (the sa
 parameters give the same pixels). Fields we have no feature for are accepted at their
 default and refused (422, naming the field) when set to something we would silently not
 do (FreeU, NSFW blackout, custom outpaint distances, "Upscale (Custom)"...); a few that
-change nothing we could honour are ignored (``adaptive_cfg``, ``refiner_swap_method``,
-``inpaint_engine``, ``save_meta``, ``meta_scheme``, ``save_name``, ``read_wildcards_in_order``).
+change nothing we could honour are ignored (``inpaint_engine``, ``save_meta``, ``meta_scheme``,
+``save_name``, ``read_wildcards_in_order``). The Developer Debug sampling fields (``adaptive_cfg``,
+``clip_skip``, ``refiner_swap_method``, ``freeu_*``, ``disable_seed_increment``, ``disable_preview``,
+``disable_intermediate_results``) carry over under their own names.
 
 v1 image routes take multipart uploads (``input_image``, ``input_mask``, ``cn_img1..4``,
 ``loras`` and ``advanced_params`` as JSON text); v2 routes take JSON with base64 images.
@@ -44,11 +46,15 @@ _SAME = ("prompt", "negative_prompt", "image_number", "sharpness", "guidance_sca
 _RENAMED = {"style_selections": "styles", "aspect_ratios_selection": "aspect_ratio", "image_seed": "seed",
             "base_model_name": "base_model", "refiner_model_name": "refiner_model"}
 _ADVANCED_SAME = ("adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end", "overwrite_vary_strength",
-                  "overwrite_upscale_strength", "inpaint_strength", "inpaint_respective_field")
+                  "overwrite_upscale_strength", "inpaint_strength", "inpaint_respective_field",
+                  # Developer Debug Mode: the same request fields (modules/generation_request.py)
+                  "adaptive_cfg", "clip_skip", "refiner_swap_method", "freeu_enabled", "freeu_b1", "freeu_b2",
+                  "freeu_s1", "freeu_s2", "disable_seed_increment", "disable_preview", "disable_intermediate_results")
+NAMES.update({key: f"advanced_params.{key}" for key in _ADVANCED_SAME})
 # Advanced fields we have no feature for: accepted at these values (upstream's defaults).
-_ONLY_AT = {"freeu_enabled": False, "black_out_nsfw": False, "invert_mask_checkbox": False,
-            "inpaint_erode_or_dilate": 0, "inpaint_disable_initial_latent": False, "disable_seed_increment": False,
-            "clip_skip": 2, "debugging_cn_preprocessor": False, "skipping_cn_preprocessor": False,
+_ONLY_AT = {"black_out_nsfw": False, "invert_mask_checkbox": False,
+            "inpaint_erode_or_dilate": 0, "inpaint_disable_initial_latent": False,
+            "debugging_cn_preprocessor": False, "skipping_cn_preprocessor": False,
             "debugging_inpaint_preprocessor": False, "debugging_dino": False, "dino_erode_or_dilate": 0,
             "debugging_enhance_masks_checkbox": False}
 UOV_METHODS = tuple(m for m in flags.UOV_METHODS if m != flags.UOV_DISABLED)
@@ -71,8 +77,10 @@ class AdvancedParams(BaseModel):
     adm_scaler_positive: float = Field(1.5, ge=0.1, le=3.0)
     adm_scaler_negative: float = Field(0.8, ge=0.1, le=3.0)
     adm_scaler_end: float = Field(0.3, ge=0.0, le=1.0)
-    adaptive_cfg: float = Field(7.0, ge=1.0, le=30.0, description="accepted, not used")
-    clip_skip: int = Field(2, ge=1, le=12, description="only 2 (SDXL's penultimate layer)")
+    disable_intermediate_results: bool = Field(False, description="finished images only at the end")
+    disable_seed_increment: bool = Field(False, description="every image uses image_seed")
+    adaptive_cfg: float = Field(7.0, ge=1.0, le=30.0, description="CFG mimicking from TSNR above this scale")
+    clip_skip: int = Field(2, ge=1, le=12, description="CLIP layer from the end that conditions (2: penultimate)")
     sampler_name: str | None = Field(None, description="one of /sdapi/v1/samplers' aliases or ours, e.g. dpmpp_2m_sde_gpu")
     scheduler_name: str | None = Field(None, description="e.g. karras")
     overwrite_step: int = Field(-1, ge=-1, le=200, description="-1: the performance mode's steps")
@@ -83,13 +91,17 @@ class AdvancedParams(BaseModel):
     overwrite_upscale_strength: float = Field(-1, ge=-1, le=1.0, description="Upscale's denoise; -1: 0.382")
     mixing_image_prompt_and_vary_upscale: bool = Field(False, description="image prompts always combine")
     mixing_image_prompt_and_inpaint: bool = Field(False, description="image prompts always combine")
-    refiner_swap_method: str = Field("joint", description="accepted, not used")
+    refiner_swap_method: Literal["joint", "separate", "vae"] = "joint"
     inpaint_engine: str = Field("v2.6", description="accepted: the patch in models/inpaint is used")
     inpaint_strength: float = Field(1.0, ge=0.0, le=1.0)
     inpaint_respective_field: float = Field(0.618, ge=0.0, le=1.0)
     vae_name: str | None = Field(None, description="a file in models/vae, or 'Default (model)'")
-    freeu_enabled: bool = Field(False, description="not supported: only false")
-    black_out_nsfw: bool = Field(False, description="not supported: only false")
+    freeu_enabled: bool = False
+    freeu_b1: float = Field(1.01, ge=0.0, le=2.0)
+    freeu_b2: float = Field(1.02, ge=0.0, le=2.0)
+    freeu_s1: float = Field(0.99, ge=0.0, le=2.0)
+    freeu_s2: float = Field(0.95, ge=0.0, le=2.0)
+    black_out_nsfw: bool = Field(False, description="not supported (needs a safety checker): only false")
     invert_mask_checkbox: bool = Field(False, description="not supported: only false")
     inpaint_erode_or_dilate: int = Field(0, ge=-64, le=64, description="not supported: only 0")
 

@@ -4,7 +4,9 @@ Mapping onto our request: ``prompt`` (``<lora:name:weight>`` tags work as in Foo
 ``negative_prompt``, ``styles`` (our styles), ``seed``, ``steps``, ``cfg_scale``, ``width``,
 ``height``, ``batch_size`` x ``n_iter`` images, ``sampler_name`` + ``scheduler`` (A1111's
 names, e.g. "Euler a" or "DPM++ 2M Karras", onto our sampler and scheduler), and from
-``override_settings``: ``sd_model_checkpoint``, ``sd_vae``, ``samples_format``. A field
+``override_settings``: ``sd_model_checkpoint``, ``sd_vae``, ``samples_format``,
+``CLIP_stop_at_last_layers`` (2-12: our ``clip_skip``; 1, A1111's default, keeps the
+penultimate layer, which is also what A1111 itself gives SDXL at 1). A field
 that is not sent keeps our config's default (so an omitted ``steps`` is the performance
 mode's, not A1111's 50). img2img: ``init_images[0]`` with ``denoising_strength`` is a Vary
 at that denoise (the output is sized as Vary sizes it; ``width``/``height`` are not used);
@@ -33,7 +35,7 @@ from modules.api import common, jobs
 from modules.api.auth import Principal
 from modules.api.context import ApiContext
 
-NAMES = {"guidance_scale": "cfg_scale", "image_number": "batch_size", "sampler": "sampler_name",
+NAMES = {"clip_skip": "override_settings.CLIP_stop_at_last_layers", "guidance_scale": "cfg_scale", "image_number": "batch_size", "sampler": "sampler_name",
          "base_model": "override_settings.sd_model_checkpoint", "vae": "override_settings.sd_vae",
          "output_format": "override_settings.samples_format", "input_image": "init_images",
          "inpaint_mask": "mask", "overwrite_vary_strength": "denoising_strength",
@@ -70,7 +72,7 @@ SCHEDULERS: dict[str, tuple[str, str | None]] = {
     "normal": ("Normal", "normal"), "ddim": ("DDIM", "ddim_uniform"), "beta": ("Beta", "beta"),
 }
 # Option keys A1111 clients send with a value that is the only one we implement.
-_ONLY_SETTING = {"CLIP_stop_at_last_layers": 1}
+_ONLY_SETTING: dict[str, Any] = {}
 
 
 def _ours() -> tuple[set[str], set[str]]:
@@ -224,6 +226,9 @@ def _settings(overrides: dict[str, Any], cfg: config_module.Config, out: dict) -
             out["vae"] = flags.DEFAULT_VAE if value in (None, "", "Automatic", "None") else value
         elif key == "samples_format":
             out["output_format"] = "jpeg" if value == "jpg" else value
+        elif key == "CLIP_stop_at_last_layers":
+            if value != 1:   # 1: A1111's default; for SDXL it conditions on the penultimate layer, as ours does
+                out["clip_skip"] = value
         elif key in _ONLY_SETTING:
             if value != _ONLY_SETTING[key]:
                 raise common.ApiError(422, f"field 'override_settings.{key}': only {_ONLY_SETTING[key]} here")

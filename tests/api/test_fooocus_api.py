@@ -42,7 +42,10 @@ def test_the_docs_example_maps_one_to_one():
         "refiner_switch": 0.5, "loras": [["offset.safetensors", 0.1]],   # the disabled one is left out
         "adm_scaler_positive": 1.5, "adm_scaler_negative": 0.6, "adm_scaler_end": 0.3,
         "overwrite_vary_strength": -1.0, "overwrite_upscale_strength": -1.0,   # -1: the method's own
-        "sampler": "dpmpp_2m_sde_gpu", "scheduler": "karras"}
+        "sampler": "dpmpp_2m_sde_gpu", "scheduler": "karras",
+        # Developer Debug fields it sent: the request fields of the same names
+        "refiner_swap_method": "joint", "adaptive_cfg": 7.0, "freeu_enabled": False,
+        "freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.95}
 
 
 def test_fields_not_sent_stay_out_so_the_config_decides():
@@ -70,9 +73,7 @@ def test_image_routes_put_their_images_and_modes_in():
 
 
 @pytest.mark.parametrize("body, model, field", [
-    ({"advanced_params": {"freeu_enabled": True}}, fa.CommonRequest, "advanced_params.freeu_enabled"),
     ({"advanced_params": {"black_out_nsfw": True}}, fa.CommonRequest, "advanced_params.black_out_nsfw"),
-    ({"advanced_params": {"clip_skip": 1}}, fa.CommonRequest, "advanced_params.clip_skip"),
     ({"input_image": "I", "outpaint_distance_top": 100}, fa.ImgInpaintOrOutpaintRequestJson,
      "outpaint_distance_top"),
 ])
@@ -80,6 +81,16 @@ def test_features_we_lack_are_refused_not_dropped(body, model, field):
     with pytest.raises(ApiError) as refused:
         fa.to_request(model.model_validate({"prompt": "x", **body}), same)
     assert refused.value.param == field and refused.value.status == 422
+
+
+def test_developer_debug_advanced_params_carry_over():
+    request = fa.to_request(fa.CommonRequest.model_validate(
+        {"prompt": "x", "advanced_params": {"clip_skip": 1, "adaptive_cfg": 5, "refiner_swap_method": "vae",
+                                            "freeu_enabled": True, "freeu_b2": 1.3, "disable_seed_increment": True,
+                                            "disable_preview": True, "disable_intermediate_results": True}}), same)
+    assert request == {"prompt": "x", "clip_skip": 1, "adaptive_cfg": 5.0, "refiner_swap_method": "vae",
+                       "freeu_enabled": True, "freeu_b2": 1.3, "disable_seed_increment": True,
+                       "disable_preview": True, "disable_intermediate_results": True}
 
 
 def test_our_field_names_in_errors_become_theirs():

@@ -109,12 +109,19 @@ def test_webuiapis_img2img_is_a_vary_at_its_denoise_and_with_a_mask_an_inpaint(c
     ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "module": "canny"}]}}},
      "alwayson_scripts.ControlNet"),
     ({"batch_size": 8, "n_iter": 5}, "batch_size"),
-    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings.CLIP_stop_at_last_layers"),
 ])
 def test_what_would_be_silently_dropped_is_refused(cfg, change, field):
     with pytest.raises(ApiError) as refused:
         sdapi.to_request(sdapi.Txt2ImgRequest.model_validate({"prompt": "x", **change}), cfg, same)
     assert refused.value.param == field
+
+
+def test_clip_stop_at_last_layers_is_clip_skip(cfg):
+    """2-12 is our clip_skip; 1 (A1111's default, the penultimate layer for SDXL there) keeps ours."""
+    for value, expected in ((3, {"clip_skip": 3}), (1, {})):
+        body = sdapi.Txt2ImgRequest.model_validate({"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": value}})
+        request, _ = sdapi.to_request(body, cfg, same)
+        assert request == {"prompt": "x", "image_number": 1, **expected}
 
 
 def test_disabled_extensions_and_unknown_settings_pass(cfg):

@@ -353,8 +353,10 @@ MALFORMED = [
      "advanced_params.overwrite_step"),
     ("/v1/generation/text-to-image", {"prompt": "x", "advanced_params": {"sampler_name": "nope"}},
      "advanced_params.sampler_name"),
-    ("/v1/generation/text-to-image", {"prompt": "x", "advanced_params": {"freeu_enabled": True}},
-     "advanced_params.freeu_enabled"),
+    ("/v1/generation/text-to-image", {"prompt": "x", "advanced_params": {"black_out_nsfw": True}},
+     "advanced_params.black_out_nsfw"),
+    ("/v1/generation/text-to-image", {"prompt": "x", "advanced_params": {"clip_skip": 13}},
+     "advanced_params.clip_skip"),
     ("/v1/generation/text-to-image", {"prompt": "x", "loras": [{"model_name": "missing.safetensors"}]}, "loras"),
     ("/v1/generation/text-to-image", {"prompt": "x", "style_selections": ["No Such Style"]}, "style_selections"),
     ("/v2/generation/image-upscale-vary", {"prompt": "x", "input_image": "not-base64!"}, "input_image"),
@@ -395,6 +397,18 @@ def test_malformed_bodies_answer_422_naming_the_field_and_change_nothing(server:
         after = fooocus(api, "/v1/generation/text-to-image", {**FOOOCUS_SMALL, "require_base64": True}).json()
     assert server.process.poll() is None
     assert np.array_equal(pixels(after[0]["base64"]), pixels(reference[0]["base64"]))
+
+
+def test_a_developer_debug_advanced_param_takes_effect(server: Server) -> None:
+    """advanced_params.clip_skip reaches the pipeline: another CLIP layer, another image; the
+    default (2) is the image without it."""
+    with server.client() as api:
+        def image(**advanced) -> np.ndarray:
+            body = {**FOOOCUS_SMALL, "require_base64": True,
+                    "advanced_params": {**FOOOCUS_SMALL["advanced_params"], **advanced}}
+            return pixels(fooocus(api, "/v1/generation/text-to-image", body).json()[0]["base64"])
+        plain, skip_one, skip_two = image(), image(clip_skip=1), image(clip_skip=2)
+    assert not np.array_equal(plain, skip_one) and np.array_equal(plain, skip_two)
 
 
 def test_a_sync_request_whose_client_goes_away_is_stopped(server: Server) -> None:
