@@ -427,7 +427,8 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
                  width: int, height: int, shape: tuple[int, int, int, int], switch_step: int | None = None,
                  callback: StepCallback | None = None, guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL,
                  init_latents: torch.Tensor | None = None, denoise: float = 1.0,
-                 mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+                 mask: torch.Tensor | None = None,
+                 start_latents: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """Denoise images of latent `shape` (one image's) together; returns each one's latents,
     None for those the callback dropped. `switch_step` hands over to stages[1].
     `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step.
@@ -441,14 +442,17 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
     kept timestep of the `denoise` schedule (see kept_schedule) replace pure noise.
     Inpainting: where `mask` (latent size, 1 = repaint, 0 = keep) is 0 the latents are
     put back to init_latents at the current noise level after every step, and to
-    init_latents exactly after the last, so any checkpoint can inpaint."""
+    init_latents exactly after the last, so any checkpoint can inpaint. `start_latents`, when
+    given, are noised instead of init_latents for the start (upstream's disabled initial
+    latent: zeros), init_latents still being what the mask keeps."""
     _check_img2img(shape, init_latents, mask)
     first = images[0].stages[0].unet
     device = first.load_device
     _load_unet(first, width, height, len(images))
     if init_latents is not None:
         init_latents = init_latents.to(device, torch.float32)
-    flights = [_InFlight.start(position, image, sampler, scheduler, steps, denoise, shape, device, init_latents)
+    start = init_latents if start_latents is None else start_latents.to(device, torch.float32)
+    flights = [_InFlight.start(position, image, sampler, scheduler, steps, denoise, shape, device, start)
                for position, image in enumerate(images)]
     keep = None if mask is None else 1.0 - mask.to(device, torch.float32)
     timesteps = flights[0].timesteps
