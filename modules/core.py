@@ -441,7 +441,8 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
                  callback: StepCallback | None = None, guidance: guidance_mod.Guidance = guidance_mod.NEUTRAL,
                  init_latents: torch.Tensor | None = None, denoise: float = 1.0,
                  mask: torch.Tensor | None = None, swap: str = "joint",
-                 swap_latents: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+                 swap_latents: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 start_latents: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """Denoise images of latent `shape` (one image's) together; returns each one's latents,
     None for those the callback dropped. `switch_step` hands over to stages[1].
     `guidance`: sharpness and ADM scaling (modules/guidance.py), computed per step.
@@ -462,14 +463,17 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
     sampler run from the switch's noise level, from the latents as they are (no new noise;
     a multistep sampler's history starts over). "vae": the base's x0 estimate at the switch
     goes through `swap_latents` (the base VAE's decode and the refiner VAE's encode), is
-    noised again to the switch's level with fresh noise (seed + 1) and sampled from there."""
+    noised again to the switch's level with fresh noise (seed + 1) and sampled from there.
+    `start_latents`, when given, are noised instead of init_latents for the start (upstream's
+    disabled initial latent: zeros), init_latents still being what the mask keeps."""
     _check_img2img(shape, init_latents, mask)
     first = images[0].stages[0].unet
     device = first.load_device
     _load_unet(first, width, height, len(images))
     if init_latents is not None:
         init_latents = init_latents.to(device, torch.float32)
-    flights = [_InFlight.start(position, image, sampler, scheduler, steps, denoise, shape, device, init_latents)
+    start = init_latents if start_latents is None else start_latents.to(device, torch.float32)
+    flights = [_InFlight.start(position, image, sampler, scheduler, steps, denoise, shape, device, start)
                for position, image in enumerate(images)]
     keep = None if mask is None else 1.0 - mask.to(device, torch.float32)
     timesteps = flights[0].timesteps

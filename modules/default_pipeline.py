@@ -164,6 +164,7 @@ class ImageSource:
     image_prompts: ip_adapter.PreparedImagePrompts | None = None
     controls: controlnet.ControlSet | None = None   # PyraCanny/CPDS image prompts
     previews: list[np.ndarray] | None = None        # Debug Preprocessors: these are the result
+    start_latents: torch.Tensor | None = None       # where sampling starts when not init_latents
 
 
 @dataclass(eq=False)
@@ -507,9 +508,11 @@ class Pipeline:
         """Inpaint with upstream's patch file (models/inpaint) when it is there: the LoRA set's
         UNet plus the patch, a content-identified patch set like any LoRA (resident mode keeps
         it and reaches it by diff). Without the file, inpainting works by latent blending alone."""
-        if plan.inputs.mode != "inpaint":
+        if plan.inputs.mode != "inpaint" or plan.inputs.inpaint.debug_preprocessor:
             return unet
-        path = self._optional_file(plan.cfg.path_inpaint, inpaint_mod.PATCH_FILES[inpaint_mod.DEFAULT_ENGINE])
+        engine = plan.inputs.inpaint.engine   # "None": upstream's engine off, blending alone
+        path = (None if engine not in inpaint_mod.PATCH_FILES
+                else self._optional_file(plan.cfg.path_inpaint, inpaint_mod.PATCH_FILES[engine]))
         if path is None:
             report["inpaint_patch"] = None
             return unet
@@ -610,7 +613,9 @@ class Pipeline:
             source = self._inpaint(plan, models, run)
         else:
             source = ImageSource(req.width, req.height)
-        if inputs.image_prompts and source.direct is None and inputs.control.debug_preprocessors:
+        if source.previews is not None:   # Debug Inpaint Preprocessing: nothing more to prepare
+            pass
+        elif inputs.image_prompts and source.direct is None and inputs.control.debug_preprocessors:
             source.previews = preprocessor_previews(inputs, source.width, source.height)
         elif source.direct is None:
             if inputs.adapter_prompts:
@@ -657,12 +662,15 @@ class Pipeline:
         """Inpaint / outpaint, as upstream: the crop around the mask generated at about
         1024 px, started from the pre-filled crop, the mask's outside kept by latent
         blending, the inpaint head when its file is there, then pasted back."""
-        inputs, cfg = plan.inputs, plan.cfg
+        inputs, cfg, options = plan.inputs, plan.cfg, plan.inputs.inpaint
         image, mask = inputs.image, None
         height, width = image.shape[:2]
         try:
             if inputs.mask is not None:
                 mask = inpaint_mod.mask_from_image(inputs.mask, width, height)
+                mask = inpaint_mod.erode_or_dilate(mask, options.erode_or_dilate)   # before any invert, as upstream
+            if options.invert_mask:
+                mask = inpaint_mod.invert_mask(np.zeros((height, width), np.uint8) if mask is None else mask)
             if inputs.outpaint:
                 image, mask = inpaint_mod.outpaint_canvas(image, mask, inputs.outpaint)
             if mask is None:
@@ -673,12 +681,17 @@ class Pipeline:
         except inpaint_mod.InpaintInputError as error:
             raise RequestError(f"field '{error.field}': {error.reason}") from None
         crop_h, crop_w = job.size
+        if options.debug_preprocessor:   # upstream shows the prepared crop and its mask instead of generating
+            mask_rgb = np.repeat(job.mask[..., None], 3, axis=2)
+            return ImageSource(crop_w, crop_h, previews=[job.fill_pixels, mask_rgb])
         check_cost(crop_w, crop_h, plan.steps, plan.image_count, cfg, INPUT_IMAGE_SIZE)
         with run.timed("vae_encode"):
             latents = core.encode(models.vae, job.fill_pixels, run.check_stop)
         latent_mask = inpaint_mod.latent_mask(job.mask, *latents.shape[-2:]).to(latents)
         source = ImageSource(crop_w, crop_h, init_latents=latents, denoise=job.strength, mask=latent_mask,
                              finish=job.paste)
+        if options.disable_initial_latent:   # upstream: an empty latent to start from; the outside still kept
+            source.start_latents = torch.zeros_like(latents)
         head_path = self._optional_file(cfg.path_inpaint, inpaint_mod.HEAD_FILE)
         if head_path is not None and models.unet is not models.patched.unet:   # the head goes with the patch
             head = self.catalogue.state.inpaint.head(head_path)
@@ -891,7 +904,8 @@ class Pipeline:
                                      cfg=plan.cfg_scale, width=source.width, height=source.height, shape=shape,
                                      switch_step=switch, callback=_step_callback(batch), guidance=tweaks,
                                      init_latents=source.init_latents, denoise=source.denoise, mask=source.mask,
-                                     swap=plan.req.refiner_swap_method, swap_latents=_vae_swap(models, source))
+                                     swap=plan.req.refiner_swap_method, swap_latents=_vae_swap(models, source),
+                                     start_latents=source.start_latents)
 
     def _halve_after_out_of_memory(self, batch: list[tuple[BatchJob, int]], message: str) -> None:
         """A batch of several images ran out of memory: free what its jobs do not need; the

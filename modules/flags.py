@@ -184,6 +184,9 @@ def sampler_from_a1111(name: str) -> tuple[str, str | None]:
 
 
 METADATA_SCHEMES: tuple[str, ...] = ("fooocus", "a1111")   # upstream's MetadataScheme values
+# Upstream's inpaint engine versions: which inpaint patch file ("None": no patch, no head).
+INPAINT_ENGINE_VERSIONS: tuple[str, ...] = ("None", "v1", "v2.5", "v2.6")
+DEFAULT_INPAINT_ENGINE = "v2.6"
 
 DEFAULT_SAMPLER = "dpmpp_2m_sde_gpu"
 DEFAULT_SCHEDULER = "karras"

@@ -17,7 +17,13 @@ Torch-free. Request fields:
 * Developer Debug Mode's control options (upstream's / Fooocus-API's names):
   ``controlnet_softness`` [0, 1] (0.25), ``canny_low_threshold`` and ``canny_high_threshold``
   (1-255: 64, 128), ``skipping_cn_preprocessor`` (the images are already edge/structure
-  maps), ``debugging_cn_preprocessor`` (return the preprocessed images, generate nothing).
+  maps), ``debugging_cn_preprocessor`` (return the preprocessed images, generate nothing);
+* Developer Debug Mode's inpaint options (upstream's names): ``inpaint_erode_or_dilate``
+  (-64..64 px, 0: grow (+) or shrink (-) the mask, before any invert), ``invert_mask_checkbox``
+  (repaint what the mask leaves), ``inpaint_engine`` (``flags.INPAINT_ENGINE_VERSIONS``: which
+  patch file; "None": no patch), ``inpaint_disable_initial_latent`` (sampling starts from
+  an empty latent, not the pre-filled crop), ``debugging_inpaint_preprocessor`` (return the
+  crop and its mask as prepared, generate nothing).
 
 An image is a base64 string (PNG, JPEG or WebP; a ``data:image/...;base64,`` prefix is
 fine), Gradio's file object ``{"path": ...}`` or the path of an image file in a folder the
@@ -75,6 +81,17 @@ class ControlOptions:
     debug_preprocessors: bool = False
 
 
+@dataclass(frozen=True)
+class InpaintOptions:
+    """Developer Debug Mode's inpaint options (upstream's defaults)."""
+
+    erode_or_dilate: int = 0
+    invert_mask: bool = False
+    engine: str = flags.DEFAULT_INPAINT_ENGINE
+    disable_initial_latent: bool = False
+    debug_preprocessor: bool = False
+
+
 @dataclass
 class ImageInputs:
     """What a request asks of its input images. `mode` is "" (text to image), "uov" or
@@ -91,6 +108,7 @@ class ImageInputs:
     vary_strength: float | None = None       # None: the Vary method's own denoise
     upscale_strength: float | None = None    # None: the Upscale methods' own denoise
     control: ControlOptions = field(default_factory=ControlOptions)
+    inpaint: InpaintOptions = field(default_factory=InpaintOptions)
 
     def uov_denoise(self, own: float) -> float:
         """The denoise the uov method runs at: its own, or the request's overwrite."""
@@ -121,8 +139,12 @@ class ImageInputs:
         if self.mode == "inpaint":
             if self.mask is not None:
                 out["inpaint_mask"] = _describe(self.mask)
+            o = self.inpaint
             out.update(outpaint_selections=list(self.outpaint), inpaint_strength=self.inpaint_strength,
-                       inpaint_respective_field=self.inpaint_respective_field)
+                       inpaint_respective_field=self.inpaint_respective_field, inpaint_engine=o.engine,
+                       inpaint_erode_or_dilate=o.erode_or_dilate, invert_mask_checkbox=o.invert_mask,
+                       inpaint_disable_initial_latent=o.disable_initial_latent,
+                       debugging_inpaint_preprocessor=o.debug_preprocessor)
         if self.image_prompts:
             out["image_prompts"] = [{**_describe(p.image), "stop": p.stop, "weight": p.weight, "type": p.kind}
                                     for p in self.image_prompts]
@@ -174,7 +196,21 @@ def parse(data: dict, cfg: Config) -> ImageInputs:
             inputs.mask = decode_image(data["inpaint_mask"], "inpaint_mask", folders, keep_alpha=True)
         inputs.inpaint_strength = _fraction(data, "inpaint_strength", INPAINT_STRENGTH, low_open=True)
         inputs.inpaint_respective_field = _fraction(data, "inpaint_respective_field", INPAINT_RESPECTIVE_FIELD)
+    inputs.inpaint = _inpaint_options(data)
     return inputs
+
+
+def _inpaint_options(data: dict) -> InpaintOptions:
+    engine = data.get("inpaint_engine")
+    if engine in (None, ""):
+        engine = flags.DEFAULT_INPAINT_ENGINE
+    if engine not in flags.INPAINT_ENGINE_VERSIONS:
+        raise RequestError(f"field 'inpaint_engine' must be one of {', '.join(flags.INPAINT_ENGINE_VERSIONS)}, "
+                           f"got {engine!r}")
+    return InpaintOptions(erode_or_dilate=_whole(data, "inpaint_erode_or_dilate", 0, -64, 64),
+                          invert_mask=_flag(data, "invert_mask_checkbox"), engine=engine,
+                          disable_initial_latent=_flag(data, "inpaint_disable_initial_latent"),
+                          debug_preprocessor=_flag(data, "debugging_inpaint_preprocessor"))
 
 
 def _fraction(data: dict, key: str, default: float, low_open: bool = False) -> float:

@@ -5,10 +5,12 @@ is left out, so our config's defaults apply exactly as for ``/generate`` (the sa
 parameters give the same pixels). Fields we have no feature for are accepted at their
 default and refused (422, naming the field) when set to something we would silently not
 do (FreeU, NSFW blackout, custom outpaint distances, "Upscale (Custom)"...); a few that
-change nothing we could honour are ignored (``inpaint_engine``, ``save_meta``, ``meta_scheme``,
+change nothing we could honour are ignored (``save_meta``, ``meta_scheme``,
 ``save_name``, ``read_wildcards_in_order``). The Developer Debug sampling fields (``adaptive_cfg``,
 ``clip_skip``, ``refiner_swap_method``, ``freeu_*``, ``disable_seed_increment``, ``disable_preview``,
-``disable_intermediate_results``) carry over under their own names.
+``disable_intermediate_results``) and inpaint fields (``inpaint_engine``, ``inpaint_erode_or_dilate``,
+``invert_mask_checkbox``, ``inpaint_disable_initial_latent``, ``debugging_inpaint_preprocessor``)
+carry over under their own names.
 
 v1 image routes take multipart uploads (``input_image``, ``input_mask``, ``cn_img1..4``,
 ``loras`` and ``advanced_params`` as JSON text); v2 routes take JSON with base64 images.
@@ -47,15 +49,16 @@ _RENAMED = {"style_selections": "styles", "aspect_ratios_selection": "aspect_rat
             "base_model_name": "base_model", "refiner_model_name": "refiner_model"}
 _ADVANCED_SAME = ("adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end", "overwrite_vary_strength",
                   "overwrite_upscale_strength", "inpaint_strength", "inpaint_respective_field",
+                  "inpaint_erode_or_dilate", "invert_mask_checkbox", "inpaint_engine",
+                  "inpaint_disable_initial_latent", "debugging_inpaint_preprocessor",
                   # Developer Debug Mode: the same request fields (modules/generation_request.py)
                   "adaptive_cfg", "clip_skip", "refiner_swap_method", "freeu_enabled", "freeu_b1", "freeu_b2",
                   "freeu_s1", "freeu_s2", "disable_seed_increment", "disable_preview", "disable_intermediate_results")
 NAMES.update({key: f"advanced_params.{key}" for key in _ADVANCED_SAME})
 # Advanced fields we have no feature for: accepted at these values (upstream's defaults).
-_ONLY_AT = {"black_out_nsfw": False, "invert_mask_checkbox": False,
-            "inpaint_erode_or_dilate": 0, "inpaint_disable_initial_latent": False,
+_ONLY_AT = {"black_out_nsfw": False,
             "debugging_cn_preprocessor": False, "skipping_cn_preprocessor": False,
-            "debugging_inpaint_preprocessor": False, "debugging_dino": False, "dino_erode_or_dilate": 0,
+            "debugging_dino": False, "dino_erode_or_dilate": 0,
             "debugging_enhance_masks_checkbox": False}
 UOV_METHODS = tuple(m for m in flags.UOV_METHODS if m != flags.UOV_DISABLED)
 
@@ -92,7 +95,7 @@ class AdvancedParams(BaseModel):
     mixing_image_prompt_and_vary_upscale: bool = Field(False, description="image prompts always combine")
     mixing_image_prompt_and_inpaint: bool = Field(False, description="image prompts always combine")
     refiner_swap_method: Literal["joint", "separate", "vae"] = "joint"
-    inpaint_engine: str = Field("v2.6", description="accepted: the patch in models/inpaint is used")
+    inpaint_engine: str = Field("v2.6", description="which inpaint patch file: None, v1, v2.5, v2.6")
     inpaint_strength: float = Field(1.0, ge=0.0, le=1.0)
     inpaint_respective_field: float = Field(0.618, ge=0.0, le=1.0)
     vae_name: str | None = Field(None, description="a file in models/vae, or 'Default (model)'")
@@ -102,8 +105,10 @@ class AdvancedParams(BaseModel):
     freeu_s1: float = Field(0.99, ge=0.0, le=2.0)
     freeu_s2: float = Field(0.95, ge=0.0, le=2.0)
     black_out_nsfw: bool = Field(False, description="not supported (needs a safety checker): only false")
-    invert_mask_checkbox: bool = Field(False, description="not supported: only false")
-    inpaint_erode_or_dilate: int = Field(0, ge=-64, le=64, description="not supported: only 0")
+    invert_mask_checkbox: bool = Field(False, description="repaint what the mask leaves")
+    inpaint_erode_or_dilate: int = Field(0, ge=-64, le=64, description="grow (+) or shrink (-) the mask, pixels")
+    inpaint_disable_initial_latent: bool = Field(False, description="start from an empty latent")
+    debugging_inpaint_preprocessor: bool = Field(False, description="return the prepared crop and mask")
 
 
 class CommonRequest(BaseModel):

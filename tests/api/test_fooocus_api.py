@@ -42,7 +42,7 @@ def test_the_docs_example_maps_one_to_one():
         "refiner_switch": 0.5, "loras": [["offset.safetensors", 0.1]],   # the disabled one is left out
         "adm_scaler_positive": 1.5, "adm_scaler_negative": 0.6, "adm_scaler_end": 0.3,
         "overwrite_vary_strength": -1.0, "overwrite_upscale_strength": -1.0,   # -1: the method's own
-        "sampler": "dpmpp_2m_sde_gpu", "scheduler": "karras",
+        "inpaint_engine": "v1", "sampler": "dpmpp_2m_sde_gpu", "scheduler": "karras",
         # Developer Debug fields it sent: the request fields of the same names
         "refiner_swap_method": "joint", "adaptive_cfg": 7.0, "freeu_enabled": False,
         "freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.95}
