@@ -60,7 +60,8 @@ def test_neutral_settings_give_the_plain_image_and_match_diffusers(pipeline, tin
     pipeline(mm.Policy.CONSERVATIVE)
     ours = pipelines.process_request({**SMALL, **NEUTRAL})
     assert "error" not in ours.report, ours.report
-    assert ours.report["guidance"] == {"sharpness": 0.0, "adm_positive": 1.0, "adm_negative": 1.0, "adm_end": 0.0}
+    assert ours.report["guidance"] == {"sharpness": 0.0, "adm_positive": 1.0, "adm_negative": 1.0, "adm_end": 0.0,
+                                        "adaptive_cfg": 7.0}   # upstream's default CFG mimicking
     pipe = StableDiffusionXLPipeline.from_single_file(tiny_checkpoint, config=diffusers_config_dir,
                                                       local_files_only=True)
     theirs = pipe(prompt="a cat", negative_prompt="blurry", width=64, height=64, num_inference_steps=4,
@@ -111,7 +112,7 @@ def test_other_values_change_the_image_and_move_nothing_when_resident(pipeline):
         assert all(not np.array_equal(image, other) for other in images), tweak
         images.append(image)
     assert pipelines.process_request(dict(SMALL)).report["guidance"] == {
-        "sharpness": 2.0, "adm_positive": 1.5, "adm_negative": 0.8, "adm_end": 0.3}
+        "sharpness": 2.0, "adm_positive": 1.5, "adm_negative": 0.8, "adm_end": 0.3, "adaptive_cfg": 7.0}
 
 
 def test_the_filter_takes_latents_smaller_than_its_window():
