@@ -964,7 +964,10 @@ class Pipeline:
             adm=(tweaks.adm_positive, tweaks.adm_negative, tweaks.adm_end), base_model=report["base_model"],
             refiner_model=refiner, refiner_switch=req.refiner_switch, sampler=plan.sampler,
             scheduler=plan.scheduler, vae=req.vae, seed=req_seed(plan, index), loras=loras,
-            scheme=req.metadata_scheme, save=req.save_metadata_to_images, model_files=files)
+            scheme=req.metadata_scheme, save=req.save_metadata_to_images, model_files=files,
+            # what sampling used, as upstream records it: the distilled modes run adaptive cfg 1.0
+            adaptive_cfg=1.0 if tweaks.adaptive_cfg is None else tweaks.adaptive_cfg, clip_skip=req.clip_skip,
+            overwrite_switch=req.overwrite_switch, refiner_swap_method=req.refiner_swap_method, freeu=req.freeu)
 
     def _finish_report(self, run: RequestRun, summary: model_management.RequestSummary,
                        counters: telemetry.MoveCounters, started: float, images: list[str]) -> None:

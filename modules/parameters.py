@@ -11,10 +11,15 @@ our images and we load its:
   ``refiner_model`` and ``vae`` (file names without extension), ``refiner_switch``,
   ``sampler``, ``scheduler``, ``seed`` (text), ``lora_combined_N`` "name : weight",
   ``metadata_scheme``, ``version``, ``full_prompt`` and ``full_negative_prompt`` (the
-  texts encoded);
+  texts encoded), and the Developer Debug fields under upstream's conditions:
+  ``adaptive_cfg`` (when sampling used other than 7.0; the distilled modes use 1.0),
+  ``clip_skip`` (when > 1, so the default 2 always), ``freeu`` "(b1, b2, s1, s2)" (when
+  FreeU is on), and with a refiner only, ``overwrite_switch`` (when > 0) and
+  ``refiner_swap_method`` (when not "joint");
 - the "a1111" scheme: AUTOMATIC1111's text, "prompt\\nNegative prompt: ...\\nSteps: 30,
   Sampler: DPM++ 2M SDE Karras, Seed: ..., Size: WxH, ..." with upstream's extra keys
-  (Sharpness, ADM Guidance, Performance, Scheduler, Raw prompt...) and the AutoV2
+  (Sharpness, ADM Guidance, Performance, Scheduler, Raw prompt..., and the debug fields
+  as Adaptive CFG, Clip skip, Overwrite Switch, Refiner Swap Method, FreeU) and the AutoV2
   hashes (sha256, 10 hex digits) of the model and LoRA files, computed once per file
   version.
 
@@ -23,7 +28,8 @@ modules/image_output.py puts the text into the file: PNG text chunk ``parameters
 (``read_parameters``) takes those, our earlier layout (the request's JSON, in
 ``parameters`` or EXIF ImageDescription) and AUTOMATIC1111's own files, and returns
 request fields (DESIGN.md section 4) with plain JSON values, for /generate or the
-page's controls.
+page's controls; upstream's ``freeu`` reads as ``freeu_enabled`` with ``freeu_b1``,
+``freeu_b2``, ``freeu_s1``, ``freeu_s2``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -41,7 +48,7 @@ from typing import Any
 
 from PIL import Image
 
-from modules import flags, image_output, sdxl_styles
+from modules import flags, generation_request, image_output, sdxl_styles
 from modules.config import MODEL_EXTENSIONS
 
 # Request fields copied as they are when present.
@@ -49,6 +56,14 @@ FIELDS = ("prompt", "negative_prompt", "styles", "performance", "width", "height
           "base_model", "refiner_model", "refiner_switch", "vae", "loras", "guidance_scale", "sampler",
           "scheduler", "steps", "sharpness", "adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end",
           "aspect_ratio", "output_format")
+# The Developer Debug request fields adaptive_cfg, clip_skip, overwrite_switch,
+# refiner_swap_method, freeu_enabled and freeu_b1...freeu_s2 are kept too, typed (_debug_fields).
+
+# The Developer Debug fields upstream records (fooocus-scheme key -> a1111-scheme key), in
+# the order its A1111MetadataParser writes them.
+A1111_DEBUG_KEYS = {"adaptive_cfg": "Adaptive CFG", "clip_skip": "Clip skip", "overwrite_switch": "Overwrite Switch",
+                    "refiner_swap_method": "Refiner Swap Method", "freeu": "FreeU"}
+DEFAULT_ADAPTIVE_CFG = 7.0   # upstream's default_cfg_tsnr: not recorded when sampling used it
 VERSION = "Fooocus-Resident"
 HASH_LENGTH = 10   # upstream's (and Civitai's "AutoV2") short sha256
 
@@ -104,8 +119,15 @@ def image_metadata(texts: sdxl_styles.ImageTexts, *, expansion: bool, performanc
                    adm: tuple[float, float, float], base_model: str, refiner_model: str | None,
                    refiner_switch: float, sampler: str, scheduler: str, vae: str, seed: int,
                    loras: list[tuple[str, float]], scheme: str, save: bool,
-                   model_files: dict | None = None) -> ImageMetadata:
-    """Upstream's fields for one image (as its async_worker.save_and_log and meta_parser write them)."""
+                   model_files: dict | None = None, adaptive_cfg: float = DEFAULT_ADAPTIVE_CFG,
+                   clip_skip: int = 2, overwrite_switch: int = -1, refiner_swap_method: str = "joint",
+                   freeu: tuple[float, float, float, float] | None = None) -> ImageMetadata:
+    """Upstream's fields for one image (as its async_worker.save_and_log and meta_parser write them).
+
+    The Developer Debug fields only under upstream's conditions: ``overwrite_switch`` (a
+    step, when > 0) and ``refiner_swap_method`` (when not "joint") only when a refiner is
+    used, ``adaptive_cfg`` (the value sampling used) when not 7.0, ``clip_skip`` when > 1,
+    ``freeu`` "(b1, b2, s1, s2)" when FreeU is on."""
     fields: dict[str, Any] = {
         "prompt": texts.log_prompt, "negative_prompt": texts.log_negative_prompt,
         "prompt_expansion": texts.expansion,
@@ -117,6 +139,17 @@ def image_metadata(texts: sdxl_styles.ImageTexts, *, expansion: bool, performanc
         "seed": str(seed), "full_prompt": list(texts.positive), "full_negative_prompt": list(texts.negative),
         "metadata_scheme": scheme if save else False, "version": VERSION,
     }
+    if refiner_model not in (None, "", flags.NONE_NAME):
+        if overwrite_switch > 0:
+            fields["overwrite_switch"] = int(overwrite_switch)
+        if refiner_swap_method != "joint":
+            fields["refiner_swap_method"] = refiner_swap_method
+    if adaptive_cfg != DEFAULT_ADAPTIVE_CFG:
+        fields["adaptive_cfg"] = float(adaptive_cfg)
+    if clip_skip > 1:
+        fields["clip_skip"] = int(clip_skip)
+    if freeu is not None:
+        fields["freeu"] = str(tuple(float(v) for v in freeu))
     for index, (name, weight) in enumerate(loras):
         fields[f"lora_combined_{index + 1}"] = f"{stem(name)} : {weight}"
     return ImageMetadata(fields=fields, scheme=scheme, model_files=dict(model_files or {}))
@@ -152,6 +185,9 @@ def a1111_text(fields: dict, hashes: dict[str, str]) -> str:
     }
     if fields.get("refiner_model") not in (None, "", flags.NONE_NAME):
         params.update({"Refiner": fields["refiner_model"], "Refiner hash": hashes.get("refiner_model")})
+    for key, label in A1111_DEBUG_KEYS.items():   # upstream's order: after the refiner, before the LoRAs
+        if key in fields:
+            params[label] = fields[key]
     loras = _lora_pairs(fields)
     if loras:
         params["Lora hashes"] = ", ".join(f"{name}: {hashes.get(name, '')}" for name, _ in loras)
@@ -268,6 +304,39 @@ def _upstream_fields(data: dict, cfg) -> dict:
             out[key] = float(data[key])
     if _number(data.get("seed"), int) is not None:
         out["seed"] = int(data["seed"])     # upstream writes the seed as text
+    out.update(_debug_fields(data))
+    return out
+
+
+def _finite(value: Any) -> float | None:
+    number = _number(value)
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _whole(value: Any) -> int | None:
+    number = _finite(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def _debug_fields(data: dict) -> dict:
+    """The Developer Debug request fields: upstream's names (its ``freeu`` "(b1, b2, s1, s2)"
+    meaning FreeU on) or our request's own (``freeu_enabled``, ``freeu_b1``...); values that
+    do not parse are left out."""
+    out: dict[str, Any] = {}
+    for key in ("adaptive_cfg", *generation_request.FREEU_DEFAULTS):
+        if key in data and _finite(data[key]) is not None:
+            out[key] = _finite(data[key])
+    for key in ("clip_skip", "overwrite_switch"):
+        if key in data and _whole(data[key]) is not None:
+            out[key] = _whole(data[key])
+    if data.get("refiner_swap_method") in generation_request.REFINER_SWAP_METHODS:
+        out["refiner_swap_method"] = data["refiner_swap_method"]
+    if isinstance(data.get("freeu_enabled"), bool):
+        out["freeu_enabled"] = data["freeu_enabled"]
+    freeu = _literal(data.get("freeu"))
+    if isinstance(freeu, (list, tuple)) and len(freeu) == 4 and all(_finite(v) is not None for v in freeu):
+        out["freeu_enabled"] = True
+        out.update(zip(generation_request.FREEU_DEFAULTS, map(float, freeu)))
     return out
 
 
@@ -343,7 +412,8 @@ def from_a1111(text: str, cfg=None, source: str = "the image's metadata") -> dic
     upstream = {"steps": params.get("Steps"), "seed": params.get("Seed"), "guidance_scale": params.get("CFG scale"),
                 "sharpness": params.get("Sharpness"), "adm_guidance": params.get("ADM Guidance"),
                 "base_model": params.get("Model"), "refiner_model": params.get("Refiner"),
-                "vae": params.get("VAE"), "performance": params.get("Performance")}
+                "vae": params.get("VAE"), "performance": params.get("Performance"),
+                **{key: params.get(label) for key, label in A1111_DEBUG_KEYS.items()}}
     size = _A1111_SIZE.match(params.get("Size", ""))
     if size:
         upstream["resolution"] = str((int(size.group(1)), int(size.group(2))))

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,23 @@ UPSTREAM_A1111 = (
     'Performance: Speed, Scheduler: karras, VAE: Default (model), Raw prompt: a lighthouse, '
     'Raw negative prompt: fog, Lora hashes: "sd_xl_offset_example-lora_1.0: 4852686128", '
     'Lora weights: "sd_xl_offset_example-lora_1.0: 0.1", Version: Fooocus v2.5.5')
+
+
+# The Developer Debug fields as upstream's save_and_log records them (adaptive_cfg when not
+# default_cfg_tsnr 7.0, clip_skip when > 1, freeu as the text of (b1, b2, s1, s2) when on;
+# overwrite_switch when > 0 and refiner_swap_method when not 'joint', both only with a refiner).
+UPSTREAM_FOOOCUS_DEBUG = {
+    **UPSTREAM_FOOOCUS, "refiner_model": "sd_xl_refiner_1.0", "refiner_model_hash": "7440042bbd",
+    "adaptive_cfg": 5.5, "clip_skip": 3, "overwrite_switch": 12, "refiner_swap_method": "vae",
+    "freeu": "(1.1, 1.2, 0.6, 0.4)"}
+DEBUG_EXPECTED = {"adaptive_cfg": 5.5, "clip_skip": 3, "overwrite_switch": 12, "refiner_swap_method": "vae",
+                  "freeu_enabled": True, "freeu_b1": 1.1, "freeu_b2": 1.2, "freeu_s1": 0.6, "freeu_s2": 0.4}
+# A1111MetadataParser.to_string puts them after the refiner, before the LoRAs, as
+# Adaptive CFG, Clip skip, Overwrite Switch, Refiner Swap Method, FreeU (quoted: it has commas).
+UPSTREAM_A1111_DEBUG = UPSTREAM_A1111.replace(
+    "Raw negative prompt: fog, ",
+    'Raw negative prompt: fog, Refiner: sd_xl_refiner_1.0, Refiner hash: 7440042bbd, Adaptive CFG: 5.5, '
+    'Clip skip: 3, Overwrite Switch: 12, Refiner Swap Method: vae, FreeU: "(1.1, 1.2, 0.6, 0.4)", ')
 
 
 @pytest.fixture
@@ -110,6 +128,24 @@ def test_upstream_a1111_scheme_png_loads_every_field_and_its_styles(cfg):
     assert parameters.read_parameters(png_with({"parameters": UPSTREAM_A1111}), cfg) == fields
 
 
+def test_upstream_fooocus_scheme_debug_fields_load(cfg):
+    text = json.dumps(dict(sorted(UPSTREAM_FOOOCUS_DEBUG.items())))
+    fields = parameters.read_parameters(png_with({"parameters": text, "fooocus_scheme": "fooocus"}), cfg)
+    assert fields == {**FOOOCUS_EXPECTED, "refiner_model": "sd_xl_refiner_1.0.safetensors", **DEBUG_EXPECTED}
+    # Upstream's distilled modes record the adaptive cfg they ran, 1.0.
+    assert parameters.from_json({**UPSTREAM_FOOOCUS, "adaptive_cfg": 1.0}, cfg=cfg)["adaptive_cfg"] == 1.0
+
+
+def test_upstream_a1111_scheme_debug_fields_load(cfg):
+    fields = parameters.read_parameters(png_with({"parameters": UPSTREAM_A1111_DEBUG, "fooocus_scheme": "a1111"}),
+                                        cfg)
+    assert {k: fields[k] for k in (*DEBUG_EXPECTED, "refiner_model")} == {
+        **DEBUG_EXPECTED, "refiner_model": "sd_xl_refiner_1.0.safetensors"}
+    # AUTOMATIC1111's own "Clip skip" is the same layer count.
+    text = "a cat\nSteps: 24, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768, Clip skip: 2"
+    assert parameters.read_parameters(png_with({"parameters": text}), cfg)["clip_skip"] == 2
+
+
 def test_automatic1111s_own_png_and_jpeg_load(cfg):
     text = ("a cat <lora:x:0.5>, looking up\nNegative prompt: ugly\nSteps: 24, Sampler: Euler a, Schedule type: "
             "Karras, CFG scale: 7, Seed: 1, Size: 512x768, Model hash: 31e35c80fc, Model: sd_xl_base_1.0, "
@@ -134,11 +170,59 @@ def test_our_earlier_files_still_load(cfg):
                                                          "loras": [["a.safetensors", 0.5]]}
 
 
+def _written(**debug) -> dict:
+    """Our writer's fields for one image with a refiner, the scheme's text of each scheme."""
+    texts = sdxl_styles.image_texts(sdxl_styles.PromptOptions("a cat", "", (), sdxl_styles.StyleLibrary(),
+                                                              wildcards=None), 1, 0)
+    made = {scheme: parameters.image_metadata(
+        texts, expansion=False, performance="Speed", steps=30, width=64, height=64, guidance_scale=4.0,
+        sharpness=2.0, adm=(1.5, 0.8, 0.3), base_model="sdxl/juggernautXL_v8Rundiffusion.safetensors",
+        refiner_model=debug.pop("refiner_model", "refiner.safetensors"), refiner_switch=0.5, sampler="euler",
+        scheduler="karras", vae="Default (model)", seed=1, loras=[], scheme=scheme, save=True, **debug)
+        for scheme in ("fooocus", "a1111")}
+    return {scheme: metadata.text() for scheme, metadata in made.items()}
+
+
+def test_our_debug_fields_are_written_as_upstreams_and_read_back(cfg):
+    written = _written(adaptive_cfg=5.5, clip_skip=3, overwrite_switch=12, refiner_swap_method="separate",
+                       freeu=(1.1, 1.2, 0.6, 0.4))
+    data = json.loads(written["fooocus"])
+    assert {k: data[k] for k in ("adaptive_cfg", "clip_skip", "overwrite_switch", "refiner_swap_method",
+                                 "freeu")} == {"adaptive_cfg": 5.5, "clip_skip": 3, "overwrite_switch": 12,
+                                               "refiner_swap_method": "separate", "freeu": "(1.1, 1.2, 0.6, 0.4)"}
+    assert ('Refiner: refiner, Adaptive CFG: 5.5, Clip skip: 3, Overwrite Switch: 12, '   # no files: no hashes
+            'Refiner Swap Method: separate, FreeU: "(1.1, 1.2, 0.6, 0.4)", Version: ') in written["a1111"]
+    expected = {**DEBUG_EXPECTED, "refiner_swap_method": "separate"}
+    for scheme, text in written.items():
+        fields = parameters.parse_metadata(text, scheme, cfg=cfg)
+        assert {k: fields.get(k) for k in expected} == expected, scheme
+    # Our earlier layout (the request's own fields) keeps them too, typed.
+    assert parameters.from_json({"prompt": "x", **expected, "clip_skip": "3"}, cfg=cfg) == {"prompt": "x", **expected}
+    unreadable = {"clip_skip": 2.5, "adaptive_cfg": "nan", "refiner_swap_method": "both", "freeu": "(1, 2)"}
+    assert parameters.from_json({"prompt": "x", **unreadable}, cfg=cfg) == {"prompt": "x"}
+
+
+def test_debug_fields_upstream_leaves_out_stay_out(cfg):
+    defaults = _written()
+    data = json.loads(defaults["fooocus"])
+    assert data["clip_skip"] == 2 and "Clip skip: 2" in defaults["a1111"]   # upstream's default 2 is > 1
+    for key, label in (("adaptive_cfg", "Adaptive CFG"), ("overwrite_switch", "Overwrite Switch"),
+                       ("refiner_swap_method", "Refiner Swap Method"), ("freeu", "FreeU")):
+        assert key not in data and f"{label}:" not in defaults["a1111"]
+    no_refiner = _written(refiner_model=None, clip_skip=1, overwrite_switch=12, refiner_swap_method="vae")
+    data = json.loads(no_refiner["fooocus"])
+    assert not {"clip_skip", "overwrite_switch", "refiner_swap_method"} & set(data)
+    assert not any(f"{label}:" in no_refiner["a1111"] for label in ("Clip skip", "Overwrite", "Swap"))
+    fields = parameters.parse_metadata(no_refiner["fooocus"], "fooocus", cfg=cfg)
+    assert not set(DEBUG_EXPECTED) & set(fields)
+
+
 def test_our_images_carry_upstreams_fields_and_load_back(pipeline, tiny_components):
     folders = pipeline(mm.Policy.RESIDENT)
     (folders["loras"] / "sub").mkdir()
     lora = lora_files.kohya_lora(tiny_components, str(folders["loras"] / "sub" / "style_lora.safetensors"))
-    request = {**SMALL, "loras": [["sub/style_lora.safetensors", 0.7]]}
+    request = {**SMALL, "loras": [["sub/style_lora.safetensors", 0.7]], "adaptive_cfg": 5.5, "clip_skip": 3,
+               "freeu_enabled": True, "freeu_b1": 1.1, "freeu_b2": 1.2, "freeu_s1": 0.6, "freeu_s2": 0.4}
     made = {fmt: pipelines.process_request({**request, "output_format": fmt}) for fmt in ("png", "jpeg")}
     for fmt, result in made.items():
         assert "error" not in result.report, result.report
@@ -154,6 +238,7 @@ def test_our_images_carry_upstreams_fields_and_load_back(pipeline, tiny_componen
     assert data["lora_combined_1"].split(" : ") == ["style_lora", "0.7"]
     assert (data["base_model"], data["refiner_model"], data["vae"]) == ("tiny_sdxl_base", "None", "Default (model)")
     assert (int(data["seed"]), data["steps"], data["metadata_scheme"]) == (21, 2, "fooocus")
+    assert (data["adaptive_cfg"], data["clip_skip"], data["freeu"]) == (5.5, 3, "(1.1, 1.2, 0.6, 0.4)")
     assert data["prompt"] == "a red fox\nin the snow" and data["full_prompt"] == ["a red fox, crisp focus, defined "
                                                                                   "edges, high local contrast, clear "
                                                                                   "textures", "in the snow"]
@@ -172,6 +257,19 @@ def test_our_images_carry_upstreams_fields_and_load_back(pipeline, tiny_componen
     assert parameters.read_parameters(a1111.images[0]) == from_fooocus
     again = pipelines.process_request(parameters.read_parameters(made["jpeg"].images[0]))
     assert np.array_equal(pipelines.pixels(again.images[0]), pipelines.pixels(made["png"].images[0]))
+
+
+def test_refiner_debug_fields_load_back_from_our_images(pipeline, tiny_refiner_checkpoint):
+    folders = pipeline(mm.Policy.RESIDENT)
+    shutil.copy(tiny_refiner_checkpoint, folders["checkpoints"] / "refiner.safetensors")
+    request = {**SMALL, "steps": 4, "refiner_model": "refiner.safetensors", "overwrite_switch": 3,
+               "refiner_swap_method": "separate"}
+    for scheme in ("fooocus", "a1111"):
+        result = pipelines.process_request({**request, "metadata_scheme": scheme})
+        assert "error" not in result.report, result.report
+        fields = parameters.read_parameters(result.images[0])
+        assert {k: fields.get(k) for k in ("refiner_model", "overwrite_switch", "refiner_swap_method")} == {
+            "refiner_model": "refiner.safetensors", "overwrite_switch": 3, "refiner_swap_method": "separate"}, scheme
 
 
 def test_save_metadata_to_images_off_writes_none_and_the_log_still_records(tmp_path):
