@@ -100,6 +100,11 @@ class Config:
     default_save_metadata_to_images: bool = True
     # Steps for every performance mode unless a request sets its own; -1: the mode's.
     default_overwrite_step: int = -1
+    # Developer Debug Mode defaults (upstream's keys): the refiner's switch step (-1: from
+    # default_refiner_switch), CFG mimicking from TSNR, CLIP skip.
+    default_overwrite_switch: int = -1
+    default_cfg_tsnr: float = 7.0
+    default_clip_skip: int = 2
     # Wildcard files (name.txt, one choice per line) for __name__ in prompts.
     path_wildcards: Path = REPO_ROOT / "wildcards"
     # A preset's model files: (file name, URL) pairs, fetched when downloads are allowed,
@@ -236,7 +241,13 @@ def _as_bool(value: Any, key: str, source: str) -> bool:
 
 def _as_overwrite_step(value: Any, key: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or 1 <= value <= 200):
-        raise _fail(key, source, value, "-1 (the performance mode's steps) or an integer from 1 to 200")
+        raise _fail(key, source, value, "-1 (not forced) or an integer from 1 to 200")
+    return value
+
+
+def _as_clip_skip(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
+        raise _fail(key, source, value, "an integer from 1 to 12")
     return value
 
 
@@ -346,6 +357,9 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     # Upstream's default is false; ours keeps parameters in every image (--disable-metadata turns them off).
     "default_save_metadata_to_images": (True, _as_bool, False),
     "default_overwrite_step": (-1, _as_overwrite_step, False),
+    "default_overwrite_switch": (-1, _as_overwrite_step, False),
+    "default_cfg_tsnr": (7.0, _in_range(1.0, 30.0), False),
+    "default_clip_skip": (2, _as_clip_skip, False),
     "path_wildcards": ("wildcards", _as_first_path, False),
     "checkpoint_downloads": ({}, _as_downloads, False),
     "lora_downloads": ({}, _as_downloads, False),

@@ -123,7 +123,7 @@ class GenerationRequest:
             metadata_scheme=_one_of(data, "metadata_scheme", cfg.default_metadata_scheme, flags.METADATA_SCHEMES),
             save_metadata_to_images=_bool(data, "save_metadata_to_images", cfg.default_save_metadata_to_images),
             read_wildcards_in_order=_bool(data, "read_wildcards_in_order", False),
-            **_debug_controls(data),
+            **_debug_controls(data, cfg),
         )
         _apply_overwrites(request)
         for side in ("width", "height"):
@@ -136,24 +136,26 @@ REFINER_SWAP_METHODS = ("joint", "separate", "vae")
 FREEU_DEFAULTS = {"freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.95}
 
 
-def _overwrite(data: dict, key: str, low: int, high: int) -> int:
-    """-1 (not forced) or a value in [low, high]."""
-    value = data.get(key, -1)
+def _overwrite(data: dict, key: str, low: int, high: int, default: int = -1) -> int:
+    """-1 (not forced) or a value in [low, high]; `default` when the field is absent."""
+    value = data.get(key, default)
     if value == -1 and is_finite_number(value):
         return -1
-    return _int(data, key, -1, low, high)
+    return _int(data, key, default, low, high)
 
 
-def _debug_controls(data: dict) -> dict[str, Any]:
-    """Upstream's Developer Debug Mode sampling fields, with upstream's ranges and defaults."""
+def _debug_controls(data: dict, cfg: config_module.Config) -> dict[str, Any]:
+    """Upstream's Developer Debug Mode sampling fields, with upstream's ranges; absent ones
+    take config.txt's (or the preset's) default_cfg_tsnr, default_clip_skip and
+    default_overwrite_switch, upstream's defaults otherwise."""
     if _bool(data, "black_out_nsfw", False):
         raise RequestError("field 'black_out_nsfw': blacking out NSFW images needs a safety-checker model, "
                            "which this server does not ship; send false")
     freeu = tuple(_float(data, key, default, 0.0, 2.0) for key, default in FREEU_DEFAULTS.items())
-    return dict(adaptive_cfg=_float(data, "adaptive_cfg", 7.0, 1.0, 30.0),
-                clip_skip=_int(data, "clip_skip", 2, 1, 12),
+    return dict(adaptive_cfg=_float(data, "adaptive_cfg", cfg.default_cfg_tsnr, 1.0, 30.0),
+                clip_skip=_int(data, "clip_skip", cfg.default_clip_skip, 1, 12),
                 overwrite_step=_overwrite(data, "overwrite_step", 1, MAX_STEPS),
-                overwrite_switch=_overwrite(data, "overwrite_switch", 1, MAX_STEPS),
+                overwrite_switch=_overwrite(data, "overwrite_switch", 1, MAX_STEPS, cfg.default_overwrite_switch),
                 overwrite_width=_overwrite(data, "overwrite_width", 64, MAX_SIDE),
                 overwrite_height=_overwrite(data, "overwrite_height", 64, MAX_SIDE),
                 disable_seed_increment=_bool(data, "disable_seed_increment", False),

@@ -57,7 +57,11 @@ FIELDS = ("prompt", "negative_prompt", "styles", "performance", "width", "height
           "scheduler", "steps", "sharpness", "adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end",
           "aspect_ratio", "output_format")
 # The Developer Debug request fields adaptive_cfg, clip_skip, overwrite_switch,
-# refiner_swap_method, freeu_enabled and freeu_b1...freeu_s2 are kept too, typed (_debug_fields).
+# refiner_swap_method, freeu_enabled and freeu_b1...freeu_s2 are kept too, typed (_debug_fields),
+# and these, which only our request layout (pasted JSON) carries:
+REQUEST_ONLY_FLAGS = ("disable_preview", "disable_intermediate_results", "disable_seed_increment",
+                      "read_wildcards_in_order")
+REQUEST_ONLY_WHOLE = ("overwrite_width", "overwrite_height")
 
 # The Developer Debug fields upstream records (fooocus-scheme key -> a1111-scheme key), in
 # the order its A1111MetadataParser writes them.
@@ -326,9 +330,10 @@ def _debug_fields(data: dict) -> dict:
     for key in ("adaptive_cfg", *generation_request.FREEU_DEFAULTS):
         if key in data and _finite(data[key]) is not None:
             out[key] = _finite(data[key])
-    for key in ("clip_skip", "overwrite_switch"):
+    for key in ("clip_skip", "overwrite_switch", *REQUEST_ONLY_WHOLE):
         if key in data and _whole(data[key]) is not None:
             out[key] = _whole(data[key])
+    out.update({key: data[key] for key in REQUEST_ONLY_FLAGS if isinstance(data.get(key), bool)})
     if data.get("refiner_swap_method") in generation_request.REFINER_SWAP_METHODS:
         out["refiner_swap_method"] = data["refiner_swap_method"]
     if isinstance(data.get("freeu_enabled"), bool):
@@ -507,4 +512,7 @@ def from_config(cfg) -> dict:
             "guidance_scale": cfg.default_cfg_scale, "sampler": cfg.default_sampler,
             "scheduler": cfg.default_scheduler, "styles": list(cfg.default_styles),
             "sharpness": cfg.default_sample_sharpness, "width": width, "height": height,
-            "aspect_ratio": cfg.default_aspect_ratio, "image_number": cfg.default_image_number}
+            "aspect_ratio": cfg.default_aspect_ratio, "image_number": cfg.default_image_number,
+            # upstream's preset keys default_overwrite_step/_switch, default_cfg_tsnr, default_clip_skip
+            "steps": cfg.default_overwrite_step, "overwrite_switch": cfg.default_overwrite_switch,
+            "adaptive_cfg": cfg.default_cfg_tsnr, "clip_skip": cfg.default_clip_skip}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -48,7 +49,7 @@ from typing import Any
 import gradio as gr
 
 from modules import config as config_module
-from modules import flags, input_image_page, resident_memory, route_guard, t2i_page
+from modules import debug_page, flags, input_image_page, resident_memory, route_guard, t2i_page
 from modules.async_worker import AsyncTask, TaskProgress, Worker
 from modules.runtime import get_worker
 
@@ -111,6 +112,8 @@ class UIValues:
     adm_scaler_negative: float = 0.8
     adm_scaler_end: float = 0.3
     input_image: input_image_page.InputImageValues | None = None
+    debug: debug_page.DebugValues | None = None           # Developer Debug Mode's tabs
+    debug_defaults: debug_page.DebugValues = debug_page.DebugValues()   # what the server takes for them
 
     def to_request(self) -> dict:
         width, height = flags.parse_aspect_ratio(self.aspect_ratio)
@@ -143,6 +146,8 @@ class UIValues:
             request["base_model"] = self.base_model
         if self.input_image is not None:
             request.update(self.input_image.to_fields())
+        if self.debug is not None:
+            request.update(self.debug.request_fields(self.debug_defaults, request))
         return request
 
 
@@ -605,6 +610,141 @@ def _control_tab() -> ControlTabControls:
 
 
 @dataclass
+class DebugControls:
+    """Developer Debug Mode's Debug Tools, Inpaint and FreeU controls (and the inpaint
+    panel's invert box), by request field (``debug_page.DebugValues``'s names)."""
+
+    by_field: dict[str, gr.components.Component]
+    defaults: debug_page.DebugValues
+
+    def components(self) -> set[gr.components.Component]:
+        return set(self.by_field.values())
+
+    def values(self, data: Mapping[Any, Any]) -> debug_page.DebugValues:
+        kinds = {name: type(getattr(self.defaults, name)) for name in self.by_field}
+        return dataclasses.replace(self.defaults, **{
+            name: kinds[name](data[component]) for name, component in self.by_field.items()})
+
+
+def _debug_tools_tab(d: debug_page.DebugValues) -> dict[str, Any]:
+    """Upstream's "Debug Tools" tab, less what our Advanced tab already shows (sampler,
+    scheduler, VAE, ADM) and what is refused here (Black Out NSFW: no safety checker)."""
+    low, high = debug_page.STEP_RANGE
+    side_low, side_high = debug_page.SIDE_RANGE
+    return {
+        "refiner_swap_method": gr.Dropdown(list(debug_page.REFINER_SWAP_METHODS), value=d.refiner_swap_method,
+                                           label="Refiner swap method", elem_id="fr-refiner-swap-method"),
+        "adaptive_cfg": gr.Slider(1.0, 30.0, value=d.adaptive_cfg, step=0.01, label="CFG Mimicking from TSNR",
+                                  elem_id="fr-adaptive-cfg",
+                                  info="Below the Guidance Scale, the strong guidance's result is pulled "
+                                       "towards this weaker one's noise level (acts only when it is lower)."),
+        "clip_skip": gr.Slider(1, 12, value=d.clip_skip, step=1, label="CLIP Skip", elem_id="fr-clip-skip",
+                               info="Which CLIP layer from the end gives the prompt's features (1: the last "
+                                    "one; 2, the usual SDXL choice, the one before)."),
+        "steps": gr.Slider(low, high, value=d.steps, step=1, label="Forced Overwrite of Sampling Step",
+                           elem_id="fr-overwrite-step", info="-1: the performance mode's steps."),
+        "overwrite_switch": gr.Slider(low, high, value=d.overwrite_switch, step=1,
+                                      label="Forced Overwrite of Refiner Switch Step", elem_id="fr-overwrite-switch",
+                                      info="-1: from Refiner Switch At."),
+        "overwrite_width": gr.Slider(side_low, side_high, value=d.overwrite_width, step=1,
+                                     label="Forced Overwrite of Generating Width", elem_id="fr-overwrite-width",
+                                     info="-1: the aspect ratio's; else a multiple of 8."),
+        "overwrite_height": gr.Slider(side_low, side_high, value=d.overwrite_height, step=1,
+                                      label="Forced Overwrite of Generating Height", elem_id="fr-overwrite-height",
+                                      info="-1: the aspect ratio's; else a multiple of 8."),
+        "overwrite_vary_strength": gr.Slider(-1, 1.0, value=d.overwrite_vary_strength, step=0.001,
+                                             label='Forced Overwrite of Denoising Strength of "Vary"',
+                                             elem_id="fr-overwrite-vary-strength",
+                                             info="Negative: the Vary method's own strength."),
+        "overwrite_upscale_strength": gr.Slider(-1, 1.0, value=d.overwrite_upscale_strength, step=0.001,
+                                                label='Forced Overwrite of Denoising Strength of "Upscale"',
+                                                elem_id="fr-overwrite-upscale-strength",
+                                                info="Negative: the Upscale method's own strength."),
+        "disable_preview": gr.Checkbox(label="Disable Preview", value=d.disable_preview, elem_id="fr-disable-preview",
+                                       info="No live picture while sampling."),
+        "disable_intermediate_results": gr.Checkbox(label="Disable Intermediate Results",
+                                                    value=d.disable_intermediate_results,
+                                                    elem_id="fr-disable-intermediate-results",
+                                                    info="Show only the final images, not each as it finishes."),
+        "disable_seed_increment": gr.Checkbox(label="Disable seed increment", value=d.disable_seed_increment,
+                                              elem_id="fr-disable-seed-increment",
+                                              info="Every image of the batch gets the same seed."),
+        "read_wildcards_in_order": gr.Checkbox(label="Read wildcards in order", value=d.read_wildcards_in_order,
+                                               elem_id="fr-read-wildcards-in-order"),
+        "save_metadata_to_images": gr.Checkbox(label="Save Metadata to Images", value=d.save_metadata_to_images,
+                                               elem_id="fr-save-metadata",
+                                               info="Each image file carries the parameters that made it "
+                                                    "(Load parameters reads them back)."),
+        "metadata_scheme": gr.Radio(list(flags.METADATA_SCHEMES), value=d.metadata_scheme, label="Metadata Scheme",
+                                    elem_id="fr-metadata-scheme",
+                                    info="fooocus: Fooocus's own fields; a1111: the text AUTOMATIC1111 and "
+                                         "Civitai read. Input images are not recorded."),
+    }
+
+
+def _debug_inpaint_tab(d: debug_page.DebugValues) -> dict[str, Any]:
+    low, high = debug_page.ERODE_RANGE
+    return {
+        "debugging_inpaint_preprocessor": gr.Checkbox(label="Debug Inpaint Preprocessing",
+                                                      value=d.debugging_inpaint_preprocessor,
+                                                      elem_id="fr-debug-inpaint-preprocessor",
+                                                      info="Show the prepared area and mask (nothing is generated)."),
+        "inpaint_disable_initial_latent": gr.Checkbox(label="Disable initial latent in inpaint",
+                                                      value=d.inpaint_disable_initial_latent,
+                                                      elem_id="fr-inpaint-disable-initial-latent"),
+        "inpaint_engine": gr.Dropdown(list(flags.INPAINT_ENGINE_VERSIONS), value=d.inpaint_engine,
+                                      label="Inpaint Engine", elem_id="fr-inpaint-engine",
+                                      info="Which Fooocus inpaint patch the UNet gets (None: no patch)."),
+        "inpaint_erode_or_dilate": gr.Slider(low, high, value=d.inpaint_erode_or_dilate, step=1,
+                                             label="Mask Erode or Dilate", elem_id="fr-inpaint-erode-or-dilate",
+                                             info="Grows (positive) or shrinks (negative) the repainted area by "
+                                                  "this many pixels, before any invert."),
+    }
+
+
+def _freeu_tab(d: debug_page.DebugValues) -> dict[str, Any]:
+    b_low, b_high = debug_page.FREEU_B_RANGE
+    s_low, s_high = debug_page.FREEU_S_RANGE
+    return {
+        "freeu_enabled": gr.Checkbox(label="Enabled", value=d.freeu_enabled, elem_id="fr-freeu-enabled"),
+        "freeu_b1": gr.Slider(b_low, b_high, value=d.freeu_b1, step=0.01, label="B1", elem_id="fr-freeu-b1"),
+        "freeu_b2": gr.Slider(b_low, b_high, value=d.freeu_b2, step=0.01, label="B2", elem_id="fr-freeu-b2"),
+        "freeu_s1": gr.Slider(s_low, s_high, value=d.freeu_s1, step=0.01, label="S1", elem_id="fr-freeu-s1"),
+        "freeu_s2": gr.Slider(s_low, s_high, value=d.freeu_s2, step=0.01, label="S2", elem_id="fr-freeu-s2"),
+    }
+
+
+@dataclass
+class DebugPanel:
+    """The Developer Debug Mode box and the column of tabs it shows."""
+
+    enabled: gr.Checkbox
+    column: gr.Column
+    by_field: dict[str, Any]        # Debug Tools, Inpaint and FreeU controls by request field
+    control: ControlTabControls
+    defaults: debug_page.DebugValues   # the controls' initial values: what the server takes for them
+
+
+def _debug_panel(cfg: config_module.Config) -> DebugPanel:
+    """Upstream's Developer Debug Mode: a box, and under it the Debug Tools, Control,
+    Inpaint and FreeU tabs (hidden until the box is ticked; their values count either way)."""
+    defaults = debug_page.DebugValues.defaults(cfg)
+    enabled = gr.Checkbox(label="Developer Debug Mode", value=False, container=False, elem_id="fr-debug-mode")
+    by_field: dict[str, Any] = {}
+    with gr.Column(visible=False, elem_id="fr-debug-column") as column:
+        with gr.Tabs(elem_id="fr-debug-tabs", overflow_behavior="wrap"):
+            with gr.Tab("Debug Tools", elem_id="fr-debug-tools-tab"):
+                by_field.update(_debug_tools_tab(defaults))
+            with gr.Tab("Control", elem_id="fr-control-tab"):
+                control = _control_tab()
+            with gr.Tab("Inpaint", elem_id="fr-debug-inpaint-tab"):
+                by_field.update(_debug_inpaint_tab(defaults))
+            with gr.Tab("FreeU", elem_id="fr-freeu-tab"):
+                by_field.update(_freeu_tab(defaults))
+    return DebugPanel(enabled, column, by_field, control, defaults)
+
+
+@dataclass
 class InputImageControls:
     """The Input Image panel (upstream's layout); ``tab`` is a hidden textbox the tabs
     set in the browser, so the request follows the tab shown when Generate is pressed."""
@@ -619,6 +759,7 @@ class InputImageControls:
     outpaint: gr.CheckboxGroup
     inpaint_strength: gr.Slider
     inpaint_respective_field: gr.Slider
+    invert_mask: gr.Checkbox                    # "Invert Mask When Generating": a debug field, read there
     control: ControlTabControls | None = None   # in the Advanced column, built after the panel
 
     def components(self) -> set[gr.components.Component]:
@@ -674,6 +815,7 @@ class Controls:
     sharpness: gr.Slider | None = None
     adm: tuple[gr.Slider, gr.Slider, gr.Slider] | None = None   # positive, negative, end
     input_image: InputImageControls | None = None
+    debug: DebugControls | None = None
 
     def components(self) -> set[gr.components.Component]:
         out: set[gr.components.Component] = {
@@ -688,6 +830,8 @@ class Controls:
         out |= {c for c in (self.styles, self.sharpness, *(self.adm or ())) if c is not None}
         if self.input_image is not None:
             out |= self.input_image.components()
+        if self.debug is not None:
+            out |= self.debug.components()
         return out
 
     def values(self, data: Mapping[Any, Any]) -> UIValues:
@@ -711,8 +855,14 @@ class Controls:
             vae=data[self.vae] if self.vae is not None else flags.DEFAULT_VAE,
             output_format=data[self.output_format] if self.output_format is not None else "png",
             input_image=self.input_image.values(data) if self.input_image is not None else None,
+            **self._debug_values(data),
             **self._t2i_values(data),
         )
+
+    def _debug_values(self, data: Mapping[Any, Any]) -> dict[str, Any]:
+        if self.debug is None:
+            return {}
+        return {"debug": self.debug.values(data), "debug_defaults": self.debug.defaults}
 
     def _t2i_values(self, data: Mapping[Any, Any]) -> dict[str, Any]:
         """Styles, sharpness and ADM guidance, where the page has those controls."""
@@ -755,6 +905,7 @@ class FieldTargets:
     random_seed: Any
     seed: Any
     loras: list
+    debug: Mapping[str, Any] = field(default_factory=dict)   # Developer Debug controls by request field
 
     SIMPLE = ("prompt", "negative_prompt", "image_number", "base_model", "refiner_model", "refiner_switch",
               "guidance_scale", "sampler", "scheduler", "vae", "sharpness")
@@ -763,7 +914,8 @@ class FieldTargets:
     def outputs(self) -> list[Any]:
         return [*(getattr(self, k) for k in self.SIMPLE), self.performance, self.aspect_ratio, self.styles,
                 *self.adm, self.random_seed, self.seed,
-                *[c for slot in self.loras for c in (slot.enabled, slot.name, slot.weight)]]
+                *[c for slot in self.loras for c in (slot.enabled, slot.name, slot.weight)],
+                *self.debug.values()]
 
     def updates(self, fields: dict, aspect_values: set[str], style_names: list[str]) -> list[Any]:
         """One update per output: the field's value, or a skip where the field is absent or
@@ -795,6 +947,8 @@ class FieldTargets:
                 out += [gr.update(value=True), gr.update(value=loras[i][0]), gr.update(value=float(loras[i][1]))]
             else:
                 out += [gr.update(value=True), gr.update(value=flags.NONE_NAME), gr.update(value=1.0)]
+        loaded = debug_page.loaded_values(fields)
+        out += [gr.update(value=loaded[name]) if name in loaded else gr.skip() for name in self.debug]
         return out
 
 
@@ -957,6 +1111,8 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
                         mask_upload = gr.Image(label="Mask (optional, white repaints)", type="numpy",
                                                format="png", sources=["upload", "clipboard"], height=200,
                                                image_mode="RGBA", elem_id="fr-inpaint-mask-upload")
+                        invert_mask = gr.Checkbox(label="Invert Mask When Generating", value=False,
+                                                  elem_id="fr-invert-mask")
                         with gr.Accordion("Inpaint settings", open=False, elem_id="fr-inpaint-advanced"):
                             strength = gr.Slider(0.0, 1.0, value=input_image_page.INPAINT_STRENGTH, step=0.001,
                                                  label="Inpaint Denoising Strength", elem_id="fr-inpaint-strength")
@@ -967,7 +1123,7 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
     controls = InputImageControls(enabled=enabled, tab=tab_value, uov_image=uov_image,
                                   uov_method=uov_method, image_prompts=slots, inpaint_canvas=canvas,
                                   inpaint_mask_upload=mask_upload, outpaint=outpaint, inpaint_strength=strength,
-                                  inpaint_respective_field=respective)
+                                  inpaint_respective_field=respective, invert_mask=invert_mask)
     return controls, panel, tabs, ip_advanced, advanced_columns
 
 
@@ -1077,6 +1233,7 @@ class AdvancedTab:
     vae: gr.Dropdown
     sharpness: gr.Slider
     adm: tuple[gr.Slider, gr.Slider, gr.Slider]
+    debug: DebugPanel
 
 
 @dataclass
@@ -1105,7 +1262,7 @@ class Page:
                         refiner_switch=m.refiner_switch, loras=m.loras, sampler=a.sampler, scheduler=a.scheduler,
                         guidance_scale=a.guidance, vae=a.vae, output_format=s.output_format,
                         styles=self.styles.styles, sharpness=a.sharpness, adm=a.adm,
-                        input_image=self.input_image.controls)
+                        input_image=self.input_image.controls, debug=self.debug_controls())
 
     def field_targets(self) -> FieldTargets:
         s, m, a = self.settings, self.models, self.advanced
@@ -1114,7 +1271,14 @@ class Page:
                             refiner_model=m.refiner_model, refiner_switch=m.refiner_switch,
                             guidance_scale=a.guidance, sampler=a.sampler, scheduler=a.scheduler, vae=a.vae,
                             styles=self.styles.styles, sharpness=a.sharpness, adm=a.adm,
-                            random_seed=s.random_seed, seed=s.seed, loras=m.loras)
+                            random_seed=s.random_seed, seed=s.seed, loras=m.loras,
+                            debug=self.debug_controls().by_field)
+
+    def debug_controls(self) -> DebugControls:
+        """Developer Debug Mode's controls, with the inpaint panel's invert box among them."""
+        panel = self.advanced.debug
+        return DebugControls({**panel.by_field, "invert_mask_checkbox": self.input_image.controls.invert_mask},
+                             panel.defaults)
 
     def follow_outputs(self) -> list[Any]:
         """The components of FOLLOW_OUTPUTS, in its order."""
@@ -1265,7 +1429,8 @@ def _advanced_tab(cfg: config_module.Config) -> AdvancedTab:
         adm = (gr.Slider(0.1, 3.0, value=1.5, step=0.001, label="Positive ADM Guidance Scaler"),
                gr.Slider(0.1, 3.0, value=0.8, step=0.001, label="Negative ADM Guidance Scaler"),
                gr.Slider(0.0, 1.0, value=0.3, step=0.001, label="ADM Guidance End At Step"))
-    return AdvancedTab(guidance, sampler, scheduler, vae, sharpness, adm)
+        debug = _debug_panel(cfg)
+    return AdvancedTab(guidance, sampler, scheduler, vae, sharpness, adm, debug)
 
 
 def _page(cfg: config_module.Config, warning: str | None) -> Page:
@@ -1287,8 +1452,7 @@ def _page(cfg: config_module.Config, warning: str | None) -> Page:
                 styles = _styles_tab(cfg)
                 models = _models_tab(cfg)
                 advanced = _advanced_tab(cfg)
-                with gr.Tab("Control", elem_id="fr-control-tab"):   # upstream: Developer Debug Mode > Control
-                    input_image.controls.control = _control_tab()
+    input_image.controls.control = advanced.debug.control
     return Page(owner, banner, shown, prompt, input_image, memory, report, params, advanced_column,
                 settings, styles, models, advanced)
 
@@ -1340,13 +1504,16 @@ def _wire_generation(app: gr.Blocks, page: Page, ctx: AppContext) -> Any:
 
 
 def _wire_prompt_panel(page: Page) -> None:
-    """The Advanced and Input Image boxes show their panels."""
+    """The Advanced, Input Image and Developer Debug Mode boxes show their panels."""
     prompt = page.prompt
     prompt.advanced_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[prompt.advanced_checkbox],
                                     outputs=[page.advanced_column], api_visibility="private", queue=False)
     prompt.input_image_checkbox.change(lambda on: gr.update(visible=bool(on)),
                                        inputs=[prompt.input_image_checkbox], outputs=[page.input_image.panel],
                                        api_visibility="private", queue=False)
+    debug = page.advanced.debug
+    debug.enabled.change(lambda on: gr.update(visible=bool(on)), inputs=[debug.enabled], outputs=[debug.column],
+                         api_visibility="private", queue=False)
 
 
 def _wire_input_image_panel(panel: InputImagePanel) -> None:

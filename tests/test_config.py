@@ -87,6 +87,7 @@ def test_env_plain_string_for_path_key(tmp_path: Path) -> None:
      ("default_performance", "Turbo"), ("path_checkpoints", "[]"), ("default_loras", '[["a"]]'),
      ("default_aspect_ratio", "square"), ("default_metadata_scheme", "exif"),
      ("default_save_metadata_to_images", '"yes"'), ("default_overwrite_step", "0"),
+     ("default_overwrite_switch", "201"), ("default_clip_skip", "13"), ("default_cfg_tsnr", "0.5"),
      ("checkpoint_downloads", '{"../../etc/x.safetensors": "https://h/x"}'),
      ("lora_downloads", '{"a.safetensors": "file:///etc/passwd"}'), ("previous_default_models", '"old"')],
 )

@@ -185,6 +185,30 @@ def test_load_parameters_from_pasted_json_sets_the_controls(tmp_path, monkeypatc
     assert a1111["Sampler"] == ["euler_ancestral"] and a1111["Guidance Scale"] == [7.0]
 
 
+def test_load_parameters_and_presets_set_the_developer_debug_controls(tmp_path, monkeypatch):
+    """Loaded steps that are not the mode's go to "Forced Overwrite of Sampling Step" (upstream's
+    loader), the mode's own set it back to -1; CLIP skip, TSNR CFG, swap method and FreeU follow."""
+    app, cfg = build(tmp_path, monkeypatch)
+    load, labels = handler(app, "fr-param-load", "click")
+    values = set_values(labels, load(None, json.dumps({
+        "prompt": "x", "performance": "Speed", "steps": 17, "clip_skip": 1, "adaptive_cfg": 5.5,
+        "refiner_swap_method": "separate", "freeu_enabled": True, "freeu_b1": 1.2, "disable_seed_increment": True})))
+    assert values["Forced Overwrite of Sampling Step"] == [17] and values["CLIP Skip"] == [1]
+    assert values["CFG Mimicking from TSNR"] == [5.5] and values["Refiner swap method"] == ["separate"]
+    assert values["Enabled"] == [True] and values["B1"] == [1.2] and values["Disable seed increment"] == [True]
+    mode_steps = set_values(labels, load(None, json.dumps({"prompt": "x", "performance": "Speed"})))
+    assert mode_steps["Forced Overwrite of Sampling Step"] == [-1] and "CLIP Skip" not in mode_steps
+
+
+def test_a_preset_sets_the_developer_debug_controls(tmp_path, monkeypatch):
+    """Upstream's preset keys default_overwrite_step, default_clip_skip, default_cfg_tsnr."""
+    app, cfg = build(tmp_path, monkeypatch)
+    apply, labels = handler(app, "fr-preset", "change")
+    preset = set_values(labels, apply("realistic"))
+    assert preset["Forced Overwrite of Sampling Step"] == [-1] and preset["CLIP Skip"] == [2]
+    assert preset["CFG Mimicking from TSNR"] == [7.0]
+
+
 def test_history_log_link_points_at_todays_log(tmp_path, monkeypatch):
     app, cfg = build(tmp_path, monkeypatch)
     link = next(c["props"]["value"] for c in components(app).values() if c["props"].get("elem_id") == "fr-history")

@@ -406,6 +406,31 @@ def test_page_sends_pyracanny_and_cpds_with_the_control_tab_options(fake_app: Fa
     assert (stop["value"], weight["value"]) == (0.5, 1.0)
 
 
+def test_page_sends_the_developer_debug_controls(fake_app: FakeApp) -> None:
+    """Changed Debug Tools / FreeU / Inpaint values go into the request under upstream's names;
+    the inpaint ones only with an inpaint (here: none), so this stays a text-to-image request."""
+    values = {**PAGE_VALUES, "fr-clip-skip": 1, "fr-adaptive-cfg": 5.0, "fr-overwrite-step": 12,
+              "fr-refiner-swap-method": "separate", "fr-disable-seed-increment": True, "fr-metadata-scheme": "a1111",
+              "fr-freeu-enabled": True, "fr-freeu-s2": 0.5, "fr-inpaint-engine": "v1", "fr-invert-mask": True}
+    final = page_event(fake_app, "generate_button", "dora", values)[-1]
+    assert final["msg"] == "process_completed" and final["success"], final
+    request = fake_app.pipeline.requests[-1]
+    debug = {k: request[k] for k in request.keys() - {"prompt", "negative_prompt", "performance", "width", "height",
+                                                      "image_number", "seed", "refiner_model", "refiner_switch",
+                                                      "loras", "sampler", "scheduler", "guidance_scale", "vae",
+                                                      *T2I_DEFAULTS}}
+    assert debug == {"clip_skip": 1, "adaptive_cfg": 5.0, "steps": 12, "refiner_swap_method": "separate",
+                     "disable_seed_increment": True, "metadata_scheme": "a1111", "freeu_enabled": True,
+                     "freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.5}
+
+
+def test_the_debug_tabs_show_with_the_developer_debug_box(fake_app: FakeApp) -> None:
+    [shown] = page_call(fake_app, "fr-debug-mode", "dora", {"fr-debug-mode": True})
+    assert shown["visible"] is True
+    column = next(c for c in _components(fake_app.app).values() if c["props"].get("elem_id") == "fr-debug-column")
+    assert column["props"]["visible"] is False   # hidden on a fresh page
+
+
 def test_a_foreign_page_stop_leaves_the_job_alone(fake_app: FakeApp) -> None:
     # "block" is not a page control: submit the blocking job for alice's page through the worker.
     task = fake_app.worker.submit({"prompt": "mine", "block": True}, owner=webui.page_owner(None, "alice"))

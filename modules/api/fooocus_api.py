@@ -53,12 +53,13 @@ _ADVANCED_SAME = ("adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end"
                   "inpaint_disable_initial_latent", "debugging_inpaint_preprocessor",
                   # Developer Debug Mode: the same request fields (modules/generation_request.py)
                   "adaptive_cfg", "clip_skip", "refiner_swap_method", "freeu_enabled", "freeu_b1", "freeu_b2",
-                  "freeu_s1", "freeu_s2", "disable_seed_increment", "disable_preview", "disable_intermediate_results")
+                  "freeu_s1", "freeu_s2", "disable_seed_increment", "disable_preview", "disable_intermediate_results",
+                  # its Control tab (image prompts of type PyraCanny / CPDS)
+                  "controlnet_softness", "canny_low_threshold", "canny_high_threshold", "skipping_cn_preprocessor",
+                  "debugging_cn_preprocessor")
 NAMES.update({key: f"advanced_params.{key}" for key in _ADVANCED_SAME})
 # Advanced fields we have no feature for: accepted at these values (upstream's defaults).
-_ONLY_AT = {"black_out_nsfw": False,
-            "debugging_cn_preprocessor": False, "skipping_cn_preprocessor": False,
-            "debugging_dino": False, "dino_erode_or_dilate": 0,
+_ONLY_AT = {"black_out_nsfw": False, "debugging_dino": False, "dino_erode_or_dilate": 0,
             "debugging_enhance_masks_checkbox": False}
 UOV_METHODS = tuple(m for m in flags.UOV_METHODS if m != flags.UOV_DISABLED)
 
@@ -95,6 +96,11 @@ class AdvancedParams(BaseModel):
     mixing_image_prompt_and_vary_upscale: bool = Field(False, description="image prompts always combine")
     mixing_image_prompt_and_inpaint: bool = Field(False, description="image prompts always combine")
     refiner_swap_method: Literal["joint", "separate", "vae"] = "joint"
+    controlnet_softness: float = Field(0.25, ge=0.0, le=1.0, description="weakens PyraCanny/CPDS on fine detail")
+    canny_low_threshold: int = Field(64, ge=1, le=255)
+    canny_high_threshold: int = Field(128, ge=1, le=255)
+    skipping_cn_preprocessor: bool = Field(False, description="the image prompts are already edge/structure maps")
+    debugging_cn_preprocessor: bool = Field(False, description="return the preprocessed image prompts instead")
     inpaint_engine: str = Field("v2.6", description="which inpaint patch file: None, v1, v2.5, v2.6")
     inpaint_strength: float = Field(1.0, ge=0.0, le=1.0)
     inpaint_respective_field: float = Field(0.618, ge=0.0, le=1.0)

@@ -45,7 +45,10 @@ def test_the_docs_example_maps_one_to_one():
         "inpaint_engine": "v1", "sampler": "dpmpp_2m_sde_gpu", "scheduler": "karras",
         # Developer Debug fields it sent: the request fields of the same names
         "refiner_swap_method": "joint", "adaptive_cfg": 7.0, "freeu_enabled": False,
-        "freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.95}
+        "freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.95,
+        # its Control tab's
+        "controlnet_softness": 0.25, "canny_low_threshold": 64, "canny_high_threshold": 128,
+        "skipping_cn_preprocessor": False, "debugging_cn_preprocessor": False}
 
 
 def test_fields_not_sent_stay_out_so_the_config_decides():
@@ -91,6 +94,11 @@ def test_developer_debug_advanced_params_carry_over():
     assert request == {"prompt": "x", "clip_skip": 1, "adaptive_cfg": 5.0, "refiner_swap_method": "vae",
                        "freeu_enabled": True, "freeu_b2": 1.3, "disable_seed_increment": True,
                        "disable_preview": True, "disable_intermediate_results": True}
+    control = fa.to_request(fa.CommonRequest.model_validate(
+        {"prompt": "x", "advanced_params": {"canny_low_threshold": 40, "skipping_cn_preprocessor": True,
+                                            "debugging_cn_preprocessor": True}}), same)
+    assert control == {"prompt": "x", "canny_low_threshold": 40, "skipping_cn_preprocessor": True,
+                       "debugging_cn_preprocessor": True}
 
 
 def test_our_field_names_in_errors_become_theirs():

@@ -212,6 +212,14 @@ class PageDriver:
         self.advanced()
         self.page.get_by_role("tab", name=name, exact=True).click()
 
+    def debug_tab(self, name: str) -> None:
+        """A Developer Debug Mode tab (Debug Tools, Control, Inpaint, FreeU): Advanced, the box, the tab."""
+        self.tab("Advanced")
+        box = self.page.locator("#fr-debug-mode input[type=checkbox]")
+        if not box.is_checked():
+            box.check()
+        self.page.locator("#fr-debug-tabs").get_by_role("tab", name=name, exact=True).click()
+
     def set_image_number(self, n: int) -> None:
         self.tab("Settings")
         field = self.page.get_by_label("number input for Image Number")
@@ -227,6 +235,9 @@ class PageDriver:
         return self.page.locator("#fr-seed textarea, #fr-seed input").first.input_value()
 
     def generate(self, prompt: str = "a lighthouse at dusk") -> None:
+        # The last run's progress box is marked: its "finished" must not pass for this run's
+        # (every update of the box replaces it, so this run's first update drops the mark).
+        self.page.evaluate("document.querySelector('#fr-progress .fr-progress')?.setAttribute('data-old', '')")
         self.page.locator("#fr-prompt textarea").fill(prompt)
         self.page.locator("#fr-prompt textarea").press("Control+Enter")
 
@@ -235,8 +246,8 @@ class PageDriver:
 
     def wait_stage(self, *stages: str, timeout: int = RUN_TIMEOUT_MS) -> str:
         self.page.wait_for_function(
-            "(stages) => stages.includes(document.querySelector('#fr-progress .fr-progress')?.dataset.stage)",
-            arg=list(stages), timeout=timeout)
+            "(stages) => stages.includes(document.querySelector('#fr-progress .fr-progress:not([data-old])')"
+            "?.dataset.stage)", arg=list(stages), timeout=timeout)
         return self.stage()
 
     def stage_history(self) -> list[str]:
@@ -444,10 +455,13 @@ def test_screenshots_have_no_clipped_labels(browser, server: Server, tmp_path: P
         driver.page.get_by_text("Resident memory", exact=True).click()
         driver.page.locator("#fr-memory-panel .fr-mem").wait_for()
         clipped = {}
-        for tab in ("Settings", "Models", "Advanced", "Control"):
-            driver.tab(tab)
+        for tab in ("Settings", "Models", "Advanced", "Debug Tools", "Control", "Inpaint", "FreeU"):
+            if tab in ("Debug Tools", "Control", "Inpaint", "FreeU"):
+                driver.debug_tab(tab)
+            else:
+                driver.tab(tab)
             clipped[tab] = driver.page.evaluate(CLIPPED_LABELS_JS)
-            path = tmp_path / f"page_{width}x{height}_{tab.lower()}.png"
+            path = tmp_path / f"page_{width}x{height}_{tab.lower().replace(' ', '_')}.png"
             driver.page.screenshot(path=str(path), full_page=True)
             assert path.stat().st_size > 0
         keep = os.environ.get("FOOOCUS_RESIDENT_SCREENSHOTS")
@@ -467,8 +481,11 @@ def test_every_tab_stays_in_the_tab_bar_on_a_phone(browser, server: Server, widt
     try:
         driver.advanced()
         driver.page.locator("#fr-input-image-checkbox input[type=checkbox]").check()
-        for bar, names in (("#fr-advanced-tabs", ["Settings", "Styles", "Models", "Advanced", "Control"]),
-                           ("#fr-input-image-tabs", ["Upscale or Variation", "Image Prompt", "Inpaint or Outpaint"])):
+        for bar, names in (("#fr-advanced-tabs", ["Settings", "Styles", "Models", "Advanced"]),
+                           ("#fr-input-image-tabs", ["Upscale or Variation", "Image Prompt", "Inpaint or Outpaint"]),
+                           ("#fr-debug-tabs", ["Debug Tools", "Control", "Inpaint", "FreeU"])):
+            if bar == "#fr-debug-tabs":
+                driver.debug_tab("Debug Tools")
             tabs = driver.page.locator(f"{bar} [role=tab]")
             tabs.first.wait_for()
             visible = [t.text_content().strip() for t in tabs.all() if t.is_visible()]
@@ -834,7 +851,7 @@ def test_input_image_pyracanny_with_the_control_tab(page: PageDriver, input_png:
     page.choose("fr-ip-type-0", "PyraCanny")
     weight = page.page.get_by_label("number input for Weight").first
     page.page.wait_for_function("(el) => el.value === '1'", arg=weight.element_handle(), timeout=30_000)
-    page.tab("Control")
+    page.debug_tab("Control")
     low = page.page.get_by_label("number input for Canny Low Threshold")
     low.fill("40")
     low.press("Enter")
@@ -844,6 +861,15 @@ def test_input_image_pyracanny_with_the_control_tab(page: PageDriver, input_png:
     edges = generated(page, "show the edge map")
     assert edges.size == (128, 128) and edges.mode == "RGB"   # the generation's size (the page's default)
     report_mentions(page, "preprocessed_images")
+
+
+def test_developer_debug_mode_forces_the_generated_size(page: PageDriver) -> None:
+    """The Debug Tools tab's forced width and height win over the aspect ratio (128x128 here)."""
+    page.debug_tab("Debug Tools")
+    fill_number(page, "Forced Overwrite of Generating Width", 64)
+    fill_number(page, "Forced Overwrite of Generating Height", 96)
+    image = generated(page, "a narrow tower")
+    assert image.size == (64, 96)
 
 
 def test_input_image_inpaint_a_drawn_mask(page: PageDriver, input_png: Path) -> None:
