@@ -187,6 +187,9 @@ METADATA_SCHEMES: tuple[str, ...] = ("fooocus", "a1111")   # upstream's Metadata
 # Upstream's inpaint engine versions: which inpaint patch file ("None": no patch, no head).
 INPAINT_ENGINE_VERSIONS: tuple[str, ...] = ("None", "v1", "v2.5", "v2.6")
 DEFAULT_INPAINT_ENGINE = "v2.6"
+# Upstream's inpaint "Method" choices (the page presets the inpaint options from them).
+INPAINT_METHODS: tuple[str, ...] = ("Inpaint or Outpaint (default)", "Improve Detail (face, hand, eyes, etc.)",
+                                    "Modify Content (add objects, change background, etc.)")
 
 DEFAULT_SAMPLER = "dpmpp_2m_sde_gpu"
 DEFAULT_SCHEDULER = "karras"

@@ -9,7 +9,10 @@ what the request asks for:
   (ImagePrompt, PyraCanny, CPDS) whose defaults the Stop At / Weight sliders take;
 * "Inpaint or Outpaint" (``TAB_INPAINT``): ``input_image`` + ``inpaint_mask`` (the
   strokes drawn on the canvas, merged with an uploaded mask) and/or
-  ``outpaint_selections``, with ``inpaint_strength`` and ``inpaint_respective_field``.
+  ``outpaint_selections``, with ``inpaint_strength`` and ``inpaint_respective_field``;
+  its "Method" presets those and the Developer Debug inpaint options as upstream's does
+  (`inpaint_method_settings`), and its "Inpaint Additional Prompt" goes before the
+  prompt, as the first line, when an inpaint or outpaint is sent (`inpaint_prompt`).
 
 The Developer Debug "Control" options (`ControlValues`) act as upstream's: "Mixing Image
 Prompt and Vary/Upscale" sends the Upscale or Variation tab's image with the Image Prompt
@@ -83,6 +86,39 @@ class ControlValues:
 
 
 @dataclass(frozen=True)
+class InpaintMethodSettings:
+    """What choosing an inpaint Method sets (upstream's values)."""
+
+    additional_prompt_shown: bool
+    outpaint_shown: bool            # the outpaint directions are cleared when hidden
+    disable_initial_latent: bool
+    engine: str
+    strength: float
+    respective_field: float
+
+
+def inpaint_method_settings(method: str) -> InpaintMethodSettings:
+    default, detail, modify = flags.INPAINT_METHODS
+    if method == detail:    # a light pass over the masked part alone, without the inpaint patch
+        return InpaintMethodSettings(True, False, False, "None", 0.5, 0.0)
+    if method == modify:    # new content: sampling starts from an empty latent, not the picture
+        return InpaintMethodSettings(True, False, True, flags.DEFAULT_INPAINT_ENGINE, INPAINT_STRENGTH,
+                                     INPAINT_RESPECTIVE_FIELD)
+    if method != default:
+        raise ValueError(f"Inpaint or Outpaint: unknown method {method!r}")
+    return InpaintMethodSettings(False, True, False, flags.DEFAULT_INPAINT_ENGINE, INPAINT_STRENGTH,
+                                 INPAINT_RESPECTIVE_FIELD)
+
+
+def inpaint_prompt(prompt: str, additional: str) -> str:
+    """The prompt with the inpaint's additional prompt as its first line (upstream's order:
+    line 1 is the main prompt, the others extra positive prompts)."""
+    if not additional:
+        return prompt
+    return f"{additional}\n{prompt}" if prompt else additional
+
+
+@dataclass(frozen=True)
 class InputImageValues:
     """What the Input Image panel holds; ``to_fields`` gives the request's fields."""
 
@@ -96,6 +132,7 @@ class InputImageValues:
     outpaint: tuple[str, ...] = ()
     inpaint_strength: float = INPAINT_STRENGTH
     inpaint_respective_field: float = INPAINT_RESPECTIVE_FIELD
+    inpaint_additional_prompt: str = ""
     control: ControlValues = ControlValues()
 
     def to_fields(self) -> dict[str, Any]:
@@ -119,6 +156,13 @@ class InputImageValues:
             if prompts:
                 fields.update(prompts, **control.request_fields())
         return fields
+
+    def prompt_for(self, prompt: str, fields: dict[str, Any]) -> str:
+        """The request's prompt for `fields` (what ``to_fields`` gave): with the additional
+        prompt first when they inpaint or outpaint."""
+        if {"inpaint_mask", "outpaint_selections"} & fields.keys():
+            return inpaint_prompt(prompt, self.inpaint_additional_prompt.strip())
+        return prompt
 
     def _inpaint(self) -> dict[str, Any]:
         return inpaint_fields(self.inpaint_canvas, self.inpaint_mask_upload, self.outpaint,

@@ -145,7 +145,9 @@ class UIValues:
         if self.base_model:
             request["base_model"] = self.base_model
         if self.input_image is not None:
-            request.update(self.input_image.to_fields())
+            fields = self.input_image.to_fields()
+            request.update(fields)
+            request["prompt"] = self.input_image.prompt_for(request["prompt"], fields)
         if self.debug is not None:
             request.update(self.debug.request_fields(self.debug_defaults, request))
         return request
@@ -760,12 +762,15 @@ class InputImageControls:
     inpaint_strength: gr.Slider
     inpaint_respective_field: gr.Slider
     invert_mask: gr.Checkbox                    # "Invert Mask When Generating": a debug field, read there
+    inpaint_method: gr.Dropdown                 # presets the inpaint options (its change event)
+    inpaint_additional_prompt: gr.Textbox
     control: ControlTabControls | None = None   # in the Advanced column, built after the panel
 
     def components(self) -> set[gr.components.Component]:
         out: set[gr.components.Component] = {
             self.enabled, self.tab, self.uov_image, self.uov_method, self.inpaint_canvas,
-            self.inpaint_mask_upload, self.outpaint, self.inpaint_strength, self.inpaint_respective_field}
+            self.inpaint_mask_upload, self.outpaint, self.inpaint_strength, self.inpaint_respective_field,
+            self.inpaint_additional_prompt}
         for slot in self.image_prompts:
             out |= {slot.image, slot.stop, slot.weight, slot.kind}
         if self.control is not None:
@@ -786,6 +791,7 @@ class InputImageControls:
             outpaint=tuple(data[self.outpaint] or ()),
             inpaint_strength=float(data[self.inpaint_strength]),
             inpaint_respective_field=float(data[self.inpaint_respective_field]),
+            inpaint_additional_prompt=data[self.inpaint_additional_prompt] or "",
             control=(self.control.values(data) if self.control is not None
                      else input_image_page.ControlValues()),
         )
@@ -1106,6 +1112,11 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
                         gr.Markdown("Draw over the parts of the picture that should change, or choose an "
                                     "outpaint direction.", elem_id="fr-inpaint-hint")
                     with gr.Column(scale=2, min_width=200):
+                        method = gr.Dropdown(list(flags.INPAINT_METHODS), value=flags.INPAINT_METHODS[0],
+                                             label="Method", elem_id="fr-inpaint-method")
+                        additional_prompt = gr.Textbox(label="Inpaint Additional Prompt", lines=2, visible=False,
+                                                       placeholder="What the repainted part should show",
+                                                       elem_id="fr-inpaint-additional-prompt")
                         outpaint = gr.CheckboxGroup(list(flags.OUTPAINT_SELECTIONS), value=[],
                                                     label="Outpaint Direction", elem_id="fr-outpaint")
                         mask_upload = gr.Image(label="Mask (optional, white repaints)", type="numpy",
@@ -1123,7 +1134,8 @@ def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Col
     controls = InputImageControls(enabled=enabled, tab=tab_value, uov_image=uov_image,
                                   uov_method=uov_method, image_prompts=slots, inpaint_canvas=canvas,
                                   inpaint_mask_upload=mask_upload, outpaint=outpaint, inpaint_strength=strength,
-                                  inpaint_respective_field=respective, invert_mask=invert_mask)
+                                  inpaint_respective_field=respective, invert_mask=invert_mask,
+                                  inpaint_method=method, inpaint_additional_prompt=additional_prompt)
     return controls, panel, tabs, ip_advanced, advanced_columns
 
 
@@ -1516,7 +1528,7 @@ def _wire_prompt_panel(page: Page) -> None:
                          api_visibility="private", queue=False)
 
 
-def _wire_input_image_panel(panel: InputImagePanel) -> None:
+def _wire_input_image_panel(panel: InputImagePanel, debug: DebugPanel) -> None:
     for (_, tab_name, _), tab in zip(INPUT_IMAGE_TABS, panel.tabs):
         # In the browser: the tab shown is the mode sent, with no round trip to race Generate.
         tab.select(None, inputs=None, outputs=[panel.controls.tab], js=f"() => {json.dumps(tab_name)}",
@@ -1528,6 +1540,21 @@ def _wire_input_image_panel(panel: InputImagePanel) -> None:
         slot.kind.change(lambda kind: [gr.update(value=v) for v in input_image_page.type_defaults(kind)],
                          inputs=[slot.kind], outputs=[slot.stop, slot.weight], api_visibility="private",
                          queue=False)
+    controls = panel.controls
+
+    def on_inpaint_method(method: str) -> list[Any]:
+        chosen = input_image_page.inpaint_method_settings(method)
+        return [gr.update(visible=chosen.additional_prompt_shown),
+                gr.update(visible=True) if chosen.outpaint_shown else gr.update(visible=False, value=[]),
+                gr.update(value=chosen.disable_initial_latent), gr.update(value=chosen.engine),
+                gr.update(value=chosen.strength), gr.update(value=chosen.respective_field)]
+
+    controls.inpaint_method.change(
+        on_inpaint_method, inputs=[controls.inpaint_method],
+        outputs=[controls.inpaint_additional_prompt, controls.outpaint,
+                 debug.by_field["inpaint_disable_initial_latent"], debug.by_field["inpaint_engine"],
+                 controls.inpaint_strength, controls.inpaint_respective_field],
+        api_visibility="private", queue=False)
 
 
 def _wire_settings_tab(page: Page) -> None:
@@ -1741,7 +1768,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
         page = _page(cfg, demo_warning())
         generate_event = _wire_generation(app, page, ctx)
         _wire_prompt_panel(page)
-        _wire_input_image_panel(page.input_image)
+        _wire_input_image_panel(page.input_image, page.advanced.debug)
         _wire_settings_tab(page)
         _wire_models_tab(page.models, page.advanced, cfg)
         _wire_styles_tab(page.styles, cfg)

@@ -383,6 +383,34 @@ def test_page_sends_the_input_image_fields_of_the_tab_shown(fake_app: FakeApp) -
     assert (inpaint["inpaint_strength"], inpaint["inpaint_respective_field"]) == (1.0, 0.618)
 
 
+def test_the_inpaint_method_presets_the_options_and_the_additional_prompt_goes_first(fake_app: FakeApp) -> None:
+    """"Improve Detail" (upstream's): no inpaint patch, strength 0.5, respective field 0, the
+    outpaint directions cleared and hidden; the additional prompt becomes the prompt's first line."""
+    image = np.random.default_rng(2).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    layer = np.zeros((24, 32, 4), np.uint8)
+    layer[2:6, 10:20] = 255
+    updates = page_call(fake_app, "fr-inpaint-method", "erin",
+                        {"fr-inpaint-method": "Improve Detail (face, hand, eyes, etc.)"})
+    prompt_box, outpaint, no_initial_latent, engine, strength, respective = updates
+    assert prompt_box["visible"] is True and outpaint == {"__type__": "update", "visible": False, "value": []}
+    assert (no_initial_latent["value"], engine["value"], strength["value"], respective["value"]) == (
+        False, "None", 0.5, 0.0)
+    canvas = {"background": upload_png(fake_app, np.dstack([image, np.full((24, 32), 255, np.uint8)])),
+              "layers": [upload_png(fake_app, layer)], "composite": None}
+    values = {"Prompt": "a portrait", "Random": False, "Seed": "5", "fr-input-image-checkbox": True,
+              "fr-input-image-tab": "inpaint", "fr-inpaint-canvas": canvas,
+              "fr-inpaint-additional-prompt": "detailed eyes", "fr-inpaint-engine": engine["value"],
+              "fr-inpaint-strength": strength["value"], "fr-inpaint-respective-field": respective["value"]}
+    final = page_event(fake_app, "generate_button", "erin", values)[-1]
+    assert final["msg"] == "process_completed" and final["success"], final
+    request = fake_app.pipeline.requests[-1]
+    assert request["prompt"] == "detailed eyes\na portrait" and request["inpaint_engine"] == "None"
+    assert (request["inpaint_strength"], request["inpaint_respective_field"]) == (0.5, 0.0)
+    modify = page_call(fake_app, "fr-inpaint-method", "erin",
+                       {"fr-inpaint-method": "Modify Content (add objects, change background, etc.)"})
+    assert (modify[2]["value"], modify[3]["value"], modify[4]["value"]) == (True, "v2.6", 1.0)
+
+
 def test_page_sends_pyracanny_and_cpds_with_the_control_tab_options(fake_app: FakeApp) -> None:
     """The Type radio offers the ControlNet types; the Control tab's options (upstream's
     labels) go with them; "Mixing Image Prompt and Vary/Upscale" sends the other tab's image."""

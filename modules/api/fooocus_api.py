@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from modules import config as config_module
-from modules import flags
+from modules import flags, input_image_page
 from modules.api import common, jobs
 from modules.api.auth import Principal
 from modules.api.context import ApiContext
@@ -302,9 +302,7 @@ def _inpaint(body: ImgInpaintOrOutpaintRequestJson, out: dict, resolve: Callable
     if body.input_mask:
         out["inpaint_mask"] = resolve(body.input_mask, "input_mask")
     out["outpaint_selections"] = list(body.outpaint_selections)
-    extra = body.inpaint_additional_prompt or ""
-    if extra:   # upstream puts it first, for CLIP's attention
-        out["prompt"] = f"{extra}\n{out['prompt']}" if out["prompt"] else extra
+    out["prompt"] = input_image_page.inpaint_prompt(out["prompt"], body.inpaint_additional_prompt or "")
 
 
 # -- our job -> their answers ------------------------------------------------------------------
