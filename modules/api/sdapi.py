@@ -19,6 +19,7 @@ asked for (``eta``, ``s_*``, ``hr_*`` with ``enable_hr`` false, ``send_images``,
 enabled ``alwayson_scripts`` entry, ``inpainting_mask_invert``...).
 """
 
+import io
 import json
 import time
 from collections.abc import Callable
@@ -461,27 +462,29 @@ def memory_answer(status: dict) -> dict:
 
 
 def png_info_answer(image: Any) -> dict:
-    """A1111's png-info: the ``parameters`` text chunk and the request fields in it
-    (read from the file's header chunks: no pixel is decoded)."""
+    """A1111's png-info: the parameters text (a PNG's ``parameters`` chunk, or a JPEG's or
+    WebP's EXIF UserComment), the other text chunks, and the request fields in the text:
+    ours, upstream Fooocus's in either scheme, or AUTOMATIC1111's own."""
     import base64
     import binascii
-    import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from modules import parameters
+    from modules import image_output, parameters
 
     if not isinstance(image, str) or not image:
         raise common.ApiError(422, "field 'image' must be a base64 image")
     text = image.partition(",")[2] if image.startswith("data:") else image
     try:
-        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as picture:
+        data = base64.b64decode(text, validate=True)
+        raw, scheme = image_output.read_metadata(data)
+        with Image.open(io.BytesIO(data)) as picture:
             chunks = {k: v for k, v in picture.info.items() if isinstance(k, str) and isinstance(v, str)}
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError):
         raise common.ApiError(422, "field 'image': not a base64 image") from None
-    raw = chunks.get("parameters", "")
     try:
-        fields = parameters.from_json(raw) if raw else {}
+        fields = parameters.parse_metadata(raw, scheme) if raw else {}
     except parameters.ParameterError:
         fields = {}
-    return {"info": raw, "items": {k: v for k, v in chunks.items() if k != "parameters"}, "parameters": fields}
+    return {"info": raw or "", "items": {k: v for k, v in chunks.items() if k != "parameters"},
+            "parameters": fields}

@@ -142,3 +142,33 @@ def test_memory_reads_our_ledgers():
     assert answer["cuda"]["active"]["peak"] == 60 and answer["cuda"]["events"]["oom"] == 1
     assert json.dumps(answer["fooocus"]) == json.dumps(status)
     assert "error" in sdapi.memory_answer({"device": "cpu", "device_ledger": {}})["cuda"]
+
+
+def _b64(image: Image.Image, fmt: str, **options) -> str:
+    import base64
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_png_info_reads_both_schemes_and_jpeg_exif():
+    """Files laid out as upstream Fooocus writes them: a PNG with an a1111 ``parameters`` text
+    (``fooocus_scheme`` a1111), a JPEG with the fooocus JSON in EXIF UserComment (0x9286) and
+    the scheme in MakerNote (0x927C)."""
+    from PIL import PngImagePlugin
+
+    text = "a harbour\nNegative prompt: rain\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 99, Size: 64x64"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    info.add_text("fooocus_scheme", "a1111")
+    png = sdapi.png_info_answer(_b64(Image.new("RGB", (64, 64)), "PNG", pnginfo=info))
+    assert png["info"] == text and png["items"] == {"fooocus_scheme": "a1111"}
+    assert (png["parameters"]["prompt"], png["parameters"]["negative_prompt"], png["parameters"]["seed"]) == (
+        "a harbour", "rain", 99)
+    exif = Image.Exif()
+    exif[0x9286] = json.dumps({"prompt": "a boat", "negative_prompt": "", "resolution": "(64, 96)", "seed": "7",
+                               "performance": "Speed", "guidance_scale": 4.0})
+    exif[0x927C] = "fooocus"
+    jpeg = sdapi.png_info_answer(_b64(Image.new("RGB", (64, 96)), "JPEG", exif=exif.tobytes()))
+    assert (jpeg["parameters"]["prompt"], jpeg["parameters"]["seed"], jpeg["parameters"]["height"]) == ("a boat", 7, 96)
