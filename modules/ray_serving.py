@@ -337,11 +337,21 @@ class ResidentSetRouter(PowerOfTwoChoicesRequestRouter):
         # must not get replica choices that mirror it.
         self.rng = random.Random(f"ResidentSetRouter:{seed}")
         self.turn = 0
+        # Set ids this router sent to a replica that no replica reports yet. A replica's
+        # report of a newly loaded set reaches the router later (replica -> controller ->
+        # router); until then Ray's router would see the replica as empty and could send a
+        # second new set there too. This record bridges that gap; a report clears it.
+        self.unreported: dict[str, Any] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if pending_request is not None and pending_request.metadata.multiplexed_model_id:
-            return await super().choose_replicas(candidate_replicas, pending_request)
+            set_id = pending_request.metadata.multiplexed_model_id
+            reported = {model for r in candidate_replicas for model in r.multiplexed_model_ids}
+            self.unreported = {k: v for k, v in self.unreported.items() if k not in reported}
+            if set_id in reported:
+                return await super().choose_replicas(candidate_replicas, pending_request)
+            return self._rank_for_unreported_set(set_id, candidate_replicas)
         if not candidate_replicas:
             return []
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
@@ -352,6 +362,21 @@ class ResidentSetRouter(PowerOfTwoChoicesRequestRouter):
             self.turn += 1
         rotated = ordered[first:] + ordered[:first]
         return [[replica] for replica in rotated]
+
+    def _rank_for_unreported_set(self, set_id: str, candidates: list[RunningReplica]) -> list[list[RunningReplica]]:
+        """A set no replica reports: the replica it was last sent to, else the one holding the
+        fewest sets (reported plus sent and not yet reported); the others after it."""
+        if not candidates:
+            return []
+        target = self.unreported.get(set_id)
+        held = {r.replica_id: len(r.multiplexed_model_ids) for r in candidates}
+        for replica_id in self.unreported.values():
+            if replica_id in held:
+                held[replica_id] += 1
+        ordered = sorted(candidates, key=lambda r: (r.replica_id != target, held[r.replica_id],
+                                                   r.replica_id.unique_id))
+        self.unreported[set_id] = ordered[0].replica_id
+        return [[replica] for replica in ordered]
 
 
 # -- the application ---------------------------------------------------------------------------

@@ -113,6 +113,33 @@ def check_ok(answer: dict) -> dict:
     return answer["report"]["model_management"]
 
 
+def test_a_new_set_is_not_sent_where_another_new_set_went_before_the_replica_reports_it():
+    """A replica reports a set it loaded to the router only later (through Ray's controller).
+    Two new sets in a row still go to different replicas, and the first again to its own."""
+    import asyncio
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    @dataclass(frozen=True)
+    class ReplicaId:   # Ray's ReplicaID: hashable, with a unique_id
+        unique_id: str
+
+    router = ray_serving.ResidentSetRouter.__new__(ray_serving.ResidentSetRouter)
+    router.initialize_state()
+    replicas = [SimpleNamespace(replica_id=ReplicaId(name), multiplexed_model_ids=set()) for name in ("r1", "r2")]
+
+    def route(set_id):
+        request = SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=set_id))
+        return asyncio.run(router.choose_replicas(replicas, request))[0][0]
+
+    first, second = route("set-a"), route("set-b")
+    assert first is not second                   # nothing reported yet: r1 looks as empty as r2
+    assert route("set-a") is first and route("set-b") is second
+    first.multiplexed_model_ids |= {"set-a", "set-c"}   # r1's reports arrive: the record gives way to them
+    assert route("set-d") is second              # r1 holds two sets, r2 the one sent there
+    assert router.unreported == {"set-b": second.replica_id, "set-d": second.replica_id}
+
+
 def test_fleet_routes_each_lora_set_to_the_replica_holding_it(folders):
     """20 requests alternating two LoRA sets over 2 CPU replicas. Routed blind (seeded
     random, an ordinary load balancer) from a fresh fleet, most requests patch; then, on
