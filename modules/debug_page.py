@@ -82,7 +82,8 @@ class DebugValues:
     def request_fields(self, defaults: "DebugValues", request: Mapping[str, Any]) -> dict[str, Any]:
         """The fields that differ from `defaults`, for `request` (the rest of the page's
         request): the vary/upscale strengths only go with an Upscale or Variation, the
-        inpaint options only with an inpaint or outpaint, FreeU's factors only when on."""
+        inpaint options only with an inpaint or outpaint, FreeU's factors only when on; a
+        forced width or height is rounded down to a multiple of 8."""
         out: dict[str, Any] = {}
         for name in self.names():
             value, default = getattr(self, name), getattr(defaults, name)
@@ -93,6 +94,9 @@ class DebugValues:
             if name in INPAINT_ONLY and not ({"inpaint_mask", "outpaint_selections"} & request.keys()):
                 continue
             out[name] = value
+        for side in ("overwrite_width", "overwrite_height"):
+            if out.get(side, -1) > 0:   # as upstream's latent (size // 8): the server takes multiples of 8
+                out[side] -= out[side] % 8
         if self.freeu_enabled:
             out.update({name: float(getattr(self, name)) for name in FREEU})
         return out

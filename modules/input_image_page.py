@@ -89,7 +89,7 @@ class ControlValues:
 class InpaintMethodSettings:
     """What choosing an inpaint Method sets (upstream's values)."""
 
-    additional_prompt_shown: bool
+    additional_prompt_shown: bool   # the additional prompt is cleared when hidden
     outpaint_shown: bool            # the outpaint directions are cleared when hidden
     disable_initial_latent: bool
     engine: str
@@ -102,8 +102,7 @@ def inpaint_method_settings(method: str) -> InpaintMethodSettings:
     if method == detail:    # a light pass over the masked part alone, without the inpaint patch
         return InpaintMethodSettings(True, False, False, "None", 0.5, 0.0)
     if method == modify:    # new content: sampling starts from an empty latent, not the picture
-        return InpaintMethodSettings(True, False, True, flags.DEFAULT_INPAINT_ENGINE, INPAINT_STRENGTH,
-                                     INPAINT_RESPECTIVE_FIELD)
+        return InpaintMethodSettings(True, False, True, flags.DEFAULT_INPAINT_ENGINE, INPAINT_STRENGTH, 0.0)
     if method != default:
         raise ValueError(f"Inpaint or Outpaint: unknown method {method!r}")
     return InpaintMethodSettings(False, True, False, flags.DEFAULT_INPAINT_ENGINE, INPAINT_STRENGTH,

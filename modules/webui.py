@@ -650,10 +650,10 @@ def _debug_tools_tab(d: debug_page.DebugValues) -> dict[str, Any]:
                                       info="-1: from Refiner Switch At."),
         "overwrite_width": gr.Slider(side_low, side_high, value=d.overwrite_width, step=1,
                                      label="Forced Overwrite of Generating Width", elem_id="fr-overwrite-width",
-                                     info="-1: the aspect ratio's; else a multiple of 8."),
+                                     info="-1: the aspect ratio's; else rounded down to a multiple of 8."),
         "overwrite_height": gr.Slider(side_low, side_high, value=d.overwrite_height, step=1,
                                       label="Forced Overwrite of Generating Height", elem_id="fr-overwrite-height",
-                                      info="-1: the aspect ratio's; else a multiple of 8."),
+                                      info="-1: the aspect ratio's; else rounded down to a multiple of 8."),
         "overwrite_vary_strength": gr.Slider(-1, 1.0, value=d.overwrite_vary_strength, step=0.001,
                                              label='Forced Overwrite of Denoising Strength of "Vary"',
                                              elem_id="fr-overwrite-vary-strength",
@@ -1031,7 +1031,8 @@ def _lock_updates(performance: str, restore: Mapping[str, Any]) -> tuple[Any, ..
 
 
 def _ignored_control_updates(performance: str, count: int) -> list[Any]:
-    """The negative prompt, sharpness and ADM sliders: frozen (values kept) where the mode ignores them."""
+    """The negative prompt, sharpness, ADM, CFG mimicking and refiner swap controls: frozen
+    (values kept) where the mode ignores them."""
     try:
         frozen = LockedControls.of(performance).ignores_guidance_extras
     except ValueError:
@@ -1533,8 +1534,18 @@ def _wire_input_image_panel(panel: InputImagePanel, debug: DebugPanel) -> None:
         # In the browser: the tab shown is the mode sent, with no round trip to race Generate.
         tab.select(None, inputs=None, outputs=[panel.controls.tab], js=f"() => {json.dumps(tab_name)}",
                    api_visibility="private", queue=False)
-    panel.ip_advanced.change(lambda on: [gr.update(visible=bool(on))] * len(panel.ip_advanced_columns),
-                             inputs=[panel.ip_advanced], outputs=panel.ip_advanced_columns,
+    slots = panel.controls.image_prompts
+
+    def on_ip_advanced(on: bool) -> list[Any]:
+        # As upstream: the box shows the slots' options and resets them, so no value hidden
+        # behind a closed box goes on being sent unnoticed.
+        stop, weight = input_image_page.type_defaults(flags.IMAGE_PROMPT)
+        return ([gr.update(visible=bool(on))] * len(panel.ip_advanced_columns) + [flags.IMAGE_PROMPT] * len(slots)
+                + [stop] * len(slots) + [weight] * len(slots))
+
+    panel.ip_advanced.change(on_ip_advanced, inputs=[panel.ip_advanced],
+                             outputs=[*panel.ip_advanced_columns, *(s.kind for s in slots), *(s.stop for s in slots),
+                                      *(s.weight for s in slots)],
                              api_visibility="private", queue=False)
     for slot in panel.controls.image_prompts:   # a type brings its own Stop At / Weight (upstream's defaults)
         slot.kind.change(lambda kind: [gr.update(value=v) for v in input_image_page.type_defaults(kind)],
@@ -1544,7 +1555,7 @@ def _wire_input_image_panel(panel: InputImagePanel, debug: DebugPanel) -> None:
 
     def on_inpaint_method(method: str) -> list[Any]:
         chosen = input_image_page.inpaint_method_settings(method)
-        return [gr.update(visible=chosen.additional_prompt_shown),
+        return [gr.update(visible=True) if chosen.additional_prompt_shown else gr.update(visible=False, value=""),
                 gr.update(visible=True) if chosen.outpaint_shown else gr.update(visible=False, value=[]),
                 gr.update(value=chosen.disable_initial_latent), gr.update(value=chosen.engine),
                 gr.update(value=chosen.strength), gr.update(value=chosen.respective_field)]
@@ -1570,7 +1581,9 @@ def _wire_settings_tab(page: Page) -> None:
     kept_values = gr.State(None)
     mode_controls = [advanced.sampler, advanced.scheduler, advanced.guidance, models.refiner_model,
                      models.refiner_switch]
-    ignored = [settings.negative, advanced.sharpness, *advanced.adm]
+    # Upstream freezes these too in the distilled modes: they run CFG mimicking off and no refiner.
+    ignored = [settings.negative, advanced.sharpness, *advanced.adm, advanced.debug.by_field["adaptive_cfg"],
+               advanced.debug.by_field["refiner_swap_method"]]
 
     def on_performance(performance: str, *values: Any) -> tuple[Any, ...]:
         *current, kept = values

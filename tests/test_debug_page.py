@@ -103,3 +103,12 @@ def test_loaded_fields_set_the_controls_and_steps_follow_upstreams_loader() -> N
         "clip_skip": 1, "adaptive_cfg": 5.0, "steps": 17}
     assert loaded_values({"performance": "Speed"}) == {"steps": -1, "freeu_enabled": False}   # the mode's steps
     assert loaded_values({"prompt": "x"}) == {}
+
+
+def test_a_forced_size_is_rounded_down_to_a_multiple_of_8(tmp_path: Path) -> None:
+    """As upstream's latent (size // 8 pixels); the server refuses other sizes."""
+    cfg = load(tmp_path)
+    defaults = DebugValues.defaults(cfg)
+    fields = dataclasses.replace(defaults, overwrite_width=517, overwrite_height=100).request_fields(defaults, {})
+    assert fields == {"overwrite_width": 512, "overwrite_height": 96}
+    assert (parsed(fields, cfg).width, parsed(fields, cfg).height) == (512, 96)

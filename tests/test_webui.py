@@ -408,7 +408,10 @@ def test_the_inpaint_method_presets_the_options_and_the_additional_prompt_goes_f
     assert (request["inpaint_strength"], request["inpaint_respective_field"]) == (0.5, 0.0)
     modify = page_call(fake_app, "fr-inpaint-method", "erin",
                        {"fr-inpaint-method": "Modify Content (add objects, change background, etc.)"})
-    assert (modify[2]["value"], modify[3]["value"], modify[4]["value"]) == (True, "v2.6", 1.0)
+    assert (modify[2]["value"], modify[3]["value"], modify[4]["value"], modify[5]["value"]) == (True, "v2.6", 1.0, 0.0)
+    default = page_call(fake_app, "fr-inpaint-method", "erin", {"fr-inpaint-method": "Inpaint or Outpaint (default)"})
+    assert default[0] == {"__type__": "update", "visible": False, "value": ""}   # the additional prompt cleared
+    assert (default[1]["visible"], default[5]["value"]) == (True, 0.618)
 
 
 def test_page_sends_pyracanny_and_cpds_with_the_control_tab_options(fake_app: FakeApp) -> None:
@@ -450,6 +453,27 @@ def test_page_sends_the_developer_debug_controls(fake_app: FakeApp) -> None:
     assert debug == {"clip_skip": 1, "adaptive_cfg": 5.0, "steps": 12, "refiner_swap_method": "separate",
                      "disable_seed_increment": True, "metadata_scheme": "a1111", "freeu_enabled": True,
                      "freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.5}
+
+
+def test_a_distilled_mode_freezes_the_debug_controls_it_ignores(fake_app: FakeApp) -> None:
+    index, dep = _event(fake_app.app, "fr-performance")
+    components = _components(fake_app.app)
+    names = [components[i]["props"].get("elem_id") for i in dep["outputs"]]
+    for performance, interactive in (("Lightning", False), ("Speed", True)):
+        updates = dict(zip(names, page_call(fake_app, "fr-performance", "fay", {"fr-performance": performance})))
+        assert updates["fr-adaptive-cfg"]["interactive"] is interactive, performance
+        assert updates["fr-refiner-swap-method"]["interactive"] is interactive, performance
+
+
+def test_the_image_prompt_advanced_box_resets_the_slots_options(fake_app: FakeApp) -> None:
+    """Upstream's: ticking or unticking it puts every slot back to ImagePrompt at its Stop At / Weight."""
+    index, dep = _event(fake_app.app, "fr-ip-advanced")
+    components = _components(fake_app.app)
+    names = [components[i]["props"].get("elem_id") for i in dep["outputs"]]
+    updates = dict(zip(names, page_call(fake_app, "fr-ip-advanced", "gus", {"fr-ip-advanced": False})))
+    assert [updates[f"fr-ip-type-{i}"] for i in range(4)] == ["ImagePrompt"] * 4
+    assert [(updates[f"fr-ip-stop-{i}"], updates[f"fr-ip-weight-{i}"]) for i in range(4)] == [(0.5, 0.6)] * 4
+    assert updates["fr-ip-advanced-0"]["visible"] is False
 
 
 def test_the_debug_tabs_show_with_the_developer_debug_box(fake_app: FakeApp) -> None:
