@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ldm_patched.modules import model_management, telemetry
 from ldm_patched.modules.checkpoint import CheckpointError
@@ -328,6 +329,8 @@ class Pipeline:
             images = _finished_writes(job.run.done.writes)   # a Stop keeps the images already done
         else:
             images = job.images
+        if "error" not in report and job.plan is not None and job.plan.req.generate_image_grid:
+            images = images + self._image_grid(job.plan, images, report)
         report["unet_calls"] = job.unet.calls
         report["unet_rows_per_call"] = {str(rows): calls for rows, calls in sorted(job.unet.rows.items())}
         if len(jobs) > 1:
@@ -764,6 +767,30 @@ class Pipeline:
                  for i, image in enumerate(previews)]
         run.report["preprocessed_images"] = len(paths)
         return paths
+
+    def _image_grid(self, plan: RequestPlan, images: list[str], report: dict) -> list[str]:
+        """Upstream's "Generate Image Grid for Each Batch": the request's images in one more
+        image, after them (a PNG in the temp folder: no metadata, not in the image log, as
+        upstream shows it in the gallery only); none for one image or images of other sizes."""
+        try:
+            pixels = []
+            for path in images:
+                with Image.open(path) as image:
+                    pixels.append(np.asarray(image.convert("RGB")))
+            wall = image_output.grid(pixels)
+            if wall is None:
+                return []
+            folder = plan.cfg.temp_root / datetime.date.today().strftime("%Y-%m-%d")
+            stem = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_grid"
+            path = image_output.save(wall, None, "png", folder, folder, stem).path
+        except Exception as error:   # the images are made: a grid that fails is a warning
+            log.exception("building the image grid failed")
+            report["warnings"] = report.get("warnings", []) + [f"no image grid: {type(error).__name__}: {error}"]
+            return []
+        rows, columns = image_output.grid_shape(len(pixels))
+        report["image_grid"] = {"image": model_name(path, (plan.cfg.temp_root,)), "rows": rows, "columns": columns,
+                                "size": [int(wall.shape[1]), int(wall.shape[0])]}
+        return [path]
 
     def _required_file(self, folder: Path, name: str, key: str, url: str | None,
                        cfg: config_module.Config) -> str:

@@ -67,6 +67,7 @@ class GenerationRequest:
     disable_preview: bool = False
     disable_intermediate_results: bool = False
     black_out_nsfw: bool = False
+    generate_image_grid: bool = False   # the batch's images also as one grid image (temp folder, no metadata)
 
     def switch_step(self, steps: int) -> int:
         """The step the refiner takes over at: overwrite_switch (a step, as upstream's), else
@@ -160,7 +161,8 @@ def _debug_controls(data: dict) -> dict[str, Any]:
                 refiner_swap_method=_one_of(data, "refiner_swap_method", "joint", REFINER_SWAP_METHODS),
                 freeu=freeu if _bool(data, "freeu_enabled", False) else None,
                 disable_preview=_bool(data, "disable_preview", False),
-                disable_intermediate_results=_bool(data, "disable_intermediate_results", False))
+                disable_intermediate_results=_bool(data, "disable_intermediate_results", False),
+                generate_image_grid=_bool(data, "generate_image_grid", False))
 
 
 def _apply_overwrites(request: GenerationRequest) -> None:

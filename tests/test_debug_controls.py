@@ -3,6 +3,7 @@
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +194,29 @@ def test_black_out_nsfw_is_refused_naming_the_field(pipeline):
     result = pipelines.process_request({**SMALL, "black_out_nsfw": True})
     assert "black_out_nsfw" in result.report["error"] and not result.images
     assert "error" not in pipelines.process_request({**SMALL, "black_out_nsfw": False}).report
+
+
+def test_generate_image_grid_adds_the_batch_as_one_more_image(pipeline):
+    """Upstream's wall: ceil(sqrt(n)) columns, rows as needed, row by row, empty cells black;
+    the grid is in the temp folder without metadata; one image or the default: no grid."""
+    folders = pipeline(mm.Policy.RESIDENT)
+    three = pipelines.process_request({**SMALL, "image_number": 3, "width": 64, "height": 72,
+                                       "generate_image_grid": True})
+    assert len(three.images) == 4 and three.report["seeds"] == [7, 8, 9]
+    grid = pixels(three.images[3])
+    assert grid.shape == (144, 128, 3)   # 2 rows, 2 columns of 64x72
+    cells = [grid[:72, :64], grid[:72, 64:], grid[72:, :64]]
+    assert all(np.array_equal(cell, pixels(path)) for cell, path in zip(cells, three.images))
+    assert not grid[72:, 64:].any()
+    assert three.report["image_grid"] == {"image": three.report["images"][3], "rows": 2, "columns": 2,
+                                          "size": [128, 144]}
+    assert "parameters" not in Image.open(three.images[3]).info
+    assert folders["outputs"] not in Path(three.images[3]).parents
+    two = pipelines.process_request({**SMALL, "image_number": 2, "generate_image_grid": True})
+    assert Image.open(two.images[2]).size == (128, 64)   # 1 row, 2 columns
+    for plain in ({**SMALL, "image_number": 2}, {**SMALL, "generate_image_grid": True}):
+        result = pipelines.process_request(plain)
+        assert len(result.images) == plain.get("image_number", 1) and "image_grid" not in result.report
 
 
 @pytest.mark.parametrize("field, value", [("adaptive_cfg", 0.5), ("clip_skip", 13), ("overwrite_step", 0),

@@ -8,8 +8,8 @@ do (FreeU, NSFW blackout, custom outpaint distances, "Upscale (Custom)"...); a f
 change nothing we could honour are ignored (``save_meta``, ``meta_scheme``,
 ``save_name``, ``read_wildcards_in_order``). The Developer Debug sampling fields (``adaptive_cfg``,
 ``clip_skip``, ``refiner_swap_method``, ``freeu_*``, ``disable_seed_increment``, ``disable_preview``,
-``disable_intermediate_results``) and inpaint fields (``inpaint_engine``, ``inpaint_erode_or_dilate``,
-``invert_mask_checkbox``, ``inpaint_disable_initial_latent``, ``debugging_inpaint_preprocessor``)
+``disable_intermediate_results``, ``generate_image_grid``) and inpaint fields (``inpaint_engine``,
+``inpaint_erode_or_dilate``, ``invert_mask_checkbox``, ``inpaint_disable_initial_latent``, ``debugging_inpaint_preprocessor``)
 carry over under their own names.
 
 v1 image routes take multipart uploads (``input_image``, ``input_mask``, ``cn_img1..4``,
@@ -53,7 +53,8 @@ _ADVANCED_SAME = ("adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end"
                   "inpaint_disable_initial_latent", "debugging_inpaint_preprocessor",
                   # Developer Debug Mode: the same request fields (modules/generation_request.py)
                   "adaptive_cfg", "clip_skip", "refiner_swap_method", "freeu_enabled", "freeu_b1", "freeu_b2",
-                  "freeu_s1", "freeu_s2", "disable_seed_increment", "disable_preview", "disable_intermediate_results")
+                  "freeu_s1", "freeu_s2", "disable_seed_increment", "disable_preview", "disable_intermediate_results",
+                  "generate_image_grid")
 NAMES.update({key: f"advanced_params.{key}" for key in _ADVANCED_SAME})
 # Advanced fields we have no feature for: accepted at these values (upstream's defaults).
 _ONLY_AT = {"black_out_nsfw": False,
@@ -109,6 +110,7 @@ class AdvancedParams(BaseModel):
     inpaint_erode_or_dilate: int = Field(0, ge=-64, le=64, description="grow (+) or shrink (-) the mask, pixels")
     inpaint_disable_initial_latent: bool = Field(False, description="start from an empty latent")
     debugging_inpaint_preprocessor: bool = Field(False, description="return the prepared crop and mask")
+    generate_image_grid: bool = Field(False, description="one more image: the batch's images as a grid (seed -1)")
 
 
 class CommonRequest(BaseModel):

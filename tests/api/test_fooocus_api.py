@@ -87,10 +87,27 @@ def test_developer_debug_advanced_params_carry_over():
     request = fa.to_request(fa.CommonRequest.model_validate(
         {"prompt": "x", "advanced_params": {"clip_skip": 1, "adaptive_cfg": 5, "refiner_swap_method": "vae",
                                             "freeu_enabled": True, "freeu_b2": 1.3, "disable_seed_increment": True,
-                                            "disable_preview": True, "disable_intermediate_results": True}}), same)
+                                            "disable_preview": True, "disable_intermediate_results": True,
+                                            "generate_image_grid": True}}), same)
     assert request == {"prompt": "x", "clip_skip": 1, "adaptive_cfg": 5.0, "refiner_swap_method": "vae",
                        "freeu_enabled": True, "freeu_b2": 1.3, "disable_seed_increment": True,
-                       "disable_preview": True, "disable_intermediate_results": True}
+                       "disable_preview": True, "disable_intermediate_results": True, "generate_image_grid": True}
+
+
+def test_the_image_grid_answers_last_with_seed_minus_one():
+    from modules.api import jobs
+    from modules.task_types import RequestResult
+
+    class Done:
+        def done(self):
+            return True
+
+        def result(self):
+            return RequestResult(images=["a.png", "b.png", "grid.png"],
+                                 report={"seed": 5, "seeds": [5, 5], "image_grid": {"image": "grid.png"}})
+
+    job = jobs.ApiJob(id="j", owner="o", job_type="t", task=Done())
+    assert [r.seed for r in fa.image_results(job, False)] == ["5", "5", "-1"]
 
 
 def test_our_field_names_in_errors_become_theirs():
