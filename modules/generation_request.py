@@ -135,6 +135,8 @@ class GenerationRequest:
 
 REFINER_SWAP_METHODS = ("joint", "separate", "vae")
 FREEU_DEFAULTS = {"freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.95}
+# Upstream's FreeU sliders: the backbone factors 0..2, the skip factors 0..4.
+FREEU_MAXIMA = {"freeu_b1": 2.0, "freeu_b2": 2.0, "freeu_s1": 4.0, "freeu_s2": 4.0}
 
 
 def _overwrite(data: dict, key: str, low: int, high: int) -> int:
@@ -150,7 +152,7 @@ def _debug_controls(data: dict) -> dict[str, Any]:
     if _bool(data, "black_out_nsfw", False):
         raise RequestError("field 'black_out_nsfw': blacking out NSFW images needs a safety-checker model, "
                            "which this server does not ship; send false")
-    freeu = tuple(_float(data, key, default, 0.0, 2.0) for key, default in FREEU_DEFAULTS.items())
+    freeu = tuple(_float(data, key, default, 0.0, FREEU_MAXIMA[key]) for key, default in FREEU_DEFAULTS.items())
     return dict(adaptive_cfg=_float(data, "adaptive_cfg", 7.0, 1.0, 30.0),
                 clip_skip=_int(data, "clip_skip", 2, 1, 12),
                 overwrite_step=_overwrite(data, "overwrite_step", 1, MAX_STEPS),

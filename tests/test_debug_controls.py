@@ -221,7 +221,8 @@ def test_generate_image_grid_adds_the_batch_as_one_more_image(pipeline):
 
 @pytest.mark.parametrize("field, value", [("adaptive_cfg", 0.5), ("clip_skip", 13), ("overwrite_step", 0),
                                           ("overwrite_switch", 201), ("refiner_swap_method", "both"),
-                                          ("freeu_b1", 2.5), ("disable_preview", "yes")])
+                                          ("freeu_b1", 2.5), ("freeu_s1", 4.5), ("freeu_s2", -0.1),
+                                          ("disable_preview", "yes")])
 def test_bad_debug_values_name_the_field(field, value):
     with pytest.raises(RequestError, match=field):
         GenerationRequest.from_dict({**SMALL, field: value}, config.get_config())
@@ -230,6 +231,11 @@ def test_bad_debug_values_name_the_field(field, value):
 # -- FreeU ---------------------------------------------------------------------------------
 
 FREEU = {"freeu_enabled": True, "freeu_b1": 1.01, "freeu_b2": 1.5, "freeu_s1": 0.99, "freeu_s2": 0.5}
+
+
+def test_freeu_skip_factors_go_to_four_as_upstream_sliders():
+    request = GenerationRequest.from_dict({**SMALL, **FREEU, "freeu_s1": 3.0, "freeu_s2": 4.0}, config.get_config())
+    assert request.freeu == (1.01, 1.5, 3.0, 4.0)
 
 
 def test_freeu_formulas_against_numpy():

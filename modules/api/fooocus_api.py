@@ -9,8 +9,8 @@ change nothing we could honour are ignored (``save_meta``, ``meta_scheme``,
 ``save_name``, ``read_wildcards_in_order``). The Developer Debug sampling fields (``adaptive_cfg``,
 ``clip_skip``, ``refiner_swap_method``, ``freeu_*``, ``disable_seed_increment``, ``disable_preview``,
 ``disable_intermediate_results``, ``generate_image_grid``) and inpaint fields (``inpaint_engine``,
-``inpaint_erode_or_dilate``, ``invert_mask_checkbox``, ``inpaint_disable_initial_latent``, ``debugging_inpaint_preprocessor``)
-carry over under their own names.
+``inpaint_erode_or_dilate``, ``invert_mask_checkbox``, ``inpaint_disable_initial_latent``,
+``debugging_inpaint_preprocessor``) carry over under their own names.
 
 v1 image routes take multipart uploads (``input_image``, ``input_mask``, ``cn_img1..4``,
 ``loras`` and ``advanced_params`` as JSON text); v2 routes take JSON with base64 images.
@@ -103,8 +103,8 @@ class AdvancedParams(BaseModel):
     freeu_enabled: bool = False
     freeu_b1: float = Field(1.01, ge=0.0, le=2.0)
     freeu_b2: float = Field(1.02, ge=0.0, le=2.0)
-    freeu_s1: float = Field(0.99, ge=0.0, le=2.0)
-    freeu_s2: float = Field(0.95, ge=0.0, le=2.0)
+    freeu_s1: float = Field(0.99, ge=0.0, le=4.0)
+    freeu_s2: float = Field(0.95, ge=0.0, le=4.0)
     black_out_nsfw: bool = Field(False, description="not supported (needs a safety checker): only false")
     invert_mask_checkbox: bool = Field(False, description="repaint what the mask leaves")
     inpaint_erode_or_dilate: int = Field(0, ge=-64, le=64, description="grow (+) or shrink (-) the mask, pixels")

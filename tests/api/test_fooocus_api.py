@@ -86,11 +86,12 @@ def test_features_we_lack_are_refused_not_dropped(body, model, field):
 def test_developer_debug_advanced_params_carry_over():
     request = fa.to_request(fa.CommonRequest.model_validate(
         {"prompt": "x", "advanced_params": {"clip_skip": 1, "adaptive_cfg": 5, "refiner_swap_method": "vae",
-                                            "freeu_enabled": True, "freeu_b2": 1.3, "disable_seed_increment": True,
-                                            "disable_preview": True, "disable_intermediate_results": True,
-                                            "generate_image_grid": True}}), same)
+                                            "freeu_enabled": True, "freeu_b2": 1.3, "freeu_s1": 3.0,
+                                            "disable_seed_increment": True, "disable_preview": True,
+                                            "disable_intermediate_results": True, "generate_image_grid": True}}),
+                            same)
     assert request == {"prompt": "x", "clip_skip": 1, "adaptive_cfg": 5.0, "refiner_swap_method": "vae",
-                       "freeu_enabled": True, "freeu_b2": 1.3, "disable_seed_increment": True,
+                       "freeu_enabled": True, "freeu_b2": 1.3, "freeu_s1": 3.0, "disable_seed_increment": True,
                        "disable_preview": True, "disable_intermediate_results": True, "generate_image_grid": True}
 
 
