@@ -334,3 +334,55 @@ def test_vae_swap_goes_through_both_vaes_and_fresh_noise(with_refiner, monkeypat
     assert not np.array_equal(pixels(joint.images[0]), pixels(vae.images[0]))
     alone = pipelines.process_request({**SMALL, "steps": 4, "refiner_swap_method": "vae"})
     assert calls == ["decode", "encode"] and "error" not in alone.report   # no refiner: nothing to swap
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("euler", "normal"), ("dpmpp_2m", "karras")])
+def test_vae_swap_goes_on_at_upstreams_scaled_noise_levels_with_the_base_noise_mean(
+        with_refiner, monkeypatch, sampler, scheduler):
+    """Upstream's vae swap: the refiner samples the rest of the schedule with every sigma
+    times 1.4 (its k_sigmas; the UNet's timestep the nearest training one in log-sigma), from
+    the base's x0 noised with fresh noise whose channel mean is the base's last prediction's."""
+    calls, preds, renoised = [], [], []
+    real_unet, real_step, real_noised = core.UNET_COMPILER, core._InFlight.step, core._noised
+
+    class Spy:
+        def __call__(self, unet, sample, t, *rest):
+            calls.append(float(t))
+            return real_unet(unet, sample, t, *rest)
+
+        def __getattr__(self, name):
+            return getattr(real_unet, name)
+
+    def step(self, pred, *rest):
+        preds.append(pred.clone())
+        return real_step(self, pred, *rest)
+
+    def noised(sched, init, noise, t):
+        out = real_noised(sched, init, noise, t)
+        renoised.append((init.clone(), noise.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(core, "UNET_COMPILER", Spy())
+    monkeypatch.setattr(core._InFlight, "step", step)
+    monkeypatch.setattr(core, "_noised", noised)
+    result = pipelines.process_request({**with_refiner, "sampler": sampler, "scheduler": scheduler,
+                                        "refiner_swap_method": "vae"})
+    assert "error" not in result.report and len(calls) == 4 and len(renoised) == 1
+
+    schedule = core.make_scheduler(sampler, scheduler)
+    schedule.set_timesteps(4)
+    sigmas = schedule.sigmas.double().numpy()
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alphas = np.cumprod(1.0 - betas)
+    training = np.log(np.sqrt((1 - alphas) / alphas))
+    assert calls[:2] == [float(t) for t in schedule.timesteps[:2]]          # the base as scheduled
+    assert calls[2:] == [float(np.abs(training - np.log(1.4 * s)).argmin()) for s in sigmas[2:4]]
+
+    clean, noise, out = renoised[0]
+    assert torch.allclose(noise.mean(dim=1), preds[1].mean(dim=1), atol=1e-5)   # the last base step's
+    level = 1.4 * sigmas[2]
+    if sampler == "euler":       # x + sigma * n
+        assert torch.allclose(out, clean + level * noise, atol=1e-4)
+    else:                        # DPM-Solver's variance-preserving form of the same level
+        alpha = 1 / np.sqrt(1 + level ** 2)
+        assert torch.allclose(out, alpha * clean + alpha * level * noise, atol=1e-4)
