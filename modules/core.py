@@ -462,7 +462,8 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
     "joint": the same sampler run goes on with the refiner's UNet. "separate": a fresh
     sampler run from the switch's noise level, from the latents as they are (no new noise;
     a multistep sampler's history starts over). "vae": the base's x0 estimate at the switch
-    goes through `swap_latents` (the base VAE's decode and the refiner VAE's encode), is
+    (through `swap_latents` when given, for a refiner of another latent space; an SDXL
+    refiner shares the base's, and upstream then passes the latents on as they are) is
     noised again with fresh noise (seed + 1) whose channel mean is the one of the base's last
     noise prediction (upstream's noise_mean), and sampled from there on the rest of the
     schedule with every noise level times VAE_SWAP_SIGMA_SCALE (upstream's k_sigmas), for
@@ -491,7 +492,7 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
                 if swap != "joint":
                     for flight in live:
                         flight.restart(sampler, scheduler, steps, denoise, switch_step, device,
-                                       swap_latents if swap == "vae" else None)
+                                       (swap_latents or _same_latents) if swap == "vae" else None)
                     if swap == "vae" and live[0].rescaled:
                         rescaled = (i, live[0].timesteps)
                 _load_unet(images[0].stages[1].unet, width, height, len(live))
@@ -605,6 +606,10 @@ class _InFlight:
                 noise = noise - noise.mean(dim=1, keepdim=True) + self.eps.float().mean(dim=1, keepdim=True)
             self.noise = noise
             self.latents = _noised(self.sched, clean, self.noise, self.timesteps[0])
+
+
+def _same_latents(latents: torch.Tensor) -> torch.Tensor:
+    return latents
 
 
 # Upstream's vae refiner swap goes on from the switch with every remaining noise level

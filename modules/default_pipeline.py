@@ -931,7 +931,7 @@ class Pipeline:
                                      cfg=plan.cfg_scale, width=source.width, height=source.height, shape=shape,
                                      switch_step=switch, callback=_step_callback(batch), guidance=tweaks,
                                      init_latents=source.init_latents, denoise=source.denoise, mask=source.mask,
-                                     swap=plan.req.refiner_swap_method, swap_latents=_vae_swap(models, source),
+                                     swap=plan.req.refiner_swap_method,
                                      start_latents=source.start_latents)
 
     def _halve_after_out_of_memory(self, batch: list[tuple[BatchJob, int]], message: str) -> None:
@@ -1150,15 +1150,6 @@ def sampling_guidance(req: GenerationRequest, settings: flags.PerformanceSetting
     return guidance.Guidance(sharpness=req.sharpness, adm_positive=req.adm_scaler_positive,
                              adm_negative=req.adm_scaler_negative, adm_end=req.adm_scaler_end,
                              adaptive_cfg=req.adaptive_cfg)
-
-
-def _vae_swap(models: RequestModels, source: ImageSource) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The vae refiner swap's latent conversion: the base VAE decodes, the refiner's VAE
-    (its checkpoint's, else the same) encodes, so the refiner starts in its own latent space."""
-    def convert(latents: torch.Tensor) -> torch.Tensor:
-        refiner_vae = (models.refiner.vae if models.refiner is not None else None) or models.vae
-        return core.encode(refiner_vae, core.decode(models.vae, latents, source.width, source.height))
-    return convert
 
 
 def req_seed(plan: RequestPlan, index: int) -> int:

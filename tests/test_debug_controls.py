@@ -321,19 +321,20 @@ def test_separate_swap_is_joint_for_a_one_step_sampler_and_restarts_a_multistep_
     assert not np.array_equal(images["dpmpp_2m", "joint"], images["dpmpp_2m", "separate"])
 
 
-def test_vae_swap_goes_through_both_vaes_and_fresh_noise(with_refiner, monkeypatch):
+def test_vae_swap_passes_the_sdxl_latents_on_without_a_vae_round_trip(with_refiner, monkeypatch):
+    """Upstream drops an SDXL refiner's VAE (the latent space is the base's): its vae swap
+    converts nothing, only SD 1.5 refiners (not supported here) go through an interposer."""
     calls = []
     for name in ("decode", "encode"):
         real = getattr(core, name)
         monkeypatch.setattr(core, name, lambda *args, _real=real, _name=name, **kw: (calls.append(_name),
                                                                                      _real(*args, **kw))[1])
     joint = pipelines.process_request(dict(with_refiner))
-    assert calls == []
     vae = pipelines.process_request({**with_refiner, "refiner_swap_method": "vae"})
-    assert calls == ["decode", "encode"] and vae.report["unet_calls"] == 4
+    assert calls == [] and vae.report["unet_calls"] == 4
     assert not np.array_equal(pixels(joint.images[0]), pixels(vae.images[0]))
     alone = pipelines.process_request({**SMALL, "steps": 4, "refiner_swap_method": "vae"})
-    assert calls == ["decode", "encode"] and "error" not in alone.report   # no refiner: nothing to swap
+    assert "error" not in alone.report   # no refiner: nothing to swap
 
 
 @pytest.mark.parametrize("sampler, scheduler", [("euler", "normal"), ("dpmpp_2m", "karras")])
