@@ -485,9 +485,10 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
     live = list(flights)
     active = 0
     rescaled: tuple[int, torch.Tensor] | None = None   # (loop index it starts at, the vae swap's timesteps)
+    switch_at = None if switch_step is None else _call_of_step(flights[0].sched, switch_step)
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
-            if switch_step is not None and i == switch_step and len(images[0].stages) > 1 and active == 0:
+            if switch_at is not None and i == switch_at and len(images[0].stages) > 1 and active == 0:
                 active = 1
                 if swap != "joint":
                     for flight in live:
@@ -571,7 +572,8 @@ class _InFlight:
     def step(self, pred: torch.Tensor, t, init_latents: torch.Tensor | None, keep: torch.Tensor | None,
              next_t) -> None:
         self.eps = pred
-        out = self.sched.step(pred, t, self.latents, generator=self.generator, return_dict=True)
+        extra = {"generator": self.generator} if _takes_generator(self.sched) else {}
+        out = self.sched.step(pred, t, self.latents, return_dict=True, **extra)
         self.latents = out.prev_sample
         denoised = getattr(out, "pred_original_sample", None)
         self.denoised = denoised if denoised is not None else getattr(out, "denoised", None)
@@ -606,6 +608,26 @@ class _InFlight:
                 noise = noise - noise.mean(dim=1, keepdim=True) + self.eps.float().mean(dim=1, keepdim=True)
             self.noise = noise
             self.latents = _noised(self.sched, clean, self.noise, self.timesteps[0])
+
+
+def _call_of_step(sched, step: int) -> int:
+    """The index among the scheduler's UNet calls (its `timesteps`) where sampling step
+    `step` begins: the step itself for one call per step; twice it for diffusers' second-order
+    schedulers (Heun, DPM2: two entries per step but the last); for a k-diffusion algorithm
+    with several calls per step, the last call at that step's sigma (the step before may end
+    with a call at it too), else `step` (adaptive ones: their calls are not known)."""
+    if isinstance(sched, samplers.KSamplerScheduler):
+        if sched._planned is None or step >= len(sched.sigmas) - 1:
+            return step
+        level = sched.sigmas[step]
+        return max((j for j, asked in enumerate(sched._planned) if asked == level), default=step)
+    return step * getattr(sched, "order", 1)
+
+
+def _takes_generator(sched) -> bool:
+    """Whether the scheduler's step draws noise from a generator (UniPC, Heun and DPM2 take
+    none: they are deterministic)."""
+    return "generator" in inspect.signature(sched.step).parameters
 
 
 def _same_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -387,3 +387,16 @@ def test_vae_swap_goes_on_at_upstreams_scaled_noise_levels_with_the_base_noise_m
     else:                        # DPM-Solver's variance-preserving form of the same level
         alpha = 1 / np.sqrt(1 + level ** 2)
         assert torch.allclose(out, alpha * clean + alpha * level * noise, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["uni_pc", "heun"])
+def test_vae_swap_with_samplers_whose_step_takes_no_generator(with_refiner, sampler):
+    """UniPC (its levels scaled) and Heun (second order: two UNet calls a step, its own
+    levels) step without a generator; both sample, the refiner taking over where step 2
+    begins, and differ from the joint swap."""
+    request = {**with_refiner, "sampler": sampler, "scheduler": "karras"}
+    joint = pipelines.process_request(dict(request))
+    vae = pipelines.process_request({**request, "refiner_swap_method": "vae"})
+    assert "error" not in joint.report and "error" not in vae.report, (joint.report.get("error"),
+                                                                      vae.report.get("error"))
+    assert not np.array_equal(pixels(joint.images[0]), pixels(vae.images[0]))
