@@ -462,8 +462,13 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
     "joint": the same sampler run goes on with the refiner's UNet. "separate": a fresh
     sampler run from the switch's noise level, from the latents as they are (no new noise;
     a multistep sampler's history starts over). "vae": the base's x0 estimate at the switch
-    goes through `swap_latents` (the base VAE's decode and the refiner VAE's encode), is
-    noised again to the switch's level with fresh noise (seed + 1) and sampled from there.
+    (through `swap_latents` when given, for a refiner of another latent space; an SDXL
+    refiner shares the base's, and upstream then passes the latents on as they are) is
+    noised again with fresh noise (seed + 1) whose channel mean is the one of the base's last
+    noise prediction (upstream's noise_mean), and sampled from there on the rest of the
+    schedule with every noise level times VAE_SWAP_SIGMA_SCALE (upstream's k_sigmas), for
+    the schedulers that step on a sigma list one UNet call per step (see _scale_schedule;
+    the others go on at the schedule's own levels).
     `start_latents`, when given, are noised instead of init_latents for the start (upstream's
     disabled initial latent: zeros), init_latents still being what the mask keeps."""
     _check_img2img(shape, init_latents, mask)
@@ -479,18 +484,25 @@ def sample_batch(images: Sequence[BatchImage], *, sampler: str, scheduler: str, 
     timesteps = flights[0].timesteps
     live = list(flights)
     active = 0
+    rescaled: tuple[int, torch.Tensor] | None = None   # (loop index it starts at, the vae swap's timesteps)
+    switch_at = None if switch_step is None else _call_of_step(flights[0].sched, switch_step)
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
-            if switch_step is not None and i == switch_step and len(images[0].stages) > 1 and active == 0:
+            if switch_at is not None and i == switch_at and len(images[0].stages) > 1 and active == 0:
                 active = 1
                 if swap != "joint":
                     for flight in live:
                         flight.restart(sampler, scheduler, steps, denoise, switch_step, device,
-                                       swap_latents if swap == "vae" else None)
+                                       (swap_latents or _same_latents) if swap == "vae" else None)
+                    if swap == "vae" and live[0].rescaled:
+                        rescaled = (i, live[0].timesteps)
                 _load_unet(images[0].stages[1].unet, width, height, len(live))
+            if rescaled is not None:
+                t = rescaled[1][i - rescaled[0]]
             preds = _predict_batch([(f.image.stages[active], f.sched, f.latents) for f in live], t, cfg,
                                    width, height, guidance)
-            next_t = None if i + 1 == len(timesteps) else timesteps[i + 1]
+            next_t = (None if i + 1 == len(timesteps) else
+                      timesteps[i + 1] if rescaled is None else rescaled[1][i + 1 - rescaled[0]])
             for flight, pred in zip(live, preds):
                 flight.step(pred, t, init_latents, keep, next_t)
             if callback is not None:   # (step, steps, x0 estimates: a preview may use them)
@@ -536,6 +548,8 @@ class _InFlight:
     noise: torch.Tensor
     latents: torch.Tensor
     denoised: torch.Tensor | None = None
+    eps: torch.Tensor | None = None    # the last guided noise prediction (upstream's eps_record)
+    rescaled: bool = False             # a vae swap scaled the rest of its schedule
 
     @classmethod
     def start(cls, position: int, image: BatchImage, sampler: str, scheduler: str, steps: int, denoise: float,
@@ -557,7 +571,9 @@ class _InFlight:
 
     def step(self, pred: torch.Tensor, t, init_latents: torch.Tensor | None, keep: torch.Tensor | None,
              next_t) -> None:
-        out = self.sched.step(pred, t, self.latents, generator=self.generator, return_dict=True)
+        self.eps = pred
+        extra = {"generator": self.generator} if _takes_generator(self.sched) else {}
+        out = self.sched.step(pred, t, self.latents, return_dict=True, **extra)
         self.latents = out.prev_sample
         denoised = getattr(out, "pred_original_sample", None)
         self.denoised = denoised if denoised is not None else getattr(out, "denoised", None)
@@ -571,16 +587,86 @@ class _InFlight:
     def restart(self, sampler: str, scheduler: str, steps: int, denoise: float, switch_step: int, device,
                 swap_latents: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """A fresh scheduler on the same schedule, from step `switch_step` on (separate and
-        vae swaps). With `swap_latents` (vae swap) the latents become the x0 estimate through
-        it, noised to the switch's level with fresh noise of seed + 1."""
+        vae swaps). With `swap_latents` (vae swap, as upstream's) the latents become the x0
+        estimate through it; the rest of the schedule's noise levels are scaled by
+        VAE_SWAP_SIGMA_SCALE where the scheduler allows (`rescaled`), and the latents are
+        noised to its first level with fresh noise of seed + 1, its mean over the channels
+        replaced by that of the base's last noise prediction."""
         total, first = kept_schedule(steps, denoise)
         self.sched = make_scheduler(sampler, scheduler)
         self.timesteps = _start_at(self.sched, total, first + switch_step, device)
         if swap_latents is not None:
             clean = swap_latents(self.estimate()).to(device, torch.float32)
+            timesteps = _scale_schedule(self.sched, VAE_SWAP_SIGMA_SCALE, device)
+            self.rescaled = timesteps is not None
+            if self.rescaled:
+                self.timesteps = timesteps
             self.generator = torch.Generator("cpu").manual_seed(self.image.seed + 1)
-            self.noise = torch.randn(tuple(clean.shape), generator=self.generator, dtype=torch.float32).to(device)
+            noise = torch.randn(tuple(clean.shape), generator=self.generator, dtype=torch.float32).to(device)
+            edm = getattr(getattr(self.sched, "parameterization", None), "edm", False)   # its output is no eps
+            if self.eps is not None and self.eps.shape == noise.shape and not edm:
+                noise = noise - noise.mean(dim=1, keepdim=True) + self.eps.float().mean(dim=1, keepdim=True)
+            self.noise = noise
             self.latents = _noised(self.sched, clean, self.noise, self.timesteps[0])
+
+
+def _call_of_step(sched, step: int) -> int:
+    """The index among the scheduler's UNet calls (its `timesteps`) where sampling step
+    `step` begins: the step itself for one call per step; twice it for diffusers' second-order
+    schedulers (Heun, DPM2: two entries per step but the last); for a k-diffusion algorithm
+    with several calls per step, the last call at that step's sigma (the step before may end
+    with a call at it too), else `step` (adaptive ones: their calls are not known)."""
+    if isinstance(sched, samplers.KSamplerScheduler):
+        if sched._planned is None or step >= len(sched.sigmas) - 1:
+            return step
+        level = sched.sigmas[step]
+        return max((j for j, asked in enumerate(sched._planned) if asked == level), default=step)
+    return step * getattr(sched, "order", 1)
+
+
+def _takes_generator(sched) -> bool:
+    """Whether the scheduler's step draws noise from a generator (UniPC, Heun and DPM2 take
+    none: they are deterministic)."""
+    return "generator" in inspect.signature(sched.step).parameters
+
+
+def _same_latents(latents: torch.Tensor) -> torch.Tensor:
+    return latents
+
+
+# Upstream's vae refiner swap goes on from the switch with every remaining noise level
+# times this (its k_sigmas): the x0 estimate is noised a little above where the base left.
+VAE_SWAP_SIGMA_SCALE = 1.4
+# diffusers' schedulers that step on their `sigmas` list, one UNet call per step; the
+# second-order ones (Heun, DPM2) interleave intermediate levels, the DDPM-style ones
+# (DDIM, DDPM, LCM, TCD) step on the alphas of discrete timesteps.
+_SIGMA_STEPPERS = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
+                   UniPCMultistepScheduler)
+
+
+def _scale_schedule(sched, factor: float, device) -> torch.Tensor | None:
+    """Multiply the noise levels from the scheduler's start on by `factor`, the UNet's
+    timesteps following (the nearest training timestep in log-sigma, as upstream's model
+    sampling); returns the timesteps from the start. None, unchanged, for a scheduler
+    without such a list (see _SIGMA_STEPPERS) or a k-diffusion algorithm that is adaptive
+    or makes more than one call per step."""
+    if isinstance(sched, samplers.KSamplerScheduler):
+        if sched.name in samplers.ADAPTIVE or len(sched.timesteps) != len(sched.sigmas) - 1:
+            return None
+        sched._begin([sigma * factor for sigma in sched.sigmas], device)
+        return sched.timesteps
+    if not isinstance(sched, _SIGMA_STEPPERS) or getattr(sched, "order", 1) != 1:
+        return None
+    begin = sched.begin_index or 0
+    sigmas = sched.sigmas.clone()
+    sigmas[begin:] = sigmas[begin:] * factor
+    log_table = torch.from_numpy(np.log(samplers.training_sigmas(sched.alphas_cumprod)))
+    levels = sigmas[begin:len(sched.timesteps)].double().cpu().log()
+    nearest = (levels[:, None] - log_table[None, :]).abs().argmin(dim=1)
+    timesteps = sched.timesteps.clone()
+    timesteps[begin:] = nearest.to(timesteps.device, timesteps.dtype)
+    sched.sigmas, sched.timesteps = sigmas, timesteps
+    return timesteps[begin:]
 
 
 def _keep_outside(sched, latents, denoised, init, noise, keep, next_t):

@@ -50,6 +50,7 @@ class DebugValues:
     overwrite_height: int = -1                 # Forced Overwrite of Generating Height
     overwrite_vary_strength: float = -1.0      # Forced Overwrite of Denoising Strength of "Vary"
     overwrite_upscale_strength: float = -1.0   # Forced Overwrite of Denoising Strength of "Upscale"
+    generate_image_grid: bool = False          # Generate Image Grid for Each Batch
     disable_preview: bool = False              # Disable Preview
     disable_intermediate_results: bool = False  # Disable Intermediate Results
     disable_seed_increment: bool = False       # Disable seed increment

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ldm_patched.modules import model_management, telemetry
 from ldm_patched.modules.checkpoint import CheckpointError
@@ -328,6 +329,8 @@ class Pipeline:
             images = _finished_writes(job.run.done.writes)   # a Stop keeps the images already done
         else:
             images = job.images
+        if "error" not in report and job.plan is not None and job.plan.req.generate_image_grid:
+            images = images + self._image_grid(job.plan, images, report)
         report["unet_calls"] = job.unet.calls
         report["unet_rows_per_call"] = {str(rows): calls for rows, calls in sorted(job.unet.rows.items())}
         if len(jobs) > 1:
@@ -765,6 +768,30 @@ class Pipeline:
         run.report["preprocessed_images"] = len(paths)
         return paths
 
+    def _image_grid(self, plan: RequestPlan, images: list[str], report: dict) -> list[str]:
+        """Upstream's "Generate Image Grid for Each Batch": the request's images in one more
+        image, after them (a PNG in the temp folder: no metadata, not in the image log, as
+        upstream shows it in the gallery only); none for one image or images of other sizes."""
+        try:
+            pixels = []
+            for path in images:
+                with Image.open(path) as image:
+                    pixels.append(np.asarray(image.convert("RGB")))
+            wall = image_output.grid(pixels)
+            if wall is None:
+                return []
+            folder = plan.cfg.temp_root / datetime.date.today().strftime("%Y-%m-%d")
+            stem = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_grid"
+            path = image_output.save(wall, None, "png", folder, folder, stem).path
+        except Exception as error:   # the images are made: a grid that fails is a warning
+            log.exception("building the image grid failed")
+            report["warnings"] = report.get("warnings", []) + [f"no image grid: {type(error).__name__}: {error}"]
+            return []
+        rows, columns = image_output.grid_shape(len(pixels))
+        report["image_grid"] = {"image": model_name(path, (plan.cfg.temp_root,)), "rows": rows, "columns": columns,
+                                "size": [int(wall.shape[1]), int(wall.shape[0])]}
+        return [path]
+
     def _required_file(self, folder: Path, name: str, key: str, url: str | None,
                        cfg: config_module.Config) -> str:
         """A model file the request cannot do without: from its folder, downloaded when
@@ -904,7 +931,7 @@ class Pipeline:
                                      cfg=plan.cfg_scale, width=source.width, height=source.height, shape=shape,
                                      switch_step=switch, callback=_step_callback(batch), guidance=tweaks,
                                      init_latents=source.init_latents, denoise=source.denoise, mask=source.mask,
-                                     swap=plan.req.refiner_swap_method, swap_latents=_vae_swap(models, source),
+                                     swap=plan.req.refiner_swap_method,
                                      start_latents=source.start_latents)
 
     def _halve_after_out_of_memory(self, batch: list[tuple[BatchJob, int]], message: str) -> None:
@@ -1126,15 +1153,6 @@ def sampling_guidance(req: GenerationRequest, settings: flags.PerformanceSetting
     return guidance.Guidance(sharpness=req.sharpness, adm_positive=req.adm_scaler_positive,
                              adm_negative=req.adm_scaler_negative, adm_end=req.adm_scaler_end,
                              adaptive_cfg=req.adaptive_cfg)
-
-
-def _vae_swap(models: RequestModels, source: ImageSource) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The vae refiner swap's latent conversion: the base VAE decodes, the refiner's VAE
-    (its checkpoint's, else the same) encodes, so the refiner starts in its own latent space."""
-    def convert(latents: torch.Tensor) -> torch.Tensor:
-        refiner_vae = (models.refiner.vae if models.refiner is not None else None) or models.vae
-        return core.encode(refiner_vae, core.decode(models.vae, latents, source.width, source.height))
-    return convert
 
 
 def req_seed(plan: RequestPlan, index: int) -> int:

@@ -54,7 +54,8 @@ class GenerationRequest:
     metadata_scheme: str = "fooocus"
     save_metadata_to_images: bool = True
     read_wildcards_in_order: bool = False
-    # Upstream's Developer Debug Mode sampling controls (modules/debug_controls.py says what each does).
+    # Upstream's Developer Debug Mode sampling controls (README "Request fields" says what each does;
+    # modules/debug_page.py puts them on the page).
     adaptive_cfg: float = 7.0
     clip_skip: int = 2
     overwrite_step: int = -1
@@ -67,6 +68,7 @@ class GenerationRequest:
     disable_preview: bool = False
     disable_intermediate_results: bool = False
     black_out_nsfw: bool = False
+    generate_image_grid: bool = False   # the batch's images also as one grid image (temp folder, no metadata)
 
     def switch_step(self, steps: int) -> int:
         """The step the refiner takes over at: overwrite_switch (a step, as upstream's), else
@@ -134,6 +136,8 @@ class GenerationRequest:
 
 REFINER_SWAP_METHODS = ("joint", "separate", "vae")
 FREEU_DEFAULTS = {"freeu_b1": 1.01, "freeu_b2": 1.02, "freeu_s1": 0.99, "freeu_s2": 0.95}
+# Upstream's FreeU sliders: the backbone factors 0..2, the skip factors 0..4.
+FREEU_MAXIMA = {"freeu_b1": 2.0, "freeu_b2": 2.0, "freeu_s1": 4.0, "freeu_s2": 4.0}
 
 
 def _overwrite(data: dict, key: str, low: int, high: int, default: int = -1) -> int:
@@ -151,7 +155,7 @@ def _debug_controls(data: dict, cfg: config_module.Config) -> dict[str, Any]:
     if _bool(data, "black_out_nsfw", False):
         raise RequestError("field 'black_out_nsfw': blacking out NSFW images needs a safety-checker model, "
                            "which this server does not ship; send false")
-    freeu = tuple(_float(data, key, default, 0.0, 2.0) for key, default in FREEU_DEFAULTS.items())
+    freeu = tuple(_float(data, key, default, 0.0, FREEU_MAXIMA[key]) for key, default in FREEU_DEFAULTS.items())
     return dict(adaptive_cfg=_float(data, "adaptive_cfg", cfg.default_cfg_tsnr, 1.0, 30.0),
                 clip_skip=_int(data, "clip_skip", cfg.default_clip_skip, 1, 12),
                 overwrite_step=_overwrite(data, "overwrite_step", 1, MAX_STEPS),
@@ -162,7 +166,8 @@ def _debug_controls(data: dict, cfg: config_module.Config) -> dict[str, Any]:
                 refiner_swap_method=_one_of(data, "refiner_swap_method", "joint", REFINER_SWAP_METHODS),
                 freeu=freeu if _bool(data, "freeu_enabled", False) else None,
                 disable_preview=_bool(data, "disable_preview", False),
-                disable_intermediate_results=_bool(data, "disable_intermediate_results", False))
+                disable_intermediate_results=_bool(data, "disable_intermediate_results", False),
+                generate_image_grid=_bool(data, "generate_image_grid", False))
 
 
 def _apply_overwrites(request: GenerationRequest) -> None:

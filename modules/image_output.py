@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import math
 import os
 import secrets
 import struct
@@ -229,3 +230,24 @@ def save(pixels: np.ndarray, metadata: Metadata | None, fmt: str, folder: Path, 
                    f"the image was saved to the temporary folder instead")
         log.warning("%s: %s", folder, warning)
         return SavedImage(commit(data, fallback, stem, EXTENSIONS[fmt]), warning)
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of `count` images, as upstream's image wall lays them out:
+    as many columns as the square root rounded up, then as many rows as that needs."""
+    columns = math.ceil(math.sqrt(count))
+    return math.ceil(count / columns), columns
+
+
+def grid(images: list[np.ndarray]) -> np.ndarray | None:
+    """The HxWx3 images side by side, row by row, empty cells black; None (no grid, as
+    upstream) for fewer than two images or images of different sizes."""
+    if len(images) < 2 or any(image.ndim != 3 or image.shape != images[0].shape for image in images):
+        return None
+    rows, columns = grid_shape(len(images))
+    height, width, channels = images[0].shape
+    wall = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        wall[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+    return wall

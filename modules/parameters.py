@@ -60,7 +60,7 @@ FIELDS = ("prompt", "negative_prompt", "styles", "performance", "width", "height
 # refiner_swap_method, freeu_enabled and freeu_b1...freeu_s2 are kept too, typed (_debug_fields),
 # and these, which only our request layout (pasted JSON) carries:
 REQUEST_ONLY_FLAGS = ("disable_preview", "disable_intermediate_results", "disable_seed_increment",
-                      "read_wildcards_in_order")
+                      "read_wildcards_in_order", "generate_image_grid")
 REQUEST_ONLY_WHOLE = ("overwrite_width", "overwrite_height")
 
 # The Developer Debug fields upstream records (fooocus-scheme key -> a1111-scheme key), in

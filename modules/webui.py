@@ -643,6 +643,9 @@ def _debug_tools_tab(d: debug_page.DebugValues) -> dict[str, Any]:
         "clip_skip": gr.Slider(1, 12, value=d.clip_skip, step=1, label="CLIP Skip", elem_id="fr-clip-skip",
                                info="Which CLIP layer from the end gives the prompt's features (1: the last "
                                     "one; 2, the usual SDXL choice, the one before)."),
+        "generate_image_grid": gr.Checkbox(label="Generate Image Grid for Each Batch", value=d.generate_image_grid,
+                                           elem_id="fr-generate-image-grid",
+                                           info="With two or more images, one more: all of them in a grid."),
         "steps": gr.Slider(low, high, value=d.steps, step=1, label="Forced Overwrite of Sampling Step",
                            elem_id="fr-overwrite-step", info="-1: the performance mode's steps."),
         "overwrite_switch": gr.Slider(low, high, value=d.overwrite_switch, step=1,

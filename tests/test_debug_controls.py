@@ -3,6 +3,7 @@
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,9 +196,33 @@ def test_black_out_nsfw_is_refused_naming_the_field(pipeline):
     assert "error" not in pipelines.process_request({**SMALL, "black_out_nsfw": False}).report
 
 
+def test_generate_image_grid_adds_the_batch_as_one_more_image(pipeline):
+    """Upstream's wall: ceil(sqrt(n)) columns, rows as needed, row by row, empty cells black;
+    the grid is in the temp folder without metadata; one image or the default: no grid."""
+    folders = pipeline(mm.Policy.RESIDENT)
+    three = pipelines.process_request({**SMALL, "image_number": 3, "width": 64, "height": 72,
+                                       "generate_image_grid": True})
+    assert len(three.images) == 4 and three.report["seeds"] == [7, 8, 9]
+    grid = pixels(three.images[3])
+    assert grid.shape == (144, 128, 3)   # 2 rows, 2 columns of 64x72
+    cells = [grid[:72, :64], grid[:72, 64:], grid[72:, :64]]
+    assert all(np.array_equal(cell, pixels(path)) for cell, path in zip(cells, three.images))
+    assert not grid[72:, 64:].any()
+    assert three.report["image_grid"] == {"image": three.report["images"][3], "rows": 2, "columns": 2,
+                                          "size": [128, 144]}
+    assert "parameters" not in Image.open(three.images[3]).info
+    assert folders["outputs"] not in Path(three.images[3]).parents
+    two = pipelines.process_request({**SMALL, "image_number": 2, "generate_image_grid": True})
+    assert Image.open(two.images[2]).size == (128, 64)   # 1 row, 2 columns
+    for plain in ({**SMALL, "image_number": 2}, {**SMALL, "generate_image_grid": True}):
+        result = pipelines.process_request(plain)
+        assert len(result.images) == plain.get("image_number", 1) and "image_grid" not in result.report
+
+
 @pytest.mark.parametrize("field, value", [("adaptive_cfg", 0.5), ("clip_skip", 13), ("overwrite_step", 0),
                                           ("overwrite_switch", 201), ("refiner_swap_method", "both"),
-                                          ("freeu_b1", 2.5), ("disable_preview", "yes")])
+                                          ("freeu_b1", 2.5), ("freeu_s1", 4.5), ("freeu_s2", -0.1),
+                                          ("disable_preview", "yes")])
 def test_bad_debug_values_name_the_field(field, value):
     with pytest.raises(RequestError, match=field):
         GenerationRequest.from_dict({**SMALL, field: value}, config.get_config())
@@ -206,6 +231,11 @@ def test_bad_debug_values_name_the_field(field, value):
 # -- FreeU ---------------------------------------------------------------------------------
 
 FREEU = {"freeu_enabled": True, "freeu_b1": 1.01, "freeu_b2": 1.5, "freeu_s1": 0.99, "freeu_s2": 0.5}
+
+
+def test_freeu_skip_factors_go_to_four_as_upstream_sliders():
+    request = GenerationRequest.from_dict({**SMALL, **FREEU, "freeu_s1": 3.0, "freeu_s2": 4.0}, config.get_config())
+    assert request.freeu == (1.01, 1.5, 3.0, 4.0)
 
 
 def test_freeu_formulas_against_numpy():
@@ -291,16 +321,82 @@ def test_separate_swap_is_joint_for_a_one_step_sampler_and_restarts_a_multistep_
     assert not np.array_equal(images["dpmpp_2m", "joint"], images["dpmpp_2m", "separate"])
 
 
-def test_vae_swap_goes_through_both_vaes_and_fresh_noise(with_refiner, monkeypatch):
+def test_vae_swap_passes_the_sdxl_latents_on_without_a_vae_round_trip(with_refiner, monkeypatch):
+    """Upstream drops an SDXL refiner's VAE (the latent space is the base's): its vae swap
+    converts nothing, only SD 1.5 refiners (not supported here) go through an interposer."""
     calls = []
     for name in ("decode", "encode"):
         real = getattr(core, name)
         monkeypatch.setattr(core, name, lambda *args, _real=real, _name=name, **kw: (calls.append(_name),
                                                                                      _real(*args, **kw))[1])
     joint = pipelines.process_request(dict(with_refiner))
-    assert calls == []
     vae = pipelines.process_request({**with_refiner, "refiner_swap_method": "vae"})
-    assert calls == ["decode", "encode"] and vae.report["unet_calls"] == 4
+    assert calls == [] and vae.report["unet_calls"] == 4
     assert not np.array_equal(pixels(joint.images[0]), pixels(vae.images[0]))
     alone = pipelines.process_request({**SMALL, "steps": 4, "refiner_swap_method": "vae"})
-    assert calls == ["decode", "encode"] and "error" not in alone.report   # no refiner: nothing to swap
+    assert "error" not in alone.report   # no refiner: nothing to swap
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("euler", "normal"), ("dpmpp_2m", "karras")])
+def test_vae_swap_goes_on_at_upstreams_scaled_noise_levels_with_the_base_noise_mean(
+        with_refiner, monkeypatch, sampler, scheduler):
+    """Upstream's vae swap: the refiner samples the rest of the schedule with every sigma
+    times 1.4 (its k_sigmas; the UNet's timestep the nearest training one in log-sigma), from
+    the base's x0 noised with fresh noise whose channel mean is the base's last prediction's."""
+    calls, preds, renoised = [], [], []
+    real_unet, real_step, real_noised = core.UNET_COMPILER, core._InFlight.step, core._noised
+
+    class Spy:
+        def __call__(self, unet, sample, t, *rest):
+            calls.append(float(t))
+            return real_unet(unet, sample, t, *rest)
+
+        def __getattr__(self, name):
+            return getattr(real_unet, name)
+
+    def step(self, pred, *rest):
+        preds.append(pred.clone())
+        return real_step(self, pred, *rest)
+
+    def noised(sched, init, noise, t):
+        out = real_noised(sched, init, noise, t)
+        renoised.append((init.clone(), noise.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(core, "UNET_COMPILER", Spy())
+    monkeypatch.setattr(core._InFlight, "step", step)
+    monkeypatch.setattr(core, "_noised", noised)
+    result = pipelines.process_request({**with_refiner, "sampler": sampler, "scheduler": scheduler,
+                                        "refiner_swap_method": "vae"})
+    assert "error" not in result.report and len(calls) == 4 and len(renoised) == 1
+
+    schedule = core.make_scheduler(sampler, scheduler)
+    schedule.set_timesteps(4)
+    sigmas = schedule.sigmas.double().numpy()
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alphas = np.cumprod(1.0 - betas)
+    training = np.log(np.sqrt((1 - alphas) / alphas))
+    assert calls[:2] == [float(t) for t in schedule.timesteps[:2]]          # the base as scheduled
+    assert calls[2:] == [float(np.abs(training - np.log(1.4 * s)).argmin()) for s in sigmas[2:4]]
+
+    clean, noise, out = renoised[0]
+    assert torch.allclose(noise.mean(dim=1), preds[1].mean(dim=1), atol=1e-5)   # the last base step's
+    level = 1.4 * sigmas[2]
+    if sampler == "euler":       # x + sigma * n
+        assert torch.allclose(out, clean + level * noise, atol=1e-4)
+    else:                        # DPM-Solver's variance-preserving form of the same level
+        alpha = 1 / np.sqrt(1 + level ** 2)
+        assert torch.allclose(out, alpha * clean + alpha * level * noise, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["uni_pc", "heun"])
+def test_vae_swap_with_samplers_whose_step_takes_no_generator(with_refiner, sampler):
+    """UniPC (its levels scaled) and Heun (second order: two UNet calls a step, its own
+    levels) step without a generator; both sample, the refiner taking over where step 2
+    begins, and differ from the joint swap."""
+    request = {**with_refiner, "sampler": sampler, "scheduler": "karras"}
+    joint = pipelines.process_request(dict(request))
+    vae = pipelines.process_request({**request, "refiner_swap_method": "vae"})
+    assert "error" not in joint.report and "error" not in vae.report, (joint.report.get("error"),
+                                                                      vae.report.get("error"))
+    assert not np.array_equal(pixels(joint.images[0]), pixels(vae.images[0]))

@@ -47,13 +47,13 @@ def test_changed_values_reach_the_request(tmp_path: Path) -> None:
                                  overwrite_switch=7, overwrite_width=512, overwrite_height=640,
                                  disable_preview=True, disable_seed_increment=True, read_wildcards_in_order=True,
                                  metadata_scheme="a1111", save_metadata_to_images=False, freeu_enabled=True,
-                                 freeu_s1=1.5)
+                                 freeu_s1=3.5, generate_image_grid=True)
     request = parsed(chosen.request_fields(defaults, {}), cfg)
     assert (request.refiner_swap_method, request.adaptive_cfg, request.clip_skip, request.steps) == ("vae", 4.5, 1, 12)
     assert (request.overwrite_switch, request.width, request.height) == (7, 512, 640)
     assert request.disable_preview and request.disable_seed_increment and request.read_wildcards_in_order
     assert (request.metadata_scheme, request.save_metadata_to_images) == ("a1111", False)
-    assert request.freeu == (1.01, 1.02, 1.5, 0.95)
+    assert request.freeu == (1.01, 1.02, 3.5, 0.95) and request.generate_image_grid
 
 
 def test_a_value_set_back_to_the_built_in_default_still_wins_over_config(tmp_path: Path) -> None:

@@ -4,13 +4,16 @@ Its request fields map one to one onto our request dict; a field the client did 
 is left out, so our config's defaults apply exactly as for ``/generate`` (the same
 parameters give the same pixels). Fields we have no feature for are accepted at their
 default and refused (422, naming the field) when set to something we would silently not
-do (FreeU, NSFW blackout, custom outpaint distances, "Upscale (Custom)"...); a few that
-change nothing we could honour are ignored (``save_meta``, ``meta_scheme``,
-``save_name``, ``read_wildcards_in_order``). The Developer Debug sampling fields (``adaptive_cfg``,
+do (NSFW blackout, custom outpaint distances, "Upscale (Custom)", FaceSwap...); ``save_name``
+is accepted and not used. ``save_meta``, ``meta_scheme`` and ``read_wildcards_in_order`` are
+our ``save_metadata_to_images``, ``metadata_scheme`` and ``read_wildcards_in_order``. The
+Developer Debug sampling fields (``adaptive_cfg``,
 ``clip_skip``, ``refiner_swap_method``, ``freeu_*``, ``disable_seed_increment``, ``disable_preview``,
-``disable_intermediate_results``) and inpaint fields (``inpaint_engine``, ``inpaint_erode_or_dilate``,
-``invert_mask_checkbox``, ``inpaint_disable_initial_latent``, ``debugging_inpaint_preprocessor``)
-carry over under their own names.
+``disable_intermediate_results``, ``generate_image_grid``) and inpaint fields (``inpaint_engine``,
+``inpaint_erode_or_dilate``, ``invert_mask_checkbox``, ``inpaint_disable_initial_latent``,
+``debugging_inpaint_preprocessor``) and the Control tab's (``controlnet_softness``, the Canny
+thresholds, ``skipping_cn_preprocessor``, ``debugging_cn_preprocessor``) carry over under their
+own names.
 
 v1 image routes take multipart uploads (``input_image``, ``input_mask``, ``cn_img1..4``,
 ``loras`` and ``advanced_params`` as JSON text); v2 routes take JSON with base64 images.
@@ -41,12 +44,15 @@ NAMES = {"styles": "style_selections", "performance": "performance_selection",
          "sampler": "advanced_params.sampler_name", "scheduler": "advanced_params.scheduler_name",
          "steps": "advanced_params.overwrite_step", "width": "advanced_params.overwrite_width",
          "height": "advanced_params.overwrite_height", "vae": "advanced_params.vae_name",
+         "metadata_scheme": "meta_scheme", "save_metadata_to_images": "save_meta",
          **{f"adm_scaler_{k}": f"advanced_params.adm_scaler_{k}" for k in ("positive", "negative", "end")},
          **{k: f"advanced_params.{k}" for k in ("overwrite_vary_strength", "overwrite_upscale_strength",
                                                 "inpaint_strength", "inpaint_respective_field")}}
-_SAME = ("prompt", "negative_prompt", "image_number", "sharpness", "guidance_scale", "refiner_switch")
+_SAME = ("prompt", "negative_prompt", "image_number", "sharpness", "guidance_scale", "refiner_switch",
+         "read_wildcards_in_order")
 _RENAMED = {"style_selections": "styles", "aspect_ratios_selection": "aspect_ratio", "image_seed": "seed",
-            "base_model_name": "base_model", "refiner_model_name": "refiner_model"}
+            "base_model_name": "base_model", "refiner_model_name": "refiner_model",
+            "save_meta": "save_metadata_to_images", "meta_scheme": "metadata_scheme"}
 _ADVANCED_SAME = ("adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end", "overwrite_vary_strength",
                   "overwrite_upscale_strength", "inpaint_strength", "inpaint_respective_field",
                   "inpaint_erode_or_dilate", "invert_mask_checkbox", "inpaint_engine",
@@ -54,6 +60,7 @@ _ADVANCED_SAME = ("adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end"
                   # Developer Debug Mode: the same request fields (modules/generation_request.py)
                   "adaptive_cfg", "clip_skip", "refiner_swap_method", "freeu_enabled", "freeu_b1", "freeu_b2",
                   "freeu_s1", "freeu_s2", "disable_seed_increment", "disable_preview", "disable_intermediate_results",
+                  "generate_image_grid",
                   # its Control tab (image prompts of type PyraCanny / CPDS)
                   "controlnet_softness", "canny_low_threshold", "canny_high_threshold", "skipping_cn_preprocessor",
                   "debugging_cn_preprocessor")
@@ -108,13 +115,14 @@ class AdvancedParams(BaseModel):
     freeu_enabled: bool = False
     freeu_b1: float = Field(1.01, ge=0.0, le=2.0)
     freeu_b2: float = Field(1.02, ge=0.0, le=2.0)
-    freeu_s1: float = Field(0.99, ge=0.0, le=2.0)
-    freeu_s2: float = Field(0.95, ge=0.0, le=2.0)
+    freeu_s1: float = Field(0.99, ge=0.0, le=4.0)
+    freeu_s2: float = Field(0.95, ge=0.0, le=4.0)
     black_out_nsfw: bool = Field(False, description="not supported (needs a safety checker): only false")
     invert_mask_checkbox: bool = Field(False, description="repaint what the mask leaves")
     inpaint_erode_or_dilate: int = Field(0, ge=-64, le=64, description="grow (+) or shrink (-) the mask, pixels")
     inpaint_disable_initial_latent: bool = Field(False, description="start from an empty latent")
     debugging_inpaint_preprocessor: bool = Field(False, description="return the prepared crop and mask")
+    generate_image_grid: bool = Field(False, description="one more image: the batch's images as a grid (seed -1)")
 
 
 class CommonRequest(BaseModel):
@@ -136,7 +144,7 @@ class CommonRequest(BaseModel):
     refiner_switch: float = Field(0.8, ge=0.1, le=1.0)
     loras: list[Lora] = Field(default_factory=list, description="omitted: config default_loras")
     advanced_params: AdvancedParams = Field(default_factory=AdvancedParams)
-    save_meta: bool = Field(True, description="accepted; metadata follows --disable-metadata")
+    save_meta: bool = Field(True, description="parameters in the image files (none with --disable-metadata)")
     meta_scheme: str = "fooocus"
     save_extension: Literal["png", "jpg", "jpeg", "webp"] = "png"
     save_name: str = Field("", description="accepted, not used")

@@ -88,13 +88,15 @@ class ApiJob:
         return ERROR if self.error else SUCCESS
 
     def seeds(self) -> list[int]:
-        """Each image's seed, in order."""
+        """Each image's seed, in order; -1 for the image grid (generate_image_grid), the last."""
         report = self.report
+        grid = 1 if report.get("image_grid") else 0
+        made = len(self.images) - grid
         seeds = report.get("seeds")
-        if isinstance(seeds, list) and len(seeds) == len(self.images):
-            return [int(s) for s in seeds]
+        if isinstance(seeds, list) and len(seeds) == made:
+            return [int(s) for s in seeds] + [-1] * grid
         first = int(report.get("seed", -1))
-        return [first + i for i in range(len(self.images))]
+        return [first + i for i in range(made)] + [-1] * grid
 
     def image_url(self, index: int) -> str:
         return f"{self.base_url.rstrip('/')}{FILES_ROUTE}/{self.id}/{index}"

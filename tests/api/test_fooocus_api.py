@@ -59,6 +59,10 @@ def test_fields_not_sent_stay_out_so_the_config_decides():
                              "overwrite_switch": 0.6, "vae_name": "sdxl_vae.safetensors"}}), same)
     assert overwritten == {"prompt": "x", "output_format": "jpeg", "steps": 2, "width": 64, "height": 96,
                            "refiner_switch": 0.6, "vae": "sdxl_vae.safetensors"}
+    metadata = fa.to_request(fa.CommonRequest.model_validate(
+        {"prompt": "x", "save_meta": False, "meta_scheme": "a1111", "read_wildcards_in_order": True}), same)
+    assert metadata == {"prompt": "x", "save_metadata_to_images": False, "metadata_scheme": "a1111",
+                        "read_wildcards_in_order": True}
 
 
 def test_image_routes_put_their_images_and_modes_in():
@@ -89,16 +93,34 @@ def test_features_we_lack_are_refused_not_dropped(body, model, field):
 def test_developer_debug_advanced_params_carry_over():
     request = fa.to_request(fa.CommonRequest.model_validate(
         {"prompt": "x", "advanced_params": {"clip_skip": 1, "adaptive_cfg": 5, "refiner_swap_method": "vae",
-                                            "freeu_enabled": True, "freeu_b2": 1.3, "disable_seed_increment": True,
-                                            "disable_preview": True, "disable_intermediate_results": True}}), same)
+                                            "freeu_enabled": True, "freeu_b2": 1.3, "freeu_s1": 3.0,
+                                            "disable_seed_increment": True, "disable_preview": True,
+                                            "disable_intermediate_results": True, "generate_image_grid": True}}),
+                            same)
     assert request == {"prompt": "x", "clip_skip": 1, "adaptive_cfg": 5.0, "refiner_swap_method": "vae",
-                       "freeu_enabled": True, "freeu_b2": 1.3, "disable_seed_increment": True,
-                       "disable_preview": True, "disable_intermediate_results": True}
+                       "freeu_enabled": True, "freeu_b2": 1.3, "freeu_s1": 3.0, "disable_seed_increment": True,
+                       "disable_preview": True, "disable_intermediate_results": True, "generate_image_grid": True}
     control = fa.to_request(fa.CommonRequest.model_validate(
         {"prompt": "x", "advanced_params": {"canny_low_threshold": 40, "skipping_cn_preprocessor": True,
                                             "debugging_cn_preprocessor": True}}), same)
     assert control == {"prompt": "x", "canny_low_threshold": 40, "skipping_cn_preprocessor": True,
                        "debugging_cn_preprocessor": True}
+
+
+def test_the_image_grid_answers_last_with_seed_minus_one():
+    from modules.api import jobs
+    from modules.task_types import RequestResult
+
+    class Done:
+        def done(self):
+            return True
+
+        def result(self):
+            return RequestResult(images=["a.png", "b.png", "grid.png"],
+                                 report={"seed": 5, "seeds": [5, 5], "image_grid": {"image": "grid.png"}})
+
+    job = jobs.ApiJob(id="j", owner="o", job_type="t", task=Done())
+    assert [r.seed for r in fa.image_results(job, False)] == ["5", "5", "-1"]
 
 
 def test_our_field_names_in_errors_become_theirs():
