@@ -105,6 +105,10 @@ class Config:
     default_overwrite_switch: int = -1
     default_cfg_tsnr: float = 7.0
     default_clip_skip: int = 2
+    # Which of the page's boxes start ticked (upstream's keys): Advanced, Input Image, Developer Debug Mode.
+    default_advanced_checkbox: bool = False
+    default_image_prompt_checkbox: bool = False
+    default_developer_debug_mode_checkbox: bool = False
     # Wildcard files (name.txt, one choice per line) for __name__ in prompts.
     path_wildcards: Path = REPO_ROOT / "wildcards"
     # A preset's model files: (file name, URL) pairs, fetched when downloads are allowed,
@@ -360,6 +364,9 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "default_overwrite_switch": (-1, _as_overwrite_step, False),
     "default_cfg_tsnr": (7.0, _in_range(1.0, 30.0), False),
     "default_clip_skip": (2, _as_clip_skip, False),
+    "default_advanced_checkbox": (False, _as_bool, False),
+    "default_image_prompt_checkbox": (False, _as_bool, False),
+    "default_developer_debug_mode_checkbox": (False, _as_bool, False),
     "path_wildcards": ("wildcards", _as_first_path, False),
     "checkpoint_downloads": ({}, _as_downloads, False),
     "lora_downloads": ({}, _as_downloads, False),

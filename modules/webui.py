@@ -734,9 +734,10 @@ def _debug_panel(cfg: config_module.Config) -> DebugPanel:
     """Upstream's Developer Debug Mode: a box, and under it the Debug Tools, Control,
     Inpaint and FreeU tabs (hidden until the box is ticked; their values count either way)."""
     defaults = debug_page.DebugValues.defaults(cfg)
-    enabled = gr.Checkbox(label="Developer Debug Mode", value=False, container=False, elem_id="fr-debug-mode")
+    shown = cfg.default_developer_debug_mode_checkbox
+    enabled = gr.Checkbox(label="Developer Debug Mode", value=shown, container=False, elem_id="fr-debug-mode")
     by_field: dict[str, Any] = {}
-    with gr.Column(visible=False, elem_id="fr-debug-column") as column:
+    with gr.Column(visible=shown, elem_id="fr-debug-column") as column:
         with gr.Tabs(elem_id="fr-debug-tabs", overflow_behavior="wrap"):
             with gr.Tab("Debug Tools", elem_id="fr-debug-tools-tab"):
                 by_field.update(_debug_tools_tab(defaults))
@@ -1067,12 +1068,13 @@ INPUT_IMAGE_TABS = (("Upscale or Variation", input_image_page.TAB_UOV, "fr-uov-t
                     ("Inpaint or Outpaint", input_image_page.TAB_INPAINT, "fr-inpaint-tab"))
 
 
-def _input_image_panel(enabled: gr.Checkbox) -> tuple[InputImageControls, gr.Column, list[gr.Tab], gr.Checkbox, list[gr.Column]]:
+def _input_image_panel(enabled: gr.Checkbox, shown: bool) -> tuple[InputImageControls, gr.Column, list[gr.Tab],
+                                                                    gr.Checkbox, list[gr.Column]]:
     """Upstream's Input Image panel: one tab per mode, the image upload left and its
     options right (Image Prompt: four slots, their Stop At/Weight behind an Advanced box).
     Returns the controls, the panel, the tabs, the image-prompt Advanced box and the
     slots' advanced columns, for the caller to wire."""
-    with gr.Column(visible=False, elem_id="fr-input-image-panel") as panel:
+    with gr.Column(visible=shown, elem_id="fr-input-image-panel") as panel:
         tab_value = gr.Textbox(value=input_image_page.TAB_UOV, visible=False, elem_id="fr-input-image-tab")
         tabs: list[gr.Tab] = []
         with gr.Tabs(elem_id="fr-input-image-tabs", overflow_behavior="wrap"):
@@ -1322,9 +1324,9 @@ def _prompt_panel(cfg: config_module.Config) -> PromptPanel:
             stop_btn = gr.Button("Stop", variant="stop", visible=False, elem_id="stop_button")
             skip_btn = gr.Button("Skip", visible=False, elem_id="skip_button")
     with gr.Row(elem_classes=["fr-check-row"]):
-        input_image_checkbox = gr.Checkbox(label="Input Image", value=False, container=False,
-                                           elem_id="fr-input-image-checkbox")
-        advanced_checkbox = gr.Checkbox(label="Advanced", value=False, container=False,
+        input_image_checkbox = gr.Checkbox(label="Input Image", value=cfg.default_image_prompt_checkbox,
+                                           container=False, elem_id="fr-input-image-checkbox")
+        advanced_checkbox = gr.Checkbox(label="Advanced", value=cfg.default_advanced_checkbox, container=False,
                                         elem_id="fr-advanced-checkbox")
     return PromptPanel(prompt, generate_btn, stop_btn, skip_btn, input_image_checkbox, advanced_checkbox)
 
@@ -1457,11 +1459,13 @@ def _page(cfg: config_module.Config, warning: str | None) -> Page:
         with gr.Column(scale=2, min_width=300):
             shown = _progress_panel()
             prompt = _prompt_panel(cfg)
-            input_image = InputImagePanel(*_input_image_panel(prompt.input_image_checkbox))
+            input_image = InputImagePanel(*_input_image_panel(prompt.input_image_checkbox,
+                                                              cfg.default_image_prompt_checkbox))
             memory = _memory_panel()
             report = _report_panel(cfg)
             params = _load_parameters_panel()
-        with gr.Column(scale=1, visible=False, min_width=300, elem_id="fr-advanced-column") as advanced_column:
+        with gr.Column(scale=1, visible=cfg.default_advanced_checkbox, min_width=300,
+                       elem_id="fr-advanced-column") as advanced_column:
             # Wrap, not "menu": on a phone every tab stays one tap away instead of hiding in a "..." menu.
             with gr.Tabs(elem_id="fr-advanced-tabs", overflow_behavior="wrap"):
                 settings = _settings_tab(cfg)

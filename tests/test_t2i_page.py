@@ -209,6 +209,17 @@ def test_a_preset_sets_the_developer_debug_controls(tmp_path, monkeypatch):
     assert preset["CFG Mimicking from TSNR"] == [7.0]
 
 
+def test_upstreams_checkbox_keys_open_the_panels(tmp_path, monkeypatch):
+    """default_advanced_checkbox, default_image_prompt_checkbox, default_developer_debug_mode_checkbox."""
+    app, cfg = build(tmp_path, monkeypatch, default_advanced_checkbox="true", default_image_prompt_checkbox="true",
+                     default_developer_debug_mode_checkbox="true")
+    by_id = {c["props"].get("elem_id"): c["props"] for c in components(app).values()}
+    for box, panel in (("fr-advanced-checkbox", "fr-advanced-column"), ("fr-input-image-checkbox",
+                                                                        "fr-input-image-panel"),
+                       ("fr-debug-mode", "fr-debug-column")):
+        assert by_id[box]["value"] is True and by_id[panel]["visible"] is True, box
+
+
 def test_history_log_link_points_at_todays_log(tmp_path, monkeypatch):
     app, cfg = build(tmp_path, monkeypatch)
     link = next(c["props"]["value"] for c in components(app).values() if c["props"].get("elem_id") == "fr-history")
