@@ -139,6 +139,7 @@ class AsyncTask:
 
     request: dict
     owner: str | None = None   # who may stop/skip it; None: nobody but the server itself
+    client: str | None = None  # whose share of the queue it takes (max_queue_per_client); None: the owner's
     control: TaskControl = field(default_factory=TaskControl)
     id: int = field(default_factory=lambda: next(_task_ids))
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -148,6 +149,11 @@ class AsyncTask:
     state: TaskState = TaskState.QUEUED
     _progress: TaskProgress = field(default_factory=TaskProgress)
     _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @property
+    def share(self) -> str | None:
+        """The key its queue share is counted under: the client, else the owner."""
+        return self.client if self.client is not None else self.owner
 
     # -- progress ---------------------------------------------------------------
 
@@ -275,20 +281,23 @@ class Worker:
 
     # -- public API -----------------------------------------------------------------
 
-    def submit(self, request: dict, owner: str | None = None) -> AsyncTask:
+    def submit(self, request: dict, owner: str | None = None, client: str | None = None) -> AsyncTask:
         """Queue a request for ``owner``; returns at once. A full queue gives a task already
-        finished with a "queue full" error (the caller reports it like any other error)."""
+        finished with a "queue full" error (the caller reports it like any other error).
+        ``client`` is whose queue share it takes when that is not the owner: a page's owner
+        is a token its browser chose, so the page's login or address is capped instead."""
         try:
-            return self.try_submit(request, owner)
+            return self.try_submit(request, owner, client)
         except QueueFull as refused:
-            task = AsyncTask(request=request, owner=owner)
+            task = AsyncTask(request=request, owner=owner, client=client)
             task._finish(self._make_error(str(refused)))
             return task
 
-    def try_submit(self, request: dict, owner: str | None = None) -> AsyncTask:
-        """``submit``, but a full queue (or an owner at its cap) raises QueueFull instead,
+    def try_submit(self, request: dict, owner: str | None = None, client: str | None = None) -> AsyncTask:
+        """``submit``, but a full queue (or a client at its cap) raises QueueFull instead,
         for callers that answer it apart from other errors (HTTP 429)."""
-        task = AsyncTask(request=request, owner=owner)
+        task = AsyncTask(request=request, owner=owner, client=client)
+        share = task.share
         with self._lock:
             if self._closed:
                 raise RuntimeError("worker is shut down")
@@ -296,7 +305,7 @@ class Worker:
                 raise QueueFull(f"{QUEUE_FULL}: {self.pending()} requests are waiting (config key "
                                 f"max_queue_length / --queue-size = {self.max_pending}); try again later")
             cap = self.max_pending_per_owner
-            if cap is not None and owner is not None and self._queued_of(owner) >= cap:
+            if cap is not None and share is not None and self._queued_of(share) >= cap:
                 raise QueueFull(f"{QUEUE_FULL} for this client: it has {cap} requests waiting (config key "
                                 f"max_queue_per_client = {cap}); wait for one to start")
             self._ensure_thread()
@@ -306,8 +315,8 @@ class Worker:
         log.debug("task %d queued (%d waiting)", task.id, self.pending())
         return task
 
-    def _queued_of(self, owner: str) -> int:
-        return sum(1 for t in self._unfinished.values() if t.owner == owner and t.state is TaskState.QUEUED)
+    def _queued_of(self, share: str) -> int:
+        return sum(1 for t in self._unfinished.values() if t.share == share and t.state is TaskState.QUEUED)
 
     @property
     def current(self) -> AsyncTask | None:

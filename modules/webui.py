@@ -1491,7 +1491,10 @@ def _wire_generation(app: gr.Blocks, page: Page, ctx: AppContext) -> Any:
             yield _update(progress=progress_html(TaskProgress(text=f"Error: {error}", stage="error")),
                           report={"error": str(error)})
             return
-        task = ctx.worker().submit(request, owner=page_owner(caller.username, data[owner]))
+        # Capped as the caller's login or address (its API calls' share too): the page's owner
+        # token is the browser's own choice, a new one per request would dodge the cap.
+        task = ctx.worker().submit(request, owner=page_owner(caller.username, data[owner]),
+                                   client=api_owner(caller_client(caller)))
         async for update in follow_task(task, ctx.worker(), ctx.demo_warning, ctx.followers):
             yield update
 

@@ -483,6 +483,36 @@ def test_the_debug_tabs_show_with_the_developer_debug_box(fake_app: FakeApp) -> 
     assert column["props"]["visible"] is False   # hidden on a fresh page
 
 
+def test_made_up_page_tokens_share_their_clients_queue_cap(tmp_path: Path) -> None:
+    """A page's owner token is whatever its browser sends: new tokens from one address still
+    count against that address's max_queue_per_client."""
+    import httpx
+
+    fake = start_fake_app(tmp_path, settings={"max_queue_per_client": "1"})
+    try:
+        blocker = fake.worker.submit({"prompt": "hold the worker", "block": True}, owner="server")
+        assert fake.pipeline.started.wait(TIMEOUT)
+        index, dep = _event(fake.app, "generate_button")
+        body = {"data": _inputs(fake.app, dep, PAGE_VALUES, "token-1"), "fn_index": index,
+                "session_hash": "s-token-1", "event_data": None, "trigger_id": dep["targets"][0][0]}
+        assert httpx.post(fake.url + "gradio_api/queue/join", timeout=TIMEOUT, json=body).status_code == 200
+        wait_until(lambda: fake.worker.pending() == 1, "the first page task queued")
+        answers: list = []
+        second = threading.Thread(target=lambda: answers.append(
+            page_event(fake, "generate_button", "token-2", PAGE_VALUES)[-1]))
+        second.start()
+        # Refused at once, or (the bug) queued behind the first: either ends the wait.
+        wait_until(lambda: answers or fake.worker.pending() >= 2, "the second page task answered or queued")
+        fake.pipeline.gate.set()
+        second.join(TIMEOUT)
+        assert answers and "max_queue_per_client" in json.dumps(answers[0]), answers
+        assert blocker.result(TIMEOUT).report is not None
+    finally:
+        fake.pipeline.gate.set()
+        fake.app.close()  # type: ignore[attr-defined]
+        fake.worker.shutdown(TIMEOUT)
+
+
 def test_a_foreign_page_stop_leaves_the_job_alone(fake_app: FakeApp) -> None:
     # "block" is not a page control: submit the blocking job for alice's page through the worker.
     task = fake_app.worker.submit({"prompt": "mine", "block": True}, owner=webui.page_owner(None, "alice"))

@@ -83,7 +83,9 @@ def start_fake_app(tmp_path: Path, settings: dict[str, str] | None = None, **lau
                                      "path_loras": str(tmp_path / "loras"),
                                      "path_outputs": str(tmp_path / "out"), **(settings or {})})
     worker = Worker(handler=pipeline, status=lambda: dict(STATUS),
-                    max_pending=cfg.max_queue_length if "max_queue_length" in (settings or {}) else None)
+                    max_pending=cfg.max_queue_length if "max_queue_length" in (settings or {}) else None,
+                    max_pending_per_owner=cfg.max_queue_per_client if "max_queue_per_client" in (settings or {})
+                    else None)
     freed: list[str] = []
 
     def free_memory() -> dict:
