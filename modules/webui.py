@@ -681,6 +681,7 @@ def _debug_tools_tab(d: debug_page.DebugValues) -> dict[str, Any]:
                                                info="Each image file carries the parameters that made it "
                                                     "(Load parameters reads them back)."),
         "metadata_scheme": gr.Radio(list(flags.METADATA_SCHEMES), value=d.metadata_scheme, label="Metadata Scheme",
+                                    visible=d.save_metadata_to_images,
                                     elem_id="fr-metadata-scheme",
                                     info="fooocus: Fooocus's own fields; a1111: the text AUTOMATIC1111 and "
                                          "Civitai read. Input images are not recorded."),
@@ -1429,7 +1430,7 @@ def _models_tab(cfg: config_module.Config) -> ModelsTab:
                                    label="Refiner Switch At",
                                    visible=refiner_value != flags.NONE_NAME)
         slots = _lora_slots(cfg)
-        refresh_btn = gr.Button("Refresh All Files", size="sm")
+        refresh_btn = gr.Button("Refresh All Files", size="sm", elem_id="fr-refresh-files")
     return ModelsTab(base_model, refiner_model, refiner_switch, slots, refresh_btn)
 
 
@@ -1527,7 +1528,8 @@ def _wire_generation(app: gr.Blocks, page: Page, ctx: AppContext) -> Any:
 
 
 def _wire_prompt_panel(page: Page) -> None:
-    """The Advanced, Input Image and Developer Debug Mode boxes show their panels."""
+    """The Advanced, Input Image and Developer Debug Mode boxes show their panels (and Save
+    Metadata to Images its scheme)."""
     prompt = page.prompt
     prompt.advanced_checkbox.change(lambda on: gr.update(visible=bool(on)), inputs=[prompt.advanced_checkbox],
                                     outputs=[page.advanced_column], api_visibility="private", queue=False)
@@ -1537,6 +1539,9 @@ def _wire_prompt_panel(page: Page) -> None:
     debug = page.advanced.debug
     debug.enabled.change(lambda on: gr.update(visible=bool(on)), inputs=[debug.enabled], outputs=[debug.column],
                          api_visibility="private", queue=False)
+    save, scheme = debug.by_field["save_metadata_to_images"], debug.by_field["metadata_scheme"]
+    save.change(lambda on: gr.update(visible=bool(on)), inputs=[save], outputs=[scheme],   # as upstream's
+                api_visibility="private", queue=False)
 
 
 def _wire_input_image_panel(panel: InputImagePanel, debug: DebugPanel) -> None:
@@ -1605,8 +1610,8 @@ def _wire_settings_tab(page: Page) -> None:
                                 api_visibility="private", queue=False)
 
 
-def _wire_models_tab(models: ModelsTab, advanced: AdvancedTab, cfg: config_module.Config) -> None:
-    """The switch shows with a refiner; Refresh All Files lists the folders again."""
+def _wire_models_tab(models: ModelsTab, advanced: AdvancedTab, preset: gr.Dropdown, cfg: config_module.Config) -> None:
+    """The switch shows with a refiner; Refresh All Files lists the folders (and presets) again."""
     models.refiner_model.change(lambda r: gr.update(visible=bool(r) and r != flags.NONE_NAME),
                                 inputs=[models.refiner_model], outputs=[models.refiner_switch],
                                 api_visibility="private", queue=False)
@@ -1615,10 +1620,11 @@ def _wire_models_tab(models: ModelsTab, advanced: AdvancedTab, cfg: config_modul
         fresh = config_module.list_model_files(cfg.path_checkpoints)
         loras = _lora_choices(cfg)
         return (gr.update(choices=fresh), gr.update(choices=[flags.NONE_NAME] + fresh),
-                gr.update(choices=_vae_choices(cfg)), *[gr.update(choices=loras) for _ in models.loras])
+                gr.update(choices=_vae_choices(cfg)), gr.update(choices=t2i_page.preset_choices()),
+                *[gr.update(choices=loras) for _ in models.loras])
 
     models.refresh.click(on_refresh, inputs=None,
-                         outputs=[models.base_model, models.refiner_model, advanced.vae,
+                         outputs=[models.base_model, models.refiner_model, advanced.vae, preset,
                                   *[s.name for s in models.loras]],
                          api_visibility="private", queue=False)
 
@@ -1793,7 +1799,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
         _wire_prompt_panel(page)
         _wire_input_image_panel(page.input_image, page.advanced.debug)
         _wire_settings_tab(page)
-        _wire_models_tab(page.models, page.advanced, cfg)
+        _wire_models_tab(page.models, page.advanced, page.settings.preset, cfg)
         _wire_styles_tab(page.styles, cfg)
         _wire_presets_and_parameters(app, page, cfg, guard)
         _wire_memory_panel(app, page.memory, generate_event, ctx)

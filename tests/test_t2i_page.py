@@ -220,6 +220,23 @@ def test_upstreams_checkbox_keys_open_the_panels(tmp_path, monkeypatch):
         assert by_id[box]["value"] is True and by_id[panel]["visible"] is True, box
 
 
+def test_refresh_all_files_lists_new_presets_too(tmp_path, monkeypatch):
+    app, cfg = build(tmp_path, monkeypatch)
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    (folder / "mine.json").write_text(json.dumps({"default_cfg_scale": 5.0}))
+    monkeypatch.setattr(presets, "PRESETS_DIR", folder)
+    refresh, labels = handler(app, "fr-refresh-files", "click")
+    preset = dict(zip(labels, refresh()))["Preset"]
+    assert [c[0] if isinstance(c, (list, tuple)) else c for c in preset["choices"]] == ["mine"]
+
+
+def test_the_metadata_scheme_shows_only_with_metadata_saved(tmp_path, monkeypatch):
+    app, cfg = build(tmp_path, monkeypatch)
+    toggle, labels = handler(app, "fr-save-metadata", "change")
+    assert labels == ["Metadata Scheme"] and toggle(False)["visible"] is False and toggle(True)["visible"] is True
+
+
 def test_history_log_link_points_at_todays_log(tmp_path, monkeypatch):
     app, cfg = build(tmp_path, monkeypatch)
     link = next(c["props"]["value"] for c in components(app).values() if c["props"].get("elem_id") == "fr-history")
