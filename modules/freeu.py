@@ -19,13 +19,10 @@ without FreeU runs exactly as before; while they are on, the compiled UNet runs 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-
-_ACTIVE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -89,15 +86,15 @@ def applied(unet: torch.nn.Module, settings: FreeU | None) -> Iterator[None]:
     scales = {first * 4: (settings.b1, settings.s1), first * 2: (settings.b2, settings.s2)}
     handles = [resnet.register_forward_pre_hook(_DecoderHook(channels, *scales[channels]))
                for resnet, channels in _decoder_resnets(unet) if channels in scales]
-    _ACTIVE.add(unet)
     try:
         yield
     finally:
-        _ACTIVE.discard(unet)
         for handle in handles:
             handle.remove()
 
 
 def active(unet: torch.nn.Module) -> bool:
-    """Whether FreeU hooks are on this UNet now (the compiled forward must not run it)."""
-    return unet in _ACTIVE
+    """Whether FreeU hooks are on this UNet now (the compiled forward must not run it): read
+    from the UNet's own decoder hooks, so no registry outside the model can go stale."""
+    return any(isinstance(hook, _DecoderHook) for block in getattr(unet, "up_blocks", ())
+               for resnet in block.resnets for hook in resnet._forward_pre_hooks.values())
