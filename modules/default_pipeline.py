@@ -378,7 +378,8 @@ class Pipeline:
             refiner = (req.refiner_model if req.refiner_model not in ("", flags.NONE_NAME)
                        and settings.refiner_enabled and req.refines(plan.steps) else None)
             key = (resolve_checkpoint(req.base_model, cfg),
-                   None if refiner is None else (resolve_checkpoint(refiner, cfg), req.refiner_switch), req.vae,
+                   None if refiner is None else (resolve_checkpoint(refiner, cfg), req.switch_step(plan.steps)),
+                   req.vae,
                    tuple((resolve_lora(name, cfg), weight) for name, weight in req.loras + plan.tag_loras),
                    None if settings.lora is None else (settings.lora.file_name, settings.lora.weight),
                    req.width, req.height, plan.sampler, plan.scheduler, plan.steps, plan.cfg_scale,
@@ -1162,8 +1163,8 @@ def req_seed(plan: RequestPlan, index: int) -> int:
 
 def debug_key(req: GenerationRequest) -> tuple:
     """The Developer Debug fields that change sampling, for the batch keys: requests with
-    other values never share a UNet batch."""
-    return (req.clip_skip, req.overwrite_switch, req.disable_seed_increment, req.refiner_swap_method, req.freeu)
+    other values never share a UNet batch (overwrite_switch is in the keys' refiner switch step)."""
+    return (req.clip_skip, req.disable_seed_increment, req.refiner_swap_method, req.freeu)
 
 
 class _stage:

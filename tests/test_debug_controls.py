@@ -150,6 +150,17 @@ def test_overwrite_switch_is_the_refiner_switch_step(pipeline, tiny_refiner_chec
     assert not np.array_equal(pixels(by_fraction.images[0]), pixels(alone.images[0]))
 
 
+def test_requests_batch_together_when_their_refiner_switch_step_is_the_same(pipeline, tiny_refiner_checkpoint):
+    """The batch key holds the switch step, however it was asked for (a fraction or overwrite_switch)."""
+    folders = pipeline(mm.Policy.RESIDENT)
+    shutil.copy(tiny_refiner_checkpoint, folders["checkpoints"] / "refiner.safetensors")
+    request = {**SMALL, "steps": 4, "refiner_model": "refiner.safetensors", "refiner_switch": 0.5}
+    key = pipelines.current().batch_key
+    assert key(dict(request)) is not None
+    assert key(dict(request)) == key({**request, "refiner_switch": 0.9, "overwrite_switch": 2})
+    assert key(dict(request)) != key({**request, "overwrite_switch": 3})
+
+
 def test_disable_preview_sends_no_step_previews(pipeline):
     pipeline(mm.Policy.RESIDENT)
     _, shown = _events(dict(SMALL))
