@@ -1641,8 +1641,9 @@ def _wire_styles_tab(styles: StylesTab, cfg: config_module.Config) -> None:
 
 
 def _wire_presets_and_parameters(app: gr.Blocks, page: Page, cfg: config_module.Config,
-                                 guard: route_guard.RouteGuard) -> None:
-    """A preset, or parameters loaded back, set the controls; the history-log link is today's."""
+                                 guard: route_guard.RouteGuard, generate_event: Any) -> None:
+    """A preset, or parameters loaded back, set the controls; the history-log link is today's
+    (set again after each run, as upstream's: a run past midnight logs into the next day's)."""
     field_targets = page.field_targets()
     aspect_values = {value for _, value in _aspect_choices(cfg)}
     param_note = page.params.note
@@ -1680,9 +1681,14 @@ def _wire_presets_and_parameters(app: gr.Blocks, page: Page, cfg: config_module.
                                 api_visibility="private", show_progress="minimal")
     page.params.load.click(on_load_parameters, inputs=[page.params.image, page.params.json],
                            outputs=[*field_targets.outputs(), param_note], api_visibility="private", queue=False)
+    def history_link(caller: gr.Request) -> str:
+        return t2i_page.history_link_html(cfg, guard.history_shown(login=caller.username is not None))
+
     def on_page_load(caller: gr.Request) -> tuple[str, str]:
-        shown = guard.history_shown(login=caller.username is not None)
-        return t2i_page.history_link_html(cfg, shown), t2i_page.style_samples_html(cfg)
+        return history_link(caller), t2i_page.style_samples_html(cfg)
+
+    generate_event.then(history_link, inputs=None, outputs=[page.report.history_link], api_visibility="private",
+                        queue=False)
 
     app.load(on_page_load, inputs=None, outputs=[page.report.history_link, page.styles.samples],
              api_visibility="private", queue=False)
@@ -1801,7 +1807,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
         _wire_settings_tab(page)
         _wire_models_tab(page.models, page.advanced, page.settings.preset, cfg)
         _wire_styles_tab(page.styles, cfg)
-        _wire_presets_and_parameters(app, page, cfg, guard)
+        _wire_presets_and_parameters(app, page, cfg, guard, generate_event)
         _wire_memory_panel(app, page.memory, generate_event, ctx)
         _api_endpoints(ctx)
 

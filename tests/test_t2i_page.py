@@ -237,6 +237,22 @@ def test_the_metadata_scheme_shows_only_with_metadata_saved(tmp_path, monkeypatc
     assert labels == ["Metadata Scheme"] and toggle(False)["visible"] is False and toggle(True)["visible"] is True
 
 
+def test_the_history_log_link_is_set_again_after_each_run(tmp_path, monkeypatch):
+    """As upstream's: a run past midnight logs into the next day's folder."""
+    from types import SimpleNamespace
+
+    app, cfg = build(tmp_path, monkeypatch)
+    comps = components(app)
+    deps = app.config["dependencies"]
+    generate = next(i for i, d in enumerate(deps)
+                    if any(comps.get(t[0], {}).get("props", {}).get("elem_id") == "generate_button" for t in d["targets"]))
+    after = [i for i, d in enumerate(deps) if d.get("trigger_after") == generate
+             and [comps[o]["props"].get("elem_id") for o in d["outputs"]] == ["fr-history"]]
+    assert len(after) == 1
+    target = Path(history_log.log_path(str(cfg.path_outputs)))
+    assert f'href="/history/{target.parent.name}/log.html"' in app.fns[after[0]].fn(SimpleNamespace(username=None))
+
+
 def test_history_log_link_points_at_todays_log(tmp_path, monkeypatch):
     app, cfg = build(tmp_path, monkeypatch)
     link = next(c["props"]["value"] for c in components(app).values() if c["props"].get("elem_id") == "fr-history")
