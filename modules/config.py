@@ -109,6 +109,20 @@ class Config:
     default_advanced_checkbox: bool = False
     default_image_prompt_checkbox: bool = False
     default_developer_debug_mode_checkbox: bool = False
+    default_image_prompt_advanced_checkbox: bool = False
+    # The page's other starting values (upstream's keys).
+    default_selected_image_input_tab_id: str = "uov_tab"   # uov_tab, ip_tab or inpaint_tab here
+    default_uov_method: str = flags.UOV_DISABLED
+    default_inpaint_method: str = flags.INPAINT_METHODS[0]
+    default_invert_mask_checkbox: bool = False
+    default_overwrite_upscale: float = -1.0          # Forced Overwrite of Denoising Strength of "Upscale"
+    default_max_image_number: int = 32               # the Image Number slider's end (at most 32)
+    default_max_lora_number: int = 5                 # LoRA rows on the page
+    default_loras_min_weight: float = -2.0           # the LoRA weight sliders' range
+    default_loras_max_weight: float = 2.0
+    # The inpaint patch a request gets unless it names one (its field inpaint_engine).
+    default_inpaint_engine_version: str = flags.DEFAULT_INPAINT_ENGINE
+    default_black_out_nsfw: bool = False   # only false: no safety checker ships
     # Wildcard files (name.txt, one choice per line) for __name__ in prompts.
     path_wildcards: Path = REPO_ROOT / "wildcards"
     # A preset's model files: (file name, URL) pairs, fetched when downloads are allowed,
@@ -249,6 +263,31 @@ def _as_overwrite_step(value: Any, key: str, source: str) -> int:
     return value
 
 
+# Upstream's Input Image tab ids; Describe, Enhance and Metadata are not built here.
+IMAGE_INPUT_TAB_IDS = ("uov_tab", "ip_tab", "inpaint_tab")
+
+
+def _as_image_number_cap(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
+        raise _fail(key, source, value, "an integer from 1 to 32 (a request's most images)")
+    return value
+
+
+def _as_lora_rows(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
+        raise _fail(key, source, value, "an integer from 1 to 32")
+    return value
+
+
+def _as_no_nsfw_blackout(value: Any, key: str, source: str) -> bool:
+    """Upstream's NSFW blackout needs a safety checker, which is not shipped: refused when
+    asked for, rather than serving unchecked images to an operator who expects it."""
+    if value is not False:
+        raise _fail(key, source, value, "false (blacking out NSFW images needs a safety-checker model, "
+                    "which this project does not ship)")
+    return value
+
+
 def _as_clip_skip(value: Any, key: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
         raise _fail(key, source, value, "an integer from 1 to 12")
@@ -367,6 +406,18 @@ _KEYS: dict[str, tuple[Any, Callable[[Any, str, str], Any], bool]] = {
     "default_advanced_checkbox": (False, _as_bool, False),
     "default_image_prompt_checkbox": (False, _as_bool, False),
     "default_developer_debug_mode_checkbox": (False, _as_bool, False),
+    "default_image_prompt_advanced_checkbox": (False, _as_bool, False),
+    "default_selected_image_input_tab_id": ("uov_tab", _one_of(IMAGE_INPUT_TAB_IDS), True),
+    "default_uov_method": (flags.UOV_DISABLED, _one_of(flags.UOV_METHODS), True),
+    "default_inpaint_method": (flags.INPAINT_METHODS[0], _one_of(flags.INPAINT_METHODS), True),
+    "default_invert_mask_checkbox": (False, _as_bool, False),
+    "default_overwrite_upscale": (-1.0, _in_range(-1.0, 1.0), False),
+    "default_max_image_number": (32, _as_image_number_cap, False),
+    "default_max_lora_number": (5, _as_lora_rows, False),
+    "default_loras_min_weight": (-2.0, _as_float, False),
+    "default_loras_max_weight": (2.0, _as_float, False),
+    "default_inpaint_engine_version": (flags.DEFAULT_INPAINT_ENGINE, _one_of(flags.INPAINT_ENGINE_VERSIONS), True),
+    "default_black_out_nsfw": (False, _as_no_nsfw_blackout, False),
     "path_wildcards": ("wildcards", _as_first_path, False),
     "checkpoint_downloads": ({}, _as_downloads, False),
     "lora_downloads": ({}, _as_downloads, False),
@@ -456,6 +507,10 @@ def load_config(env: Mapping[str, str] = os.environ, *, preset: str | None = Non
 
     values = {k: parse(raw[k][0], k, raw[k][1]) for k, (_, parse, _) in _KEYS.items()}
     _check_default_loras(values, raw)
+    if values["default_loras_min_weight"] >= values["default_loras_max_weight"]:
+        raise ConfigError(f"config keys 'default_loras_min_weight' ({values['default_loras_min_weight']:g}) and "
+                          f"'default_loras_max_weight' ({values['default_loras_max_weight']:g}): the minimum must "
+                          f"be below the maximum")
     if not (cli or {}).get("always_download_new_model"):
         values["default_model"] = _available_default_model(values)
     return Config(config_path=config_path, **values, **(cli or {}))

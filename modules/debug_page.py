@@ -23,6 +23,7 @@ from typing import Any
 from modules import config as config_module
 from modules import flags
 from modules.generation_request import FREEU_DEFAULTS, MAX_STEPS, REFINER_SWAP_METHODS
+from modules.input_image_page import inpaint_method_settings
 
 STEP_RANGE = (-1, MAX_STEPS)          # "Forced Overwrite of Sampling Step"; -1: not forced
 SIDE_RANGE = (-1, 2048)               # upstream's width/height sliders (the request takes up to MAX_SIDE)
@@ -74,7 +75,19 @@ class DebugValues:
         return DebugValues(adaptive_cfg=cfg.default_cfg_tsnr, clip_skip=cfg.default_clip_skip,
                            steps=cfg.default_overwrite_step, overwrite_switch=cfg.default_overwrite_switch,
                            save_metadata_to_images=cfg.default_save_metadata_to_images,
-                           metadata_scheme=cfg.default_metadata_scheme)
+                           metadata_scheme=cfg.default_metadata_scheme,
+                           inpaint_engine=cfg.default_inpaint_engine_version)
+
+    @staticmethod
+    def initial(cfg: config_module.Config) -> "DebugValues":
+        """The page's starting values: `defaults`, and what upstream's page-only keys set
+        (default_invert_mask_checkbox, default_overwrite_upscale, default_inpaint_method);
+        those differ from what the server takes, so they are sent when they apply."""
+        method = inpaint_method_settings(cfg.default_inpaint_method, cfg.default_inpaint_engine_version)
+        return dataclasses.replace(DebugValues.defaults(cfg), invert_mask_checkbox=cfg.default_invert_mask_checkbox,
+                                   overwrite_upscale_strength=cfg.default_overwrite_upscale,
+                                   inpaint_engine=method.engine,
+                                   inpaint_disable_initial_latent=method.disable_initial_latent)
 
     @staticmethod
     def names() -> tuple[str, ...]:

@@ -196,14 +196,14 @@ def parse(data: dict, cfg: Config) -> ImageInputs:
             inputs.mask = decode_image(data["inpaint_mask"], "inpaint_mask", folders, keep_alpha=True)
         inputs.inpaint_strength = _fraction(data, "inpaint_strength", INPAINT_STRENGTH, low_open=True)
         inputs.inpaint_respective_field = _fraction(data, "inpaint_respective_field", INPAINT_RESPECTIVE_FIELD)
-    inputs.inpaint = _inpaint_options(data)
+    inputs.inpaint = _inpaint_options(data, cfg.default_inpaint_engine_version)
     return inputs
 
 
-def _inpaint_options(data: dict) -> InpaintOptions:
+def _inpaint_options(data: dict, default_engine: str) -> InpaintOptions:
     engine = data.get("inpaint_engine")
     if engine in (None, ""):
-        engine = flags.DEFAULT_INPAINT_ENGINE
+        engine = default_engine   # config/preset default_inpaint_engine_version
     if engine not in flags.INPAINT_ENGINE_VERSIONS:
         raise RequestError(f"field 'inpaint_engine' must be one of {', '.join(flags.INPAINT_ENGINE_VERSIONS)}, "
                            f"got {engine!r}")

@@ -97,16 +97,17 @@ class InpaintMethodSettings:
     respective_field: float
 
 
-def inpaint_method_settings(method: str) -> InpaintMethodSettings:
+def inpaint_method_settings(method: str, engine: str = flags.DEFAULT_INPAINT_ENGINE) -> InpaintMethodSettings:
+    """`engine`: the inpaint patch the other methods than Improve Detail use (config
+    default_inpaint_engine_version)."""
     default, detail, modify = flags.INPAINT_METHODS
     if method == detail:    # a light pass over the masked part alone, without the inpaint patch
         return InpaintMethodSettings(True, False, False, "None", 0.5, 0.0)
     if method == modify:    # new content: sampling starts from an empty latent, not the picture
-        return InpaintMethodSettings(True, False, True, flags.DEFAULT_INPAINT_ENGINE, INPAINT_STRENGTH, 0.0)
+        return InpaintMethodSettings(True, False, True, engine, INPAINT_STRENGTH, 0.0)
     if method != default:
         raise ValueError(f"Inpaint or Outpaint: unknown method {method!r}")
-    return InpaintMethodSettings(False, True, False, flags.DEFAULT_INPAINT_ENGINE, INPAINT_STRENGTH,
-                                 INPAINT_RESPECTIVE_FIELD)
+    return InpaintMethodSettings(False, True, False, engine, INPAINT_STRENGTH, INPAINT_RESPECTIVE_FIELD)
 
 
 def inpaint_prompt(prompt: str, additional: str) -> str:

@@ -4,7 +4,7 @@ A preset is a JSON object of config keys (``default_model``, ``default_loras``,
 ``default_cfg_scale``, ``default_sample_sharpness``, ``default_styles``...) laid
 over config.txt: by ``--preset NAME`` at start, by a request's ``preset`` field,
 or by the page's preset dropdown (no restart). Keys this project does not know
-(upstream's ``default_max_lora_number``, ``default_inpaint_engine_version``...) are
+(upstream's ``default_enhance_checkbox``, ``default_inpaint_mask_model``...) are
 accepted and ignored, with one log line per preset file version naming them.
 
 This module finds and reads the files (modules/config.py parses the values) and

@@ -55,8 +55,6 @@ from modules.runtime import get_worker
 
 log = logging.getLogger(__name__)
 
-LORA_SLOTS = 5
-LORA_WEIGHT_RANGE = (-2.0, 2.0)
 MAX_IMAGE_NUMBER = 32
 PROGRESS_POLL_S = 0.1  # how often a page follower looks at its task's progress
 CLIENT_POLL_S = 0.5  # how often an API call looks whether its client is still there
@@ -734,20 +732,20 @@ class DebugPanel:
 def _debug_panel(cfg: config_module.Config) -> DebugPanel:
     """Upstream's Developer Debug Mode: a box, and under it the Debug Tools, Control,
     Inpaint and FreeU tabs (hidden until the box is ticked; their values count either way)."""
-    defaults = debug_page.DebugValues.defaults(cfg)
+    defaults, initial = debug_page.DebugValues.defaults(cfg), debug_page.DebugValues.initial(cfg)
     shown = cfg.default_developer_debug_mode_checkbox
     enabled = gr.Checkbox(label="Developer Debug Mode", value=shown, container=False, elem_id="fr-debug-mode")
     by_field: dict[str, Any] = {}
     with gr.Column(visible=shown, elem_id="fr-debug-column") as column:
         with gr.Tabs(elem_id="fr-debug-tabs", overflow_behavior="wrap"):
             with gr.Tab("Debug Tools", elem_id="fr-debug-tools-tab"):
-                by_field.update(_debug_tools_tab(defaults))
+                by_field.update(_debug_tools_tab(initial))
             with gr.Tab("Control", elem_id="fr-control-tab"):
                 control = _control_tab()
             with gr.Tab("Inpaint", elem_id="fr-debug-inpaint-tab"):
-                by_field.update(_debug_inpaint_tab(defaults))
+                by_field.update(_debug_inpaint_tab(initial))
             with gr.Tab("FreeU", elem_id="fr-freeu-tab"):
-                by_field.update(_freeu_tab(defaults))
+                by_field.update(_freeu_tab(initial))
     return DebugPanel(enabled, column, by_field, control, defaults)
 
 
@@ -1067,28 +1065,34 @@ def _mode_memory(performance: str, current: dict[str, Any],
 INPUT_IMAGE_TABS = (("Upscale or Variation", input_image_page.TAB_UOV, "fr-uov-tab"),
                     ("Image Prompt", input_image_page.TAB_IP, "fr-ip-tab"),
                     ("Inpaint or Outpaint", input_image_page.TAB_INPAINT, "fr-inpaint-tab"))
+# Upstream's tab ids (config default_selected_image_input_tab_id) -> ours.
+INPUT_IMAGE_TAB_IDS = {"uov_tab": input_image_page.TAB_UOV, "ip_tab": input_image_page.TAB_IP,
+                       "inpaint_tab": input_image_page.TAB_INPAINT}
 
 
-def _input_image_panel(enabled: gr.Checkbox, shown: bool) -> tuple[InputImageControls, gr.Column, list[gr.Tab],
-                                                                    gr.Checkbox, list[gr.Column]]:
+def _input_image_panel(enabled: gr.Checkbox, cfg: config_module.Config
+                       ) -> tuple[InputImageControls, gr.Column, list[gr.Tab], gr.Checkbox, list[gr.Column]]:
     """Upstream's Input Image panel: one tab per mode, the image upload left and its
     options right (Image Prompt: four slots, their Stop At/Weight behind an Advanced box).
     Returns the controls, the panel, the tabs, the image-prompt Advanced box and the
-    slots' advanced columns, for the caller to wire."""
-    with gr.Column(visible=shown, elem_id="fr-input-image-panel") as panel:
-        tab_value = gr.Textbox(value=input_image_page.TAB_UOV, visible=False, elem_id="fr-input-image-tab")
+    slots' advanced columns, for the caller to wire. Starting values: config.txt's (upstream's keys)."""
+    first_tab = INPUT_IMAGE_TAB_IDS[cfg.default_selected_image_input_tab_id]
+    method = input_image_page.inpaint_method_settings(cfg.default_inpaint_method, cfg.default_inpaint_engine_version)
+    ip_advanced_on = cfg.default_image_prompt_advanced_checkbox
+    with gr.Column(visible=cfg.default_image_prompt_checkbox, elem_id="fr-input-image-panel") as panel:
+        tab_value = gr.Textbox(value=first_tab, visible=False, elem_id="fr-input-image-tab")
         tabs: list[gr.Tab] = []
-        with gr.Tabs(elem_id="fr-input-image-tabs", overflow_behavior="wrap"):
-            with gr.Tab(INPUT_IMAGE_TABS[0][0], elem_id=INPUT_IMAGE_TABS[0][2]) as uov_tab:
+        with gr.Tabs(selected=first_tab, elem_id="fr-input-image-tabs", overflow_behavior="wrap"):
+            with gr.Tab(INPUT_IMAGE_TABS[0][0], id=INPUT_IMAGE_TABS[0][1], elem_id=INPUT_IMAGE_TABS[0][2]) as uov_tab:
                 with gr.Row():
                     with gr.Column(min_width=200):
                         uov_image = gr.Image(label="Image to vary or upscale", type="numpy", format="png",
                                              sources=["upload", "clipboard"], height=300, elem_id="fr-uov-image")
                     with gr.Column(min_width=200):
-                        uov_method = gr.Radio(list(flags.UOV_METHODS), value=flags.UOV_DISABLED,
+                        uov_method = gr.Radio(list(flags.UOV_METHODS), value=cfg.default_uov_method,
                                               label="Upscale or Variation", elem_id="fr-uov-method")
                 tabs.append(uov_tab)
-            with gr.Tab(INPUT_IMAGE_TABS[1][0], elem_id=INPUT_IMAGE_TABS[1][2]) as ip_tab:
+            with gr.Tab(INPUT_IMAGE_TABS[1][0], id=INPUT_IMAGE_TABS[1][1], elem_id=INPUT_IMAGE_TABS[1][2]) as ip_tab:
                 slots: list[ImagePromptControls] = []
                 advanced_columns: list[gr.Column] = []
                 with gr.Row(elem_classes=["fr-ip-row"]):
@@ -1097,7 +1101,7 @@ def _input_image_panel(enabled: gr.Checkbox, shown: bool) -> tuple[InputImageCon
                             image = gr.Image(label=f"Image Prompt {i + 1}", show_label=False, type="numpy",
                                              format="png", sources=["upload", "clipboard"], height=220,
                                              elem_id=f"fr-ip-image-{i}")
-                            with gr.Column(visible=False, elem_id=f"fr-ip-advanced-{i}") as advanced_col:
+                            with gr.Column(visible=ip_advanced_on, elem_id=f"fr-ip-advanced-{i}") as advanced_col:
                                 stop = gr.Slider(0.0, 1.0, value=input_image_page.IMAGE_PROMPT_STOP, step=0.001,
                                                  label="Stop At", elem_id=f"fr-ip-stop-{i}")
                                 weight = gr.Slider(0.0, 2.0, value=input_image_page.IMAGE_PROMPT_WEIGHT,
@@ -1106,9 +1110,10 @@ def _input_image_panel(enabled: gr.Checkbox, shown: bool) -> tuple[InputImageCon
                                                 label="Type", container=False, elem_id=f"fr-ip-type-{i}")
                             advanced_columns.append(advanced_col)
                             slots.append(ImagePromptControls(image, stop, weight, kind))
-                ip_advanced = gr.Checkbox(label="Advanced", value=False, container=False, elem_id="fr-ip-advanced")
+                ip_advanced = gr.Checkbox(label="Advanced", value=ip_advanced_on, container=False,
+                                          elem_id="fr-ip-advanced")
                 tabs.append(ip_tab)
-            with gr.Tab(INPUT_IMAGE_TABS[2][0], elem_id=INPUT_IMAGE_TABS[2][2]) as inpaint_tab:
+            with gr.Tab(INPUT_IMAGE_TABS[2][0], id=INPUT_IMAGE_TABS[2][1], elem_id=INPUT_IMAGE_TABS[2][2]) as inpaint_tab:
                 with gr.Row():
                     with gr.Column(scale=3, min_width=240):
                         # A short label: the canvas's toolbar is drawn over the top right of the box.
@@ -1119,22 +1124,24 @@ def _input_image_panel(enabled: gr.Checkbox, shown: bool) -> tuple[InputImageCon
                         gr.Markdown("Draw over the parts of the picture that should change, or choose an "
                                     "outpaint direction.", elem_id="fr-inpaint-hint")
                     with gr.Column(scale=2, min_width=200):
-                        method = gr.Dropdown(list(flags.INPAINT_METHODS), value=flags.INPAINT_METHODS[0],
-                                             label="Method", elem_id="fr-inpaint-method")
-                        additional_prompt = gr.Textbox(label="Inpaint Additional Prompt", lines=2, visible=False,
+                        method_choice = gr.Dropdown(list(flags.INPAINT_METHODS), value=cfg.default_inpaint_method,
+                                                    label="Method", elem_id="fr-inpaint-method")
+                        additional_prompt = gr.Textbox(label="Inpaint Additional Prompt", lines=2,
+                                                       visible=method.additional_prompt_shown,
                                                        placeholder="What the repainted part should show",
                                                        elem_id="fr-inpaint-additional-prompt")
-                        outpaint = gr.CheckboxGroup(list(flags.OUTPAINT_SELECTIONS), value=[],
+                        outpaint = gr.CheckboxGroup(list(flags.OUTPAINT_SELECTIONS), value=[], visible=method.outpaint_shown,
                                                     label="Outpaint Direction", elem_id="fr-outpaint")
                         mask_upload = gr.Image(label="Mask (optional, white repaints)", type="numpy",
                                                format="png", sources=["upload", "clipboard"], height=200,
                                                image_mode="RGBA", elem_id="fr-inpaint-mask-upload")
-                        invert_mask = gr.Checkbox(label="Invert Mask When Generating", value=False,
+                        invert_mask = gr.Checkbox(label="Invert Mask When Generating",
+                                                  value=cfg.default_invert_mask_checkbox,
                                                   elem_id="fr-invert-mask")
                         with gr.Accordion("Inpaint settings", open=False, elem_id="fr-inpaint-advanced"):
-                            strength = gr.Slider(0.0, 1.0, value=input_image_page.INPAINT_STRENGTH, step=0.001,
+                            strength = gr.Slider(0.0, 1.0, value=method.strength, step=0.001,
                                                  label="Inpaint Denoising Strength", elem_id="fr-inpaint-strength")
-                            respective = gr.Slider(0.0, 1.0, value=input_image_page.INPAINT_RESPECTIVE_FIELD,
+                            respective = gr.Slider(0.0, 1.0, value=method.respective_field,
                                                    step=0.001, label="Inpaint Respective Field",
                                                    elem_id="fr-inpaint-respective-field")
                 tabs.append(inpaint_tab)
@@ -1142,7 +1149,7 @@ def _input_image_panel(enabled: gr.Checkbox, shown: bool) -> tuple[InputImageCon
                                   uov_method=uov_method, image_prompts=slots, inpaint_canvas=canvas,
                                   inpaint_mask_upload=mask_upload, outpaint=outpaint, inpaint_strength=strength,
                                   inpaint_respective_field=respective, invert_mask=invert_mask,
-                                  inpaint_method=method, inpaint_additional_prompt=additional_prompt)
+                                  inpaint_method=method_choice, inpaint_additional_prompt=additional_prompt)
     return controls, panel, tabs, ip_advanced, advanced_columns
 
 
@@ -1372,7 +1379,8 @@ def _settings_tab(cfg: config_module.Config) -> SettingsTab:
                           elem_id="fr-aspect-ratios-accordion") as aspect_ratio_accordion:
             aspect_ratio = gr.Radio(_aspect_choices(cfg), value=cfg.default_aspect_ratio, show_label=False,
                                     label="Aspect Ratios", elem_id="fr-aspect-ratios")
-        image_number = gr.Slider(1, MAX_IMAGE_NUMBER, value=cfg.default_image_number, step=1,
+        image_number = gr.Slider(1, min(cfg.default_max_image_number, MAX_IMAGE_NUMBER),
+                                 value=min(cfg.default_image_number, cfg.default_max_image_number), step=1,
                                  label="Image Number")
         output_format = gr.Radio(list(OUTPUT_FORMATS), value="png", label="Output Format")
         negative = gr.Textbox(label="Negative prompt", value=cfg.default_prompt_negative, lines=2,
@@ -1400,7 +1408,10 @@ def _lora_slots(cfg: config_module.Config) -> list[LoraSlot]:
     lora_files = _lora_choices(cfg)
     slots: list[LoraSlot] = []
     defaults = list(cfg.default_loras)
-    for i in range(LORA_SLOTS):
+    # Upstream's default_max_lora_number and default_loras_min/max_weight, within max_lora_weight.
+    weight_range = (max(cfg.default_loras_min_weight, -cfg.max_lora_weight),
+                    min(cfg.default_loras_max_weight, cfg.max_lora_weight))
+    for i in range(max(cfg.default_max_lora_number, len(defaults))):
         d = defaults[i] if i < len(defaults) else None
         with gr.Row(elem_classes=["fr-lora-row"]):
             slots.append(LoraSlot(
@@ -1409,7 +1420,7 @@ def _lora_slots(cfg: config_module.Config) -> list[LoraSlot]:
                 name=gr.Dropdown(lora_files, value=d.name if d else flags.NONE_NAME,
                                  label=f"LoRA {i + 1}", allow_custom_value=True,
                                  elem_classes=["fr-lora-name"], min_width=160, scale=3),
-                weight=gr.Slider(*LORA_WEIGHT_RANGE, value=d.weight if d else 1.0, step=0.01,
+                weight=gr.Slider(*weight_range, value=d.weight if d else 1.0, step=0.01,
                                  label="Weight", elem_classes=["fr-lora-weight"],
                                  min_width=120, scale=2),
             ))
@@ -1460,8 +1471,7 @@ def _page(cfg: config_module.Config, warning: str | None) -> Page:
         with gr.Column(scale=2, min_width=300):
             shown = _progress_panel()
             prompt = _prompt_panel(cfg)
-            input_image = InputImagePanel(*_input_image_panel(prompt.input_image_checkbox,
-                                                              cfg.default_image_prompt_checkbox))
+            input_image = InputImagePanel(*_input_image_panel(prompt.input_image_checkbox, cfg))
             memory = _memory_panel()
             report = _report_panel(cfg)
             params = _load_parameters_panel()
@@ -1544,7 +1554,7 @@ def _wire_prompt_panel(page: Page) -> None:
                 api_visibility="private", queue=False)
 
 
-def _wire_input_image_panel(panel: InputImagePanel, debug: DebugPanel) -> None:
+def _wire_input_image_panel(panel: InputImagePanel, debug: DebugPanel, cfg: config_module.Config) -> None:
     for (_, tab_name, _), tab in zip(INPUT_IMAGE_TABS, panel.tabs):
         # In the browser: the tab shown is the mode sent, with no round trip to race Generate.
         tab.select(None, inputs=None, outputs=[panel.controls.tab], js=f"() => {json.dumps(tab_name)}",
@@ -1569,7 +1579,7 @@ def _wire_input_image_panel(panel: InputImagePanel, debug: DebugPanel) -> None:
     controls = panel.controls
 
     def on_inpaint_method(method: str) -> list[Any]:
-        chosen = input_image_page.inpaint_method_settings(method)
+        chosen = input_image_page.inpaint_method_settings(method, cfg.default_inpaint_engine_version)
         return [gr.update(visible=True) if chosen.additional_prompt_shown else gr.update(visible=False, value=""),
                 gr.update(visible=True) if chosen.outpaint_shown else gr.update(visible=False, value=[]),
                 gr.update(value=chosen.disable_initial_latent), gr.update(value=chosen.engine),
@@ -1803,7 +1813,7 @@ def build_app(worker: Worker | None = None, cfg: config_module.Config | None = N
         page = _page(cfg, demo_warning())
         generate_event = _wire_generation(app, page, ctx)
         _wire_prompt_panel(page)
-        _wire_input_image_panel(page.input_image, page.advanced.debug)
+        _wire_input_image_panel(page.input_image, page.advanced.debug, cfg)
         _wire_settings_tab(page)
         _wire_models_tab(page.models, page.advanced, page.settings.preset, cfg)
         _wire_styles_tab(page.styles, cfg)

@@ -88,6 +88,9 @@ def test_env_plain_string_for_path_key(tmp_path: Path) -> None:
      ("default_aspect_ratio", "square"), ("default_metadata_scheme", "exif"),
      ("default_save_metadata_to_images", '"yes"'), ("default_overwrite_step", "0"),
      ("default_overwrite_switch", "201"), ("default_clip_skip", "13"), ("default_cfg_tsnr", "0.5"),
+     ("default_black_out_nsfw", "true"), ("default_max_lora_number", "0"), ("default_max_image_number", "33"),
+     ("default_selected_image_input_tab_id", "describe_tab"), ("default_inpaint_engine_version", "v3"),
+     ("default_inpaint_method", "Repaint"),
      ("checkpoint_downloads", '{"../../etc/x.safetensors": "https://h/x"}'),
      ("lora_downloads", '{"a.safetensors": "file:///etc/passwd"}'), ("previous_default_models", '"old"')],
 )
@@ -204,3 +207,9 @@ def test_resolve_allows_symlinked_model_files(tmp_path: Path) -> None:
     (folder / "link.safetensors").symlink_to(store / "real.safetensors")
     assert resolve_model_file("link.safetensors", [folder]) == str(folder / "link.safetensors")
     assert list_model_files([folder]) == ["link.safetensors"]
+
+
+def test_the_lora_weight_range_must_be_a_range(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="default_loras_min_weight.*default_loras_max_weight"):
+        load_config({"config_path": str(tmp_path / "none.txt"), "default_loras_min_weight": "1",
+                     "default_loras_max_weight": "1"})

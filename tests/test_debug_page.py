@@ -112,3 +112,13 @@ def test_a_forced_size_is_rounded_down_to_a_multiple_of_8(tmp_path: Path) -> Non
     fields = dataclasses.replace(defaults, overwrite_width=517, overwrite_height=100).request_fields(defaults, {})
     assert fields == {"overwrite_width": 512, "overwrite_height": 96}
     assert (parsed(fields, cfg).width, parsed(fields, cfg).height) == (512, 96)
+
+
+def test_default_inpaint_engine_version_is_the_servers_default_and_the_pages(tmp_path: Path) -> None:
+    import numpy as np
+    from modules import image_inputs, input_image_page
+    cfg = load(tmp_path, default_inpaint_engine_version="v1")
+    request = {"input_image": input_image_page.encode_png(np.zeros((16, 16, 3), np.uint8)),
+               "outpaint_selections": ["Left"]}
+    assert image_inputs.parse(request, cfg).inpaint.engine == "v1"
+    assert DebugValues.defaults(cfg).inpaint_engine == DebugValues.initial(cfg).inpaint_engine == "v1"

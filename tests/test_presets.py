@@ -118,16 +118,16 @@ def test_the_playground_preset_runs_with_its_edm_scheduler(pipeline):
 
 
 def test_unknown_keys_are_ignored_with_one_log_line(presets_dir, tmp_path, caplog):
-    write(presets_dir, "mine", {"default_cfg_scale": 6.5, "default_max_lora_number": 5,
-                                "default_inpaint_engine_version": "None"})
+    write(presets_dir, "mine", {"default_cfg_scale": 6.5, "default_enhance_checkbox": True,
+                                "default_inpaint_mask_model": "sam", "default_inpaint_engine_version": "None"})
     env = {"config_path": str(tmp_path / "absent.txt")}
     with caplog.at_level(logging.INFO, logger="fooocus_resident.presets"):
         first = load_config(env, preset="mine")
         load_config(env, preset="mine")
-    assert first.default_cfg_scale == 6.5
+    assert (first.default_cfg_scale, first.default_inpaint_engine_version) == (6.5, "None")
     lines = [r.getMessage() for r in caplog.records if "ignoring keys" in r.getMessage()]
     assert lines == ["[Fooocus-Resident] preset mine: ignoring keys this version does not use: "
-                     "default_inpaint_engine_version, default_max_lora_number"]
+                     "default_enhance_checkbox, default_inpaint_mask_model"]
 
 
 def test_unknown_or_escaping_preset_names_list_the_presets(presets_dir, tmp_path):

@@ -253,6 +253,30 @@ def test_the_history_log_link_is_set_again_after_each_run(tmp_path, monkeypatch)
     assert f'href="/history/{target.parent.name}/log.html"' in app.fns[after[0]].fn(SimpleNamespace(username=None))
 
 
+def test_upstreams_page_default_keys_set_the_starting_values(tmp_path, monkeypatch):
+    app, cfg = build(tmp_path, monkeypatch, default_max_lora_number="3", default_loras_min_weight="-1",
+                     default_loras_max_weight="1.5", default_max_image_number="8", default_uov_method="Vary (Subtle)",
+                     default_inpaint_method="Improve Detail (face, hand, eyes, etc.)",
+                     default_invert_mask_checkbox="true", default_image_prompt_advanced_checkbox="true",
+                     default_selected_image_input_tab_id="inpaint_tab", default_inpaint_engine_version="v2.5",
+                     default_overwrite_upscale="0.3")
+    props = [c["props"] for c in components(app).values()]
+    by_id = {p.get("elem_id"): p for p in props}
+    weights = [p for p in props if "fr-lora-weight" in (p.get("elem_classes") or [])]
+    assert len(weights) == 3 and all((p["minimum"], p["maximum"]) == (-1.0, 1.5) for p in weights)
+    assert next(p for p in props if p.get("label") == "Image Number")["maximum"] == 8
+    assert by_id["fr-uov-method"]["value"] == "Vary (Subtle)" and by_id["fr-invert-mask"]["value"] is True
+    assert by_id["fr-ip-advanced"]["value"] is True and by_id["fr-ip-advanced-0"]["visible"] is True
+    assert by_id["fr-input-image-tab"]["value"] == "inpaint" and by_id["fr-input-image-tabs"]["selected"] == "inpaint"
+    # Improve Detail's own settings; the other methods would use default_inpaint_engine_version.
+    assert (by_id["fr-inpaint-engine"]["value"], by_id["fr-inpaint-strength"]["value"],
+            by_id["fr-inpaint-respective-field"]["value"]) == ("None", 0.5, 0.0)
+    assert by_id["fr-inpaint-additional-prompt"]["visible"] is True and by_id["fr-outpaint"]["visible"] is False
+    assert by_id["fr-overwrite-upscale-strength"]["value"] == 0.3
+    method, labels = handler(app, "fr-inpaint-method", "change")
+    assert dict(zip(labels, method("Inpaint or Outpaint (default)")))["Inpaint Engine"]["value"] == "v2.5"
+
+
 def test_history_log_link_points_at_todays_log(tmp_path, monkeypatch):
     app, cfg = build(tmp_path, monkeypatch)
     link = next(c["props"]["value"] for c in components(app).values() if c["props"].get("elem_id") == "fr-history")

@@ -555,11 +555,11 @@ def test_page_has_the_controls_and_the_demo_banner(tmp_path: Path) -> None:
     assert by_label["Refiner Switch At"]["visible"] is False   # no refiner chosen
     assert ["1152×896 | 9:7", "1152*896"] in [list(c) for c in by_label["Aspect Ratios"]["choices"]]
     lora_dropdowns = [p for p in props if str(p.get("label", "")).startswith("LoRA ")]
-    assert len(lora_dropdowns) == webui.LORA_SLOTS
+    assert len(lora_dropdowns) == 5   # upstream's default_max_lora_number
     assert all(any(c[0] == "style.safetensors" for c in p["choices"]) for p in lora_dropdowns)
     weights = [p for p in props if "fr-lora-weight" in (p.get("elem_classes") or [])]
-    assert len(weights) == webui.LORA_SLOTS
-    assert all((p["minimum"], p["maximum"]) == webui.LORA_WEIGHT_RANGE for p in weights)
+    assert len(weights) == 5
+    assert all((p["minimum"], p["maximum"]) == (-2.0, 2.0) for p in weights)   # default_loras_min/max_weight
     banners = [p for p in props if "random demo weights" in str(p.get("value", ""))]
     assert len(banners) == 1 and banners[0]["visible"] is True
     for label in ("Prompt", "Negative prompt", "Image Number", "Sampler", "Scheduler", "Seed", "Random",
