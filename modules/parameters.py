@@ -515,4 +515,5 @@ def from_config(cfg) -> dict:
             "aspect_ratio": cfg.default_aspect_ratio, "image_number": cfg.default_image_number,
             # upstream's preset keys default_overwrite_step/_switch, default_cfg_tsnr, default_clip_skip
             "steps": cfg.default_overwrite_step, "overwrite_switch": cfg.default_overwrite_switch,
-            "adaptive_cfg": cfg.default_cfg_tsnr, "clip_skip": cfg.default_clip_skip}
+            "adaptive_cfg": cfg.default_cfg_tsnr, "clip_skip": cfg.default_clip_skip,
+            "inpaint_engine": cfg.default_inpaint_engine_version}

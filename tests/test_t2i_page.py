@@ -206,7 +206,8 @@ def test_a_preset_sets_the_developer_debug_controls(tmp_path, monkeypatch):
     apply, labels = handler(app, "fr-preset", "change")
     preset = set_values(labels, apply("realistic"))
     assert preset["Forced Overwrite of Sampling Step"] == [-1] and preset["CLIP Skip"] == [2]
-    assert preset["CFG Mimicking from TSNR"] == [7.0]
+    assert preset["CFG Mimicking from TSNR"] == [7.0] and preset["Inpaint Engine"] == ["v2.6"]
+    assert set_values(labels, apply("playground_v2.5"))["Inpaint Engine"] == ["None"]   # its default_inpaint_engine_version
 
 
 def test_upstreams_checkbox_keys_open_the_panels(tmp_path, monkeypatch):
