@@ -1113,7 +1113,8 @@ def _input_image_panel(enabled: gr.Checkbox, cfg: config_module.Config
                 ip_advanced = gr.Checkbox(label="Advanced", value=ip_advanced_on, container=False,
                                           elem_id="fr-ip-advanced")
                 tabs.append(ip_tab)
-            with gr.Tab(INPUT_IMAGE_TABS[2][0], id=INPUT_IMAGE_TABS[2][1], elem_id=INPUT_IMAGE_TABS[2][2]) as inpaint_tab:
+            with gr.Tab(INPUT_IMAGE_TABS[2][0], id=INPUT_IMAGE_TABS[2][1],
+                        elem_id=INPUT_IMAGE_TABS[2][2]) as inpaint_tab:
                 with gr.Row():
                     with gr.Column(scale=3, min_width=240):
                         # A short label: the canvas's toolbar is drawn over the top right of the box.
@@ -1130,7 +1131,8 @@ def _input_image_panel(enabled: gr.Checkbox, cfg: config_module.Config
                                                        visible=method.additional_prompt_shown,
                                                        placeholder="What the repainted part should show",
                                                        elem_id="fr-inpaint-additional-prompt")
-                        outpaint = gr.CheckboxGroup(list(flags.OUTPAINT_SELECTIONS), value=[], visible=method.outpaint_shown,
+                        outpaint = gr.CheckboxGroup(list(flags.OUTPAINT_SELECTIONS), value=[],
+                                                    visible=method.outpaint_shown,
                                                     label="Outpaint Direction", elem_id="fr-outpaint")
                         mask_upload = gr.Image(label="Mask (optional, white repaints)", type="numpy",
                                                format="png", sources=["upload", "clipboard"], height=200,
