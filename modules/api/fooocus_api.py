@@ -45,6 +45,7 @@ NAMES = {"styles": "style_selections", "performance": "performance_selection",
          "steps": "advanced_params.overwrite_step", "width": "advanced_params.overwrite_width",
          "height": "advanced_params.overwrite_height", "vae": "advanced_params.vae_name",
          "metadata_scheme": "meta_scheme", "save_metadata_to_images": "save_meta",
+         "overwrite_switch": "advanced_params.overwrite_switch",
          **{f"adm_scaler_{k}": f"advanced_params.adm_scaler_{k}" for k in ("positive", "negative", "end")},
          **{k: f"advanced_params.{k}" for k in ("overwrite_vary_strength", "overwrite_upscale_strength",
                                                 "inpaint_strength", "inpaint_respective_field")}}
@@ -95,7 +96,7 @@ class AdvancedParams(BaseModel):
     sampler_name: str | None = Field(None, description="one of /sdapi/v1/samplers' aliases or ours, e.g. dpmpp_2m_sde_gpu")
     scheduler_name: str | None = Field(None, description="e.g. karras")
     overwrite_step: int = Field(-1, ge=-1, le=200, description="-1: the performance mode's steps")
-    overwrite_switch: float = Field(-1, ge=-1, le=1.0, description="refiner switch; -1: refiner_switch")
+    overwrite_switch: int = Field(-1, ge=-1, le=200, description="the step the refiner takes over at; -1: refiner_switch")
     overwrite_width: int = Field(-1, ge=-1, le=4096)
     overwrite_height: int = Field(-1, ge=-1, le=4096)
     overwrite_vary_strength: float = Field(-1, ge=-1, le=1.0, description="Vary's denoise; -1: 0.5 / 0.85")
@@ -259,7 +260,7 @@ def _advanced(params: AdvancedParams, out: dict) -> None:
         if getattr(params, theirs) > 0:
             out[ours] = getattr(params, theirs)
     if params.overwrite_switch > 0:
-        out["refiner_switch"] = params.overwrite_switch
+        out["overwrite_switch"] = params.overwrite_switch
 
 
 def _image_prompts(prompts: list[ImagePromptJson], resolve: Callable[[Any, str], Any]) -> list[list]:

@@ -56,9 +56,10 @@ def test_fields_not_sent_stay_out_so_the_config_decides():
     overwritten = fa.to_request(fa.CommonRequest.model_validate(
         {"prompt": "x", "save_extension": "jpg",
          "advanced_params": {"overwrite_step": 2, "overwrite_width": 64, "overwrite_height": 96,
-                             "overwrite_switch": 0.6, "vae_name": "sdxl_vae.safetensors"}}), same)
+                             "overwrite_switch": 1, "vae_name": "sdxl_vae.safetensors"}}), same)
+    # overwrite_switch is a step there too ("Forced Overwrite of Refiner Switch Step", -1..200)
     assert overwritten == {"prompt": "x", "output_format": "jpeg", "steps": 2, "width": 64, "height": 96,
-                           "refiner_switch": 0.6, "vae": "sdxl_vae.safetensors"}
+                           "overwrite_switch": 1, "vae": "sdxl_vae.safetensors"}
     metadata = fa.to_request(fa.CommonRequest.model_validate(
         {"prompt": "x", "save_meta": False, "meta_scheme": "a1111", "read_wildcards_in_order": True}), same)
     assert metadata == {"prompt": "x", "save_metadata_to_images": False, "metadata_scheme": "a1111",
