@@ -251,12 +251,6 @@ def _as_positive_int(value: Any, key: str, source: str) -> int:
     return value
 
 
-def _as_bool(value: Any, key: str, source: str) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(key, source, value, "true or false")
-    return value
-
-
 def _as_overwrite_step(value: Any, key: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or 1 <= value <= 200):
         raise _fail(key, source, value, "-1 (not forced) or an integer from 1 to 200")

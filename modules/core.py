@@ -9,6 +9,7 @@ transformers modules; the loop follows diffusers' SDXL pipeline step for step
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections import Counter
@@ -626,8 +627,13 @@ def _call_of_step(sched, step: int) -> int:
 
 def _takes_generator(sched) -> bool:
     """Whether the scheduler's step draws noise from a generator (UniPC, Heun and DPM2 take
-    none: they are deterministic)."""
-    return "generator" in inspect.signature(sched.step).parameters
+    none: they are deterministic). Asked every step: answered once per scheduler class."""
+    return _step_takes_generator(type(sched))
+
+
+@functools.lru_cache(maxsize=None)
+def _step_takes_generator(kind: type) -> bool:
+    return "generator" in inspect.signature(kind.step).parameters
 
 
 def _same_latents(latents: torch.Tensor) -> torch.Tensor:

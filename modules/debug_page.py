@@ -22,7 +22,7 @@ from typing import Any
 
 from modules import config as config_module
 from modules import flags
-from modules.generation_request import FREEU_DEFAULTS, MAX_STEPS, REFINER_SWAP_METHODS
+from modules.generation_request import FREEU_DEFAULTS, MAX_STEPS
 from modules.input_image_page import inpaint_method_settings
 
 STEP_RANGE = (-1, MAX_STEPS)          # "Forced Overwrite of Sampling Step"; -1: not forced
@@ -34,7 +34,7 @@ FREEU_B_RANGE, FREEU_S_RANGE = (0.0, 2.0), (0.0, 4.0)   # upstream's FreeU slide
 UOV_ONLY = ("overwrite_vary_strength", "overwrite_upscale_strength")
 INPAINT_ONLY = ("inpaint_engine", "inpaint_erode_or_dilate", "invert_mask_checkbox",
                 "inpaint_disable_initial_latent", "debugging_inpaint_preprocessor")
-FREEU = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
+FREEU = tuple(FREEU_DEFAULTS)   # freeu_b1, freeu_b2, freeu_s1, freeu_s2
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from typing import Any
 import gradio as gr
 
 from modules import config as config_module
-from modules import debug_page, flags, input_image_page, resident_memory, route_guard, t2i_page
+from modules import debug_page, flags, generation_request, input_image_page, resident_memory, route_guard, t2i_page
 from modules.async_worker import AsyncTask, TaskProgress, Worker
 from modules.runtime import get_worker
 
@@ -632,7 +632,7 @@ def _debug_tools_tab(d: debug_page.DebugValues) -> dict[str, Any]:
     low, high = debug_page.STEP_RANGE
     side_low, side_high = debug_page.SIDE_RANGE
     return {
-        "refiner_swap_method": gr.Dropdown(list(debug_page.REFINER_SWAP_METHODS), value=d.refiner_swap_method,
+        "refiner_swap_method": gr.Dropdown(list(generation_request.REFINER_SWAP_METHODS), value=d.refiner_swap_method,
                                            label="Refiner swap method", elem_id="fr-refiner-swap-method"),
         "adaptive_cfg": gr.Slider(1.0, 30.0, value=d.adaptive_cfg, step=0.01, label="CFG Mimicking from TSNR",
                                   elem_id="fr-adaptive-cfg",
